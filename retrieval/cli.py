@@ -1,0 +1,46 @@
+"""The ``facefind`` command: the root typer app.
+
+Each group of commands lives in its own module and registers itself here; this file only wires
+them together and configures logging. Nothing imported here may import torch (see cli_common).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from retrieval import cli_data, cli_train, cli_index, cli_query, cli_demo, cli_bench
+
+app = typer.Typer(
+    name="facefind",
+    help="Search face images by what they look like: 40 learned CelebA attributes + embeddings, "
+    "an SQLite + FAISS index, boolean attribute queries ranked by similarity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+for _module in (cli_demo, cli_data, cli_train, cli_index, cli_query, cli_bench):
+    _module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

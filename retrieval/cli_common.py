@@ -1,0 +1,76 @@
+"""Shared pieces of the command-line layer: error guard, JSON output, common options.
+
+Command modules (``cli_*.py``) keep only option parsing and rendering; the work happens in the
+library packages. They must not import torch at module level: ``facefind query`` loads every
+command module and must stay torch-free (checked by a test).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+
+from db.errors import FacefindError, QuerySyntaxError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("facefind")
+
+
+def guard(func: F) -> F:
+    """Turn a ``FacefindError`` into ``error: <message>`` on stderr and exit code 1.
+
+    Ctrl-C becomes exit code 130 with a short note instead of a traceback. Any other exception
+    is a bug and propagates with its traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QuerySyntaxError as err:
+            typer.echo(f"error: {err.render()}", err=True)
+            raise typer.Exit(1) from None
+        except FacefindError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as JSON on stdout (the only thing on stdout when ``--json`` is given)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# Options shared by several commands.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto picks CUDA when present and says which it chose."),
+]
+IndexOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--index",
+        help="Index folder (catalog + vectors). Default: $FACEFIND_INDEX, else ~/.facefind/index.",
+        show_default=False,
+    ),
+]
