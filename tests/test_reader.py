@@ -1,0 +1,227 @@
+"""The reader stage alone: discovery, skipping unchanged files, and every kind of bad input.
+
+``build_corpus`` writes the corrupt-input corpus of issue 7 (item 1); ``test_indexer.py`` runs the
+whole indexer over it too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from db.errors import DatasetError
+from indexer.reader import (
+    BACKGROUND,
+    FileEntry,
+    ImageReader,
+    decode_files,
+    discover,
+    load_rgb,
+    split_unchanged,
+)
+
+SIZE = (32, 24)  # (h, w): small, not square, so transposed dimensions would show
+
+
+def _jpeg(img: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _face(seed: int = 0, size: tuple[int, int] = (60, 72)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[...] = rng.integers(40, 220, 3, dtype=np.uint8)
+    arr[size[1] // 4: size[1] // 2, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries one tiny IDAT: a bomb-sized header, cheaply."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def build_corpus(folder: Path) -> dict[str, str | None]:
+    """Write one file per bad-input kind; map file name -> expected failure reason, None = indexable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    face = _face(1)
+    good = _jpeg(face)
+    expect: dict[str, str | None] = {}
+
+    def put(name: str, data: bytes, reason: str | None) -> None:
+        (folder / name).write_bytes(data)
+        expect[name] = reason
+
+    put("empty.jpg", b"", "empty file")
+    for cut in (1, 20, 300, len(good) // 2, len(good) - 2):
+        put(f"truncated_{cut}.jpg", good[:cut], "truncated JPEG")
+    put("garbage_appended.jpg", good + os.urandom(0) + bytes(range(256)) * 8, None)
+    put("random_bytes.jpg", np.random.default_rng(3).integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not an image")
+    put("text.jpg", b"this is not a picture\nat all\n" * 20, "not an image (text file)")
+
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (20, 0, 40, 30))  # right half fully transparent
+    buf = io.BytesIO(); rgba.save(buf, "PNG"); put("alpha.png", buf.getvalue(), None)
+    la = Image.new("LA", (20, 20), (200, 0))
+    buf = io.BytesIO(); la.save(buf, "PNG"); put("grey_alpha.png", buf.getvalue(), None)
+    sixteen = Image.fromarray(np.full((20, 20), 65535, np.uint16))
+    buf = io.BytesIO(); sixteen.save(buf, "PNG"); put("sixteen_bit.png", buf.getvalue(), None)
+    pal = face.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    buf = io.BytesIO(); pal.save(buf, "GIF"); put("palette.gif.png", buf.getvalue(), None)  # a GIF named .png
+    buf = io.BytesIO(); pal.save(buf, "PNG", transparency=0); put("palette_transparent.png", buf.getvalue(), None)
+    frames = [Image.new("RGB", (30, 30), c) for c in ((0, 200, 0), (200, 0, 0), (0, 0, 200))]
+    buf = io.BytesIO(); frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    put("animated.gif.jpg", buf.getvalue(), None)
+    buf = io.BytesIO(); frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    put("animated.webp", buf.getvalue(), None)
+    put("cmyk.jpg", _jpeg(face.convert("CMYK")), None)
+    put("grey.JPG", _jpeg(face.convert("L")), None)
+    rotated = Image.new("RGB", (40, 20), (255, 0, 0))
+    rotated.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    put("exif_rotated.jpeg", _jpeg(rotated, exif=exif.tobytes()), None)
+    put("bomb.png", _png_header_only(20_000, 20_000), "decompression bomb (400000000 pixels)")
+    put("one_pixel.bmp", _bmp(Image.new("RGB", (1, 1), (10, 20, 30))), None)
+    put("png_named.jpg", _png(face), None)
+    put("with space.jpg", good, None)
+    put("ünïcødé 顔.jpg", good, None)
+    put("new\nline.jpg", good, None)
+    (folder / "notes.txt").write_text("not an image extension: ignored")
+    (folder / "folder.jpg").mkdir()  # a folder named like an image: ignored
+    os.symlink(folder / "does-not-exist.jpg", folder / "dangling.jpg")
+    expect["dangling.jpg"] = "dangling symlink"
+    os.symlink(folder / "loop_b.jpg", folder / "loop_a.jpg")
+    os.symlink(folder / "loop_a.jpg", folder / "loop_b.jpg")
+    expect["loop_a.jpg"] = expect["loop_b.jpg"] = "symlink loop"
+    os.symlink(folder / "with space.jpg", folder / "good_link.jpg")
+    expect["good_link.jpg"] = None
+    return expect
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO(); img.save(buf, "PNG"); return buf.getvalue()
+
+
+def _bmp(img: Image.Image) -> bytes:
+    buf = io.BytesIO(); img.save(buf, "BMP"); return buf.getvalue()
+
+
+def _decode_all(folder: Path, workers: int = 0) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, tuple[int, int]]]:
+    found = discover(folder)
+    with ImageReader(SIZE, batch_size=7, workers=workers) as reader:
+        batches = list(reader.batches(found.files))
+    pixels = {Path(e.path).name: p for b in batches for e, p in zip(b.entries, b.pixels)}
+    sizes = {Path(e.path).name: s for b in batches for e, s in zip(b.entries, b.sizes)}
+    reasons = {Path(f.path).name: f.reason for b in batches for f in b.failures}
+    reasons.update({Path(f.path).name: f.reason for f in found.failures})
+    return pixels, reasons, sizes
+
+
+def test_corpus_every_kind_is_decoded_or_named(tmp_path: Path) -> None:
+    expect = build_corpus(tmp_path / "corpus")
+    pixels, reasons, sizes = _decode_all(tmp_path / "corpus")
+    assert set(pixels) | set(reasons) == set(expect), "every file is accounted for, nothing else"
+    assert not set(pixels) & set(reasons)
+    for name, reason in expect.items():
+        if reason is None:
+            assert name in pixels, f"{name!r} failed: {reasons.get(name)}"
+            assert pixels[name].shape == (3, *SIZE) and pixels[name].dtype == np.uint8
+        else:
+            assert reasons.get(name) == reason, name
+
+    # The conversions are right, not merely non-crashing.
+    alpha = pixels["alpha.png"]
+    assert tuple(alpha[:, 16, 2]) == (255, 0, 0)  # opaque red on the left
+    assert tuple(alpha[:, 16, -2]) == BACKGROUND  # transparent -> neutral grey
+    assert pixels["sixteen_bit.png"].min() == 255  # 65535 scaled to 255, not clipped from 65535 % 256
+    assert tuple(pixels["animated.gif.jpg"][:, 16, 12]) == (0, 200, 0)  # the first frame
+    assert tuple(pixels["animated.webp"][:, 16, 12]) == (0, 200, 0)
+    grey = pixels["grey.JPG"].astype(int)
+    assert (grey[0] == grey[1]).all() and (grey[1] == grey[2]).all()
+    assert sizes["exif_rotated.jpeg"] == (20, 40)  # (width, height) after rotation
+    rot = pixels["exif_rotated.jpeg"].astype(int)
+    assert rot[0, 4, 12] > 200 and rot[2, 4, 12] < 60  # red on top after the 90-degree turn
+    assert rot[2, -4, 12] > 200 and rot[0, -4, 12] < 60  # blue below
+    cmyk = pixels["cmyk.jpg"].astype(int)
+    ref = pixels["with space.jpg"].astype(int)
+    assert np.abs(cmyk - ref).mean() < 12  # CMYK converted back to the same colours
+    assert sizes["one_pixel.bmp"] == (1, 1)
+
+
+def test_file_vanishing_between_discovery_and_reading(tmp_path: Path) -> None:
+    for i in range(3):
+        _face(i).save(tmp_path / f"{i}.jpg")
+    found = discover(tmp_path)
+    os.remove(tmp_path / "1.jpg")
+    batch = decode_files(found.files, SIZE)
+    assert [Path(e.path).name for e in batch.entries] == ["0.jpg", "2.jpg"]
+    assert [(Path(f.path).name, f.reason) for f in batch.failures] == [("1.jpg", "file vanished")]
+
+
+def test_discover_extensions_recursion_and_paths(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for rel in ("a.JPG", "b.jpeg", "c.Png", "d.webp", "e.BMP", "sub/f.jpg", "sub/deeper/g.jpg"):
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "h.gif").write_bytes(b"x")  # not an extension we index
+    os.symlink(tmp_path, tmp_path / "sub" / "back")  # a folder symlink loop must not be followed
+    flat = discover(tmp_path)
+    assert [Path(f.path).name for f in flat.files] == ["a.JPG", "b.jpeg", "c.Png", "d.webp", "e.BMP"]
+    deep = discover(tmp_path / "sub" / ".." , recursive=True)
+    assert len(deep.files) == 7
+    assert all(os.path.isabs(f.path) and ".." not in f.path for f in deep.files)
+    assert all(f.size == 1 for f in deep.files)
+
+
+def test_discover_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such folder"):
+        discover(tmp_path / "missing")
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        discover(tmp_path / "file.jpg")
+
+
+def test_split_unchanged() -> None:
+    files = [FileEntry("/a.jpg", 10, 1.5), FileEntry("/b.jpg", 10, 1.5), FileEntry("/c.jpg", 10, 1.5)]
+    known = {"/a.jpg": (10, 1.5), "/b.jpg": (11, 1.5), "/c.jpg": (10, 2.5), "/gone.jpg": (1, 1.0)}
+    todo, unchanged = split_unchanged(files, known)
+    assert unchanged == 1
+    assert [f.path for f in todo] == ["/b.jpg", "/c.jpg"]
+
+
+def test_worker_processes_match_in_process(tmp_path: Path) -> None:
+    for i in range(20):
+        _face(i).save(tmp_path / f"{i:02d}.jpg")
+    (tmp_path / "05.jpg").write_bytes(b"")
+    single, single_fail, _ = _decode_all(tmp_path, workers=0)
+    multi, multi_fail, _ = _decode_all(tmp_path, workers=2)
+    assert single_fail == multi_fail == {"05.jpg": "empty file"}
+    assert list(single) == list(multi)  # same order
+    for name in single:
+        np.testing.assert_array_equal(single[name], multi[name])
+
+
+def test_resize_matches_trainer_preprocessing() -> None:
+    """The reader's resize is the trainer's: a model sees the pixels it was trained on."""
+    import torch
+
+    from trainer.model import resize_images
+
+    img = _face(4, size=(178, 218))
+    rgb = load_rgb(_jpeg(img))
+    batch = decode_files([], SIZE)  # empty input gives an empty, well-shaped batch
+    assert batch.pixels.shape == (0, 3, *SIZE)
+    expected = resize_images(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None], SIZE)[0].numpy()
+    from indexer.reader import resize_chw
+
+    np.testing.assert_array_equal(resize_chw(rgb, SIZE), expected)
