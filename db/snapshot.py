@@ -4,24 +4,111 @@ The catalog is the source of truth; a snapshot is derived from it and can always
 Layout under the index folder (one folder per model, one immutable generation per write):
 
     <index>/model-<id>/CURRENT              name of the live generation folder (replaced atomically)
-    <index>/model-<id>/gen-<stamp>/
-        manifest.json   model_id, stamp, count, attributes, thresholds, embedding_dim, arch, checkpoint
+    <index>/model-<id>/.lock                serialises snapshot writers (flock; readers never lock)
+    <index>/model-<id>/gen-<stamp>/         (gen-<stamp>-<n> when that stamp was written before)
+        manifest.json   model_id, stamp, count, attributes, thresholds, embedding_dim, arch,
+                        checkpoint, sha256, catalog_id, factory (written last)
         ids.npy         int64 (N,)        catalog image ids, ascending
         probs.npy       float32 (K, N)    attribute probabilities, column-major for fast filtering
         emb.npy         float16 (N, D)    L2-normalised embeddings (cosine = inner product)
-        paths.json      list[str] (N,)    absolute image paths, same order as ids
+        paths.bin       UTF-8 paths, concatenated; paths_offsets.npy int64 (N+1,) their bounds
+                        (read lazily: opening a snapshot never decodes 200k strings)
         vectors.faiss   FAISS index of emb with ids (see db/vectors.py)
 
 Readers open CURRENT once and then only immutable files, so a reader never sees a half-written
-generation while an indexer writes the next one.
+generation while an indexer writes the next one. A writer builds the generation in a hidden
+staging folder, fsyncs every file, renames the folder into place, then replaces CURRENT (temp
+file + fsync + rename), and finally deletes generations older than the previous one. A crash at
+any point leaves the previous snapshot live; the leftover staging folder is removed next time.
+
+Snapshots are identified by the catalog's ``catalog_id``, the model's sha256 and its prediction
+``stamp`` (``Catalog.stamp``): ``sync_snapshot`` rebuilds whenever any of them differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
+
+from db.errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+VECTORS = "vectors.faiss"
+_ARRAYS = ("ids.npy", "probs.npy", "emb.npy", "paths_offsets.npy")
+_LOAD_ATTEMPTS = 3  # a generation deleted between reading CURRENT and opening it: read CURRENT again
+
+
+class PathList(Sequence[str]):
+    """A read-only list of paths decoded on access from one memory-mapped UTF-8 blob.
+
+    Behaves like ``list[str]`` for indexing, slicing, ``len`` and iteration; ``tolist()`` gives a
+    real list. Opening costs nothing, whatever the number of paths.
+    """
+
+    def __init__(self, blob: np.ndarray | bytes, offsets: np.ndarray) -> None:
+        self._blob = blob
+        self._offsets = offsets
+
+    @classmethod
+    def from_list(cls, paths: Sequence[str]) -> "PathList":
+        encoded = [p.encode("utf-8") for p in paths]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        return cls(b"".join(encoded), offsets)
+
+    def __len__(self) -> int:
+        return int(self._offsets.shape[0]) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"path index {i} out of range for {n} paths")
+        start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
+        return bytes(self._blob[start:stop]).decode("utf-8")
+
+    def tolist(self) -> list[str]:
+        """All paths as a list (decodes everything: ~20 ms per 200k paths)."""
+        raw = bytes(self._blob[: int(self._offsets[-1])]) if len(self) else b""
+        lengths = np.diff(self._offsets)
+        out, pos = [], 0
+        for length in lengths.tolist():
+            out.append(raw[pos:pos + length].decode("utf-8"))
+            pos += length
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (PathList, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(p) for p in self[:3])
+        return f"PathList([{head}{', ...' if len(self) > 3 else ''}], n={len(self)})"
 
 
 @dataclass(frozen=True)
@@ -35,8 +122,371 @@ class Snapshot:
     ids: np.ndarray            # int64 (N,)
     probs: np.ndarray          # float32 (K, N)
     emb: np.ndarray            # float16 (N, D), L2-normalised
-    paths: list[str]           # N absolute paths
+    paths: Sequence[str]       # N absolute paths (a lazy PathList when loaded from disk)
     folder: Path | None = None # the generation folder it was loaded from (None when built in memory)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def model_dir(index_dir: str | os.PathLike[str], model_id: int) -> Path:
+    """The folder holding model ``model_id``'s snapshot generations."""
+    return Path(index_dir) / f"model-{int(model_id)}"
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Any) -> None:
+    """Create ``path``, let ``write(f)`` fill it, and fsync it."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _writer_lock(folder: Path) -> Iterator[bool]:
+    """Hold the model folder's writer lock (blocks while another process writes a snapshot).
+
+    Yields False, without locking, where the lock file cannot be created (read-only index).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; writers rarely overlap there
+        yield True
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _normalized_fp16(emb: np.ndarray) -> np.ndarray:
+    from db.vectors import normalize
+
+    return normalize(emb).astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def write_snapshot(
+    index_dir: str | os.PathLike[str],
+    model: Any,
+    stamp: int,
+    ids: np.ndarray,
+    paths: Sequence[str],
+    probs: np.ndarray,
+    emb: np.ndarray,
+    *,
+    catalog_id: str | None = None,
+    factory: str = "Flat",
+) -> Path:
+    """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
+
+    ``model`` is a ``db.catalog.ModelRecord`` (or anything with its fields: id, sha256, arch,
+    attributes, thresholds, embedding_dim, checkpoint). ``probs`` is (N, K) float32 as the
+    catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id.
+    """
+    folder = model_dir(index_dir, model.id)
+    with _writer_lock(folder):
+        return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, factory)
+
+
+def _write_locked(
+    folder: Path, model: Any, stamp: int, ids: np.ndarray, paths: Sequence[str], probs: np.ndarray,
+    emb: np.ndarray, catalog_id: str | None, factory: str,
+) -> Path:
+    from db.vectors import build_index, save_index
+
+    t0 = time.perf_counter()
+    ids = np.asarray(ids, dtype=np.int64)
+    n, k, d = ids.shape[0], len(model.attributes), int(model.embedding_dim)
+    probs = np.asarray(probs, dtype=np.float32).reshape(n, k)
+    emb = np.asarray(emb).reshape(n, d)
+    if len(paths) != n:
+        raise ValueError(f"{len(paths)} paths for {n} ids")
+    order = np.argsort(ids, kind="stable")
+    if n and np.any(np.diff(ids[order]) == 0):
+        raise ValueError("image ids repeat")
+    sorted_ids = ids[order]
+    emb16 = _normalized_fp16(emb[order]) if n else np.zeros((0, d), np.float16)
+    path_list = PathList.from_list([paths[i] for i in order.tolist()])
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".tmp-*"):  # staging left by a crashed writer (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = folder / f".tmp-gen-{stamp}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        arrays = {
+            "ids.npy": sorted_ids,
+            "probs.npy": np.ascontiguousarray(probs[order].T),
+            "emb.npy": emb16,
+            "paths_offsets.npy": path_list._offsets,
+        }
+        for name, arr in arrays.items():
+            _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
+        _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
+        save_index(build_index(sorted_ids, emb16, factory), staging / VECTORS)
+        manifest = {
+            "format": FORMAT,
+            "model_id": int(model.id),
+            "stamp": int(stamp),
+            "count": int(n),
+            "attributes": list(model.attributes),
+            "thresholds": [float(t) for t in model.thresholds],
+            "embedding_dim": d,
+            "arch": model.arch,
+            "checkpoint": model.checkpoint,
+            "sha256": model.sha256,
+            "catalog_id": catalog_id,
+            "factory": factory,
+            "created": time.time(),
+        }
+        _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_path(staging)
+
+        name, suffix = f"gen-{int(stamp)}", 0
+        while (folder / name).exists():
+            suffix += 1
+            name = f"gen-{int(stamp)}-{suffix}"
+        os.rename(staging, folder / name)
+        previous = _current_name(folder)
+        tmp = folder / f".tmp-CURRENT-{uuid.uuid4().hex[:8]}"
+        _write_file(tmp, lambda f: f.write(name.encode()))
+        os.replace(tmp, folder / CURRENT)
+        _fsync_path(folder)
+    except OSError as err:
+        raise CatalogError(
+            f"cannot write the index snapshot in {folder}: {err.strerror or err}; check that the "
+            "index folder is writable and the disk is not full (the previous snapshot is intact)"
+        ) from None
+    _collect_garbage(folder, keep={name, previous})
+    log.info("snapshot %s/%s: %d images in %.2f s", folder, name, n, time.perf_counter() - t0)
+    return folder / name
+
+
+def _current_name(folder: Path) -> str | None:
+    try:
+        return (folder / CURRENT).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _collect_garbage(folder: Path, keep: set[str | None]) -> None:
+    """Delete generations other than ``keep`` (the live one and the one before it).
+
+    A reader that opened an older generation keeps its memory maps (POSIX keeps unlinked files
+    alive); one that read CURRENT but had not opened the files yet retries with the new CURRENT.
+    """
+    for gen in folder.glob("gen-*"):
+        if gen.name not in keep:
+            shutil.rmtree(gen, ignore_errors=True)
+    for tmp in folder.glob(".tmp-CURRENT-*"):
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def load_snapshot(index_dir: str | os.PathLike[str], model_id: int) -> Snapshot:
+    """Open the live snapshot of a model, memory-mapped (milliseconds, whatever its size).
+
+    Raises CatalogError when there is none or it is damaged; ``sync_snapshot`` handles both.
+    """
+    return _load(model_dir(index_dir, model_id))[0]
+
+
+def _load(folder: Path) -> tuple[Snapshot, dict[str, Any]]:
+    for attempt in range(_LOAD_ATTEMPTS):
+        name = _current_name(folder)
+        if name is None:
+            raise CatalogError(f"no snapshot in {folder}: run `facefind index` (or `facefind check --repair`)")
+        try:
+            return _load_generation(folder / name)
+        except FileNotFoundError:
+            if attempt == _LOAD_ATTEMPTS - 1 or _current_name(folder) == name:
+                raise CatalogError(
+                    f"the snapshot {folder / name} is incomplete: run `facefind check --repair` to rebuild it"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
+    try:
+        manifest = json.loads((gen / MANIFEST).read_text(encoding="utf-8"))
+        n, k, d = int(manifest["count"]), len(manifest["attributes"]), int(manifest["embedding_dim"])
+        mode = "r" if n else None  # an empty file cannot be memory-mapped
+        ids, probs, emb, offsets = (np.load(gen / a, mmap_mode=mode, allow_pickle=False) for a in _ARRAYS)
+        blob: np.ndarray | bytes = np.memmap(gen / "paths.bin", dtype=np.uint8, mode="r") if offsets[-1] else b""
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise CatalogError(f"the snapshot {gen} is damaged ({err}): run `facefind check --repair`") from None
+    expected = {"ids": (n,), "probs": (k, n), "emb": (n, d), "paths_offsets": (n + 1,)}
+    got = {"ids": ids.shape, "probs": probs.shape, "emb": emb.shape, "paths_offsets": offsets.shape}
+    dtypes_ok = (ids.dtype == np.int64 and probs.dtype == np.float32 and emb.dtype == np.float16
+                 and offsets.dtype == np.int64)
+    if got != expected or not dtypes_ok or len(blob) < int(offsets[-1] if n else 0):
+        raise CatalogError(f"the snapshot {gen} is damaged (array shapes {got}, expected {expected}): "
+                           "run `facefind check --repair`")
+    snap = Snapshot(
+        model_id=int(manifest["model_id"]),
+        stamp=int(manifest["stamp"]),
+        attributes=list(manifest["attributes"]),
+        thresholds=np.asarray(manifest["thresholds"], dtype=np.float32),
+        ids=ids,
+        probs=probs,
+        emb=emb,
+        paths=PathList(blob, offsets),
+        folder=gen,
+    )
+    return snap, manifest
+
+
+def _matches(manifest: dict[str, Any], catalog: Any, model: Any, stamp: int) -> bool:
+    return (manifest.get("stamp") == stamp and manifest.get("sha256") == model.sha256
+            and manifest.get("catalog_id") == catalog.catalog_id and manifest.get("format") == FORMAT)
+
+
+def resolve_model_id(catalog: Any, model_id: int | None = None) -> int:
+    """``model_id`` if given, else the newest model with predictions (CatalogError when none)."""
+    if model_id is not None:
+        return int(model_id)
+    model = catalog.latest_model(require_predictions=True)
+    if model is None:
+        raise CatalogError("the index holds no predictions yet: run `facefind index FOLDER` first")
+    return model.id
+
+
+def sync_snapshot(
+    catalog: Any,
+    index_dir: str | os.PathLike[str],
+    model_id: int | None = None,
+    *,
+    factory: str = "Flat",
+) -> Snapshot:
+    """The model's snapshot, in step with the catalog: the live one when current, else rebuilt.
+
+    Rebuilds (and saves) when the snapshot is missing, damaged, or built from another catalog
+    state. Concurrent callers rebuild once: the others wait and then load the result. Where the
+    index folder is read-only the snapshot is built in memory instead (with a warning).
+    """
+    model_id = resolve_model_id(catalog, model_id)
+    model = catalog.get_model(model_id)
+    folder = model_dir(index_dir, model_id)
+    found = _try_current(folder, catalog, model, catalog.stamp(model_id))
+    if found is not None:
+        return found
+    with _writer_lock(folder) as locked:
+        found = _try_current(folder, catalog, model, catalog.stamp(model_id))  # built while we waited?
+        if found is not None:
+            return found
+        stamp, preds = catalog.export(model_id)  # one transaction: the stamp describes exactly these rows
+        log.info("rebuilding the snapshot of model %d (stamp %d, %d images)", model_id, stamp, len(preds.ids))
+        if locked:
+            try:
+                _write_locked(folder, model, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
+                              catalog.catalog_id, factory)
+                return _load(folder)[0]
+            except CatalogError as err:
+                log.warning("%s; using an in-memory snapshot", err)
+        else:
+            log.warning("cannot lock %s (read-only index?); using an in-memory snapshot", folder)
+        return Snapshot(
+            model_id=model_id, stamp=stamp, attributes=list(model.attributes),
+            thresholds=np.asarray(model.thresholds, dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
+            probs=np.ascontiguousarray(preds.probs.T),
+            emb=_normalized_fp16(preds.emb) if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
+            paths=list(preds.paths), folder=None,
+        )
+
+
+def _try_current(folder: Path, catalog: Any, model: Any, stamp: int) -> Snapshot | None:
+    try:
+        snap, manifest = _load(folder)
+    except CatalogError as err:
+        log.debug("snapshot not usable: %s", err)
+        return None
+    return snap if _matches(manifest, catalog, model, stamp) else None
+
+
+def load_vectors(snapshot: Snapshot) -> Any:
+    """The snapshot's FAISS index (memory-mapped); rebuilt from ``snapshot.emb`` when the file is
+    missing, damaged or does not hold exactly the snapshot's ids (and saved again when possible)."""
+    from db.vectors import build_index, index_ids, load_index, save_index
+
+    factory = "Flat"
+    if snapshot.folder is not None:
+        path = snapshot.folder / VECTORS
+        try:
+            factory = json.loads((snapshot.folder / MANIFEST).read_text(encoding="utf-8")).get("factory", "Flat")
+        except (OSError, ValueError):
+            pass
+        if path.exists():
+            try:
+                index = load_index(path)
+                if (index.ntotal == len(snapshot) and index.d == snapshot.emb.shape[1]
+                        and np.array_equal(index_ids(index), snapshot.ids)):
+                    return index
+                log.warning("%s does not match its snapshot; rebuilding it", path)
+            except (RuntimeError, AttributeError) as err:
+                log.warning("%s is damaged (%s); rebuilding it", path, str(err).splitlines()[0] if str(err) else err)
+        else:
+            log.warning("%s is missing; rebuilding it", path)
+    index = build_index(snapshot.ids, snapshot.emb, factory)
+    if snapshot.folder is not None:
+        try:
+            save_index(index, snapshot.folder / VECTORS)
+        except OSError as err:
+            log.warning("cannot save %s (%s); using it from memory", snapshot.folder / VECTORS, err)
+    return index
+
+
+def snapshot_info(index_dir: str | os.PathLike[str], model_id: int) -> dict[str, Any]:
+    """What ``facefind info`` shows about a model's snapshot: stamp, counts, folder, bytes on disk."""
+    folder = model_dir(index_dir, model_id)
+    try:
+        snap, manifest = _load(folder)
+    except CatalogError as err:
+        return {"folder": str(folder), "stamp": None, "count": 0, "vectors": 0, "problem": str(err)}
+    return {
+        "folder": str(snap.folder),
+        "stamp": snap.stamp,
+        "count": len(snap),
+        "vectors": len(snap) if (snap.folder / VECTORS).exists() else 0,
+        "factory": manifest.get("factory", "Flat"),
+        "disk_bytes": folder_bytes(folder),
+    }
+
+
+def folder_bytes(folder: str | os.PathLike[str]) -> int:
+    """Total size of the files under ``folder`` (0 when it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, f)).st_size
+    return total

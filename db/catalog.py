@@ -1,0 +1,837 @@
+"""The catalog: facefind's source of truth, an SQLAlchemy 2 Core schema and a small API over it.
+
+Tables (any SQLAlchemy URL; SQLite by default, tuned for one writer and many readers):
+
+    meta         key/value: schema version, a random catalog id (so a snapshot can tell that
+                 the catalog it came from was replaced)
+    images       one row per file: normalised absolute path (unique), size, mtime, width, height
+    models       one row per checkpoint (sha256 unique) with its attribute names, thresholds,
+                 embedding size and a ``generation`` counter bumped by every transaction that
+                 changes the model's predictions; snapshots compare it to know they are current
+    predictions  per (model, image): K float32 probabilities and a D float32 embedding as BLOBs
+    label_sets   one row per distinct list of ground-truth attribute names
+    labels       per image: uint8 0/1 values in the order of its label set
+    failures     files that could not be indexed, with the reason (cleared when a file succeeds)
+    runs         index runs: root, start/finish time, status, counts and stage timings
+
+Write transactions are short and take the SQLite write lock up front (``BEGIN IMMEDIATE``), so
+concurrent writers queue behind ``busy_timeout`` instead of failing; readers run in WAL snapshots
+and never see half a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from db.errors import CatalogError
+from db.paths import default_db_url
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+
+metadata = sa.MetaData()
+
+meta_table = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("path", sa.Text, nullable=False, unique=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime", sa.Float, nullable=False),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("added", sa.Float, nullable=False),
+    # Never reuse the id of a pruned image: ids are what snapshots, FAISS and users refer to.
+    sqlite_autoincrement=True,
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("arch", sa.String(128), nullable=False),
+    sa.Column("attributes", sa.JSON, nullable=False),
+    sa.Column("thresholds", sa.JSON, nullable=False),
+    sa.Column("embedding_dim", sa.Integer, nullable=False),
+    sa.Column("checkpoint", sa.Text),
+    sa.Column("meta", sa.JSON),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("generation", sa.BigInteger, nullable=False, server_default="0"),
+    sqlite_autoincrement=True,
+)
+
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("probs", sa.LargeBinary, nullable=False),
+    sa.Column("embedding", sa.LargeBinary, nullable=False),
+    sa.Index("ix_predictions_image", "image_id"),
+)
+
+label_sets = sa.Table(
+    "label_sets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.String(64), nullable=False, unique=True),  # sha256 of the JSON names
+    sa.Column("names", sa.JSON, nullable=False),
+)
+
+labels = sa.Table(
+    "labels",
+    metadata,
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("label_set_id", sa.Integer, sa.ForeignKey("label_sets.id"), nullable=False),
+    sa.Column("values", sa.LargeBinary, nullable=False),
+)
+
+failures_table = sa.Table(
+    "failures",
+    metadata,
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")),
+    sa.Column("root", sa.Text, nullable=False),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("finished", sa.Float),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("counts", sa.JSON),
+    sa.Column("timings", sa.JSON),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sqlite_autoincrement=True,
+)
+
+
+def normalize_path(path: str | os.PathLike[str]) -> str:
+    """The catalog's key for a file: absolute, ``~`` expanded, ``..`` folded, symlinks kept.
+
+    Symlinks are not resolved on purpose: the path the user gave is the one shown, and resolving
+    a dangling link or a link loop must not fail.
+    """
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A registered checkpoint. ``generation`` changes whenever its predictions change."""
+
+    id: int
+    sha256: str
+    arch: str
+    attributes: list[str]
+    thresholds: list[float]
+    embedding_dim: int
+    checkpoint: str | None
+    meta: dict[str, Any]
+    created: float
+    generation: int
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attributes)
+
+
+@dataclass
+class IndexedImage:
+    """One file's result from the indexer, ready for ``Catalog.write_batch``.
+
+    ``labels`` optionally carries the file's ground-truth attributes (any integer array where
+    ``> 0`` means present, so both CelebA's -1/1 and 0/1 work), in the order of the
+    ``label_names`` given to ``write_batch``.
+    """
+
+    path: str
+    size: int
+    mtime: float
+    width: int | None
+    height: int | None
+    probs: np.ndarray       # float32 (K,)
+    embedding: np.ndarray   # float32 (D,)
+    labels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    path: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    model_id: int | None
+    root: str
+    started: float
+    finished: float | None
+    status: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictions(NamedTuple):
+    """One model's predictions, row ``i`` belonging to image ``ids[i]`` (ascending)."""
+
+    ids: np.ndarray     # int64 (N,)
+    paths: list[str]    # N
+    probs: np.ndarray   # float32 (N, K)
+    emb: np.ndarray     # float32 (N, D), as stored (not normalised)
+
+
+def _names_key(names: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class Catalog:
+    """The catalog behind one SQLAlchemy URL. Safe to share between threads; cheap to open.
+
+    Each method runs in its own transaction. Processes may open the same catalog at once: writers
+    wait for each other (up to ``BUSY_TIMEOUT_S``), readers never wait.
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self._sa_url = sa.engine.make_url(url)
+        self._is_sqlite = self._sa_url.get_backend_name() == "sqlite"
+        self._dims: dict[int, tuple[int, int]] = {}
+        db_file = self.sqlite_file
+        if db_file is not None and not create and not db_file.exists():
+            raise CatalogError(
+                f"no index at {db_file.parent}: run `facefind index DIR` first, "
+                "or point --index / FACEFIND_INDEX at an existing index"
+            )
+        if db_file is not None:
+            try:
+                db_file.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CatalogError(f"cannot create the index folder {db_file.parent}: {err.strerror}; "
+                                   "choose another with --index or FACEFIND_INDEX") from None
+        self._writer = self._make_engine(immediate=True)
+        self._reader = self._writer if self._in_memory else self._make_engine(immediate=False)
+        self._catalog_id = self._init_schema(create)
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike[str], *, create: bool = True) -> "Catalog":
+        """Open the catalog of an index folder (``$FACEFIND_DB`` overrides the SQLite file)."""
+        return cls(default_db_url(Path(index_dir)), create=create)
+
+    # ----------------------------------------------------------------------------- plumbing
+
+    @property
+    def _in_memory(self) -> bool:
+        return self._is_sqlite and self._sa_url.database in (None, "", ":memory:")
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, or None for another backend or an in-memory catalog."""
+        if not self._is_sqlite or self._in_memory:
+            return None
+        return Path(self._sa_url.database).expanduser().absolute()
+
+    @property
+    def catalog_id(self) -> str:
+        """A random id fixed when the catalog was created; a recreated catalog gets a new one."""
+        return self._catalog_id
+
+    def _make_engine(self, *, immediate: bool) -> Engine:
+        if not self._is_sqlite:
+            # REPEATABLE READ gives multi-statement reads one consistent view, as WAL does in SQLite.
+            return sa.create_engine(self.url, isolation_level="REPEATABLE READ", pool_pre_ping=True)
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
+        if self._in_memory:
+            kwargs["poolclass"] = StaticPool
+        engine = sa.create_engine(self.url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is deferred and too late).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if not self._in_memory:
+                mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    cur.execute("PRAGMA journal_mode = WAL")
+                # In WAL mode NORMAL loses nothing on a process crash (kill -9); only an OS crash
+                # or power cut can roll back the last commits, which the indexer simply redoes.
+                cur.execute("PRAGMA synchronous = NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction; database errors become a CatalogError that says what to check."""
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as err:
+            raise CatalogError(
+                f"cannot write to the catalog {self._where()}: {_reason(err)}; check that the index "
+                "folder is writable, the disk is not full, and no other process holds the database"
+            ) from None
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """One read transaction (a consistent snapshot of the catalog)."""
+        try:
+            with self._reader.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as err:
+            raise CatalogError(f"cannot read the catalog {self._where()}: {_reason(err)}") from None
+
+    def _where(self) -> str:
+        f = self.sqlite_file
+        return str(f) if f is not None else self._sa_url.render_as_string(hide_password=True)
+
+    def _init_schema(self, create: bool) -> str:
+        """Check (and when allowed, create) the schema; return the catalog id."""
+        try:
+            with self._reader.begin() as conn:
+                have = self._read_meta(conn)
+            if have is None and create:
+                with self._writer.begin() as conn:  # serialised: concurrent creators wait here
+                    metadata.create_all(conn, checkfirst=True)
+                    have = self._read_meta(conn)
+                    if have is None:
+                        have = {"schema_version": str(SCHEMA_VERSION), "catalog_id": uuid.uuid4().hex}
+                        conn.execute(sa.insert(meta_table), [{"key": k, "value": v} for k, v in have.items()])
+        except sa.exc.DatabaseError as err:
+            raise CatalogError(
+                f"cannot open the catalog {self._where()}: {_reason(err)}; if the file is damaged, "
+                "move it away and re-run `facefind index` to rebuild it"
+            ) from None
+        if have is None:
+            raise CatalogError(f"{self._where()} is not a facefind catalog (no schema); "
+                               "run `facefind index DIR` to create one")
+        if int(have.get("schema_version", 0)) != SCHEMA_VERSION:
+            raise CatalogError(
+                f"the catalog {self._where()} has schema version {have.get('schema_version')}, this "
+                f"facefind expects {SCHEMA_VERSION}; re-index into a new --index folder"
+            )
+        return have["catalog_id"]
+
+    @staticmethod
+    def _read_meta(conn: Connection) -> dict[str, str] | None:
+        if not sa.inspect(conn).has_table("meta"):
+            return None
+        have = dict(conn.execute(sa.select(meta_table.c.key, meta_table.c.value)).all())
+        return have or None
+
+    def close(self) -> None:
+        """Release all connections (the catalog can be reopened later)."""
+        self._writer.dispose()
+        if self._reader is not self._writer:
+            self._reader.dispose()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _upsert(self, table: sa.Table, keys: Sequence[str], update: Sequence[str]) -> sa.Executable:
+        """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update`` for SQLite and PostgreSQL."""
+        backend = self._sa_url.get_backend_name()
+        if backend == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            raise CatalogError(f"facefind supports SQLite and PostgreSQL catalogs, not {backend!r}")
+        stmt = insert(table)
+        if not update:
+            return stmt.on_conflict_do_nothing(index_elements=list(keys))
+        return stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: stmt.excluded[c] for c in update}
+        )
+
+    # ----------------------------------------------------------------------------- models
+
+    def register_model(
+        self,
+        sha256: str,
+        arch: str,
+        attributes: Sequence[str],
+        thresholds: Sequence[float],
+        embedding_dim: int,
+        checkpoint: str | os.PathLike[str] | None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Add a checkpoint and return its id; the same sha256 returns the existing id.
+
+        A known checkpoint found at a new path gets that path recorded.
+        """
+        if len(thresholds) != len(attributes):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(attributes)} attributes")
+        ckpt = normalize_path(checkpoint) if checkpoint is not None else None
+        row = {
+            "sha256": sha256,
+            "arch": arch,
+            "attributes": list(attributes),
+            "thresholds": [float(t) for t in thresholds],
+            "embedding_dim": int(embedding_dim),
+            "checkpoint": ckpt,
+            "meta": dict(meta or {}),
+            "created": time.time(),
+        }
+        with self._write() as conn:
+            found = conn.execute(
+                sa.select(models.c.id, models.c.checkpoint).where(models.c.sha256 == sha256)
+            ).first()
+            if found is not None:
+                if ckpt is not None and found.checkpoint != ckpt:
+                    conn.execute(sa.update(models).where(models.c.id == found.id).values(checkpoint=ckpt))
+                return int(found.id)
+            return int(conn.execute(sa.insert(models).values(**row)).inserted_primary_key[0])
+
+    def get_model(self, model_id: int) -> ModelRecord:
+        """The model with this id; CatalogError when there is none."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(models).where(models.c.id == model_id)).first()
+        if row is None:
+            raise CatalogError(f"no model with id {model_id} in the index; `facefind info` lists them")
+        return _model_record(row)
+
+    def models(self) -> list[ModelRecord]:
+        """All registered models, oldest first."""
+        with self._read() as conn:
+            return [_model_record(r) for r in conn.execute(sa.select(models).order_by(models.c.id))]
+
+    def latest_model(self, *, require_predictions: bool = False) -> ModelRecord | None:
+        """The newest registered model (optionally the newest with at least one prediction)."""
+        query = sa.select(models).order_by(models.c.id.desc()).limit(1)
+        if require_predictions:
+            query = query.where(
+                sa.exists().where(predictions.c.model_id == models.c.id)
+            )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return _model_record(row) if row is not None else None
+
+    def stamp(self, model_id: int) -> int:
+        """The model's prediction generation: equal stamps mean identical predictions."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(models.c.generation).where(models.c.id == model_id)).scalar()
+        if value is None:
+            raise CatalogError(f"no model with id {model_id} in the index; `facefind info` lists them")
+        return int(value)
+
+    def _model_dims(self, model_id: int) -> tuple[int, int]:
+        if model_id not in self._dims:
+            m = self.get_model(model_id)
+            self._dims[model_id] = (m.num_attributes, m.embedding_dim)
+        return self._dims[model_id]
+
+    # ----------------------------------------------------------------------------- writing
+
+    def known_files(self, model_id: int) -> dict[str, tuple[int, float]]:
+        """``{path: (size, mtime)}`` of images that already have a prediction from this model."""
+        query = (
+            sa.select(images.c.path, images.c.size, images.c.mtime)
+            .join(predictions, predictions.c.image_id == images.c.id)
+            .where(predictions.c.model_id == model_id)
+        )
+        with self._read() as conn:
+            return {path: (int(size), float(mtime)) for path, size, mtime in conn.execute(query)}
+
+    def image_paths(self, under: str | os.PathLike[str] | None = None) -> list[str]:
+        """Paths of all catalogued images, optionally only those inside folder ``under``."""
+        with self._read() as conn:
+            paths = list(conn.execute(sa.select(images.c.path)).scalars())
+        if under is None:
+            return paths
+        prefix = normalize_path(under).rstrip(os.sep) + os.sep
+        return [p for p in paths if p.startswith(prefix)]
+
+    def write_batch(
+        self,
+        model_id: int,
+        rows: Sequence[IndexedImage],
+        label_names: Sequence[str] | None = None,
+    ) -> None:
+        """Store one batch of indexer results atomically (one transaction).
+
+        Images are upserted by path (a changed file keeps its id; its size, mtime and dimensions
+        are updated, and predictions of *other* models for it are dropped since they describe the
+        old content), predictions upserted, failure rows for these paths deleted, labels stored
+        for rows that carry them, and the generation of every model whose predictions changed is
+        bumped. Committed batches survive a crash; an interrupted one leaves no trace.
+        """
+        if not rows:
+            return
+        k, d = self._model_dims(model_id)
+        now = time.time()
+        by_path: dict[str, IndexedImage] = {}
+        for r in rows:  # a path twice in one batch: the last one wins
+            by_path[normalize_path(r.path)] = r
+        probs, embs = [], []
+        for r in by_path.values():
+            p = np.ascontiguousarray(r.probs, dtype=np.float32)
+            e = np.ascontiguousarray(r.embedding, dtype=np.float32)
+            if p.shape != (k,) or e.shape != (d,):
+                raise ValueError(
+                    f"model {model_id} expects probs ({k},) and embedding ({d},), got {p.shape} and {e.shape}"
+                )
+            probs.append(p.tobytes())
+            embs.append(e.tobytes())
+        paths = list(by_path)
+        with self._write() as conn:
+            old = {
+                path: (iid, size, mtime)
+                for iid, path, size, mtime in conn.execute(
+                    sa.select(images.c.id, images.c.path, images.c.size, images.c.mtime).where(
+                        images.c.path.in_(paths)
+                    )
+                )
+            }
+            changed = [
+                old[p][0] for p, r in by_path.items()
+                if p in old and (old[p][1] != int(r.size) or old[p][2] != float(r.mtime))
+            ]
+            touched = {model_id}
+            if changed:
+                touched |= self._drop_predictions(conn, changed, keep_model=model_id)
+            conn.execute(
+                self._upsert(images, ["path"], ["size", "mtime", "width", "height"]),
+                [
+                    {"path": p, "size": int(r.size), "mtime": float(r.mtime), "width": r.width,
+                     "height": r.height, "added": now}
+                    for p, r in by_path.items()
+                ],
+            )
+            ids = dict(
+                conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(paths))).all()
+            )
+            conn.execute(
+                self._upsert(predictions, ["model_id", "image_id"], ["probs", "embedding"]),
+                [
+                    {"model_id": model_id, "image_id": ids[p], "probs": pb, "embedding": eb}
+                    for p, pb, eb in zip(paths, probs, embs)
+                ],
+            )
+            conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
+            labelled = {ids[p]: r.labels for p, r in by_path.items() if r.labels is not None}
+            if labelled:
+                if label_names is None:
+                    raise ValueError("rows carry labels but write_batch got no label_names")
+                self._store_labels(conn, label_names, labelled)
+            self._bump(conn, touched)
+
+    def _drop_predictions(self, conn: Connection, image_ids: list[int], keep_model: int | None) -> set[int]:
+        """Delete predictions of these images (except ``keep_model``'s); return the models hit."""
+        where = predictions.c.image_id.in_(image_ids)
+        if keep_model is not None:
+            where = where & (predictions.c.model_id != keep_model)
+        hit = set(conn.execute(sa.select(predictions.c.model_id).where(where).distinct()).scalars())
+        if hit:
+            conn.execute(sa.delete(predictions).where(where))
+        return hit
+
+    @staticmethod
+    def _bump(conn: Connection, model_ids: Iterable[int]) -> None:
+        ids = sorted(set(model_ids))
+        if ids:
+            conn.execute(
+                sa.update(models).where(models.c.id.in_(ids)).values(generation=models.c.generation + 1)
+            )
+
+    def _label_set_id(self, conn: Connection, names: Sequence[str]) -> int:
+        key = _names_key(names)
+        found = conn.execute(sa.select(label_sets.c.id).where(label_sets.c.key == key)).scalar()
+        if found is not None:
+            return int(found)
+        return int(conn.execute(sa.insert(label_sets).values(key=key, names=list(names))).inserted_primary_key[0])
+
+    def _store_labels(self, conn: Connection, names: Sequence[str], by_id: Mapping[int, np.ndarray]) -> None:
+        set_id = self._label_set_id(conn, names)
+        rows = []
+        for image_id, values in by_id.items():
+            v = np.asarray(values)
+            if v.shape != (len(names),):
+                raise ValueError(f"labels of shape {v.shape} for {len(names)} attribute names")
+            rows.append({"image_id": image_id, "label_set_id": set_id,
+                         "values": (v > 0).astype(np.uint8).tobytes()})
+        conn.execute(self._upsert(labels, ["image_id"], ["label_set_id", "values"]), rows)
+
+    def add_labels(self, attribute_names: Sequence[str], by_path: Mapping[str, np.ndarray]) -> int:
+        """Store ground-truth labels for catalogued images; returns how many were stored.
+
+        Paths not (yet) in the catalog are ignored. ``> 0`` means present (CelebA -1/1 or 0/1).
+        """
+        wanted = {normalize_path(p): v for p, v in by_path.items()}
+        if not wanted:
+            return 0
+        stored = 0
+        keys = list(wanted)
+        with self._write() as conn:
+            for start in range(0, len(keys), 10_000):
+                chunk = keys[start:start + 10_000]
+                ids = dict(
+                    conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(chunk))).all()
+                )
+                if ids:
+                    self._store_labels(conn, attribute_names, {ids[p]: wanted[p] for p in ids})
+                    stored += len(ids)
+        return stored
+
+    def record_failures(self, items: Iterable[tuple[str, str]]) -> None:
+        """Record files that could not be indexed (one row per path; the newest reason wins)."""
+        now = time.time()
+        rows = {normalize_path(p): str(reason) for p, reason in items}
+        if not rows:
+            return
+        with self._write() as conn:
+            conn.execute(
+                self._upsert(failures_table, ["path"], ["reason", "at"]),
+                [{"path": p, "reason": r, "at": now} for p, r in rows.items()],
+            )
+
+    def failures(self) -> list[FailureRecord]:
+        """All recorded failures, by path."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(failures_table).order_by(failures_table.c.path)).all()
+        return [FailureRecord(r.path, r.reason, float(r.at)) for r in rows]
+
+    def prune(self, paths_missing: Iterable[str | os.PathLike[str]]) -> int:
+        """Forget files that no longer exist: their images, predictions, labels and failures.
+
+        Returns the number of images removed; models that lost predictions get a new generation.
+        """
+        paths = sorted({normalize_path(p) for p in paths_missing})
+        if not paths:
+            return 0
+        removed = 0
+        with self._write() as conn:
+            for start in range(0, len(paths), 10_000):
+                chunk = paths[start:start + 10_000]
+                ids = list(conn.execute(sa.select(images.c.id).where(images.c.path.in_(chunk))).scalars())
+                conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(chunk)))
+                if not ids:
+                    continue
+                self._bump(conn, self._drop_predictions(conn, ids, keep_model=None))
+                conn.execute(sa.delete(labels).where(labels.c.image_id.in_(ids)))
+                removed += conn.execute(sa.delete(images).where(images.c.id.in_(ids))).rowcount
+        return removed
+
+    # ----------------------------------------------------------------------------- runs
+
+    def start_run(self, model_id: int | None, root: str | os.PathLike[str]) -> int:
+        """Record the start of an index run; earlier runs left 'running' become 'interrupted'.
+
+        A run still 'running' in another live process on this host is left alone.
+        """
+        host, pid = socket.gethostname(), os.getpid()
+        now = time.time()
+        with self._write() as conn:
+            stale = [
+                r.id for r in conn.execute(
+                    sa.select(runs.c.id, runs.c.host, runs.c.pid).where(runs.c.status == "running")
+                )
+                if not (r.host == host and r.pid is not None and r.pid != pid and _pid_alive(r.pid))
+            ]
+            if stale:
+                conn.execute(
+                    sa.update(runs).where(runs.c.id.in_(stale)).values(status="interrupted", finished=now)
+                )
+            return int(conn.execute(sa.insert(runs).values(
+                model_id=model_id, root=normalize_path(root), started=now, status="running",
+                counts={}, timings={}, host=host, pid=pid,
+            )).inserted_primary_key[0])
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        counts: Mapping[str, Any] | None = None,
+        timings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Close a run with its final status ('finished', 'interrupted' or 'failed')."""
+        if status not in RUN_STATUSES or status == "running":
+            raise ValueError(f"status must be one of finished/interrupted/failed, not {status!r}")
+        with self._write() as conn:
+            conn.execute(sa.update(runs).where(runs.c.id == run_id).values(
+                status=status, finished=time.time(), counts=dict(counts or {}), timings=dict(timings or {})
+            ))
+
+    def runs(self, limit: int | None = None) -> list[RunRecord]:
+        """Index runs, newest first."""
+        query = sa.select(runs).order_by(runs.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            return [
+                RunRecord(r.id, r.model_id, r.root, r.started, r.finished, r.status,
+                          dict(r.counts or {}), dict(r.timings or {}))
+                for r in conn.execute(query)
+            ]
+
+    # ----------------------------------------------------------------------------- reading
+
+    def load_predictions(self, model_id: int) -> Predictions:
+        """All of a model's predictions as arrays, ordered by image id."""
+        return self.export(model_id)[1]
+
+    def export(self, model_id: int) -> tuple[int, Predictions]:
+        """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them."""
+        k, d = self._model_dims(model_id)
+        query = (
+            sa.select(predictions.c.image_id, images.c.path, predictions.c.probs, predictions.c.embedding)
+            .join(images, images.c.id == predictions.c.image_id)
+            .where(predictions.c.model_id == model_id)
+            .order_by(predictions.c.image_id)
+        )
+        with self._read() as conn:
+            stamp = conn.execute(sa.select(models.c.generation).where(models.c.id == model_id)).scalar()
+            rows = conn.execute(query).all()
+        if stamp is None:
+            raise CatalogError(f"no model with id {model_id} in the index; `facefind info` lists them")
+        n = len(rows)
+        if n == 0:
+            preds = Predictions(np.zeros(0, np.int64), [], np.zeros((0, k), np.float32), np.zeros((0, d), np.float32))
+            return int(stamp), preds
+        ids, paths, pblobs, eblobs = zip(*rows)
+        probs = np.frombuffer(b"".join(pblobs), dtype=np.float32).reshape(n, k)
+        emb = np.frombuffer(b"".join(eblobs), dtype=np.float32).reshape(n, d)
+        return int(stamp), Predictions(np.asarray(ids, dtype=np.int64), list(paths), probs, emb)
+
+    def labels_for(self, attribute_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ground truth for these attributes: ``(ids int64 (N,), uint8 0/1 (N, K))`` by id.
+
+        Images whose label set lacks any of the names are left out.
+        """
+        names = list(attribute_names)
+        with self._read() as conn:
+            sets = {r.id: list(r.names) for r in conn.execute(sa.select(label_sets))}
+            rows = conn.execute(
+                sa.select(labels.c.image_id, labels.c.label_set_id, labels.c["values"]).order_by(labels.c.image_id)
+            ).all()
+        columns = {
+            sid: np.array([have.index(n) for n in names], dtype=np.intp)
+            for sid, have in sets.items() if all(n in have for n in names)
+        }
+        ids, out = [], []
+        for image_id, sid, blob in rows:
+            cols = columns.get(sid)
+            if cols is not None:
+                ids.append(image_id)
+                out.append(np.frombuffer(blob, dtype=np.uint8)[cols])
+        matrix = np.stack(out) if out else np.zeros((0, len(names)), np.uint8)
+        return np.asarray(ids, dtype=np.int64), matrix
+
+    def info(self, model_id: int | None = None) -> dict[str, Any]:
+        """Counts for ``facefind info``: images, predictions of the model (default: the newest
+        with predictions), labels, failures, models, last run, catalog size on disk."""
+        with self._read() as conn:
+            if model_id is None:
+                model_id = conn.execute(sa.select(sa.func.max(predictions.c.model_id))).scalar() or conn.execute(
+                    sa.select(sa.func.max(models.c.id))
+                ).scalar()
+            n_images, n_labels, n_failures = (
+                int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar() or 0)
+                for t in (images, labels, failures_table)
+            )
+            per_model = dict(conn.execute(
+                sa.select(predictions.c.model_id, sa.func.count()).group_by(predictions.c.model_id)
+            ).all())
+            model_rows = [_model_record(r) for r in conn.execute(sa.select(models).order_by(models.c.id))]
+            last = conn.execute(sa.select(runs).order_by(runs.c.id.desc()).limit(1)).first()
+        return {
+            "catalog": self._where(),
+            "model_id": model_id,
+            "images": n_images,
+            "predictions": int(per_model.get(model_id, 0)) if model_id is not None else 0,
+            "labels": n_labels,
+            "failures": n_failures,
+            "models": [
+                {"id": m.id, "sha256": m.sha256, "arch": m.arch, "checkpoint": m.checkpoint,
+                 "attributes": m.attributes, "thresholds": m.thresholds, "embedding_dim": m.embedding_dim,
+                 "created": m.created, "generation": m.generation, "predictions": int(per_model.get(m.id, 0))}
+                for m in model_rows
+            ],
+            "last_run": None if last is None else {
+                "id": last.id, "model_id": last.model_id, "root": last.root, "started": last.started,
+                "finished": last.finished, "status": last.status,
+                "counts": dict(last.counts or {}), "timings": dict(last.timings or {}),
+            },
+            "disk_bytes": self.disk_bytes(),
+        }
+
+    def disk_bytes(self) -> int | None:
+        """Size of the SQLite files (database + WAL), or None for other backends."""
+        f = self.sqlite_file
+        if f is None:
+            return None
+        return sum(p.stat().st_size for p in (f, f.with_name(f.name + "-wal")) if p.exists())
+
+
+def _model_record(row: Any) -> ModelRecord:
+    return ModelRecord(
+        id=int(row.id),
+        sha256=row.sha256,
+        arch=row.arch,
+        attributes=list(row.attributes),
+        thresholds=[float(t) for t in row.thresholds],
+        embedding_dim=int(row.embedding_dim),
+        checkpoint=row.checkpoint,
+        meta=dict(row.meta or {}),
+        created=float(row.created),
+        generation=int(row.generation),
+    )
+
+
+def _reason(err: sa.exc.DBAPIError) -> str:
+    return str(getattr(err, "orig", err)).splitlines()[0]
