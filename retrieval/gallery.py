@@ -1,0 +1,141 @@
+"""A self-contained HTML page of query hits: thumbnails, rank, score and attribute chips.
+
+One file, no external assets: thumbnails are small JPEGs embedded as base64 data URIs, so the page
+can be mailed, archived or opened from any folder. Every piece of text (the query, paths,
+attribute names) is HTML-escaped. An image that cannot be read gets a placeholder, never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from db.errors import FacefindError
+from retrieval.engine import Hit, Result
+
+log = logging.getLogger(__name__)
+
+MAX_OTHER_CHIPS = 8       # confident attributes shown besides the matched ones
+PRESENT = 0.5             # probability above which an unmatched attribute gets a plain chip
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
+header h1{font-size:1.3rem;margin:0 0 .3rem}
+header code{background:#eee;padding:.15rem .4rem;border-radius:4px;font-size:1.05rem}
+header p{margin:.2rem 0;color:#555}
+.grid{display:flex;flex-wrap:wrap;gap:12px;margin-top:1rem}
+.card{width:var(--w);background:#fff;border:1px solid #ddd;border-radius:8px;padding:8px;
+font-size:12px}
+.card img,.missing{width:100%;height:var(--h);object-fit:contain;border-radius:4px;
+background:#eee;display:block}
+.missing{display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
+.meta{display:flex;justify-content:space-between;margin:.3rem 0;font-weight:600}
+.path{color:#666;word-break:break-all;margin-bottom:.3rem}
+.chip{display:inline-block;margin:1px;padding:1px 6px;border-radius:10px;background:#eee;
+color:#333}
+.chip.on{background:#1f6feb;color:#fff}
+"""
+
+_NAME_RE = re.compile(r"^(?:not\s+)?([A-Za-z0-9_]+)")
+
+
+def thumbnail_data_uri(path: str | os.PathLike[str], size: int) -> str | None:
+    """A base64 JPEG data URI of the image shrunk to fit ``size`` pixels, or None if unreadable."""
+    from PIL import Image, ImageOps  # only galleries pay for Pillow
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        log.warning("gallery: cannot read %s (%s); showing a placeholder", path, err)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _chips(hit: Hit) -> str:
+    parts, shown = [], set()
+    for text in hit.matched:
+        m = _NAME_RE.match(text)
+        name = m.group(1) if m else text
+        prob = hit.attributes.get(name)
+        shown.add(name)
+        label = f"{text} · {prob:.2f}" if prob is not None else text
+        parts.append(f'<span class="chip on" title="matched">{html.escape(label)}</span>')
+    others = sorted(((p, a) for a, p in hit.attributes.items() if a not in shown and p >= PRESENT),
+                    reverse=True)[:MAX_OTHER_CHIPS]
+    parts += [f'<span class="chip">{html.escape(f"{a} · {p:.2f}")}</span>' for p, a in others]
+    return "".join(parts)
+
+
+def _file_uri(path: str) -> str | None:
+    try:
+        return Path(path).resolve().as_uri()
+    except (ValueError, OSError):
+        return None
+
+
+def _card(rank: int, hit: Hit, size: int) -> str:
+    uri = thumbnail_data_uri(hit.path, size)
+    alt = html.escape(f"#{rank} {Path(hit.path).name}")
+    picture = (f'<img src="{uri}" alt="{alt}">' if uri is not None
+               else f'<div class="missing">image not found<br>{html.escape(Path(hit.path).name)}</div>')
+    link = _file_uri(hit.path)
+    if link is not None:
+        picture = f'<a href="{html.escape(link)}">{picture}</a>'
+    return (f'<div class="card" data-id="{hit.id}">{picture}'
+            f'<div class="meta"><span>#{rank}</span><span>{hit.score:.4f}</span></div>'
+            f'<div class="path">{html.escape(hit.path)}</div>{_chips(hit)}</div>')
+
+
+def render_gallery(result: Result, *, title: str | None = None, thumbnail_size: int = 128) -> str:
+    """The gallery page of ``result`` as an HTML string (see ``write_gallery``)."""
+    query = result.expression if result.expression else "(all images)"
+    heading = title or "facefind"
+    summary = [f"{result.total:,} of {result.n_indexed:,} images match"]
+    if result.hits:
+        summary.append(f"showing ranks {result.offset + 1}-{result.offset + len(result.hits)}")
+    summary.append(f"ranked by {result.ranking}")
+    cards = "\n".join(_card(result.offset + i + 1, h, thumbnail_size)
+                      for i, h in enumerate(result.hits))
+    size = f"--w:{thumbnail_size + 40}px;--h:{thumbnail_size}px"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(f'{heading}: {query}')}</title><style>{_CSS}</style></head>\n"
+        f"<body style=\"{size}\"><header><h1>{html.escape(heading)}</h1>"
+        f"<p>query <code>{html.escape(query)}</code></p>"
+        f"<p>{html.escape(' · '.join(summary))}</p></header>\n"
+        f"<main class=\"grid\">\n{cards}\n</main></body></html>\n"
+    )
+
+
+def write_gallery(path: str | os.PathLike[str], result: Result, *, title: str | None = None,
+                  thumbnail_size: int = 128) -> Path:
+    """Write the gallery of ``result`` to ``path`` atomically (temp file, fsync, rename).
+
+    The query heads the page with "N of M images match"; ``title`` replaces the heading (e.g.
+    "similar to face.jpg"). Missing or unreadable images get a placeholder.
+    """
+    if thumbnail_size < 16:
+        raise FacefindError(f"thumbnail size {thumbnail_size} is too small: use 16 pixels or more")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = render_gallery(result, title=title, thumbnail_size=thumbnail_size)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,382 @@
+"""The facefind query language: parse boolean attribute expressions into a small tree, evaluate it.
+
+Grammar (keywords and attribute names are case-insensitive)::
+
+    expr     := and_expr (OR and_expr)*             OR  := 'or'  | '|' | '||'
+    and_expr := unary (AND unary)*                  AND := 'and' | '&' | '&&'
+    unary    := NOT unary | primary                 NOT := 'not' | '!' | '~'
+    primary  := '(' expr ')' | NAME [CMP NUMBER] | NUMBER CMP NAME
+    CMP      := '>' | '>=' | '<' | '<='
+
+Precedence is not > and > or. A bare ``NAME`` is true when the attribute's probability reaches its
+calibrated threshold (``p >= threshold``); ``NAME > 0.9`` compares the probability itself, with
+the number in [0, 1] (``0.9 < NAME`` is the same thing). Comparisons happen in float32, the
+precision the probabilities are stored in, so ``Smiling >= 0.9`` includes a stored ``0.9``.
+A name token is ``[A-Za-z0-9_]+`` that is not a number, so ``5_o_Clock_Shadow`` is a name.
+
+The empty expression is an error; the engine takes ``None`` to mean "every image". Nothing here
+calls ``eval`` or builds SQL text: the tree is folded straight into numpy operations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar, Union
+
+import numpy as np
+
+from db.errors import QuerySyntaxError
+
+MAX_LENGTH = 2000   # characters; longer input is refused before tokenising
+MAX_DEPTH = 64      # nesting of parentheses and 'not'
+
+# ---------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass(frozen=True)
+class Attr:
+    """``NAME``: the attribute's probability reaches its calibrated threshold."""
+
+    name: str    # canonical spelling, as in the index
+    index: int   # row in the (K, N) probability matrix
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Compare:
+    """``NAME op value``: the attribute's probability compared with a number in [0, 1]."""
+
+    name: str
+    index: int
+    op: str      # one of '>', '>=', '<', '<='
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.op} {self.value!r}"
+
+
+@dataclass(frozen=True)
+class Not:
+    child: "Node"
+
+    def __str__(self) -> str:
+        inner = str(self.child)
+        return f"not ({inner})" if isinstance(self.child, (And, Or)) else f"not {inner}"
+
+
+@dataclass(frozen=True)
+class And:
+    children: tuple["Node", ...]
+
+    def __str__(self) -> str:
+        return " and ".join(f"({c})" if isinstance(c, (And, Or)) else str(c) for c in self.children)
+
+
+@dataclass(frozen=True)
+class Or:
+    children: tuple["Node", ...]
+
+    def __str__(self) -> str:
+        return " or ".join(f"({c})" if isinstance(c, (And, Or)) else str(c) for c in self.children)
+
+
+Node = Union[Attr, Compare, Not, And, Or]
+Literal = Union[Attr, Compare]
+
+_FLIP = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+_TOKEN_RE = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<number>(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?(?![A-Za-z0-9_.]))
+  | (?P<name>[A-Za-z0-9_]+)
+  | (?P<op>>=|<=|==|!=|=>|=<|&&|\|\||[<>=&|!~()])
+    """,
+    re.VERBOSE,  # explicit ASCII classes for names and numbers; \s also takes unicode spaces
+)
+_KEYWORDS = {"and": "and", "or": "or", "not": "not"}
+_SYMBOLS = {"&": "and", "&&": "and", "|": "or", "||": "or", "!": "not", "~": "not",
+            "(": "(", ")": ")", ">": "cmp", ">=": "cmp", "<": "cmp", "<=": "cmp"}
+_BAD_OPS = {
+    "=": "equality is not supported on probabilities; use >= or <= (e.g. Smiling >= 0.9)",
+    "==": "equality is not supported on probabilities; use >= or <= (e.g. Smiling >= 0.9)",
+    "!=": "'!=' is not supported; use not, < or > (e.g. not Smiling, or Smiling < 0.5)",
+    "=>": "'=>' is not an operator; did you mean '>='?",
+    "=<": "'=<' is not an operator; did you mean '<='?",
+}
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str   # 'name' | 'number' | 'and' | 'or' | 'not' | '(' | ')' | 'cmp' | 'end'
+    text: str
+    pos: int
+
+
+def _tokenize(expr: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    pos = 0
+    while pos < len(expr):
+        m = _TOKEN_RE.match(expr, pos)
+        if m is None:
+            raise QuerySyntaxError(
+                f"unexpected character {expr[pos]!r}: use attribute names, and/or/not, "
+                f"parentheses and >, >=, <, <= (position {pos})", expr, pos)
+        kind, text = m.lastgroup, m.group()
+        if kind == "name":
+            if text.isdigit():  # digits glued to something: '0.9.1', '1.5.'
+                raise QuerySyntaxError(f"malformed number (position {pos})", expr, pos)
+            kind = _KEYWORDS.get(text.lower(), "name")
+        elif kind == "op":
+            if text in _BAD_OPS:
+                raise QuerySyntaxError(f"{_BAD_OPS[text]} (position {pos})", expr, pos)
+            kind = _SYMBOLS[text]
+        if kind != "ws":
+            tokens.append(_Token(kind, text, pos))
+        pos = m.end()
+    tokens.append(_Token("end", "", len(expr)))
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def parse(expr: str, attributes: Sequence[str]) -> Node:
+    """Parse ``expr`` into a tree whose names are checked against ``attributes`` (the index's).
+
+    Raises ``QuerySyntaxError`` with the 0-based position of the problem: malformed syntax,
+    an unknown name (with a did-you-mean), a number outside [0, 1], too long or too deeply nested.
+    """
+    if len(expr) > MAX_LENGTH:
+        raise QuerySyntaxError(
+            f"expression is {len(expr):,} characters long; the limit is {MAX_LENGTH:,}. "
+            "Split the query or simplify it", expr[:80] + "...", None)
+    if not expr.strip():
+        raise QuerySyntaxError(
+            "empty expression: name at least one attribute, e.g. 'Smiling and not Male'", expr, 0)
+    return _Parser(expr, attributes).parse()
+
+
+class _Parser:
+    """Recursive descent over the token list; one method per grammar rule."""
+
+    def __init__(self, expr: str, attributes: Sequence[str]) -> None:
+        self.expr = expr
+        self.attributes = list(attributes)
+        self.lookup = {name.lower(): i for i, name in enumerate(self.attributes)}
+        self.tokens = _tokenize(expr)
+        self.i = 0
+        self.depth = 0
+
+    # -- helpers
+    @property
+    def tok(self) -> _Token:
+        return self.tokens[self.i]
+
+    def advance(self) -> _Token:
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def error(self, message: str, pos: int) -> QuerySyntaxError:
+        return QuerySyntaxError(f"{message} (position {pos})", self.expr, pos)
+
+    def describe(self, tok: _Token) -> str:
+        return "end of expression" if tok.kind == "end" else repr(tok.text)
+
+    def enter(self, tok: _Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nests deeper than {MAX_DEPTH} levels of parentheses "
+                             "and 'not'; simplify it", tok.pos)
+
+    # -- grammar
+    def parse(self) -> Node:
+        node = self.or_expr()
+        tok = self.tok
+        if tok.kind == ")":
+            raise self.error("unmatched ')'", tok.pos)
+        if tok.kind != "end":
+            raise self.error(f"unexpected {self.describe(tok)} after a complete term: join terms "
+                             "with 'and' or 'or'", tok.pos)
+        return node
+
+    def or_expr(self) -> Node:
+        children = [self.and_expr()]
+        while self.tok.kind == "or":
+            self.advance()
+            children.append(self.and_expr())
+        return children[0] if len(children) == 1 else Or(tuple(children))
+
+    def and_expr(self) -> Node:
+        children = [self.unary()]
+        while self.tok.kind == "and":
+            self.advance()
+            children.append(self.unary())
+        return children[0] if len(children) == 1 else And(tuple(children))
+
+    def unary(self) -> Node:
+        if self.tok.kind == "not":
+            self.enter(self.advance())
+            child = self.unary()
+            self.depth -= 1
+            return Not(child)
+        return self.primary()
+
+    def primary(self) -> Node:
+        tok = self.tok
+        if tok.kind == "(":
+            self.enter(self.advance())
+            node = self.or_expr()
+            if self.tok.kind != ")":
+                if self.tok.kind == "end":
+                    raise self.error(f"missing ')' to close the '(' at position {tok.pos}",
+                                     self.tok.pos)
+                raise self.error(f"expected 'and', 'or' or ')' but found {self.describe(self.tok)}",
+                                 self.tok.pos)
+            self.advance()
+            self.depth -= 1
+            return node
+        if tok.kind == "name":
+            self.advance()
+            index = self.resolve(tok)
+            if self.tok.kind != "cmp":
+                return Attr(self.attributes[index], index)
+            op = self.advance().text
+            value = self.number(self.tok, f"{self.attributes[index]} {op}")
+            self.advance()
+            return Compare(self.attributes[index], index, op, value)
+        if tok.kind == "number":
+            self.advance()
+            if self.tok.kind != "cmp":
+                raise self.error(f"expected an attribute name but found the number {tok.text!r}",
+                                 tok.pos)
+            value = self.number(tok, "")
+            op = self.advance().text
+            name_tok = self.tok
+            if name_tok.kind != "name":
+                raise self.error(f"expected an attribute name after '{tok.text} {op}' but found "
+                                 f"{self.describe(name_tok)}", name_tok.pos)
+            self.advance()
+            index = self.resolve(name_tok)
+            return Compare(self.attributes[index], index, _FLIP[op], value)
+        if tok.kind == ")":
+            raise self.error("unexpected ')': expected an attribute name, 'not' or '('", tok.pos)
+        raise self.error(f"expected an attribute name, 'not' or '(' but found {self.describe(tok)}",
+                         tok.pos)
+
+    def number(self, tok: _Token, context: str) -> float:
+        """Read ``tok`` as a probability in [0, 1]; the caller advances past it."""
+        if tok.kind != "number":
+            raise self.error(f"expected a number in [0, 1] after '{context}' but found "
+                             f"{self.describe(tok)}, e.g. Smiling > 0.9", tok.pos)
+        value = float(tok.text)
+        if not 0.0 <= value <= 1.0:
+            raise self.error(f"{tok.text} is not a probability: use a number in [0, 1]", tok.pos)
+        return value
+
+    def resolve(self, tok: _Token) -> int:
+        """The row of attribute ``tok`` (case-insensitive), or an error with a did-you-mean."""
+        index = self.lookup.get(tok.text.lower())
+        if index is not None:
+            return index
+        raise self.error(f"unknown attribute {tok.text!r}{self._suggest(tok)}", tok.pos)
+
+    def _suggest(self, tok: _Token) -> str:
+        nxt = self.tokens[self.i] if self.i < len(self.tokens) else None
+        if nxt is not None and nxt.kind == "name":  # 'Big Nose' -> Big_Nose
+            joined = self.lookup.get(f"{tok.text}_{nxt.text}".lower())
+            if joined is not None:
+                return f"; did you mean {self.attributes[joined]}? (names use '_' for spaces)"
+        close = difflib.get_close_matches(tok.text.lower(), list(self.lookup), n=3, cutoff=0.6)
+        if close:
+            names = " or ".join(self.attributes[self.lookup[c]] for c in close)
+            return f"; did you mean {names}?"
+        return "; known attributes: " + ", ".join(self.attributes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding the tree: masks, scores, literals
+
+T = TypeVar("T")
+
+
+def fold(node: Node, leaf: Callable[[Literal], T], negate: Callable[[T], T],
+         conj: Callable[[list[T]], T], disj: Callable[[list[T]], T]) -> T:
+    """Reduce the tree bottom-up: ``leaf`` for Attr/Compare, then not/and/or combinators."""
+    if isinstance(node, (Attr, Compare)):
+        return leaf(node)
+    if isinstance(node, Not):
+        return negate(fold(node.child, leaf, negate, conj, disj))
+    parts = [fold(c, leaf, negate, conj, disj) for c in node.children]
+    return conj(parts) if isinstance(node, And) else disj(parts)
+
+
+_COMPARE = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
+
+
+def literal_mask(lit: Literal, rows: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Boolean (N,) truth of one literal over ``rows`` (K, N); thresholds apply to bare names."""
+    row = rows[lit.index]
+    if isinstance(lit, Attr):
+        return row >= np.float32(thresholds[lit.index])
+    return _COMPARE[lit.op](row, np.float32(lit.value))
+
+
+def _all(parts: list[np.ndarray]) -> np.ndarray:
+    out = parts[0].copy()
+    for p in parts[1:]:
+        np.logical_and(out, p, out=out)
+    return out
+
+
+def _any(parts: list[np.ndarray]) -> np.ndarray:
+    out = parts[0].copy()
+    for p in parts[1:]:
+        np.logical_or(out, p, out=out)
+    return out
+
+
+def evaluate(node: Node, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The (N,) boolean mask of ``node`` over a column-major (K, N) probability matrix.
+
+    Works on any (K, N) matrix whose rows compare with floats: ground-truth 0/1 labels with
+    thresholds 0.5 give the expression's truth under the labels.
+    """
+    return fold(node, lambda lit: literal_mask(lit, probs, thresholds), np.logical_not, _all, _any)
+
+
+def literals(node: Node) -> list[tuple[Literal, bool]]:
+    """The distinct literals of ``node`` in reading order, with their polarity.
+
+    Polarity is False for a literal under an odd number of 'not's (``not Male`` -> (Male, False)):
+    an image supports the expression through that literal when it is *false*.
+    """
+    out: dict[tuple[Literal, bool], None] = {}
+
+    def walk(n: Node, positive: bool) -> None:
+        if isinstance(n, (Attr, Compare)):
+            out.setdefault((n, positive), None)
+        elif isinstance(n, Not):
+            walk(n.child, not positive)
+        else:
+            for c in n.children:
+                walk(c, positive)
+
+    walk(node, True)
+    return list(out)
+
+
+def literal_text(lit: Literal, positive: bool) -> str:
+    """How a literal reads in results: ``Eyeglasses``, ``not Male``, ``Smiling > 0.9``."""
+    return str(lit) if positive else f"not {lit}"
+
