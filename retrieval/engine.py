@@ -168,7 +168,8 @@ class Engine:
         if len(set(lowered)) != k:
             problems.append("attribute names repeat (names are case-insensitive)")
         ids = np.asarray(s.ids, dtype=np.int64)
-        if np.unique(ids).shape[0] != n:
+        ascending = bool(np.all(ids[1:] > ids[:-1]))  # the snapshot contract; skips a sort
+        if not ascending and np.unique(ids).shape[0] != n:
             problems.append("image ids repeat")
         if problems:
             raise CatalogError("the index snapshot is inconsistent (" + "; ".join(problems)
@@ -181,7 +182,7 @@ class Engine:
         self.emb = s.emb
         self._threshold_logits = _logit(self.thresholds)
         self._logit_rows: list[np.ndarray | None] = [None] * k
-        self._id_order = np.argsort(ids, kind="stable")
+        self._id_order = np.arange(n) if ascending else np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_order]
         self._vectors: Any = None  # faiss index over emb, built on the first similarity query
 

@@ -29,7 +29,7 @@ header h1{font-size:1.3rem;margin:0 0 .3rem}
 header code{background:#eee;padding:.15rem .4rem;border-radius:4px;font-size:1.05rem}
 header p{margin:.2rem 0;color:#555}
 .grid{display:flex;flex-wrap:wrap;gap:12px;margin-top:1rem}
-.card{width:var(--w);background:#fff;border:1px solid #ddd;border-radius:8px;padding:8px;
+.card{width:max(var(--w),160px);background:#fff;border:1px solid #ddd;border-radius:8px;padding:8px;
 font-size:12px}
 .card img,.missing{width:100%;height:var(--h);object-fit:contain;border-radius:4px;
 background:#eee;display:block}
@@ -55,7 +55,7 @@ def thumbnail_data_uri(path: str | os.PathLike[str], size: int) -> str | None:
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        log.warning("gallery: cannot read %s (%s); showing a placeholder", path, err)
+        log.debug("gallery: cannot read %s (%s); showing a placeholder", path, err)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -103,8 +103,11 @@ def render_gallery(result: Result, *, title: str | None = None, thumbnail_size: 
     if result.hits:
         summary.append(f"showing ranks {result.offset + 1}-{result.offset + len(result.hits)}")
     summary.append(f"ranked by {result.ranking}")
-    cards = "\n".join(_card(result.offset + i + 1, h, thumbnail_size)
-                      for i, h in enumerate(result.hits))
+    cards = [_card(result.offset + i + 1, h, thumbnail_size) for i, h in enumerate(result.hits)]
+    missing = sum('class="missing"' in c for c in cards)
+    if missing:
+        log.warning("gallery: %d of %d images could not be read; they show a placeholder",
+                    missing, len(cards))
     size = f"--w:{thumbnail_size + 40}px;--h:{thumbnail_size}px"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -112,7 +115,7 @@ def render_gallery(result: Result, *, title: str | None = None, thumbnail_size: 
         f"<body style=\"{size}\"><header><h1>{html.escape(heading)}</h1>"
         f"<p>query <code>{html.escape(query)}</code></p>"
         f"<p>{html.escape(' · '.join(summary))}</p></header>\n"
-        f"<main class=\"grid\">\n{cards}\n</main></body></html>\n"
+        f"<main class=\"grid\">\n{chr(10).join(cards)}\n</main></body></html>\n"
     )
 
 
