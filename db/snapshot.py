@@ -218,7 +218,7 @@ def _write_locked(
     folder: Path, model: Any, stamp: int, ids: np.ndarray, paths: Sequence[str], probs: np.ndarray,
     emb: np.ndarray, catalog_id: str | None, factory: str,
 ) -> Path:
-    from db.vectors import build_index, save_index
+    from db.vectors import build_index, normalize, save_index
 
     t0 = time.perf_counter()
     ids = np.asarray(ids, dtype=np.int64)
@@ -227,12 +227,19 @@ def _write_locked(
     emb = np.asarray(emb).reshape(n, d)
     if len(paths) != n:
         raise ValueError(f"{len(paths)} paths for {n} ids")
-    order = np.argsort(ids, kind="stable")
-    if n and np.any(np.diff(ids[order]) == 0):
-        raise ValueError("image ids repeat")
-    sorted_ids = ids[order]
-    emb16 = _normalized_fp16(emb[order]) if n else np.zeros((0, d), np.float16)
-    path_list = PathList.from_list([paths[i] for i in order.tolist()])
+    if n and not np.all(ids[1:] > ids[:-1]):  # the catalog exports in id order: usually a no-op
+        order = np.argsort(ids, kind="stable")
+        ids, probs, emb, paths = ids[order], probs[order], emb[order], [paths[i] for i in order.tolist()]
+        if np.any(ids[1:] == ids[:-1]):
+            raise ValueError("image ids repeat")
+    # One float32 working copy: normalised, rounded to the stored float16, and renormalised in place
+    # for FAISS, so a FAISS index rebuilt later from emb.npy is identical to this one.
+    work = normalize(emb)
+    emb16 = work.astype(np.float16)
+    work[...] = emb16
+    index = build_index(ids, work, factory, in_place=True)
+    del work
+    path_list = PathList.from_list(paths)
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -241,15 +248,15 @@ def _write_locked(
         staging = folder / f".tmp-gen-{stamp}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         arrays = {
-            "ids.npy": sorted_ids,
-            "probs.npy": np.ascontiguousarray(probs[order].T),
+            "ids.npy": ids,
+            "probs.npy": np.ascontiguousarray(probs.T),
             "emb.npy": emb16,
             "paths_offsets.npy": path_list._offsets,
         }
         for name, arr in arrays.items():
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
-        save_index(build_index(sorted_ids, emb16, factory), staging / VECTORS)
+        save_index(index, staging / VECTORS)
         manifest = {
             "format": FORMAT,
             "model_id": int(model.id),

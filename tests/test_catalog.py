@@ -1,0 +1,309 @@
+"""The catalog: schema, upsert semantics, generations, failures, runs, labels, bulk reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from db.catalog import Catalog, IndexedImage, normalize_path
+from db.errors import CatalogError
+
+K, D = 5, 8
+NAMES = [f"Attr_{i}" for i in range(K)]
+
+
+def rows_for(paths: list[str], seed: int = 0, size: int = 100, mtime: float = 1.0) -> list[IndexedImage]:
+    rng = np.random.default_rng(seed)
+    return [
+        IndexedImage(p, size, mtime, 178, 218, rng.random(K, dtype=np.float32),
+                     rng.standard_normal(D, dtype=np.float32))
+        for p in paths
+    ]
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    cat = Catalog.open(tmp_path / "index")
+    yield cat
+    cat.close()
+
+
+@pytest.fixture
+def model(catalog: Catalog) -> int:
+    return catalog.register_model("a" * 64, "resnet18", NAMES, [0.5] * K, D, "/models/a.pt", {"epochs": 1})
+
+
+def test_schema_is_created_with_wal_foreign_keys_and_large_pages(tmp_path: Path) -> None:
+    cat = Catalog.open(tmp_path / "index")
+    assert cat.sqlite_file == (tmp_path / "index" / "catalog.db").absolute()
+    engine = sa.create_engine(f"sqlite:///{cat.sqlite_file}")
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        assert {"images", "models", "predictions", "labels", "label_sets", "failures", "runs", "meta"} <= tables
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 16384
+    engine.dispose()
+    with cat._writer.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    # Reopening keeps the same catalog (same random id); a fresh folder gets another one.
+    assert Catalog.open(tmp_path / "index").catalog_id == cat.catalog_id
+    assert Catalog.open(tmp_path / "other").catalog_id != cat.catalog_id
+    cat.close()
+
+
+def test_open_refuses_missing_or_damaged_catalogs(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="no index at"):
+        Catalog.open(tmp_path / "missing", create=False)
+    assert not (tmp_path / "missing").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "catalog.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CatalogError, match="cannot open the catalog"):
+        Catalog.open(bad)
+
+
+def test_register_model_is_idempotent_on_sha256(catalog: Catalog, model: int) -> None:
+    again = catalog.register_model("a" * 64, "resnet18", NAMES, [0.5] * K, D, "/moved/a.pt")
+    assert again == model
+    assert catalog.get_model(model).checkpoint == "/moved/a.pt"  # a moved checkpoint is followed
+    other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.3] * K, D, None)
+    assert other != model
+    assert [m.id for m in catalog.models()] == [model, other]
+    assert catalog.latest_model().id == other
+    assert catalog.latest_model(require_predictions=True) is None
+    catalog.write_batch(model, rows_for(["/x/1.jpg"]))
+    assert catalog.latest_model(require_predictions=True).id == model
+    rec = catalog.get_model(model)
+    assert rec.attributes == NAMES and rec.thresholds == [0.5] * K and rec.meta == {"epochs": 1}
+    with pytest.raises(CatalogError, match="no model with id 999"):
+        catalog.get_model(999)
+    with pytest.raises(ValueError):
+        catalog.register_model("c" * 64, "x", NAMES, [0.5], D, None)
+
+
+def test_same_path_twice_gives_one_image_and_one_prediction(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"], seed=1))
+    last = rows_for(["/x/a.jpg"], seed=2)
+    catalog.write_batch(model, rows_for(["/x/a.jpg"], seed=3) + last)  # twice in one batch too
+    preds = catalog.load_predictions(model)
+    assert preds.paths == ["/x/a.jpg", "/x/b.jpg"]
+    np.testing.assert_array_equal(preds.probs[0], last[0].probs)
+    info = catalog.info(model)
+    assert info["images"] == 2 and info["predictions"] == 2
+
+
+def test_paths_are_normalised(catalog: Catalog, model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    catalog.write_batch(model, rows_for(["sub/../a.jpg"]))
+    catalog.write_batch(model, rows_for([str(tmp_path / "a.jpg")]))
+    assert catalog.image_paths() == [str(tmp_path / "a.jpg")]
+    assert normalize_path("~/x.jpg") == os.path.join(os.path.expanduser("~"), "x.jpg")
+    assert catalog.image_paths(under=tmp_path) == [str(tmp_path / "a.jpg")]
+    assert catalog.image_paths(under=tmp_path / "sub") == []
+
+
+def test_changed_file_keeps_its_id_and_drops_other_models_predictions(catalog: Catalog, model: int) -> None:
+    other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
+    catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"], size=100))
+    catalog.write_batch(other, rows_for(["/x/a.jpg", "/x/b.jpg"], size=100))
+    ids_before = catalog.load_predictions(model).ids
+    other_stamp = catalog.stamp(other)
+
+    catalog.write_batch(model, rows_for(["/x/a.jpg"], seed=5, size=200, mtime=2.0))
+
+    preds = catalog.load_predictions(model)
+    np.testing.assert_array_equal(preds.ids, ids_before)
+    assert catalog.known_files(model)["/x/a.jpg"] == (200, 2.0)
+    # The other model described the old content: its prediction for a.jpg is gone, b.jpg stays.
+    assert catalog.load_predictions(other).paths == ["/x/b.jpg"]
+    assert catalog.stamp(other) == other_stamp + 1
+    # Rewriting an unchanged file does not touch the other model.
+    catalog.write_batch(model, rows_for(["/x/b.jpg"], size=100))
+    assert catalog.stamp(other) == other_stamp + 1
+
+
+def test_failures_upsert_and_are_cleared_when_the_file_succeeds(catalog: Catalog, model: int) -> None:
+    catalog.record_failures([("/x/a.jpg", "truncated"), ("/x/b.jpg", "empty file")])
+    catalog.record_failures([("/x/a.jpg", "not an image")])
+    assert [(f.path, f.reason) for f in catalog.failures()] == [("/x/a.jpg", "not an image"), ("/x/b.jpg", "empty file")]
+    catalog.write_batch(model, rows_for(["/x/a.jpg"]))
+    assert [f.path for f in catalog.failures()] == ["/x/b.jpg"]
+
+
+def test_unique_constraints_make_duplicates_impossible(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, rows_for(["/x/a.jpg"]))
+    image_id = int(catalog.load_predictions(model).ids[0])
+    with catalog._writer.connect() as conn:
+        with pytest.raises(sa.exc.IntegrityError):
+            with conn.begin():
+                conn.exec_driver_sql("INSERT INTO images (path, size, mtime, added) VALUES ('/x/a.jpg', 1, 1, 1)")
+        with pytest.raises(sa.exc.IntegrityError):
+            with conn.begin():
+                conn.exec_driver_sql(
+                    "INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (?, ?, x'00', x'00')",
+                    (model, image_id),
+                )
+        with pytest.raises(sa.exc.IntegrityError):  # foreign keys are enforced
+            with conn.begin():
+                conn.exec_driver_sql(
+                    "INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (?, 12345, x'00', x'00')",
+                    (model,),
+                )
+
+
+def test_write_batch_is_atomic(catalog: Catalog, model: int) -> None:
+    rows = rows_for(["/x/a.jpg", "/x/b.jpg"])
+    rows[1].labels = np.ones(K)  # labels without names: fails inside the transaction
+    stamp = catalog.stamp(model)
+    with pytest.raises(ValueError, match="label_names"):
+        catalog.write_batch(model, rows)
+    assert catalog.info(model)["images"] == 0 and catalog.stamp(model) == stamp
+    bad = rows_for(["/x/c.jpg"])
+    bad[0].embedding = np.zeros(D + 1, np.float32)
+    with pytest.raises(ValueError, match="embedding"):
+        catalog.write_batch(model, bad)
+
+
+def test_stamp_changes_exactly_when_predictions_change(catalog: Catalog, model: int) -> None:
+    s0 = catalog.stamp(model)
+    catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"]))
+    s1 = catalog.stamp(model)
+    assert s1 > s0
+    catalog.record_failures([("/x/c.jpg", "bad")])
+    catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K)})
+    catalog.write_batch(model, [])
+    assert catalog.stamp(model) == s1
+    assert catalog.prune(["/x/a.jpg"]) == 1
+    assert catalog.stamp(model) > s1
+    with pytest.raises(CatalogError):
+        catalog.stamp(12345)
+
+
+def test_load_predictions_round_trip_in_id_order(catalog: Catalog, model: int) -> None:
+    paths = [f"/x/{i:03d}.jpg" for i in range(50)]
+    written = rows_for(paths, seed=7)
+    for start in range(0, 50, 16):
+        catalog.write_batch(model, written[start:start + 16])
+    stamp, preds = catalog.export(model)
+    assert stamp == catalog.stamp(model)
+    assert preds.ids.dtype == np.int64 and np.all(np.diff(preds.ids) > 0)
+    assert preds.paths == paths
+    assert preds.probs.dtype == np.float32 and preds.probs.shape == (50, K)
+    assert preds.emb.dtype == np.float32 and preds.emb.shape == (50, D)
+    np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in written]))
+    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in written]))
+    empty = catalog.register_model("e" * 64, "x", NAMES, [0.5] * K, D, None)
+    assert catalog.load_predictions(empty).probs.shape == (0, K)
+
+
+def test_known_files_lists_only_this_models_predictions(catalog: Catalog, model: int) -> None:
+    other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
+    catalog.write_batch(model, rows_for(["/x/a.jpg"], size=10, mtime=1.5))
+    catalog.write_batch(other, rows_for(["/x/b.jpg"]))
+    assert catalog.known_files(model) == {"/x/a.jpg": (10, 1.5)}
+
+
+def test_prune_removes_images_predictions_labels_and_failures(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"]))
+    catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K), "/x/b.jpg": np.zeros(K)})
+    catalog.record_failures([("/x/gone.jpg", "bad")])
+    assert catalog.prune(["/x/a.jpg", "/x/gone.jpg", "/x/never.jpg"]) == 1
+    info = catalog.info(model)
+    assert (info["images"], info["predictions"], info["labels"], info["failures"]) == (1, 1, 1, 0)
+    assert catalog.prune([]) == 0
+    # The id of a pruned image is never handed out again (snapshots and users refer to ids).
+    top = int(catalog.load_predictions(model).ids.max())
+    catalog.prune(["/x/b.jpg"])
+    catalog.write_batch(model, rows_for(["/x/c.jpg"]))
+    assert catalog.load_predictions(model).ids.tolist() == [top + 1]
+
+
+def test_labels_from_batches_and_annotation_files(catalog: Catalog, model: int) -> None:
+    rows = rows_for(["/x/a.jpg", "/x/b.jpg"])
+    rows[0].labels = np.array([1, -1, 1, -1, 1])  # CelebA's -1/1
+    catalog.write_batch(model, rows, label_names=NAMES)
+    stored = catalog.add_labels(NAMES, {"/x/b.jpg": np.array([0, 1, 0, 1, 0]), "/x/unknown.jpg": np.ones(K)})
+    assert stored == 1
+    ids, matrix = catalog.labels_for(["Attr_4", "Attr_1"])
+    assert ids.tolist() == catalog.load_predictions(model).ids.tolist()
+    assert matrix.dtype == np.uint8 and matrix.tolist() == [[1, 0], [0, 1]]
+    # An image labelled with another name list lacking a requested name is left out.
+    catalog.write_batch(model, rows_for(["/x/c.jpg"]))
+    catalog.add_labels(["Attr_4", "Other"], {"/x/c.jpg": np.array([1, 1])})
+    assert len(catalog.labels_for(["Attr_4", "Attr_1"])[0]) == 2
+    assert len(catalog.labels_for(["Attr_4"])[0]) == 3
+    with pytest.raises(ValueError):
+        catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K + 1)})
+
+
+def test_runs_left_running_become_interrupted(catalog: Catalog, model: int) -> None:
+    first = catalog.start_run(model, "/data")
+    second = catalog.start_run(model, "/data")
+    by_id = {r.id: r for r in catalog.runs()}
+    assert by_id[first].status == "interrupted" and by_id[first].finished is not None
+    assert by_id[second].status == "running" and by_id[second].finished is None
+    catalog.finish_run(second, "finished", {"indexed": 3}, {"infer": 1.5})
+    last = catalog.runs(limit=1)[0]
+    assert (last.id, last.status, last.counts, last.timings) == (second, "finished", {"indexed": 3}, {"infer": 1.5})
+    assert catalog.info()["last_run"]["status"] == "finished"
+    with pytest.raises(ValueError):
+        catalog.finish_run(second, "running")
+
+
+def test_a_run_of_another_live_process_is_not_marked_interrupted(catalog: Catalog, model: int) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        theirs = catalog.start_run(model, "/data")
+        with catalog._writer.begin() as conn:
+            conn.exec_driver_sql("UPDATE runs SET pid = ? WHERE id = ?", (sleeper.pid, theirs))
+        catalog.start_run(model, "/data")
+        assert {r.id: r.status for r in catalog.runs()}[theirs] == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    catalog.start_run(model, "/data")  # now it is dead
+    assert {r.id: r.status for r in catalog.runs()}[theirs] == "interrupted"
+
+
+def test_info_counts(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]))
+    catalog.record_failures([("/x/d.jpg", "bad")])
+    info = catalog.info()
+    assert info["model_id"] == model
+    assert (info["images"], info["predictions"], info["labels"], info["failures"]) == (3, 3, 0, 1)
+    assert info["models"][0]["predictions"] == 3 and info["models"][0]["thresholds"] == [0.5] * K
+    assert info["disk_bytes"] > 0
+
+
+def test_concurrent_writers_wait_instead_of_failing(tmp_path: Path) -> None:
+    cat = Catalog.open(tmp_path / "index")
+    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
+    errors: list[BaseException] = []
+
+    def writer(tag: str) -> None:
+        try:
+            other = Catalog.open(tmp_path / "index")  # its own engine, like another process
+            for b in range(15):
+                other.write_batch(model, rows_for([f"/{tag}/{b}-{i}.jpg" for i in range(20)]))
+                other.record_failures([(f"/{tag}/bad-{b}.jpg", "bad")])
+            other.close()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert cat.info(model)["predictions"] == 2 * 15 * 20
+    assert cat.stamp(model) == 2 * 15
+    cat.close()
