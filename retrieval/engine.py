@@ -33,7 +33,7 @@ import numpy as np
 
 from db.errors import CatalogError, FacefindError, ModelError
 from db.snapshot import Snapshot
-from retrieval.query import (Attr, Compare, Literal, Node, evaluate, fold, literal_mask,
+from retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
                              literal_text, literals, parse)
 
 log = logging.getLogger(__name__)
