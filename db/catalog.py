@@ -215,6 +215,25 @@ class Predictions(NamedTuple):
     emb: np.ndarray     # float32 (N, D), as stored (not normalised)
 
 
+UNSTORABLE_REASON = "file name is not valid UTF-8: rename the file to index it"
+
+
+def _storable(path: str) -> bool:
+    """Whether a path can be stored as text (names with undecodable bytes carry surrogates)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable_text(path: str) -> str:
+    """``path``, with undecodable bytes shown as ``\\xNN`` so that it can be stored and displayed."""
+    if _storable(path):
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _names_key(names: Sequence[str]) -> str:
     import hashlib
 
@@ -542,8 +561,18 @@ class Catalog:
         k, d = self._model_dims(model_id)
         now = time.time()
         by_path: dict[str, IndexedImage] = {}
+        unstorable = []
         for r in rows:  # a path twice in one batch: the last one wins
-            by_path[normalize_path(r.path)] = r
+            path = normalize_path(r.path)
+            if _storable(path):
+                by_path[path] = r
+            else:
+                unstorable.append((path, UNSTORABLE_REASON))
+        if unstorable:
+            log.warning("%d file names are not valid UTF-8; recorded as failures", len(unstorable))
+            self.record_failures(unstorable)
+        if not by_path:
+            return
         probs, embs = [], []
         for r in by_path.values():
             p = np.ascontiguousarray(r.probs, dtype=np.float32)
@@ -652,7 +681,7 @@ class Catalog:
     def record_failures(self, items: Iterable[tuple[str, str]]) -> None:
         """Record files that could not be indexed (one row per path; the newest reason wins)."""
         now = time.time()
-        rows = {normalize_path(p): str(reason) for p, reason in items}
+        rows = {_storable_text(normalize_path(p)): str(reason) for p, reason in items}
         if not rows:
             return
         with self._write() as conn:

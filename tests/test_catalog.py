@@ -130,6 +130,15 @@ def test_changed_file_keeps_its_id_and_drops_other_models_predictions(catalog: C
     assert catalog.stamp(other) == other_stamp + 1
 
 
+def test_undecodable_file_names_become_failures_not_crashes(catalog: Catalog, model: int) -> None:
+    bad = os.fsdecode(b"/x/caf\xe9.jpg")  # Latin-1 bytes in a file name, as os.scandir returns them
+    catalog.write_batch(model, rows_for([bad, "/x/ok.jpg"]))
+    assert catalog.load_predictions(model).paths == ["/x/ok.jpg"]
+    assert [(f.path, "UTF-8" in f.reason) for f in catalog.failures()] == [("/x/caf\\xe9.jpg", True)]
+    catalog.record_failures([(bad, "truncated")])
+    assert len(catalog.failures()) == 1
+
+
 def test_failures_upsert_and_are_cleared_when_the_file_succeeds(catalog: Catalog, model: int) -> None:
     catalog.record_failures([("/x/a.jpg", "truncated"), ("/x/b.jpg", "empty file")])
     catalog.record_failures([("/x/a.jpg", "not an image")])
