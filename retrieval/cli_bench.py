@@ -1,9 +1,120 @@
-"""`facefind` commands: bench (placeholder until its issue lands)."""
+"""`facefind bench ...`: speed benchmarks, each run beside a naive baseline in the same process.
+
+These machines are noisy, so every figure is reported next to a baseline measured in the same run;
+compare the ratio, not the absolute numbers, across machines.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from retrieval.cli_common import DeviceOpt, JsonOpt, guard, print_json
+
+bench_app = typer.Typer(
+    help="Speed benchmarks (query, index, train), each beside a naive baseline in the same run.",
+    no_args_is_help=True,
+)
+
+
+def _show(title: str, rows: list[tuple[str, Any, Any]], headers: tuple[str, str, str]) -> None:
+    table = Table(*headers, title=title)
+    for name, ours, baseline in rows:
+        table.add_row(name, _fmt(ours), _fmt(baseline))
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+@bench_app.command("query")
+@guard
+def bench_query(
+    n: Annotated[int, typer.Option("--n", min=1, help="Images in the synthetic index (CelebA: 202,599).")] = 202_599,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per expression.")] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Filter+rank latency of the engine vs. SQL WHERE + Python sort, on a synthetic index of N items."""
+    from retrieval.bench_query import run_query_bench
+
+    result = run_query_bench(n=n, seed=seed, repeats=repeats)
+    if as_json:
+        print_json(result)
+        return
+    _show(
+        f"query latency, {result['n']:,} images (ms)",
+        [
+            ("filter + rank p50", result["engine_p50_ms"], result["baseline_p50_ms"]),
+            ("filter + rank p99", result["engine_p99_ms"], None),
+            ("filter + similarity p50", result["like_p50_ms"], None),
+        ],
+        ("", "facefind", "baseline (SQL WHERE + sort)"),
+    )
+    typer.echo(f"speed-up over the baseline: {result['speedup']:.0f}x")
+
+
+@bench_app.command("index")
+@guard
+def bench_index(
+    n: Annotated[int, typer.Option("--n", min=1, help="CelebA-size JPEGs to generate and index.")] = 2000,
+    out: Annotated[Path | None, typer.Option("--out", help="Work folder (default: a temporary one).")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    arch: Annotated[str, typer.Option("--arch", help="Backbone to time (freshly initialised).")] = "resnet50",
+    img_size: Annotated[int | None, typer.Option("--img-size", help="Model input height (default: native 218x178).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """End-to-end `facefind index` images/s vs. a study-style pipeline (PIL DataLoader, fp32, one INSERT per image)."""
+    from indexer.bench_index import run_index_bench
+
+    result = run_index_bench(n=n, out=out, device=device, batch_size=batch_size, arch=arch, img_size=img_size)
+    if as_json:
+        print_json(result)
+        return
+    _show(
+        f"index throughput, {n:,} images, {arch} on {result.get('device', device)} (images/s)",
+        [("end to end", result["images_per_second"], result["baseline_images_per_second"])]
+        + [(f"stage: {k}", v, None) for k, v in result.get("stage_images_per_second", {}).items()],
+        ("", "facefind index", "naive baseline"),
+    )
+    typer.echo(f"speed-up over the baseline: {result['speedup']:.1f}x")
+
+
+@bench_app.command("train")
+@guard
+def bench_train(
+    arch: Annotated[str, typer.Option("--arch")] = "resnet50",
+    n: Annotated[int, typer.Option("--n", min=1, help="Synthetic faces to train on.")] = 512,
+    img_size: Annotated[int, typer.Option("--img-size")] = 224,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per pipeline.")] = 20,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Training images/s of facefind's pipeline vs. a study-like one (PIL DataLoader, fp32, batch 64)."""
+    from trainer.bench_train import run_train_bench
+
+    result = run_train_bench(arch=arch, n=n, img_size=img_size, batch_size=batch_size, steps=steps, device=device)
+    if as_json:
+        print_json(result)
+        return
+    _show(
+        f"training throughput, {arch} at {img_size}px on {result.get('device', device)} (images/s)",
+        [("end to end", result["images_per_second"], result["baseline_images_per_second"])],
+        ("", "facefind train", "study-like baseline"),
+    )
+    typer.echo(f"speed-up over the baseline: {result['speedup']:.1f}x")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    app.add_typer(bench_app, name="bench")
