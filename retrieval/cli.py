@@ -28,11 +28,13 @@ app = typer.Typer(
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details to stderr.")] = False,
 ) -> None:
+    # Our packages log at INFO (DEBUG with -v); third-party chatter (e.g. faiss's loader) stays quiet.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-
+    for package in ("trainer", "indexer", "db", "retrieval"):
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 for _module in (cli_demo, cli_data, cli_train, cli_index, cli_query, cli_bench):
     _module.register(app)
