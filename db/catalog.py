@@ -767,6 +767,18 @@ class Catalog:
                 for r in conn.execute(query)
             ]
 
+    def active_runs(self) -> list[RunRecord]:
+        """Runs marked 'running' whose process still lives (runs on other hosts count as live)."""
+        host = socket.gethostname()
+        with self._read() as conn:
+            rows = conn.execute(sa.select(runs).where(runs.c.status == "running").order_by(runs.c.id)).all()
+        return [
+            RunRecord(r.id, r.model_id, r.root, r.started, r.finished, r.status,
+                      dict(r.counts or {}), dict(r.timings or {}))
+            for r in rows
+            if r.host != host or r.pid is None or _pid_alive(r.pid)
+        ]
+
     # ----------------------------------------------------------------------------- reading
 
     def load_predictions(self, model_id: int) -> Predictions:

@@ -394,19 +394,28 @@ def sync_snapshot(
     model_id: int | None = None,
     *,
     factory: str = "Flat",
+    reuse_while_indexing: bool = True,
 ) -> Snapshot:
     """The model's snapshot, in step with the catalog: the live one when current, else rebuilt.
 
     Rebuilds (and saves) when the snapshot is missing, damaged, or built from another catalog
     state. Concurrent callers rebuild once: the others wait and then load the result. Where the
     index folder is read-only the snapshot is built in memory instead (with a warning).
+
+    While an index run of this model is in progress its predictions change with every batch;
+    with ``reuse_while_indexing`` a query then gets the last snapshot (consistent, a little
+    behind) instead of paying for a rebuild. The indexer writes a fresh one when it finishes.
     """
     model_id = resolve_model_id(catalog, model_id)
     model = catalog.get_model(model_id)
     folder = model_dir(index_dir, model_id)
-    found = _try_current(folder, catalog, model, catalog.stamp(model_id))
+    found = _try_current(folder, catalog, model, catalog.stamp(model_id), any_stamp=reuse_while_indexing)
     if found is not None:
-        return found
+        if found.stamp == catalog.stamp(model_id):
+            return found
+        if any(run.model_id == model_id for run in catalog.active_runs()):
+            log.info("an index run is in progress: using the snapshot of stamp %d", found.stamp)
+            return found
     with _writer_lock(folder) as locked:
         found = _try_current(folder, catalog, model, catalog.stamp(model_id))  # built while we waited?
         if found is not None:
@@ -431,13 +440,15 @@ def sync_snapshot(
         )
 
 
-def _try_current(folder: Path, catalog: Any, model: Any, stamp: int) -> Snapshot | None:
+def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stamp: bool = False) -> Snapshot | None:
+    """The live snapshot if it is intact and was built from this catalog and model (and, unless
+    ``any_stamp``, from predictions of this ``stamp``)."""
     try:
         snap, manifest = _load(folder)
     except CatalogError as err:
         log.debug("snapshot not usable: %s", err)
         return None
-    return snap if _matches(manifest, catalog, model, stamp) else None
+    return snap if _matches(manifest, catalog, model, manifest.get("stamp") if any_stamp else stamp) else None
 
 
 def load_vectors(snapshot: Snapshot) -> Any:

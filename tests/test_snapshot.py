@@ -102,6 +102,19 @@ def test_sync_rebuilds_when_missing_or_stale_and_reuses_when_current(
     assert "/faces/new.jpg" in newer.paths.tolist()
 
 
+def test_queries_during_an_index_run_reuse_the_last_snapshot(index_dir: Path, catalog: Catalog, model: int) -> None:
+    before = sync_snapshot(catalog, index_dir, model)
+    run = catalog.start_run(model, "/faces")  # this process is the (live) indexer
+    catalog.write_batch(model, rows_for(["/faces/new.jpg"], seed=2))
+    during = sync_snapshot(catalog, index_dir, model)
+    assert during.folder == before.folder and len(during) == 30
+    assert len(sync_snapshot(catalog, index_dir, model, reuse_while_indexing=False)) == 31
+    catalog.write_batch(model, rows_for(["/faces/newer.jpg"], seed=3))
+    catalog.finish_run(run, "finished")
+    after = sync_snapshot(catalog, index_dir, model)
+    assert len(after) == 32 and after.stamp == catalog.stamp(model)
+
+
 def test_sync_rebuilds_for_a_recreated_catalog_with_the_same_stamp(tmp_path: Path, index_dir: Path,
                                                                    catalog: Catalog, model: int) -> None:
     old = sync_snapshot(catalog, index_dir, model)
