@@ -31,6 +31,7 @@ import re
 import signal
 import stat
 import struct
+import threading
 import time
 import warnings
 from collections import deque
@@ -407,15 +408,43 @@ def merge_batches(parts: Sequence[DecodedBatch], size: tuple[int, int]) -> Decod
 # the reader: batches, worker processes, bounded read-ahead
 
 
-def _worker_init() -> None:
+def _worker_init(owner: int) -> None:
     # Ctrl-C is handled by the main process, which stops at a batch boundary; workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_owner, args=(owner,), name="orphan-watch", daemon=True).start()
     try:
         import torch
 
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def _exit_with_owner(owner: int) -> None:
+    """Exit once the indexer process ``owner`` is gone (e.g. killed with kill -9).
+
+    A pool worker would otherwise wait forever: it holds both ends of its task queue, so it never
+    sees end-of-file, and its parent (the fork server) lives as long as any worker does.
+    """
+    while True:
+        time.sleep(0.5)
+        if not _alive(owner):
+            os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid was reused by someone else's process: ours is gone
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): the signal check is all we have
 
 
 class ImageReader:
@@ -465,7 +494,9 @@ class ImageReader:
             # (which may hold torch threads or CUDA state); torch is imported there once.
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(["indexer.reader", "trainer.model"])
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def _decode(self, chunk: Sequence[FileEntry]) -> DecodedBatch:
@@ -523,7 +554,7 @@ class ImageReader:
     def _isolated(self, entry: FileEntry) -> DecodedBatch:
         """Decode one file in a throw-away process so that a crash costs only that file."""
         ctx = mp.get_context("forkserver")
-        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             try:
                 return pool.submit(decode_files, [entry], self.size, self.max_pixels, self.crop, self.gpu_jpeg).result()
             except BrokenProcessPool:

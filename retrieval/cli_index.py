@@ -1,9 +1,176 @@
-"""`facefind` commands: index (placeholder until its issue lands)."""
+"""`facefind` commands about the index: `index` (build or update it) and `info` (what it holds).
+
+Only option parsing and rendering live here; the work is ``indexer.pipeline.index_folder`` and
+``db.catalog.Catalog.info``. torch is imported inside the commands, never at module level.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from db.errors import FacefindError
+from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+
+
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of face images (jpg/jpeg/png/webp/bmp).", show_default=False)],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint from `facefind train`. Default: the model the index was built with.",
+                     show_default=False),
+    ] = None,
+    index_dir: IndexOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass and per transaction.")] = 256,
+    device: DeviceOpt = "auto",
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=0, help="Decoding processes (0: decode in this process). Default: one per CPU core.",
+                     show_default=False),
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also index images in subfolders.")] = False,
+    detect_faces: Annotated[
+        bool, typer.Option("--detect-faces", help="Crop each image to its face before indexing (needs trainer.faces).")
+    ] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-predict every image, not only new and changed ones.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Forget indexed images under FOLDER whose files are gone.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the model over every new or changed image in FOLDER and store probabilities + embeddings."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from indexer.pipeline import index_folder
+
+    crop = _face_cropper() if detect_faces else None
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("index"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=as_json, transient=True,
+    ) as bar:
+        task = bar.add_task("index", total=None, rate="")
+
+        def progress(done: int, total: int) -> None:
+            speed = bar.tasks[task].speed
+            bar.update(task, completed=done, total=total, rate=f"{speed:,.0f} img/s" if speed else "")
+
+        report = index_folder(
+            folder, model_path=model, index_dir=index_dir, batch_size=batch_size, device=device,
+            workers=workers, recursive=recursive, rebuild=rebuild, prune=prune, crop=crop, progress=progress,
+        )
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_report(report)
+    if report.status == "interrupted":
+        typer.echo(f"interrupted: {report.indexed:,} images committed; resume with: {_resume_command()}", err=True)
+        raise typer.Exit(130)
+
+
+def _print_report(report: Any) -> None:
+    from rich.console import Console
+
+    console = Console()
+    t = report.timings
+    console.print(
+        f"[bold]{report.indexed:,}[/bold] indexed, {report.unchanged:,} unchanged, {report.failed:,} failed"
+        + (f", {report.pruned:,} pruned" if report.pruned else "")
+        + (f", {report.labelled:,} with ground-truth labels" if report.labelled else "")
+        + f" in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s on {report.device})"
+    )
+    console.print(
+        f"stages: read+decode {t.get('read_decode', 0):.2f} s, infer {t.get('infer', 0):.2f} s, "
+        f"write {t.get('write', 0):.2f} s (background), snapshot {t.get('snapshot', 0):.2f} s; "
+        f"index: {report.index_dir}"
+    )
+    shown = report.failures[:20]
+    for f in shown:
+        console.print(f"  [red]failed[/red] {f.path!r}: {f.reason}", highlight=False)
+    if len(report.failures) > len(shown):
+        console.print(f"  ... and {len(report.failures) - len(shown):,} more (`--json` lists all)")
+
+
+def _resume_command() -> str:
+    """The command line that was run (minus --rebuild, which would redo committed work)."""
+    args = [a for a in sys.argv[1:] if a != "--rebuild"]
+    return " ".join(["facefind", *(shlex.quote(a) for a in args)])
+
+
+def _face_cropper() -> Any:
+    """The face-detection hook: ``trainer.faces.crop_face`` (RGB array -> face crop or None)."""
+    try:
+        from trainer.faces import crop_face  # type: ignore[import-not-found]
+    except ImportError:
+        raise FacefindError(
+            "--detect-faces is not available in this version (face detection is not built yet): "
+            "index without it, or crop the images first"
+        ) from None
+    return crop_face
+
+
+def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what the index holds: images, models and thresholds, predictions, vectors, labels, failures."""
+    from db.catalog import Catalog
+    from db.paths import default_index_dir
+    from db.snapshot import snapshot_info
+
+    folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+    with Catalog.open(folder, create=False) as catalog:
+        summary = catalog.info()
+        recent_failures = [{"path": f.path, "reason": f.reason} for f in catalog.failures()[:50]]
+    model_id = summary.get("model_id")
+    snap = snapshot_info(folder, model_id) if model_id is not None else {"count": 0, "vectors": 0}
+    summary["vectors"] = int(snap.get("vectors") or 0)
+    summary["snapshot"] = snap
+    summary["index"] = str(folder)
+    summary["failure_list"] = recent_failures
+    if as_json:
+        print_json(summary)
+        return
+    _print_info(summary)
+
+
+def _print_info(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    run = s.get("last_run")
+    size = (s.get("disk_bytes") or 0) + int(s["snapshot"].get("disk_bytes") or 0)
+    console.print(f"[bold]{s['index']}[/bold]  ({size / 1e6:,.1f} MB on disk)")
+    console.print(
+        f"{s['images']:,} images, {s['predictions']:,} predictions and {s['vectors']:,} vectors "
+        f"(model {s['model_id']}), {s['labels']:,} ground-truth labels, {s['failures']:,} failures"
+    )
+    if s["snapshot"].get("problem"):
+        console.print(f"[yellow]snapshot: {s['snapshot']['problem']}[/yellow]")
+    table = Table("id", "arch", "predictions", "attributes", "checkpoint", title="models")
+    for m in s["models"]:
+        table.add_row(str(m["id"]), m["arch"], f"{m['predictions']:,}", str(len(m["attributes"])),
+                      str(m["checkpoint"]))
+    console.print(table)
+    current = next((m for m in s["models"] if m["id"] == s["model_id"]), None)
+    if current is not None:
+        pairs = ", ".join(f"{a} {t:.2f}" for a, t in zip(current["attributes"], current["thresholds"]))
+        console.print(f"thresholds (model {current['id']}): {pairs}", highlight=False)
+    if run:
+        counts = run.get("counts") or {}
+        console.print(
+            f"last run #{run['id']}: {run['status']}, {run['root']}; "
+            + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+            highlight=False,
+        )
+    for f in s["failure_list"][:10]:
+        console.print(f"  [red]failed[/red] {f['path']!r}: {f['reason']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("index")(guard(index))
+    app.command("info")(guard(info))
+

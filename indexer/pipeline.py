@@ -1,0 +1,402 @@
+"""The indexing loop: reader -> runner -> writer, timed per stage, resumable, crash-safe.
+
+``index_folder`` is what ``facefind index`` calls. Exactly-once comes from the catalog: every
+batch is one transaction keyed by path (``Catalog.write_batch``), so a run killed at any moment
+(kill -9 included) loses at most the batches in flight, and the next run skips what was committed
+(same path, size and mtime) and redoes the rest. The snapshot (sidecar arrays + FAISS) is derived
+from the catalog and rebuilt when out of step, so it can never hold rows the catalog lacks.
+Ctrl-C stops at a batch boundary: queued batches are committed, the snapshot is synced, the run is
+marked 'interrupted', and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from db.errors import CatalogError, DatasetError, ModelError
+from db.paths import default_index_dir
+from indexer.reader import (
+    IMAGE_EXTENSIONS,
+    Crop,
+    DecodedBatch,
+    Failure,
+    FileEntry,
+    ImageReader,
+    discover,
+    split_unchanged,
+)
+from indexer.writer import CatalogWriter, WriteJob
+
+if TYPE_CHECKING:
+    import torch
+
+    from db.catalog import Catalog
+    from indexer.runner import Runner
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (files done, files to do)
+T = TypeVar("T")
+
+
+@dataclass
+class IndexReport:
+    """What one ``index_folder`` call did. ``timings`` are seconds per stage.
+
+    read_decode and infer are time on the critical path (waiting for decoded batches, running the
+    model); write is the writer thread's commit time, which overlaps them.
+    """
+
+    folder: str
+    index_dir: str
+    model_id: int
+    run_id: int
+    status: str  # finished | interrupted
+    indexed: int
+    unchanged: int
+    failed: int
+    failures: list[Failure]
+    pruned: int
+    labelled: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``facefind index --json`` prints."""
+        return {
+            "indexed": self.indexed,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+            "pruned": self.pruned,
+            "labelled": self.labelled,
+            "status": self.status,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "model_id": self.model_id,
+            "run_id": self.run_id,
+            "index": self.index_dir,
+            "folder": self.folder,
+            "device": self.device,
+        }
+
+
+def index_folder(
+    folder: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int | None = None,
+    recursive: bool = False,
+    rebuild: bool = False,
+    prune: bool = False,
+    crop: Crop | None = None,
+    progress: Progress | None = None,
+) -> IndexReport:
+    """Index the images of ``folder`` into the index at ``index_dir`` with one model.
+
+    ``model_path`` defaults to the model the index was last built with. Files already indexed by
+    this model with the same size and mtime are skipped unless ``rebuild``; ``prune`` forgets
+    catalogued files under ``folder`` that no longer exist. Ground-truth labels are stored when
+    CelebA annotation files sit in or above ``folder``. Raises DatasetError (missing, unreadable
+    or empty folder), ModelError (no or bad model), CatalogError (index not writable).
+    """
+    from trainer.device import describe_device, resolve_device
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if batch_size < 1:
+        raise DatasetError(f"--batch-size must be at least 1, got {batch_size}")
+    found = discover(folder, recursive)
+    root = Path(folder).expanduser().resolve()
+    if not found.files and not found.failures:
+        raise DatasetError(_empty_message(root, recursive))
+    timings["discover"] = time.perf_counter() - start
+
+    dev = resolve_device(device)
+    index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
+    catalog, runner, model_id = _open(index_dir, model_path, dev)
+    try:
+        t = time.perf_counter()
+        known = {} if rebuild else catalog.known_files(model_id)
+        todo, unchanged = split_unchanged(found.files, known)
+        pruned = _prune(catalog, root) if prune else 0
+        label_names, labels = _ground_truth(root, found.files)
+        timings["plan"] = time.perf_counter() - t
+        log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
+                 len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
+
+        run_id = catalog.start_run(model_id, root)
+        writer = CatalogWriter(catalog, model_id, labels, label_names)
+        failures: list[Failure] = list(found.failures)
+        completed, ended = False, "failed"
+        try:
+            if found.failures:
+                writer.put(WriteJob([], [], np.zeros((0, 0)), np.zeros((0, 0)), found.failures))
+            status = _run(todo, runner, writer, dev, batch_size, workers, crop, failures, timings, progress)
+            writer.close()  # commits what is queued, also after Ctrl-C
+            timings["write"] = writer.seconds
+            t = time.perf_counter()
+            _sync(catalog, index_dir, model_id)
+            timings["snapshot"] = time.perf_counter() - t
+            completed = True
+        except KeyboardInterrupt:  # a second Ctrl-C, while committing or saving the snapshot
+            ended = "interrupted"
+            raise
+        finally:
+            if not completed:
+                writer.abandon()
+                _finish_quietly(catalog, run_id, ended)
+        seconds = time.perf_counter() - start
+        timings["total"] = seconds
+        report = IndexReport(
+            folder=str(root), index_dir=str(index_dir), model_id=model_id, run_id=run_id, status=status,
+            indexed=writer.written, unchanged=unchanged, failed=len(failures), failures=failures,
+            pruned=pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
+            device=describe_device(dev),
+        )
+        catalog.finish_run(run_id, status, _counts(report), timings)
+        return report
+    finally:
+        catalog.close()
+
+
+def _run(
+    todo: list[FileEntry],
+    runner: Runner,
+    writer: CatalogWriter,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    crop: Crop | None,
+    failures: list[Failure],
+    timings: dict[str, float],
+    progress: Progress | None,
+) -> str:
+    """Drive reader -> runner -> writer over ``todo``; 'finished', or 'interrupted' on Ctrl-C."""
+    on_gpu = device.type == "cuda"
+    timings.setdefault("read_decode", 0.0)
+    timings.setdefault("infer", 0.0)
+    done = 0
+    if progress is not None:
+        progress(0, len(todo))
+    with ImageReader(runner.img_size, batch_size, workers, crop=crop, gpu_jpeg=on_gpu) as reader:
+        batches: Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]
+        if on_gpu:
+            batches = _device_batches(reader.batches(todo), runner.img_size, device)
+        else:
+            batches = ((b.entries, b.pixels, b.sizes, b.failures) for b in reader.batches(todo))
+        try:
+            while True:
+                t = time.perf_counter()
+                item = next(batches, None)
+                timings["read_decode"] += time.perf_counter() - t
+                if item is None:
+                    return "finished"
+                entries, pixels, sizes, bad = item
+                t = time.perf_counter()
+                probs, emb = runner(pixels)
+                timings["infer"] += time.perf_counter() - t
+                writer.put(WriteJob(entries, sizes, probs, emb, bad))
+                failures.extend(bad)
+                done += len(entries) + len(bad)
+                if progress is not None:
+                    progress(done, len(todo))
+        except KeyboardInterrupt:
+            log.warning("interrupted: committing the batches already processed (%d files)", done)
+            return "interrupted"
+
+
+def _device_batches(
+    batches: Iterable[DecodedBatch], size: tuple[int, int], device: torch.device
+) -> Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]:
+    """nvJPEG-decode each batch in a producer thread on its own CUDA stream, one batch ahead.
+
+    Decoding and the forward pass then overlap on the GPU (they compete for the same
+    multiprocessors, but neither waits for the other to be issued).
+    """
+    import torch
+
+    from indexer.reader import decode_on_device
+
+    stream = torch.cuda.Stream(device)
+
+    def decode(batch: DecodedBatch) -> tuple[Any, ...]:
+        with torch.cuda.stream(stream):
+            entries, pixels, sizes, extra = decode_on_device(batch, size, device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return entries, pixels, sizes, batch.failures + extra, ready
+
+    main = torch.cuda.current_stream(device)
+    for entries, pixels, sizes, bad, ready in _threaded(map(decode, batches), depth=2):
+        main.wait_event(ready)
+        pixels.record_stream(main)  # its memory belongs to the side stream's allocator pool
+        yield entries, pixels, sizes, bad
+
+
+def _threaded(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, up to ``depth`` ahead; errors re-raised here."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", err))
+
+    thread = threading.Thread(target=produce, name="facefind-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def _open(index_dir: Path, model_path: str | os.PathLike[str] | None, device: torch.device) -> tuple[Catalog, Runner, int]:
+    """Open the catalog and the model; register the model (its sha256 identifies it)."""
+    from db.catalog import Catalog
+    from indexer.runner import Runner
+    from trainer.checkpoint import file_sha256, load_model
+
+    if model_path is None:
+        try:
+            with Catalog.open(index_dir, create=False) as catalog:
+                latest = catalog.latest_model()
+        except CatalogError:
+            latest = None
+        if latest is None or not latest.checkpoint:
+            raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
+                             "(a checkpoint from `facefind train`)")
+        if not Path(latest.checkpoint).is_file():
+            raise ModelError(f"the index was built with {latest.checkpoint}, which no longer exists: "
+                             "pass --model PATH")
+        model_path = latest.checkpoint
+    model, meta = load_model(Path(model_path), device)  # before the catalog: a bad model creates no index
+    sha256 = file_sha256(Path(model_path))
+    catalog = Catalog.open(index_dir)
+    try:
+        model_id = catalog.register_model(
+            sha256, meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim, str(model_path),
+            _model_meta(meta),
+        )
+    except BaseException:
+        catalog.close()
+        raise
+    log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
+             len(meta.attributes), *meta.img_size)
+    return catalog, Runner(model, meta, device), model_id
+
+
+def _model_meta(meta: Any) -> dict[str, Any]:
+    """The checkpoint meta worth keeping in the catalog (no per-epoch training history)."""
+    keep = ("arch", "img_size", "mean", "std", "embedding_dim", "pretrained", "epoch", "best_epoch",
+            "val_metrics", "test_metrics", "versions", "created")
+    data = meta.to_dict()
+    return {k: data[k] for k in keep if k in data}
+
+
+def _prune(catalog: Catalog, root: Path) -> int:
+    """Forget catalogued images (and recorded failures) under ``root`` whose files are gone."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    gone = [p for p in catalog.image_paths(under=root) if not os.path.exists(p)]
+    gone += [f.path for f in catalog.failures() if f.path.startswith(prefix) and not os.path.lexists(f.path)]
+    removed = catalog.prune(gone)
+    if removed:
+        log.info("pruned %d images whose files are gone", removed)
+    return removed
+
+
+def _ground_truth(root: Path, files: list[FileEntry]) -> tuple[list[str] | None, dict[str, np.ndarray]]:
+    """CelebA annotations kept in or above ``root``, as ``(attribute names, {path: 0/1 labels})``.
+
+    Only files directly in the annotated image folder get labels (CelebA names are not unique
+    across folders). A malformed annotation file is logged and ignored: it must not stop indexing.
+    """
+    from trainer.celeba import locate, read_attributes
+
+    try:
+        loc = locate(root)
+        ann = read_attributes(loc.attr_file)
+    except DatasetError as err:
+        if "no annotation file" not in str(err):
+            log.warning("ground-truth labels not stored: %s", err)
+        return None, {}
+    row = {name: i for i, name in enumerate(ann.names)}
+    image_dir = str(loc.image_dir)
+    labels = {}
+    for f in files:
+        parent, name = os.path.split(f.path)
+        i = row.get(name)
+        if i is not None and parent == image_dir:
+            labels[f.path] = ann.labels[i]
+    if labels:
+        log.info("ground truth: %d images annotated in %s", len(labels), loc.attr_file)
+    return ann.attributes, labels
+
+
+def _empty_message(root: Path, recursive: bool) -> str:
+    exts = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    message = f"no images ({exts}) in {root}"
+    if not recursive and any(entry.is_dir() for entry in os.scandir(root)):
+        message += ": add --recursive to look in its subfolders"
+    else:
+        message += ": give the folder that holds the images"
+    return message
+
+
+def _counts(report: IndexReport) -> dict[str, int]:
+    return {"indexed": report.indexed, "unchanged": report.unchanged, "failed": report.failed,
+            "pruned": report.pruned}
+
+
+def _finish_quietly(catalog: Catalog, run_id: int, status: str) -> None:
+    """Close a run as ``status`` while an error propagates; never mask that error."""
+    try:
+        catalog.finish_run(run_id, status)
+    except Exception:  # noqa: BLE001
+        log.debug("could not mark run %d failed", run_id, exc_info=True)
+
+
+def _sync(catalog: Catalog, index_dir: Path, model_id: int) -> Any:
+    """Bring the sidecar files and the FAISS file of ``model_id`` in step with the catalog.
+
+    Both are rebuilt when missing, damaged or stale, so a run that indexes nothing still repairs them.
+    """
+    from db.snapshot import load_vectors, sync_snapshot
+
+    snap = sync_snapshot(catalog, index_dir, model_id, reuse_while_indexing=False)  # our run is 'running'
+    load_vectors(snap)
+    return snap

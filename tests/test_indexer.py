@@ -1,0 +1,400 @@
+"""The indexer end to end: counts, idempotence, changes, bad files, models, labels, crashes.
+
+A freshly initialised mobilenet_v3_small at 64 px stands in for a trained model (indexing does not
+care what the weights learned) and ``trainer.synth`` supplies a CelebA-format folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_reader import build_corpus  # noqa: E402
+
+N_FACES = 160
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(path: Path, seed: int, attributes: list[str]) -> Path:
+    import torch
+
+    from trainer.checkpoint import CheckpointMeta, save_checkpoint
+    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+
+    torch.manual_seed(seed)
+    model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=32)
+    meta = CheckpointMeta(
+        arch="mobilenet_v3_small", attributes=attributes, img_size=(64, 64), mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, embedding_dim=32, dropout=0.3, thresholds=[0.5] * len(attributes),
+    )
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CelebA root (original layout) with N_FACES images."""
+    from trainer.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "celeba"
+    synthesize(root, n=N_FACES, seed=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def attributes(dataset: Path) -> list[str]:
+    from trainer.celeba import read_attributes
+
+    return read_attributes(dataset / "list_attr_celeba.txt").attributes
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str]) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("model") / "model.pt", 0, attributes)
+
+
+@pytest.fixture
+def faces(dataset: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic image folder (annotations included) that a test may change."""
+    root = tmp_path / "celeba"
+    shutil.copytree(dataset, root)
+    return root / "img_align_celeba"
+
+
+def invoke(*args: str | Path) -> dict:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def index(folder: Path, index_dir: Path, *extra: str | Path) -> dict:
+    return invoke("index", folder, "--index", index_dir, "--workers", "0", "--device", "cpu", "--json", *extra)
+
+
+def info(index_dir: Path) -> dict:
+    return invoke("info", "--index", index_dir, "--json")
+
+
+def test_index_is_incremental_and_info_agrees(faces: Path, model: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "index"
+    first = index(faces, idx, "--model", model, "--batch-size", "64")
+    assert (first["indexed"], first["unchanged"], first["failed"]) == (N_FACES, 0, 0)
+    assert first["labelled"] == N_FACES  # list_attr_celeba.txt sits above the image folder
+    assert first["images_per_second"] > 0 and set(first["timings"]) >= {"read_decode", "infer", "write"}
+    summary = info(idx)
+    assert (summary["images"], summary["predictions"], summary["vectors"], summary["labels"]) == (N_FACES,) * 4
+    assert summary["failures"] == 0 and len(summary["models"]) == 1
+    assert summary["models"][0]["thresholds"] == [0.5] * 40
+
+    again = index(faces, idx)  # no --model: the model the index was built with
+    assert (again["indexed"], again["unchanged"]) == (0, N_FACES)
+
+    # A modified file (new bytes, new mtime) and an added one are indexed; nothing else is.
+    changed = faces / "000003.jpg"
+    changed.write_bytes((faces / "000004.jpg").read_bytes())
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    shutil.copy(faces / "000001.jpg", faces / "extra face.jpg")
+    third = index(faces, idx)
+    assert (third["indexed"], third["unchanged"]) == (2, N_FACES - 1)
+    assert third["labelled"] == 1  # the changed one is annotated, the new one is not
+
+    # A vanished file stays until --prune.
+    (faces / "000010.jpg").unlink()
+    assert index(faces, idx)["unchanged"] == N_FACES
+    pruned = index(faces, idx, "--prune")
+    assert pruned["pruned"] == 1
+    summary = info(idx)
+    assert (summary["images"], summary["predictions"], summary["vectors"]) == (N_FACES,) * 3
+    assert summary["last_run"]["status"] == "finished"
+
+
+def test_worker_processes_give_the_same_predictions(faces: Path, model: Path, tmp_path: Path) -> None:
+    from db.catalog import Catalog
+
+    index(faces, tmp_path / "a", "--model", model, "--batch-size", "50")
+    out = invoke("index", faces, "--index", tmp_path / "b", "--model", model, "--device", "cpu",
+                 "--workers", "2", "--batch-size", "50", "--json")
+    assert out["indexed"] == N_FACES
+    with Catalog.open(tmp_path / "a") as a, Catalog.open(tmp_path / "b") as b:
+        pa, pb = a.load_predictions(1), b.load_predictions(1)
+    assert pa.paths == pb.paths
+    np.testing.assert_allclose(pa.probs, pb.probs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(pa.emb, axis=1), 1.0, atol=1e-4)  # stored L2-normalised
+
+
+def test_bad_files_are_indexed_or_listed(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.pipeline
+
+    folder = tmp_path / "corpus"
+    expect = build_corpus(folder)
+    (folder / "vanishing.jpg").write_bytes((folder / "with space.jpg").read_bytes())
+    expect["vanishing.jpg"] = "file vanished"
+    real_discover = indexer.pipeline.discover
+
+    def discover_then_delete(*args: object, **kwargs: object) -> object:
+        found = real_discover(*args, **kwargs)
+        (folder / "vanishing.jpg").unlink()  # gone between discovery and reading
+        return found
+
+    monkeypatch.setattr(indexer.pipeline, "discover", discover_then_delete)
+    out = index(folder, tmp_path / "index", "--model", model, "--batch-size", "8")
+    reasons = {Path(f["path"]).name: f["reason"] for f in out["failures"]}
+    assert out["failed"] == len(out["failures"]) == len(reasons)
+    assert out["indexed"] + out["failed"] == len(expect)
+    assert reasons == {name: r for name, r in expect.items() if r is not None}
+    summary = info(tmp_path / "index")
+    assert summary["images"] == summary["predictions"] == out["indexed"]
+    assert summary["failures"] == out["failed"]
+    monkeypatch.undo()
+
+    # Fixing a broken file clears its failure on the next run.
+    (folder / "empty.jpg").write_bytes((folder / "with space.jpg").read_bytes())
+    again = index(folder, tmp_path / "index")
+    assert again["indexed"] == 1 and "empty.jpg" not in {Path(f["path"]).name for f in again["failures"]}
+    assert info(tmp_path / "index")["failures"] == out["failed"] - 1  # empty.jpg's failure is cleared
+    index(folder, tmp_path / "index", "--prune")
+    assert info(tmp_path / "index")["failures"] == out["failed"] - 2  # and vanishing.jpg's is pruned
+
+
+def test_user_errors_are_one_line(model: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "sub").mkdir(parents=True)
+    (tmp_path / "nested" / "sub" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.jpg").write_bytes(b"x")
+    cases = [
+        (["index", tmp_path / "missing", "--model", model], "no such folder"),
+        (["index", tmp_path / "empty", "--model", model], "no images"),
+        (["index", tmp_path / "nested", "--model", model], "--recursive"),
+        (["index", tmp_path / "pics"], "pass --model"),
+        (["index", tmp_path / "pics", "--model", tmp_path / "nope.pt"], "no checkpoint"),
+        (["info"], "no index"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, [str(a) for a in [*args, "--index", tmp_path / "idx"]])
+        assert result.exit_code == 1, (args, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("error: ") and message in lines[-1], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_new_model_adds_predictions_and_rebuild(
+    faces: Path, model: Path, attributes: list[str], tmp_path: Path
+) -> None:
+    idx = tmp_path / "index"
+    index(faces, idx, "--model", model)
+    other = _checkpoint(tmp_path / "other.pt", 1, attributes)
+    second = index(faces, idx, "--model", other)
+    assert second["indexed"] == N_FACES and second["model_id"] == 2
+    summary = info(idx)
+    assert [m["predictions"] for m in summary["models"]] == [N_FACES, N_FACES]
+    assert summary["model_id"] == 2 and summary["images"] == N_FACES
+    assert index(faces, idx)["model_id"] == 2  # default: the newest model
+    rebuilt = index(faces, idx, "--model", model, "--rebuild")
+    assert (rebuilt["indexed"], rebuilt["unchanged"], rebuilt["model_id"]) == (N_FACES, 0, 1)
+
+
+def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: Path) -> None:
+    import faiss
+
+    from db.snapshot import load_snapshot
+    from db.vectors import index_ids
+
+    idx = tmp_path / "index"
+    index(faces, idx, "--model", model)
+    snap = load_snapshot(idx, 1)
+    vectors = snap.folder / "vectors.faiss"
+    vectors.unlink()
+    assert info(idx)["vectors"] == 0  # info reports the loss
+    assert index(faces, idx)["indexed"] == 0
+    rebuilt = faiss.read_index(str(load_snapshot(idx, 1).folder / "vectors.faiss"))
+    assert rebuilt.ntotal == N_FACES
+    np.testing.assert_array_equal(index_ids(rebuilt), load_snapshot(idx, 1).ids)
+    assert info(idx)["vectors"] == N_FACES
+
+
+def test_writer_commits_in_order_and_surfaces_errors() -> None:
+    from db.errors import CatalogError
+    from indexer.reader import Failure, FileEntry
+    from indexer.writer import CatalogWriter, WriteJob
+
+    class FakeCatalog:
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+            self.failures: list[tuple[str, str]] = []
+
+        def write_batch(self, model_id: int, rows: list, label_names: object = None) -> None:
+            time.sleep(0.01)  # slower than the producer: the queue must keep the order
+            if rows[0].path == "/bad":
+                raise CatalogError("disk full")
+            self.batches.append([r.path for r in rows])
+
+        def record_failures(self, items: object) -> None:
+            self.failures.extend(items)  # type: ignore[arg-type]
+
+    def job(*paths: str, failed: tuple[str, ...] = ()) -> WriteJob:
+        entries = [FileEntry(p, 1, 1.0) for p in paths]
+        return WriteJob(entries, [(1, 1)] * len(paths), np.zeros((len(paths), 2)), np.zeros((len(paths), 3)),
+                        [Failure(f, "empty file") for f in failed])
+
+    fake = FakeCatalog()
+    writer = CatalogWriter(fake, 1)  # type: ignore[arg-type]
+    for i in range(6):
+        writer.put(job(f"/{i}a", f"/{i}b", failed=(f"/{i}x",)))
+    writer.close()
+    assert fake.batches == [[f"/{i}a", f"/{i}b"] for i in range(6)]
+    assert [p for p, _ in fake.failures] == [f"/{i}x" for i in range(6)]
+    assert (writer.written, writer.failed) == (12, 6)
+
+    writer = CatalogWriter(fake, 1)  # type: ignore[arg-type]
+    writer.put(job("/bad"))
+    with pytest.raises(CatalogError, match="disk full"):
+        for _ in range(5):
+            writer.put(job("/later"))
+        writer.close()
+    assert ["/later"] not in fake.batches  # nothing is committed after a failed batch
+
+
+def test_runner_outputs_probabilities_and_unit_embeddings(model: Path) -> None:
+    import torch
+
+    from indexer.runner import load_runner
+
+    runner = load_runner(model, torch.device("cpu"))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 80, 70), dtype=np.uint8)  # resized by preprocess
+    probs, emb = runner(pixels)
+    assert probs.shape == (5, 40) and emb.shape == (5, 32)
+    assert probs.dtype == emb.dtype == np.float32
+    assert ((probs > 0) & (probs < 1)).all()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    probs_t, _ = runner(torch.from_numpy(pixels[:2]))
+    np.testing.assert_allclose(probs_t, probs[:2], atol=1e-5)  # batch composition does not matter
+    empty = runner(np.zeros((0, 3, 64, 64), np.uint8))
+    assert empty[0].shape == (0, 40) and empty[1].shape == (0, 32)
+
+
+# ----------------------------------------------------------------------------------------- crashes
+
+
+def _count(db: Path, sql: str) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=10) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0
+
+
+def _start(folder: Path, idx: Path, model: Path | None, env: dict[str, str], log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(idx),
+            "--device", "cpu", "--workers", "1", "--batch-size", "16"]
+    if model is not None:
+        args += ["--model", str(model)]
+    # Output to a file: after a kill -9 the decoder processes may still hold a pipe open.
+    with open(log, "w") as err:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes (not zombies) still in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _stop_when(proc: subprocess.Popen, db: Path, at_least: int, sig: int, log: Path) -> tuple[int, str]:
+    """Send ``sig`` once ``at_least`` predictions are committed; return (exit code, stderr)."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _count(db, "SELECT count(*) FROM predictions") >= at_least:
+            os.kill(proc.pid, sig)
+            break
+        time.sleep(0.01)
+    try:
+        proc.wait(timeout=120)
+        # The decoder processes notice their parent is gone and exit on their own.
+        deadline = time.monotonic() + 15
+        while _live_group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _live_group_members(proc.pid), "decoder processes outlived the indexer"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path) -> None:
+    """Ctrl-C, kill -9 mid-run and kill -9 right after the last commit: the end state is exact."""
+    from db.catalog import Catalog
+    from db.snapshot import load_snapshot
+    from db.vectors import index_ids, load_index
+    from trainer.synth import synthesize
+
+    n = 480
+    synthesize(tmp_path / "celeba", n=n, seed=3)
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    idx = tmp_path / "index"
+    db = idx / "catalog.db"
+    env = {**os.environ, "FACEFIND_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+
+    log = tmp_path / "stderr.txt"
+    rc, err = _stop_when(_start(folder, idx, model, env, log), db, 32, signal.SIGINT, log)
+    assert rc == 130, err
+    assert "resume with: facefind index" in err and "Traceback" not in err
+    with Catalog.open(idx) as catalog:
+        committed = catalog.info()["predictions"]
+        assert 32 <= committed < n
+        assert catalog.runs()[0].status == "interrupted"
+        assert len(load_snapshot(idx, 1)) == committed  # the snapshot was synced on the way out
+
+    rc, _ = _stop_when(_start(folder, idx, None, env, log), db, committed + 48, signal.SIGKILL, log)
+    assert rc == -signal.SIGKILL
+    # Right after the last commit: during the snapshot / FAISS save or the run's bookkeeping.
+    rc, _ = _stop_when(_start(folder, idx, None, env, log), db, n, signal.SIGKILL, log)
+    assert rc in (-signal.SIGKILL, 0)
+
+    rc, err = _stop_when(_start(folder, idx, None, env, log), db, n + 1, signal.SIGKILL, log)
+    assert rc == 0, err
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone() == (n, n)
+        assert conn.execute("SELECT count(*) FROM predictions WHERE model_id = 1").fetchone() == (n,)
+        assert conn.execute("SELECT count(*) FROM labels").fetchone() == (n,)
+        assert conn.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone() == (0,)
+    with Catalog.open(idx) as catalog:
+        preds = catalog.load_predictions(1)
+        stamp = catalog.stamp(1)
+    snap = load_snapshot(idx, 1)
+    assert snap.stamp == stamp
+    np.testing.assert_array_equal(snap.ids, preds.ids)
+    assert list(snap.paths) == preds.paths
+    np.testing.assert_allclose(snap.probs.T, preds.probs, atol=1e-6)
+    vectors = load_index(snap.folder / "vectors.faiss")
+    assert vectors.ntotal == n
+    np.testing.assert_array_equal(np.sort(index_ids(vectors)), preds.ids)
+
