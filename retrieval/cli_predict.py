@@ -1,0 +1,231 @@
+"""`facefind predict`: the attributes of one-off images (the study's ``predict()``), as a table,
+JSON or a gallery page showing each image with its face box beside its attributes.
+
+Also the shared pieces that turn an image file into model input for ``query --like`` and
+``similar``: the reader's robust decoder (``load_image``) and the index's own checkpoint
+(``index_checkpoint``). torch and cv2 are imported only inside the commands.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Sequence
+
+import typer
+
+from db.errors import CatalogError, ImageError, ModelError
+from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from db.catalog import ModelRecord
+    from trainer.predict import Prediction, Predictor
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL = 220  # gallery thumbnail size, pixels
+
+
+# ---------------------------------------------------------------------------------------- library
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode one image file with the indexer's reader (EXIF, CMYK, alpha, 16-bit, bombs handled)
+    to RGB uint8 (H, W, 3), so one-off images get the same pixels as indexed ones."""
+    from indexer.reader import Unreadable, load_rgb
+
+    try:
+        return load_rgb(path)
+    except Unreadable as err:
+        raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+    """A ``Predictor`` for ``model_path`` that decodes with ``load_image``."""
+    from trainer.predict import Predictor
+
+    return Predictor(model_path, device, decode=load_image)
+
+
+def default_model_path(index_dir: Path | None = None) -> Path:
+    """The model to predict with when none is given: the newest one in the index, else the newest
+    checkpoint in the models folder; ModelError saying what to do when there is neither."""
+    from db.catalog import Catalog
+    from db.paths import default_index_dir, default_models_dir
+
+    index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+    try:
+        with Catalog.open(index_dir, create=False) as catalog:
+            latest = catalog.latest_model()
+    except CatalogError:
+        latest = None
+    if latest is not None and latest.checkpoint:
+        if Path(latest.checkpoint).is_file():
+            return Path(latest.checkpoint)
+        log.warning("the index's model %s no longer exists; looking in %s", latest.checkpoint,
+                    default_models_dir())
+    folder = default_models_dir()
+    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")
+             and not p.name.endswith(".state.pt")] if folder.is_dir() else []
+    if found:
+        return max(found, key=lambda p: (p.stat().st_mtime, p.name))
+    raise ModelError(f"no model to predict with (none in the index at {index_dir} nor in {folder}): "
+                     "pass --model PATH, or train one with `facefind train DATA`")
+
+
+def index_checkpoint(model: ModelRecord) -> Path:
+    """The checkpoint file an index was built with, checked to be that very file (sha256), so an
+    image is embedded exactly like the indexed ones. ModelError when it is gone or has changed."""
+    from trainer.checkpoint import file_sha256
+
+    if not model.checkpoint:
+        raise ModelError(f"the index does not record where model {model.id} ({model.arch}) is stored: "
+                         "re-index with `facefind index FOLDER --model PATH`")
+    path = Path(model.checkpoint)
+    if not path.is_file():
+        raise ModelError(f"the index was built with {path}, which no longer exists: restore it, or "
+                         "re-index with `facefind index FOLDER --model PATH`")
+    if file_sha256(path) != model.sha256:
+        raise ModelError(f"{path} has changed since the index was built with it (its contents differ): "
+                         "restore the original, or re-index with `facefind index FOLDER --model "
+                         f"{path} --rebuild`")
+    return path
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _print_table(preds: Sequence[Prediction], thresholds: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for p in preds:
+        where = (f"face at x={p.face_box[0]} y={p.face_box[1]} {p.face_box[2]}x{p.face_box[3]}"
+                 if p.face_box is not None else "whole image")
+        table = Table("attribute", "probability", "threshold", "present",
+                      title=f"{p.path} ({where}): {len(p.present)} present", title_justify="left")
+        present = set(p.present)
+        for name, prob in sorted(p.probabilities.items(), key=lambda kv: (-kv[1], kv[0])):
+            on = name in present
+            style = "bold green" if on else "dim"
+            table.add_row(name, f"{prob:.3f}", f"{thresholds[name]:.2f}", "yes" if on else "",
+                          style=style)
+        console.print(table)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
+h1{font-size:1.3rem;margin:0 0 1rem}
+.row{display:flex;gap:16px;background:#fff;border:1px solid #ddd;border-radius:8px;padding:10px;
+margin-bottom:12px;align-items:flex-start}
+.pic{position:relative;width:var(--t);flex:none}
+.pic img{width:100%;display:block;border-radius:4px}
+.box{position:absolute;border:2px solid #e8590c;box-sizing:border-box}
+.missing{height:var(--t);display:flex;align-items:center;justify-content:center;background:#eee;color:#888}
+.path{font-weight:600;word-break:break-all;margin-bottom:.4rem}
+.chip{display:inline-block;margin:1px;padding:1px 6px;border-radius:10px;background:#eee;color:#666;
+font-size:12px}
+.chip.on{background:#1f6feb;color:#fff}
+"""
+
+
+def render_predictions(preds: Sequence[Prediction], *, title: str = "facefind predict") -> str:
+    """One self-contained HTML page: each image (face box drawn over it) beside its attributes,
+    present ones highlighted, all sorted by probability."""
+    from retrieval.gallery import thumbnail_data_uri
+
+    rows = []
+    for p in preds:
+        uri = thumbnail_data_uri(p.path, THUMBNAIL)
+        if uri is None:
+            picture = f'<div class="missing">cannot show {html.escape(Path(p.path).name)}</div>'
+        else:
+            picture = f'<img src="{uri}" alt="{html.escape(Path(p.path).name)}">'
+            if p.face_box is not None:
+                (x, y, w, h), (iw, ih) = p.face_box, p.image_size
+                picture += (f'<div class="box" style="left:{100 * x / iw:.2f}%;top:{100 * y / ih:.2f}%;'
+                            f'width:{100 * w / iw:.2f}%;height:{100 * h / ih:.2f}%"></div>')
+        present = set(p.present)
+        chips = "".join(
+            f'<span class="chip{" on" if name in present else ""}">{html.escape(f"{name} {prob:.2f}")}</span>'
+            for name, prob in sorted(p.probabilities.items(), key=lambda kv: _order(kv, present))
+        )
+        note = "face detected" if p.face_box is not None else "whole image"
+        rows.append(f'<div class="row"><div class="pic">{picture}</div><div>'
+                    f'<div class="path">{html.escape(p.path)}</div>'
+                    f'<p>{len(p.present)} attributes present · {note}</p>{chips}</div></div>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+            f"<body style=\"--t:{THUMBNAIL}px\"><h1>{html.escape(title)}</h1>\n"
+            + "\n".join(rows) + "\n</body></html>\n")
+
+
+def _order(item: tuple[str, float], present: set[str]) -> tuple[bool, float, str]:
+    """Sort key: present attributes first, then by probability descending, then by name."""
+    return (item[0] not in present, -item[1], item[0])
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and a rename (no half-written page)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------- command
+
+DetectFaceOpt = Annotated[
+    bool | None,
+    typer.Option("--detect-face/--no-detect-face",
+                 help="Crop to the largest face (OpenCV Haar cascade) before predicting. "
+                      "Default: only for images that do not look like aligned 178x218 crops.",
+                 show_default=False),
+]
+
+
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint from `facefind train`. Default: the index's model, "
+                     "else the newest in ~/.facefind/models.", show_default=False),
+    ] = None,
+    as_json: JsonOpt = False,
+    detect_face: DetectFaceOpt = None,
+    gallery: Annotated[
+        Path | None,
+        typer.Option("--gallery", help="Also write an HTML page of the images (face box drawn) and their attributes.",
+                     show_default=False),
+    ] = None,
+    index_dir: IndexOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Predict the 40 attributes of each IMAGE; present ones (at the model's thresholds) are highlighted."""
+    model_path = model if model is not None else default_model_path(index_dir)
+    predictor = open_predictor(model_path, device)
+    preds = predictor.predict([str(p) for p in images], detect_face)
+    if gallery is not None:
+        write_text_atomic(gallery, render_predictions(preds, title=f"facefind predict · {model_path.name}"))
+        typer.echo(f"gallery: {gallery}", err=True)
+    if as_json:
+        print_json([p.to_dict() for p in preds])
+    else:
+        _print_table(preds, dict(zip(predictor.attributes, predictor.thresholds.tolist())))
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""
+    app.command("predict", help="Predict the attributes of face images (aligned crops or photos).")(guard(predict))

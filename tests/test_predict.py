@@ -1,0 +1,265 @@
+"""``trainer.predict`` and ``facefind predict``: probabilities, present attributes, embeddings,
+face boxes, the JSON schema, the gallery page, the default model and one-line errors.
+
+A freshly initialised mobilenet_v3_small at 64 px stands in for a trained model; its BatchNorm
+statistics are set from a batch of synthetic faces and its thresholds at the per-attribute
+median, so different images get clearly different embeddings and about half of them show each
+attribute (a raw fresh network gives every image nearly the same output).
+"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
+N_FACES = 24
+
+
+def make_checkpoint(path: Path, attributes: Sequence[str], images: Sequence[Path], seed: int = 0) -> Path:
+    """Save a fresh mobilenet_v3_small (64 px, 32-d embedding) with BatchNorm statistics and
+    median thresholds taken from ``images``."""
+    import torch
+    from torch import nn
+
+    from trainer.checkpoint import CheckpointMeta, save_checkpoint
+    from trainer.data import load_images
+    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
+
+    torch.manual_seed(seed)
+    model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=32)
+    meta = CheckpointMeta(
+        arch="mobilenet_v3_small", attributes=list(attributes), img_size=(64, 64), mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, embedding_dim=32, dropout=0.3, thresholds=[0.5] * len(attributes),
+    )
+    x = preprocess(load_images(list(images), (64, 64)), meta)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # running stats = this batch's stats
+    with torch.no_grad():
+        model.train()
+        model(x)
+        model.eval()
+        probs = torch.sigmoid(model(x)[0]).numpy()
+    meta.thresholds = [float(t) for t in np.median(probs, axis=0)]
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CelebA root (original layout)."""
+    from trainer.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "celeba"
+    synthesize(root, n=N_FACES, seed=11)
+    return root
+
+
+@pytest.fixture(scope="module")
+def attributes(faces: Path) -> list[str]:
+    from trainer.celeba import read_attributes
+
+    return read_attributes(faces / "list_attr_celeba.txt").attributes
+
+
+@pytest.fixture(scope="module")
+def images(faces: Path) -> list[Path]:
+    return sorted((faces / "img_align_celeba").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str], images: list[Path]) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", attributes, images)
+
+
+@pytest.fixture(scope="module")
+def predictor(model: Path):
+    from retrieval.cli_predict import open_predictor
+
+    return open_predictor(model, "cpu")
+
+
+def invoke(*args: str | Path, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+class _Checker(html.parser.HTMLParser):
+    """Fails on unbalanced tags; collects the text and the style of positioned boxes."""
+
+    VOID = {"meta", "img", "br", "link", "input", "hr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.text: list[str] = []
+        self.boxes: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images += 1
+            assert (a.get("src") or "").startswith("data:image/jpeg;base64,")
+        if a.get("class") == "box":
+            self.boxes.append(a.get("style") or "")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def check_page(path: Path) -> _Checker:
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    checker = _Checker()
+    checker.feed(page)
+    checker.close()
+    assert checker.stack == [], f"unclosed tags {checker.stack}"
+    return checker
+
+
+# -- the library ------------------------------------------------------------------------------
+
+
+def test_predictions_follow_the_checkpoint(predictor, images: list[Path], attributes: list[str]) -> None:
+    preds = predictor.predict(images[:5])
+    thresholds = dict(zip(attributes, predictor.thresholds.tolist()))
+    assert [p.path for p in preds] == [str(i) for i in images[:5]]
+    for p in preds:
+        assert list(p.probabilities) == attributes
+        assert all(0.0 <= v <= 1.0 for v in p.probabilities.values())
+        assert p.present == [a for a in attributes if p.probabilities[a] >= thresholds[a]]
+        assert p.face_box is None  # aligned 178x218 crops go straight in
+        assert p.image_size == (178, 218)
+        assert p.embedding.shape == (32,) and p.embedding.dtype == np.float32
+        assert abs(float(np.linalg.norm(p.embedding)) - 1.0) < 1e-4
+    # median thresholds: attributes really differ between images, and so do embeddings
+    assert len({tuple(p.present) for p in preds}) > 1
+    assert float(preds[0].embedding @ preds[1].embedding) < 0.99
+
+
+def test_batching_and_arrays_give_the_same_answer(model: Path, predictor, images: list[Path]) -> None:
+    from retrieval.cli_predict import load_image, open_predictor
+
+    whole = predictor.predict(images[:5])
+    small = open_predictor(model, "cpu")
+    small.batch_size = 2
+    pieces = small.predict(images[:5])
+    arrays = predictor.predict_images([load_image(str(p)) for p in images[:5]], ["a", "b", "c", "d", "e"])
+    for a, b, c in zip(whole, pieces, arrays):
+        np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-4)
+        np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5)
+        np.testing.assert_allclose(a.embedding, c.embedding, atol=1e-6)
+    assert [c.path for c in arrays] == ["a", "b", "c", "d", "e"]
+
+
+def test_face_detection_on_a_faceless_photo_is_a_clear_error(predictor, tmp_path: Path) -> None:
+    from db.errors import ImageError
+
+    photo = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(photo)
+    with pytest.raises(ImageError, match=r"no face found in .*wall\.png.*--no-detect-face"):
+        predictor.predict([photo])  # not aligned-looking: detection is automatic
+    whole = predictor.predict([photo], detect_face=False)[0]
+    assert whole.face_box is None and whole.image_size == (320, 240)
+
+
+def test_prepare_uses_the_checkpoint_size(predictor) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (218, 178, 3), dtype=np.uint8)
+    chw, box = predictor.prepare(rgb, "x", detect_face=False)
+    assert chw.shape == (3, 64, 64) and chw.dtype == np.uint8 and box is None
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_predict_json_schema(model: Path, images: list[Path], attributes: list[str]) -> None:
+    result = invoke("predict", images[0], images[1], "--model", model, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert isinstance(out, list) and len(out) == 2
+    for item, image in zip(out, images[:2]):
+        assert set(item) == {"path", "attributes", "present", "face_box"}
+        assert item["path"] == str(image)
+        assert list(item["attributes"]) == attributes
+        assert set(item["present"]) <= set(attributes)
+        assert item["face_box"] is None
+
+
+def test_predict_table_and_gallery(model: Path, images: list[Path], tmp_path: Path) -> None:
+    page = tmp_path / "out" / "predict.html"
+    result = invoke("predict", images[2], "--model", model, "--gallery", page, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert images[2].name in result.stdout and "present" in result.stdout
+    checker = check_page(page)
+    assert checker.images == 1 and checker.boxes == []
+    text = " ".join(checker.text)
+    assert str(images[2]) in text and "Eyeglasses" in text
+
+
+def test_predict_errors_are_one_line(model: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not an image at all\n")
+    cases = [
+        (["predict", tmp_path / "missing.jpg", "--model", model], "no such image"),
+        (["predict", junk, "--model", model], "cannot read image"),
+        (["predict", junk, "--model", tmp_path / "nope.pt"], "no checkpoint"),
+    ]
+    for args, expected in cases:
+        result = invoke(*args, "--device", "cpu")
+        assert result.exit_code == 1, (args, result.stdout)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_default_model_is_the_newest_checkpoint(model: Path, images: list[Path], tmp_path: Path) -> None:
+    env = {"FACEFIND_HOME": str(tmp_path / "home"), "FACEFIND_INDEX": "", "FACEFIND_DB": ""}
+    result = invoke("predict", images[0], "--json", "--device", "cpu", env=env)
+    assert result.exit_code == 1
+    assert "no model to predict with" in result.stderr and "--model" in result.stderr
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    (models / "other.state.pt").write_bytes(b"training state, not a model")
+    (models / "tiny.pt").write_bytes(model.read_bytes())
+    result = invoke("predict", images[0], "--json", "--device", "cpu", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["path"] == str(images[0])
+
+
+# -- real faces -------------------------------------------------------------------------------
+
+
+@pytest.mark.celeba
+@pytest.mark.skipif(not (SAMPLE / "img_align_celeba").is_dir(), reason="no real CelebA sample")
+def test_predict_finds_a_real_face_in_a_photo(model: Path, tmp_path: Path) -> None:
+    from trainer.faces import find_face
+
+    canvas = np.full((360, 480, 3), 180, np.uint8)
+    for src in sorted((SAMPLE / "img_align_celeba").glob("*.jpg"))[:8]:
+        canvas[100:318, 250:428] = np.asarray(Image.open(src).convert("RGB"))
+        if find_face(canvas) is not None:
+            break
+    photo = tmp_path / "photo.png"
+    Image.fromarray(canvas).save(photo)
+    page = tmp_path / "g.html"
+    result = invoke("predict", photo, "--model", model, "--json", "--gallery", page, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    x, y, w, h = json.loads(result.stdout)[0]["face_box"]
+    assert 250 <= x and x + w <= 428 and 100 <= y and y + h <= 318
+    assert len(check_page(page).boxes) == 1

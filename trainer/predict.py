@@ -1,0 +1,168 @@
+"""Attributes and embeddings for one-off images: the study's ``predict()``, and what ``similar`` embeds.
+
+``Predictor(model_path, device)`` loads a checkpoint once; ``predict(paths)`` decodes each image,
+crops it to its face when it does not look like an aligned CelebA crop (or when asked), resizes it
+with the trainer's own resize and runs one forward pass per batch through ``trainer.model.preprocess``
+(the single source of preprocessing), so a predicted image gets exactly the pixels and numbers it
+would get from the indexer. Each ``Prediction`` holds the K probabilities, the attributes present
+at the checkpoint's calibrated thresholds, the face box (None when the whole image was used) and
+the L2-normalised embedding.
+
+Decoding is pluggable (``decode``): the CLI passes the indexer reader's robust decoder (EXIF
+orientation, CMYK, alpha, 16-bit, decompression bombs); trainer cannot import the indexer itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from db.errors import ImageError
+from trainer.faces import looks_aligned, require_face
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer.checkpoint import CheckpointMeta
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[str], np.ndarray]  # path -> RGB uint8 (H, W, 3); raises ImageError
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. ``face_box`` = (x, y, w, h) in the decoded image, or None when the
+    whole image went to the model; ``image_size`` = (width, height) of the decoded image."""
+
+    path: str
+    probabilities: dict[str, float]
+    present: list[str]
+    face_box: Box | None
+    embedding: np.ndarray  # float32 (D,), unit length
+    image_size: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of ``facefind predict --json``."""
+        return {"path": self.path, "attributes": self.probabilities, "present": self.present,
+                "face_box": list(self.face_box) if self.face_box is not None else None}
+
+
+def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 3, H, W) -> (probabilities float32 (N, K), unit embeddings float32 (N, D)).
+
+    One forward pass under the device's autocast; preprocessing is ``trainer.model.preprocess``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.device import autocast
+    from trainer.model import preprocess
+
+    with torch.inference_mode(), autocast(device):
+        logits, embedding = model(preprocess(pixels.to(device), meta))
+        probs = torch.sigmoid(logits.float())
+        embedding = F.normalize(embedding.float(), dim=1)
+    return probs.cpu().numpy(), embedding.cpu().numpy()
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Default decoder: the trainer's ``read_image`` as RGB uint8 (H, W, 3)."""
+    from trainer.data import read_image
+
+    return read_image(Path(path)).permute(1, 2, 0).numpy()
+
+
+class Predictor:
+    """A checkpoint loaded once, answering ``predict(paths)`` in batches."""
+
+    def __init__(self, model_path: str | os.PathLike[str], device: Any = "cpu", *, batch_size: int = 32,
+                 decode: Decode | None = None) -> None:
+        from trainer.checkpoint import load_model
+        from trainer.device import configure, resolve_device
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        configure(self.device)
+        self.model_path = Path(model_path)
+        self.model, self.meta = load_model(self.model_path, self.device)
+        self.batch_size = batch_size
+        self.decode: Decode = decode or read_rgb
+        self.attributes: list[str] = list(self.meta.attributes)
+        self.thresholds = np.asarray(self.meta.thresholds, dtype=np.float32)
+        self.img_size: tuple[int, int] = (int(self.meta.img_size[0]), int(self.meta.img_size[1]))
+
+    def prepare(self, rgb: np.ndarray, name: str, detect_face: bool | None) -> tuple[np.ndarray, Box | None]:
+        """RGB (H, W, 3) -> (uint8 (3, h, w) at the model's size, face box or None).
+
+        ``detect_face`` None means: detect only when the image does not look like an aligned crop.
+        No face found raises ImageError.
+        """
+        import torch
+
+        from trainer.model import resize_images
+
+        box = None
+        if detect_face or (detect_face is None and not looks_aligned(rgb)):
+            found = require_face(rgb, name)
+            rgb, box = found.crop, found.box
+        chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        return resize_images(chw[None], self.img_size)[0].numpy(), box
+
+    def predict(self, paths: Sequence[str | os.PathLike[str]], detect_face: bool | None = None) -> list[Prediction]:
+        """Predict each image file, in order; an unreadable file or a missing face raises ImageError."""
+        names = [os.fspath(p) for p in paths]
+        return self._predict(names, lambda i: self._load(names[i]), detect_face)
+
+    def predict_images(self, images: Sequence[np.ndarray], names: Sequence[str],
+                       detect_face: bool | None = None) -> list[Prediction]:
+        """Predict already-decoded RGB uint8 (H, W, 3) arrays; ``names`` label them in results."""
+        if len(images) != len(names):
+            raise ValueError(f"{len(images)} images but {len(names)} names")
+        return self._predict(list(names), lambda i: images[i], detect_face)
+
+    def embed(self, path: str | os.PathLike[str], detect_face: bool | None = None) -> np.ndarray:
+        """The unit embedding of one image file (what ``similar`` and ``query --like`` search with)."""
+        return self.predict([path], detect_face)[0].embedding
+
+    def _load(self, path: str) -> np.ndarray:
+        if not os.path.exists(path):
+            raise ImageError(f"no such image: {path}")
+        if os.path.isdir(path):
+            raise ImageError(f"{path} is a folder: give image files (use `facefind index` for folders)")
+        return self.decode(path)
+
+    def _predict(self, names: list[str], get_rgb: Callable[[int], np.ndarray],
+                 detect_face: bool | None) -> list[Prediction]:
+        import torch
+
+        out: list[Prediction] = []
+        for start in range(0, len(names), self.batch_size):
+            stop = min(start + self.batch_size, len(names))
+            pixels, boxes, sizes = [], [], []
+            for i in range(start, stop):  # decode one image at a time: photos can be large
+                rgb = get_rgb(i)
+                chw, box = self.prepare(rgb, names[i], detect_face)
+                pixels.append(chw)
+                boxes.append(box)
+                sizes.append((int(rgb.shape[1]), int(rgb.shape[0])))
+            probs, emb = infer(self.model, self.meta, torch.from_numpy(np.stack(pixels)), self.device)
+            for j, i in enumerate(range(start, stop)):
+                p = probs[j]
+                out.append(Prediction(
+                    path=names[i],
+                    probabilities=dict(zip(self.attributes, p.tolist())),
+                    present=[a for a, v, t in zip(self.attributes, p, self.thresholds) if v >= t],
+                    face_box=boxes[j],
+                    embedding=emb[j],
+                    image_size=sizes[j],
+                ))
+        return out
+
