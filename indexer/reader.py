@@ -599,6 +599,7 @@ def decode_on_device(
                     decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     decoded.append(None)
+        images: list[torch.Tensor] = []
         for entry, data, dims, img in zip(batch.jpeg_entries, batch.jpeg_bytes, batch.jpeg_sizes, decoded):
             if img is None:  # nvJPEG refused it: Pillow decides
                 try:
@@ -606,8 +607,12 @@ def decode_on_device(
                 except Unreadable as err:
                     failures.append(Failure(entry.path, str(err)))
                     continue
-            tensors.append(resize_images(img[None], size))
+            images.append(img)
             entries.append(entry)
             sizes.append(dims)
+        if images and all(im.shape == images[0].shape for im in images):
+            tensors.append(resize_images(torch.stack(images), size))  # CelebA: one shape, one call
+        else:
+            tensors.extend(resize_images(im[None], size) for im in images)
     pixels = torch.cat(tensors) if tensors else torch.zeros((0, 3, *size), dtype=torch.uint8, device=device)
     return entries, pixels, sizes, failures

@@ -50,10 +50,9 @@ class Runner:
         k, d = len(self.meta.attributes), int(self.meta.embedding_dim)
         if pixels.shape[0] == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, d), np.float32)
-        if pixels.device != self.device:
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory()
-            pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.device.type == "cpu" and self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True)  # a no-op when already there
         with torch.inference_mode(), autocast(self.device):
             logits, embedding = self.model(preprocess(pixels, self.meta))
             probs = torch.sigmoid(logits.float())

@@ -225,3 +225,29 @@ def test_resize_matches_trainer_preprocessing() -> None:
     from indexer.reader import resize_chw
 
     np.testing.assert_array_equal(resize_chw(rgb, SIZE), expected)
+
+
+def test_device_decode_path_matches_pillow(tmp_path: Path) -> None:
+    """The nvJPEG route (run here with torchvision's CPU decoder): eligible JPEGs travel as bytes,
+    the rest (rotated, CMYK, truncated, other formats) are decoded or refused by Pillow as before."""
+    import torch
+
+    from indexer.reader import decode_on_device
+
+    expect = build_corpus(tmp_path / "corpus")
+    files = discover(tmp_path / "corpus").files
+    plain = decode_files(files, SIZE)
+    routed = decode_files(files, SIZE, gpu_jpeg=True)
+    names = {Path(e.path).name for e in routed.jpeg_entries}
+    assert {"with space.jpg", "grey.JPG", "ünïcødé 顔.jpg", "good_link.jpg"} <= names
+    assert not names & {"exif_rotated.jpeg", "cmyk.jpg", "garbage_appended.jpg", "png_named.jpg"}
+    assert not any(n.startswith("truncated") for n in names)
+    entries, pixels, sizes, extra = decode_on_device(routed, SIZE, torch.device("cpu"))
+    assert not extra and routed.failures == plain.failures
+    assert sorted(e.path for e in entries) == sorted(e.path for e in plain.entries)
+    assert pixels.shape == (len(entries), 3, *SIZE) and pixels.dtype == torch.uint8
+    reference = {e.path: p for e, p in zip(plain.entries, plain.pixels)}
+    for entry, image in zip(entries, pixels.numpy()):
+        diff = np.abs(image.astype(int) - reference[entry.path].astype(int)).mean()
+        assert diff < 3, (entry.path, diff)  # two JPEG decoders, same pixels up to IDCT rounding
+    assert sum(1 for r in expect.values() if r is None) == len(entries)

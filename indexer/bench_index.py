@@ -1,0 +1,240 @@
+"""Benchmark: end-to-end ``facefind index`` beside a naive study-style pipeline, same files, same run.
+
+    run_index_bench(n=2000) -> dict
+
+Generates ``n`` CelebA-size JPEGs (178x218, ~12 KB: synthetic faces with sensor-like noise so
+they compress like photos), writes a freshly initialised checkpoint of ``arch`` (weights do not
+change the speed), then times
+
+- facefind: ``indexer.pipeline.index_folder`` into a fresh index (worker decoding, one forward
+  pass per batch, bf16 + channels_last on CUDA, background batch transactions, snapshot + FAISS);
+- naive: a PIL ``Dataset`` + ``DataLoader`` with torchvision transforms, fp32, batch 64, and one
+  SQLite INSERT per image (committed per batch), as the study's notebooks did;
+- each facefind stage alone on up to 2,048 of the files (decode, infer, write), to show which
+  one bounds the pipeline.
+
+The machines are shared and noisy: compare the ratio, not absolute numbers, across runs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NATIVE = (218, 178)  # CelebA aligned crops, (height, width)
+_UNIQUE = 256  # distinct JPEGs; the rest are byte copies (decoding cost is per file, not per content)
+_NAIVE_BATCH = 64
+
+
+def make_jpegs(folder: Path, n: int, seed: int = 0) -> float:
+    """Write ``n`` CelebA-size JPEGs into ``folder`` (flat, ``%06d.jpg``); returns their mean size."""
+    from PIL import Image
+
+    from trainer.synth import synthesize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    k = min(n, _UNIQUE)
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesize(Path(tmp) / "s", n=k, seed=seed)
+        rng = np.random.default_rng(seed)
+        blobs = []
+        for path in sorted((Path(tmp) / "s" / "img_align_celeba").glob("*.jpg")):
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+            noisy = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(noisy).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+    for i in range(n):
+        (folder / f"{i + 1:06d}.jpg").write_bytes(blobs[i % k])
+    return float(np.mean([len(b) for b in blobs]))
+
+
+def make_checkpoint(path: Path, arch: str, img_size: tuple[int, int], num_attributes: int = 40) -> Path:
+    """A freshly initialised checkpoint (speed does not depend on the weights)."""
+    import torch
+
+    from trainer.checkpoint import CheckpointMeta, save_checkpoint
+    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_attributes, embedding_dim=512, pretrained=False)
+    meta = CheckpointMeta(
+        arch=arch, attributes=[f"attr_{i}" for i in range(num_attributes)], img_size=img_size,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding_dim=512, dropout=0.3,
+        thresholds=[0.5] * num_attributes,
+    )
+    return save_checkpoint(path, model, meta)
+
+
+def run_index_bench(
+    n: int = 2000,
+    out: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    arch: str = "resnet50",
+    img_size: int | None = None,
+    workers: int | None = None,
+    baseline: bool = True,
+) -> dict[str, Any]:
+    """Time facefind's indexer and the naive pipeline on the same ``n`` generated JPEGs.
+
+    ``img_size`` is a square model input side; None means CelebA's native 218x178 (no resize).
+    ``out`` keeps the work folder (images, model, indexes); by default a temporary one is removed.
+    """
+    from indexer.pipeline import index_folder
+    from trainer.device import describe_device, resolve_device
+
+    dev = resolve_device(device)
+    size = NATIVE if img_size is None else (int(img_size), int(img_size))
+    work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="facefind-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        images = work / "images"
+        t = time.perf_counter()
+        mean_bytes = make_jpegs(images, n)
+        generate_s = time.perf_counter() - t
+        model_path = make_checkpoint(work / "model.pt", arch, size)
+        _drop(work / "index")
+        report = index_folder(images, model_path, work / "index", batch_size=batch_size, device=str(dev),
+                              workers=workers)
+        result: dict[str, Any] = {
+            "n": n,
+            "arch": arch,
+            "img_size": list(size),
+            "device": describe_device(dev),
+            "batch_size": batch_size,
+            "workers": workers if workers is not None else os.cpu_count(),
+            "mean_jpeg_bytes": round(mean_bytes),
+            "generate_seconds": round(generate_s, 2),
+            "indexed": report.indexed,
+            "seconds": round(report.seconds, 3),
+            "images_per_second": round(report.images_per_second, 1),
+            "timings": {k: round(v, 3) for k, v in report.timings.items()},
+        }
+        result["stage_images_per_second"] = _stages(images, model_path, dev, batch_size, workers, min(n, 2048))
+        if baseline:
+            base_s = naive_pipeline(images, model_path, dev, workers, work / "naive.db")
+            result["baseline_seconds"] = round(base_s, 3)
+            result["baseline_images_per_second"] = round(n / base_s, 1)
+            result["speedup"] = round(report.images_per_second / (n / base_s), 2)
+        return result
+    finally:
+        if out is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _stages(
+    images: Path, model_path: Path, device: Any, batch_size: int, workers: int | None, n: int
+) -> dict[str, float]:
+    """Each facefind stage alone, images/s: decode (reader), infer (runner), write (catalog)."""
+    import torch
+
+    from db.catalog import Catalog, IndexedImage
+    from indexer.reader import ImageReader, decode_on_device, discover
+    from indexer.runner import load_runner
+    from trainer.device import synchronize
+
+    files = discover(images).files[:n]
+    runner = load_runner(model_path, device)
+    on_gpu = device.type == "cuda"
+    out: dict[str, float] = {}
+    with ImageReader(runner.img_size, batch_size, workers, gpu_jpeg=on_gpu) as reader:
+        first = next(reader.batches(files[:batch_size]))  # starts the workers: start-up is not speed
+        if on_gpu:
+            first_pixels = decode_on_device(first, runner.img_size, device)[1].cpu().numpy()
+        else:
+            first_pixels = first.pixels
+        t = time.perf_counter()
+        count = 0
+        for batch in reader.batches(files):
+            count += len(decode_on_device(batch, runner.img_size, device)[0]) if on_gpu else len(batch.entries)
+        synchronize(device)
+        out["decode"] = round(count / max(time.perf_counter() - t, 1e-9), 1)
+    pixels = torch.from_numpy(np.stack([first_pixels[i % len(first_pixels)] for i in range(batch_size)]))
+    runner(pixels)  # warm-up (cuDNN autotuning, lazy init)
+    reps = max(1, n // batch_size)
+    t = time.perf_counter()
+    for _ in range(reps):
+        probs, emb = runner(pixels)
+    out["infer"] = round(reps * batch_size / (time.perf_counter() - t), 1)
+    with tempfile.TemporaryDirectory() as tmp, Catalog.open(tmp) as catalog:
+        model_id = catalog.register_model("0" * 64, "bench", [f"a{i}" for i in range(probs.shape[1])],
+                                          [0.5] * probs.shape[1], emb.shape[1], None)
+        rows = [IndexedImage(f.path, f.size, f.mtime, 178, 218, probs[i % len(probs)], emb[i % len(emb)])
+                for i, f in enumerate(files)]
+        t = time.perf_counter()
+        for start in range(0, len(rows), batch_size):
+            catalog.write_batch(model_id, rows[start:start + batch_size])
+        out["write"] = round(len(rows) / (time.perf_counter() - t), 1)
+    return out
+
+
+class _PilDataset:
+    """The study's loader: PIL open, RGB, torchvision Resize + ToTensor + Normalize, one file per item."""
+
+    def __init__(self, paths: list[str], size: tuple[int, int], mean: Any, std: Any) -> None:
+        from torchvision import transforms
+
+        self.paths = paths
+        self.transform = transforms.Compose([
+            transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), i
+
+
+def naive_pipeline(images: Path, model_path: Path, device: Any, workers: int | None, db_path: Path) -> float:
+    """Seconds for the study-style pipeline over every JPEG in ``images`` (fp32, INSERT per image)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from trainer.checkpoint import load_model
+
+    paths = sorted(str(p) for p in images.glob("*.jpg"))
+    start = time.perf_counter()
+    model, meta = load_model(model_path, device)
+    model = model.to(memory_format=torch.contiguous_format)
+    loader = DataLoader(
+        _PilDataset(paths, meta.img_size, meta.mean, meta.std), batch_size=_NAIVE_BATCH,
+        num_workers=workers if workers is not None else (os.cpu_count() or 1),
+    )
+    _drop(db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE predictions (path TEXT PRIMARY KEY, probs BLOB, embedding BLOB)")
+    with torch.no_grad():
+        for x, idx in loader:
+            logits, emb = model(x.to(device))
+            probs = torch.sigmoid(logits).cpu().numpy()
+            emb = emb.cpu().numpy()
+            for j, i in enumerate(idx.tolist()):
+                conn.execute("INSERT INTO predictions VALUES (?, ?, ?)",
+                             (paths[i], probs[j].tobytes(), emb[j].tobytes()))
+            conn.commit()
+    conn.close()
+    return time.perf_counter() - start
+
+
+def _drop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
