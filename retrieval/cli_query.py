@@ -1,9 +1,236 @@
-"""`facefind` commands: query (placeholder until its issue lands)."""
+"""`facefind query` and `facefind similar`: filter the index by an attribute expression, rank by
+confidence or by similarity to an image, print a table, JSON, paths or an HTML gallery.
+
+The work is ``retrieval.engine.Engine.query`` over the index's memory-mapped snapshot. ``query``
+without ``--like`` never imports torch or cv2 (a test checks ``sys.modules``): the model is loaded
+only to embed a reference image, and then it is the index's own checkpoint.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from db.errors import CatalogError, FacefindError
+from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from retrieval.cli_predict import DetectFaceOpt
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from db.catalog import Catalog
+    from retrieval.engine import Engine, Quality, Result
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- library
+
+
+@dataclass
+class OpenIndex:
+    """An index opened for querying: its catalog and an engine over its current snapshot."""
+
+    catalog: Catalog
+    engine: Engine
+    index_dir: Path
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "OpenIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def embed(self, image: Path, detect_face: bool | None = None, device: str = "auto") -> np.ndarray:
+        """Embed an image file with the index's own checkpoint and preprocessing (loads torch)."""
+        from retrieval.cli_predict import index_checkpoint, open_predictor
+
+        model = self.catalog.get_model(self.engine.snapshot.model_id)
+        predictor = open_predictor(index_checkpoint(model), device)
+        return predictor.embed(str(image), detect_face)
+
+    def quality(self, result: Result) -> Quality:
+        """Precision@k, precision/recall of all matches and the base rate, against the ground-truth
+        labels stored in the catalog (CatalogError when the index holds none for the expression)."""
+        from retrieval.query import literals
+
+        if result.node is None:
+            raise FacefindError("--eval needs an expression to check against the labels")
+        names = list(dict.fromkeys(lit.name for lit, _ in literals(result.node)))
+        label_ids, labels = self.catalog.labels_for(names)
+        if label_ids.size == 0:
+            raise CatalogError(
+                f"the index holds no ground-truth labels for {', '.join(names)}: index a folder with CelebA "
+                "annotations (list_attr_celeba.txt next to the images) to measure a query")
+        return self.engine.evaluate_quality(result, labels.T, label_ids, names)
+
+
+def open_index(index_dir: Path | None = None) -> OpenIndex:
+    """Open the index (default ``db.paths.default_index_dir()``) and its snapshot, rebuilding
+    stale sidecar files; CatalogError saying to run `facefind index` when missing or empty."""
+    from db.catalog import Catalog
+    from db.paths import default_index_dir
+    from db.snapshot import sync_snapshot
+    from retrieval.engine import Engine
+
+    folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+    catalog = Catalog.open(folder, create=False)
+    try:
+        engine = Engine(sync_snapshot(catalog, folder))
+    except BaseException:
+        catalog.close()
+        raise
+    return OpenIndex(catalog, engine, folder)
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _check_output(as_json: bool, paths: bool) -> None:
+    if as_json and paths:
+        raise FacefindError("give --json or --paths, not both")
+
+
+def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None, title: str | None,
+            quality: Quality | None) -> None:
+    """Print ``result`` as JSON, paths or a table (plus quality), and write the gallery if asked."""
+    if gallery is not None:
+        from retrieval.gallery import write_gallery
+
+        write_gallery(gallery, result, title=title)
+        typer.echo(f"gallery: {gallery}", err=True)
+    if as_json:
+        out: dict[str, Any] = result.to_dict()
+        if quality is not None:
+            out["quality"] = quality.to_dict()
+        print_json(out)
+        return
+    if paths:
+        for h in result.hits:
+            typer.echo(h.path)
+        if quality is not None:
+            typer.echo(_quality_line(quality), err=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{result.total:,} of {result.n_indexed:,} images match", highlight=False)
+    if result.hits:
+        digits = 4 if result.ranking == "similarity" else 2
+        table = Table()
+        table.add_column("rank", justify="right")
+        table.add_column(result.ranking if result.ranking != "id" else "score", justify="right")
+        table.add_column("path", overflow="fold")  # wrap long paths: never cut off the file name
+        table.add_column("matched", overflow="fold")
+        for i, h in enumerate(result.hits):
+            table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", h.path, ", ".join(h.matched))
+        console.print(table)
+    if quality is not None:
+        console.print(_quality_line(quality), highlight=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _quality_line(q: Quality) -> str:
+    return (f"against ground-truth labels: precision@{q.k} {_fmt(q.precision_at_k)} "
+            f"({q.relevant} of {q.k} hits truly match); all matches: precision {_fmt(q.precision_all)}, "
+            f"recall {_fmt(q.recall)}; base rate {_fmt(q.base_rate)} (of {q.n_labelled:,} labelled images)")
+
+
+# --------------------------------------------------------------------------------------- commands
+
+LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Hits to show (0: only count).")]
+OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many hits (paging).")]
+PathsOpt = Annotated[bool, typer.Option("--paths", help="Print only the hit paths, one per line (for piping).")]
+GalleryOpt = Annotated[
+    Path | None,
+    typer.Option("--gallery", help="Also write a self-contained HTML page of the hits.", show_default=False),
+]
+EvalOpt = Annotated[
+    bool,
+    typer.Option("--eval", help="Report precision@k and the base rate against the index's ground-truth labels."),
+]
+
+
+def query(
+    expr: Annotated[
+        str | None,
+        typer.Argument(help='Attribute expression, e.g. "Big_Nose and Eyeglasses and not Male", '
+                            '"Smiling > 0.9". Omit to rank everything.', show_default=False),
+    ] = None,
+    like: Annotated[
+        Path | None,
+        typer.Option("--like", help="Rank the matches by similarity to this image (loads the index's model).",
+                     show_default=False),
+    ] = None,
+    like_id: Annotated[
+        int | None,
+        typer.Option("--like-id", help="Rank the matches by similarity to this indexed image id.", show_default=False),
+    ] = None,
+    limit: LimitOpt = 20,
+    offset: OffsetOpt = 0,
+    as_json: JsonOpt = False,
+    paths: PathsOpt = False,
+    gallery: GalleryOpt = None,
+    evaluate: EvalOpt = False,
+    detect_face: DetectFaceOpt = None,
+    index_dir: IndexOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find indexed faces whose attributes satisfy EXPR, ranked by confidence or by similarity."""
+    _check_output(as_json, paths)
+    if like is not None and like_id is not None:
+        raise FacefindError("give --like IMAGE or --like-id ID, not both")
+    with open_index(index_dir) as idx:
+        if expr is not None:
+            idx.engine.parse(expr)  # a typo fails before any model is loaded
+        reference = idx.embed(like, detect_face, device) if like is not None else None
+        result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id)
+        quality = idx.quality(result) if evaluate else None
+    title = f"similar to {like.name}" if like is not None else (
+        f"similar to image {like_id}" if like_id is not None else None)
+    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality)
+
+
+def similar(
+    image: Annotated[Path, typer.Argument(help="A face image (an aligned crop or a photo).", show_default=False)],
+    where: Annotated[
+        str | None,
+        typer.Option("--where", help='Only images matching this expression, e.g. "Smiling and not Male".',
+                     show_default=False),
+    ] = None,
+    limit: LimitOpt = 20,
+    offset: OffsetOpt = 0,
+    as_json: JsonOpt = False,
+    paths: PathsOpt = False,
+    gallery: GalleryOpt = None,
+    detect_face: DetectFaceOpt = None,
+    index_dir: IndexOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find the indexed faces most similar to IMAGE (exact cosine), optionally only those matching --where."""
+    _check_output(as_json, paths)
+    with open_index(index_dir) as idx:
+        if where is not None:
+            idx.engine.parse(where)
+        reference = idx.embed(image, detect_face, device)
+        result = idx.engine.query(where, limit=limit, offset=offset, like=reference)
+    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
+            quality=None)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("query", help="Find faces by attributes: boolean expressions ranked by confidence or similarity.")(
+        guard(query))
+    app.command("similar", help="Find the indexed faces most similar to an image.")(guard(similar))

@@ -1,0 +1,246 @@
+"""``facefind query`` and ``facefind similar`` against a real (small) index.
+
+The index is built by the indexer from synthetic CelebA faces with a fresh mobilenet_v3_small
+(BatchNorm statistics and median thresholds from the faces, see test_predict.make_checkpoint), so
+attributes split the images and embeddings differ. Checked: hits satisfy the expression and the
+total equals a brute-force count; --paths, tables, the gallery; a did-you-mean for typos;
+`similar` returns an indexed image first; --eval against the stored labels; one-line errors for
+a missing or empty index; and that `query` without --like never imports torch or cv2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_predict import check_page, make_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N_FACES = 40
+
+
+@dataclass(frozen=True)
+class Built:
+    root: Path
+    images: list[Path]
+    model: Path
+    index: Path
+    attributes: list[str]
+    thresholds: dict[str, float]
+    probs: dict[str, dict[str, float]]  # path -> attribute -> stored probability
+    labels: dict[str, dict[str, bool]]  # path -> attribute -> ground truth
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    from db.catalog import Catalog
+    from indexer.pipeline import index_folder
+    from trainer.celeba import read_attributes
+    from trainer.synth import synthesize
+
+    base = tmp_path_factory.mktemp("query")
+    root = base / "celeba"
+    synthesize(root, n=N_FACES, seed=5)
+    ann = read_attributes(root / "list_attr_celeba.txt")
+    images = sorted((root / "img_align_celeba").glob("*.jpg"))
+    model = make_checkpoint(base / "model.pt", ann.attributes, images)
+    report = index_folder(root / "img_align_celeba", model, base / "index", device="cpu", workers=0)
+    assert report.indexed == N_FACES and report.labelled == N_FACES
+    with Catalog.open(base / "index", create=False) as catalog:
+        record = catalog.latest_model()
+        preds = catalog.load_predictions(record.id)
+    probs = {p: dict(zip(record.attributes, row.tolist())) for p, row in zip(preds.paths, preds.probs)}
+    labels = {str(root / "img_align_celeba" / name): dict(zip(ann.attributes, (row > 0).tolist()))
+              for name, row in zip(ann.names, ann.labels)}
+    return Built(root, images, model, base / "index", ann.attributes,
+                 dict(zip(record.attributes, record.thresholds)), probs, labels)
+
+
+def run(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok_json(*args: str | Path) -> dict:
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_line_error(result, expected: str) -> str:
+    assert result.exit_code == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    return lines[0]
+
+
+def _smiling_cut(b: Built) -> float:
+    return float(np.percentile([p["Smiling"] for p in b.probs.values()], 80))
+
+
+def _truth(p: dict[str, float], t: dict[str, float], cut: float) -> bool:
+    """``(Eyeglasses and not Male) or Smiling > cut``, by hand."""
+    return (p["Eyeglasses"] >= t["Eyeglasses"] and not p["Male"] >= t["Male"]) or p["Smiling"] > np.float32(cut)
+
+
+# -- query ------------------------------------------------------------------------------------
+
+
+def test_query_json_matches_brute_force(built: Built) -> None:
+    cut = _smiling_cut(built)
+    expr = f"(eyeglasses and not Male) or Smiling > {cut!r}"
+    out = ok_json("query", expr, "--index", built.index, "--limit", "1000")
+    expected = {path for path, p in built.probs.items() if _truth(p, built.thresholds, cut)}
+    assert 0 < len(expected) < N_FACES, "the expression should split the images"
+    assert out["total"] == len(expected) and out["n_indexed"] == N_FACES
+    assert {h["path"] for h in out["hits"]} == expected
+    for h in out["hits"]:
+        assert _truth(h["attributes"], built.thresholds, cut)
+        assert h["attributes"] == pytest.approx(built.probs[h["path"]], abs=0)  # unrounded
+        assert h["score"] >= 0.0
+    scores = [h["score"] for h in out["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert set(out) >= {"total", "hits"} and set(out["hits"][0]) >= {"id", "path", "score", "attributes"}
+
+
+def test_query_paths_and_table_agree_with_json(built: Built) -> None:
+    args = ("query", "Eyeglasses or Male", "--index", built.index, "--limit", "7", "--offset", "2")
+    hits = ok_json(*args)["hits"]
+    result = run(*args, "--paths")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [h["path"] for h in hits]
+    table = run(*args)
+    assert table.exit_code == 0, table.stderr
+    total = ok_json(*args)["total"]
+    assert f"{total} of {N_FACES} images match" in table.stdout
+    assert Path(hits[0]["path"]).name in table.stdout  # long paths wrap, never lose the file name
+    ranks = [line.split("│")[1].strip() for line in table.stdout.splitlines() if line.startswith("│")]
+    assert [r for r in ranks if r][:2] == ["3", "4"]  # ranks continue after the offset
+
+
+def test_typo_suggests_the_attribute(built: Built) -> None:
+    line = one_line_error(run("query", "Eyeglases", "--index", built.index), "Eyeglases")
+    assert "did you mean Eyeglasses" in line
+
+
+def test_json_and_paths_are_exclusive(built: Built) -> None:
+    one_line_error(run("query", "Male", "--index", built.index, "--json", "--paths"), "--json or --paths")
+
+
+def test_gallery_page(built: Built, tmp_path: Path) -> None:
+    page = tmp_path / "q.html"
+    result = run("query", "Male & !Eyeglasses", "--index", built.index, "--limit", "5", "--gallery", page)
+    assert result.exit_code == 0, result.stderr
+    checker = check_page(page)
+    assert checker.images == min(5, ok_json("query", "Male & !Eyeglasses", "--index", built.index)["total"])
+    assert "Male & !Eyeglasses" in " ".join(checker.text)
+
+
+def test_eval_reports_precision_and_base_rate(built: Built) -> None:
+    expr = "Eyeglasses or not Male"
+    out = ok_json("query", expr, "--index", built.index, "--limit", "10", "--eval")
+    q = out["quality"]
+    truth = {p: lab["Eyeglasses"] or not lab["Male"] for p, lab in built.labels.items()}
+    relevant = sum(truth[h["path"]] for h in out["hits"])
+    assert q["k"] == len(out["hits"]) and q["relevant"] == relevant
+    assert q["precision_at_k"] == pytest.approx(relevant / len(out["hits"]))
+    assert q["base_rate"] == pytest.approx(sum(truth.values()) / N_FACES)
+    assert q["n_labelled"] == N_FACES
+    table = run("query", expr, "--index", built.index, "--eval")
+    assert table.exit_code == 0 and "precision@" in table.stdout and "base rate" in table.stdout
+
+
+# -- similarity -------------------------------------------------------------------------------
+
+
+def test_similar_returns_an_indexed_image_first(built: Built) -> None:
+    image = built.images[3]
+    out = ok_json("similar", image, "--index", built.index, "--limit", "5", "--device", "cpu")
+    hits = out["hits"]
+    assert out["ranking"] == "similarity" and out["total"] == N_FACES
+    assert hits[0]["path"] == os.path.abspath(image)
+    assert hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert hits[1]["score"] < hits[0]["score"] - 1e-3
+    # --where restricts; an image that fails the filter is not returned
+    have = built.probs[hits[0]["path"]]["Eyeglasses"] >= built.thresholds["Eyeglasses"]
+    where = "not Eyeglasses" if have else "Eyeglasses"
+    restricted = ok_json("similar", image, "--where", where, "--index", built.index, "--device", "cpu")
+    assert restricted["hits"] and all(h["path"] != hits[0]["path"] for h in restricted["hits"])
+    assert restricted["total"] == sum(
+        (p["Eyeglasses"] >= built.thresholds["Eyeglasses"]) != have for p in built.probs.values())
+    # query --like is the same search
+    like = ok_json("query", where, "--like", image, "--index", built.index, "--device", "cpu")
+    assert [h["id"] for h in like["hits"]] == [h["id"] for h in restricted["hits"]]
+
+
+def test_like_id_and_predict_agree_with_the_index(built: Built) -> None:
+    first = ok_json("query", "--like-id", "1", "--index", built.index, "--limit", "2")
+    assert first["hits"][0]["id"] == 1
+    # predict gives an indexed image the probabilities the indexer stored: one preprocessing
+    path = first["hits"][0]["path"]
+    pred = ok_json("predict", path, "--model", built.model, "--device", "cpu")[0]
+    assert pred["attributes"] == pytest.approx(built.probs[path], abs=1e-4)
+
+
+# -- errors and process behaviour -----------------------------------------------------------
+
+
+def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
+    from db.catalog import Catalog
+
+    one_line_error(run("query", "Male", "--index", tmp_path / "nowhere"), "facefind index")
+    Catalog.open(tmp_path / "empty").close()
+    one_line_error(run("query", "Male", "--index", tmp_path / "empty"), "facefind index")
+    one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "facefind index")
+
+
+def test_index_without_labels_or_checkpoint(built: Built, tmp_path: Path) -> None:
+    from db.catalog import Catalog, IndexedImage
+
+    rng = np.random.default_rng(0)
+    with Catalog.open(tmp_path / "bare") as catalog:
+        mid = catalog.register_model("0" * 64, "mobilenet_v3_small", built.attributes,
+                                     [0.5] * len(built.attributes), 32, None)
+        catalog.write_batch(mid, [
+            IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1.0, 178, 218,
+                         rng.random(len(built.attributes), dtype=np.float32),
+                         rng.standard_normal(32).astype(np.float32))
+            for i in range(6)])
+    assert ok_json("query", "Male", "--index", tmp_path / "bare")["n_indexed"] == 6
+    one_line_error(run("query", "Male", "--eval", "--index", tmp_path / "bare"), "no ground-truth labels")
+    one_line_error(run("similar", built.images[0], "--index", tmp_path / "bare", "--device", "cpu"),
+                   "re-index")
+
+
+_PROBE = """
+import json, sys
+from retrieval.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as err:
+    code = err.code
+heavy = [m for m in ("torch", "torchvision", "cv2") if m in sys.modules]
+print("PROBE " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--like-id", "2", "--limit", "3"], ["--paths", "--gallery", "GALLERY"]])
+def test_query_without_an_image_never_imports_torch(built: Built, tmp_path: Path, extra: list[str]) -> None:
+    extra = [str(tmp_path / "g.html") if a == "GALLERY" else a for a in extra]
+    args = ["query", "Eyeglasses and not Male", "--index", str(built.index), *extra]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    probe = json.loads(proc.stderr.strip().splitlines()[-1].removeprefix("PROBE "))
+    assert probe["code"] in (0, None), proc.stderr
+    assert probe["heavy"] == [], f"query imported {probe['heavy']}"
