@@ -69,7 +69,7 @@ def synth(
     ) as bar:
         task = bar.add_task("synth", total=n)
         summary = synthesize(out, n=n, seed=seed, layout=layout,
-                             progress=lambda done: bar.update(task, completed=done))
+                             progress=lambda k: bar.advance(task, k))
     result = {
         "out": str(summary.out),
         "layout": summary.layout,
