@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from db.catalog import Catalog
     from indexer.runner import Runner
+    from trainer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def index_folder(
     CelebA annotation files sit in or above ``folder``. Raises DatasetError (missing, unreadable
     or empty folder), ModelError (no or bad model), CatalogError (index not writable).
     """
+    from db.catalog import Catalog
+    from indexer.runner import load_runner
     from trainer.device import describe_device, resolve_device
 
     start = time.perf_counter()
@@ -131,9 +134,15 @@ def index_folder(
 
     dev = resolve_device(device)
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
-    catalog, runner, model_id = _open(index_dir, model_path, dev)
+    model_path = _choose_model(index_dir, model_path)
+    meta = _read_meta(model_path)  # before the catalog: a damaged checkpoint creates no index
+    catalog = Catalog.open(index_dir)
     try:
         t = time.perf_counter()
+        model_id = catalog.register_model(
+            _sha256(model_path), meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim,
+            str(model_path), _model_meta(meta),
+        )
         known = {} if rebuild else catalog.known_files(model_id)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
@@ -142,27 +151,35 @@ def index_folder(
         log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
                  len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
 
-        run_id = catalog.start_run(model_id, root)
-        writer = CatalogWriter(catalog, model_id, labels, label_names)
-        failures: list[Failure] = list(found.failures)
-        completed, ended = False, "failed"
-        try:
-            if found.failures:
-                writer.put(WriteJob([], [], np.zeros((0, 0)), np.zeros((0, 0)), found.failures))
-            status = _run(todo, runner, writer, dev, batch_size, workers, crop, failures, timings, progress)
-            writer.close()  # commits what is queued, also after Ctrl-C
-            timings["write"] = writer.seconds
+        with ImageReader(meta.img_size, batch_size, workers, crop=crop, gpu_jpeg=dev.type == "cuda") as reader:
+            if todo:
+                reader.start()  # the decoders start up while the model loads
             t = time.perf_counter()
-            _sync(catalog, index_dir, model_id)
-            timings["snapshot"] = time.perf_counter() - t
-            completed = True
-        except KeyboardInterrupt:  # a second Ctrl-C, while committing or saving the snapshot
-            ended = "interrupted"
-            raise
-        finally:
-            if not completed:
-                writer.abandon()
-                _finish_quietly(catalog, run_id, ended)
+            runner = load_runner(model_path, dev)
+            timings["load_model"] = time.perf_counter() - t
+            log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
+                     len(meta.attributes), *meta.img_size)
+            run_id = catalog.start_run(model_id, root)
+            writer = CatalogWriter(catalog, model_id, labels, label_names)
+            failures: list[Failure] = list(found.failures)
+            completed, ended = False, "failed"
+            try:
+                if found.failures:
+                    writer.put(WriteJob([], [], np.zeros((0, 0)), np.zeros((0, 0)), found.failures))
+                status = _run(todo, reader, runner, writer, dev, failures, timings, progress)
+                writer.close()  # commits what is queued, also after Ctrl-C
+                timings["write"] = writer.seconds
+                t = time.perf_counter()
+                _sync(catalog, index_dir, model_id)
+                timings["snapshot"] = time.perf_counter() - t
+                completed = True
+            except KeyboardInterrupt:  # a second Ctrl-C, while committing or saving the snapshot
+                ended = "interrupted"
+                raise
+            finally:
+                if not completed:
+                    writer.abandon()
+                    _finish_quietly(catalog, run_id, ended)
         seconds = time.perf_counter() - start
         timings["total"] = seconds
         report = IndexReport(
@@ -179,48 +196,44 @@ def index_folder(
 
 def _run(
     todo: list[FileEntry],
+    reader: ImageReader,
     runner: Runner,
     writer: CatalogWriter,
     device: torch.device,
-    batch_size: int,
-    workers: int | None,
-    crop: Crop | None,
     failures: list[Failure],
     timings: dict[str, float],
     progress: Progress | None,
 ) -> str:
     """Drive reader -> runner -> writer over ``todo``; 'finished', or 'interrupted' on Ctrl-C."""
-    on_gpu = device.type == "cuda"
     timings.setdefault("read_decode", 0.0)
     timings.setdefault("infer", 0.0)
     done = 0
     if progress is not None:
         progress(0, len(todo))
-    with ImageReader(runner.img_size, batch_size, workers, crop=crop, gpu_jpeg=on_gpu) as reader:
-        batches: Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]
-        if on_gpu:
-            batches = _device_batches(reader.batches(todo), runner.img_size, device)
-        else:
-            batches = ((b.entries, b.pixels, b.sizes, b.failures) for b in reader.batches(todo))
-        try:
-            while True:
-                t = time.perf_counter()
-                item = next(batches, None)
-                timings["read_decode"] += time.perf_counter() - t
-                if item is None:
-                    return "finished"
-                entries, pixels, sizes, bad = item
-                t = time.perf_counter()
-                probs, emb = runner(pixels)
-                timings["infer"] += time.perf_counter() - t
-                writer.put(WriteJob(entries, sizes, probs, emb, bad))
-                failures.extend(bad)
-                done += len(entries) + len(bad)
-                if progress is not None:
-                    progress(done, len(todo))
-        except KeyboardInterrupt:
-            log.warning("interrupted: committing the batches already processed (%d files)", done)
-            return "interrupted"
+    batches: Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]
+    if device.type == "cuda":
+        batches = _device_batches(reader.batches(todo), runner.img_size, device)
+    else:
+        batches = ((b.entries, b.pixels, b.sizes, b.failures) for b in reader.batches(todo))
+    try:
+        while True:
+            t = time.perf_counter()
+            item = next(batches, None)
+            timings["read_decode"] += time.perf_counter() - t
+            if item is None:
+                return "finished"
+            entries, pixels, sizes, bad = item
+            t = time.perf_counter()
+            probs, emb = runner(pixels)
+            timings["infer"] += time.perf_counter() - t
+            writer.put(WriteJob(entries, sizes, probs, emb, bad))
+            failures.extend(bad)
+            done += len(entries) + len(bad)
+            if progress is not None:
+                progress(done, len(todo))
+    except KeyboardInterrupt:
+        log.warning("interrupted: committing the batches already processed (%d files)", done)
+        return "interrupted"
 
 
 def _device_batches(
@@ -285,39 +298,39 @@ def _threaded(items: Iterable[T], depth: int) -> Iterator[T]:
         stop.set()
 
 
-def _open(index_dir: Path, model_path: str | os.PathLike[str] | None, device: torch.device) -> tuple[Catalog, Runner, int]:
-    """Open the catalog and the model; register the model (its sha256 identifies it)."""
+def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) -> Path:
+    """``model_path``, else the checkpoint the index was last built with (ModelError when none)."""
     from db.catalog import Catalog
-    from indexer.runner import Runner
-    from trainer.checkpoint import file_sha256, load_model
 
-    if model_path is None:
-        try:
-            with Catalog.open(index_dir, create=False) as catalog:
-                latest = catalog.latest_model()
-        except CatalogError:
-            latest = None
-        if latest is None or not latest.checkpoint:
-            raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
-                             "(a checkpoint from `facefind train`)")
-        if not Path(latest.checkpoint).is_file():
-            raise ModelError(f"the index was built with {latest.checkpoint}, which no longer exists: "
-                             "pass --model PATH")
-        model_path = latest.checkpoint
-    model, meta = load_model(Path(model_path), device)  # before the catalog: a bad model creates no index
-    sha256 = file_sha256(Path(model_path))
-    catalog = Catalog.open(index_dir)
+    if model_path is not None:
+        return Path(model_path).expanduser()
     try:
-        model_id = catalog.register_model(
-            sha256, meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim, str(model_path),
-            _model_meta(meta),
-        )
-    except BaseException:
-        catalog.close()
-        raise
-    log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
-             len(meta.attributes), *meta.img_size)
-    return catalog, Runner(model, meta, device), model_id
+        with Catalog.open(index_dir, create=False) as catalog:
+            latest = catalog.latest_model()
+    except CatalogError:
+        latest = None
+    if latest is None or not latest.checkpoint:
+        raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
+                         "(a checkpoint from `facefind train`)")
+    if not Path(latest.checkpoint).is_file():
+        raise ModelError(f"the index was built with {latest.checkpoint}, which no longer exists: pass --model PATH")
+    return Path(latest.checkpoint)
+
+
+def _read_meta(model_path: Path) -> CheckpointMeta:
+    """The checkpoint's meta (validates the file; the weights are loaded later, on the device)."""
+    from trainer.checkpoint import CheckpointMeta, load_checkpoint
+
+    return CheckpointMeta.from_dict(load_checkpoint(model_path)["meta"])
+
+
+def _sha256(model_path: Path) -> str:
+    from trainer.checkpoint import file_sha256
+
+    try:
+        return file_sha256(model_path)
+    except OSError as err:
+        raise ModelError(f"cannot read {model_path}: {err.strerror}") from None
 
 
 def _model_meta(meta: Any) -> dict[str, Any]:

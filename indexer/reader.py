@@ -488,6 +488,17 @@ class ImageReader:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def start(self) -> None:
+        """Start the worker processes now, without waiting for them.
+
+        Their start-up (the fork server imports torch once, ~2 s) then overlaps whatever the
+        caller does next, such as loading the model onto the GPU.
+        """
+        if self.workers > 0:
+            pool = self._executor()
+            for _ in range(self.workers):
+                pool.submit(_ready)
+
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # forkserver: workers are forked from a clean server process, never from this one
@@ -560,6 +571,10 @@ class ImageReader:
             except BrokenProcessPool:
                 return DecodedBatch([], np.zeros((0, 3, *self.size), np.uint8), [],
                                     failures=[Failure(entry.path, "decoder crashed on this file")])
+
+
+def _ready() -> bool:
+    return True
 
 
 def _chunks(items: list[FileEntry], n: int) -> list[list[FileEntry]]:
