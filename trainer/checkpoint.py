@@ -1,0 +1,214 @@
+"""Self-describing checkpoints: everything index, predict and similar need, in one file.
+
+A checkpoint is a ``torch.save`` of a plain dict::
+
+    {"format": "facefind-checkpoint", "format_version": 1,
+     "meta": CheckpointMeta as a dict of JSON-able values,
+     "model": state_dict, optional "optimizer" / "scheduler" / "extra" (training state)}
+
+It is read back with ``torch.load(weights_only=True)``, so a file can never run code, and every
+kind of damage (missing, truncated, random bytes, someone else's torch file, a newer format)
+becomes a one-line ModelError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from db.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "facefind-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything about a trained model except its weights; plain JSON-able values only."""
+
+    arch: str
+    attributes: list[str]
+    img_size: tuple[int, int]  # (height, width) of the model input
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding_dim: int
+    dropout: float
+    thresholds: list[float]  # per attribute: present when probability >= threshold
+    pretrained: bool = False
+    train_args: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # epochs completed when these weights were saved
+    best_epoch: int = 0
+    val_metrics: dict[str, Any] | None = None
+    test_metrics: dict[str, Any] | None = None
+    train_positive_rate: list[float] | None = None  # for the majority-class baseline
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        self.thresholds = [float(t) for t in self.thresholds]
+        if len(self.thresholds) != len(self.attributes):
+            raise ModelError(
+                f"checkpoint meta has {len(self.thresholds)} thresholds for {len(self.attributes)} attributes"
+            )
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attributes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CheckpointMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as err:
+            raise ModelError(f"checkpoint meta is incomplete ({err}); retrain the model") from None
+
+
+def library_versions() -> dict[str, str]:
+    """torch, torchvision and facefind versions, recorded in every checkpoint."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "torchvision", "facefind"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    path: Path,
+    model: Any,
+    meta: CheckpointMeta,
+    optimizer_state: dict | None = None,
+    scheduler_state: dict | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and ``meta`` atomically; training state is optional.
+
+    ``model`` is an AttributeNet (or anything with ``state_dict``); ``extra`` must hold only
+    plain values and tensors (it is loaded with ``weights_only=True``).
+    """
+    if not meta.versions:
+        meta.versions = library_versions()
+    if not meta.created:
+        meta.created = now_iso()
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meta": meta.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if optimizer_state is not None:
+        payload["optimizer"] = optimizer_state
+    if scheduler_state is not None:
+        payload["scheduler"] = scheduler_state
+    if extra is not None:
+        payload["extra"] = extra
+    atomic_torch_save(payload, Path(path))
+    return Path(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's raw dict (tensors on the CPU), validated; any damage is a ModelError."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"no checkpoint at {path}: train one with `facefind train DATA --out {path}`")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file: give the path of a .pt checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, IndexError, OSError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{path} is not a readable facefind checkpoint (truncated, corrupt or not a torch file: "
+            f"{reason[:160]}); retrain or copy the file again"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(
+            f"{path} is a PyTorch file but not a facefind checkpoint (no {FORMAT!r} marker); "
+            "give a model written by `facefind train`"
+        )
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has checkpoint format {version!r}, newer than this facefind reads ({FORMAT_VERSION}); "
+            "upgrade facefind"
+        )
+    if not isinstance(payload.get("meta"), dict) or not isinstance(payload.get("model"), dict):
+        raise ModelError(f"{path} is a damaged facefind checkpoint (no meta or weights); retrain the model")
+    return payload
+
+
+def load_model(path: Path, device: Any = "cpu") -> tuple[Any, CheckpointMeta]:
+    """Rebuild the model from the file alone; returns ``(model in eval mode on device, meta)``."""
+    import torch
+
+    from trainer.model import create_model
+
+    payload = load_checkpoint(path)
+    meta = CheckpointMeta.from_dict(payload["meta"])
+    model = create_model(
+        meta.arch, meta.num_attributes, meta.embedding_dim, meta.dropout, pretrained=meta.pretrained,
+        download=False,
+    )
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelError(f"{path}: weights do not fit a {meta.arch} model ({first}); retrain the model") from None
+    model.to(torch.device(device), memory_format=torch.channels_last)
+    model.eval()
+    return model, meta
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (identifies a model in the catalog)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,417 @@
+"""Training data on tensors: the decoded-image cache, on-device augmentation and batching.
+
+JPEG decoding is the bottleneck of a naive trainer (DESIGN.md: PIL decodes ~1,000 images/s per
+process, an H200 trains resnet50 at ~4,600/s). So each image is decoded once, resized to the
+training size and stored in a uint8 ``(N, 3, H, W)`` ``.npy`` file under facefind's cache folder
+(never the dataset folder), keyed by dataset root, file list and size, and memory-mapped by every
+later run. Epochs then only gather rows, and augmentation (flip, small shift/scale, colour jitter)
+runs batched on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from db.errors import DatasetError, ImageError
+from db.paths import default_cache_dir
+from trainer.model import normalize, resize_images
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+NATIVE_SIZE = (218, 178)  # CelebA's aligned crops, (height, width)
+_CHUNK = 64  # images per decode task
+
+CountCallback = Callable[[int, int], None]  # (done, total)
+
+
+def parse_img_size(value: str | int | Sequence[int]) -> tuple[int, int]:
+    """``64`` -> (64, 64); ``"218x178"`` -> (218, 178) (height x width); ``"native"`` -> CelebA's 218x178."""
+    if isinstance(value, int):
+        h = w = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text == "native":
+            return NATIVE_SIZE
+        try:
+            parts = [int(p) for p in text.replace("*", "x").split("x")]
+        except ValueError:
+            raise DatasetError(f"bad image size {value!r}: use N, HxW (e.g. 218x178) or native") from None
+        if len(parts) == 1:
+            h = w = parts[0]
+        elif len(parts) == 2:
+            h, w = parts
+        else:
+            raise DatasetError(f"bad image size {value!r}: use N, HxW (e.g. 218x178) or native")
+    else:
+        h, w = (int(v) for v in value)
+    if not (8 <= h <= 1024 and 8 <= w <= 1024):
+        raise DatasetError(f"image size {h}x{w} is out of range: use 8..1024 pixels per side")
+    return int(h), int(w)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Decode one image file to uint8 ``(3, H, W)`` RGB; unreadable files raise ImageError."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError):
+        pass  # formats or variants torchvision cannot decode: let PIL try
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"cannot decode image {path}: {err}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_images(paths: Sequence[Path], size: Sequence[int]) -> torch.Tensor:
+    """Decode and resize ``paths`` to one uint8 ``(N, 3, h, w)`` tensor (CPU, this thread)."""
+    out = torch.empty((len(paths), 3, int(size[0]), int(size[1])), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        out[i] = resize_images(read_image(path)[None], size)[0]
+    return out
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """Decoded images at one size: ``images`` is a read-only memory map of uint8 (N, 3, H, W)."""
+
+    path: Path
+    images: np.ndarray
+    img_size: tuple[int, int]
+    built: bool  # True when this run decoded the images, False when it reused the file
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def cache_key(root: Path, paths: Sequence[Path], img_size: Sequence[int]) -> str:
+    """Hex key for (dataset root, exact file list, size): a different subset or size is another cache."""
+    digest = hashlib.sha256()
+    digest.update(f"facefind-cache-v{CACHE_VERSION}\n{Path(root).resolve()}\n{img_size[0]}x{img_size[1]}\n".encode())
+    for path in paths:
+        digest.update(str(path).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:24]
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def find_cache(
+    paths: Sequence[Path], img_size: Sequence[int], *, root: Path, cache_dir: Path | None = None
+) -> ImageCache | None:
+    """The complete cache for exactly these ``paths`` at ``img_size``, or None when there is none yet."""
+    size = (int(img_size[0]), int(img_size[1]))
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).expanduser().resolve()
+    key = cache_key(Path(root), paths, size)
+    npy, info = folder / f"{key}.npy", folder / f"{key}.json"
+    if not (npy.is_file() and info.is_file()):
+        return None
+    try:
+        images = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        log.warning("image cache %s is unreadable (%s); rebuilding it", npy, err)
+        return None
+    if images.shape != (len(paths), 3, size[0], size[1]) or images.dtype != np.uint8:
+        log.warning("image cache %s has shape %s; rebuilding it", npy, images.shape)
+        return None
+    return ImageCache(npy, images, size, built=False)
+
+
+def build_cache(
+    paths: Sequence[Path],
+    img_size: Sequence[int],
+    *,
+    root: Path,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    device: torch.device | None = None,
+    progress: CountCallback | None = None,
+) -> ImageCache:
+    """Return the cache for ``paths`` at ``img_size``, decoding the images only if it does not exist.
+
+    Decoding runs on ``workers`` threads (torch's decoders and resize release the GIL, so threads
+    scale like processes without their start-up and fork hazards), or with nvJPEG when ``device``
+    is CUDA. The file is written under a temporary name and renamed when complete, so a killed
+    run never leaves a half-written cache that a later run would trust.
+    """
+    size = (int(img_size[0]), int(img_size[1]))
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = folder.expanduser().resolve()
+    root = Path(root).resolve()
+    if folder == root or root in folder.parents:
+        raise DatasetError(f"cache folder {folder} is inside the dataset folder {root}: choose another --cache-dir")
+    if not paths:
+        raise DatasetError(f"no images to cache from {root}")
+    existing = find_cache(paths, size, root=root, cache_dir=folder)
+    if existing is not None:
+        log.info("image cache: reusing %s (%d images at %dx%d)", existing.path, len(paths), *size)
+        if progress:
+            progress(len(paths), len(paths))
+        return existing
+    key = cache_key(root, paths, size)
+    npy, info = folder / f"{key}.npy", folder / f"{key}.json"
+    expected = (len(paths), 3, size[0], size[1])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"cannot create cache folder {folder}: {err.strerror}; use --cache-dir") from None
+    tmp = folder / f".{key}.npy.tmp-{os.getpid()}"
+    log.info("image cache: decoding %d images at %dx%d into %s", len(paths), size[0], size[1], npy)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
+        _decode_into(out, paths, size, workers or _default_workers(), device, progress)
+        out.flush()
+        del out
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, npy)
+        meta = {"version": CACHE_VERSION, "root": str(root), "n": len(paths), "img_size": list(size),
+                "first": str(paths[0]), "last": str(paths[-1])}
+        info_tmp = info.with_name(info.name + f".tmp-{os.getpid()}")
+        info_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(info_tmp, info)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ImageCache(npy, np.load(npy, mmap_mode="r"), size, built=True)
+
+
+def _decode_into(
+    out: np.ndarray,
+    paths: Sequence[Path],
+    size: tuple[int, int],
+    workers: int,
+    device: torch.device | None,
+    progress: CountCallback | None,
+) -> None:
+    """Fill ``out`` with the decoded images, chunk by chunk, reporting progress."""
+    chunks = [(start, min(start + _CHUNK, len(paths))) for start in range(0, len(paths), _CHUNK)]
+    use_cuda = device is not None and device.type == "cuda"
+    decode = (lambda s, e: _decode_cuda(paths[s:e], size, device)) if use_cuda else (
+        lambda s, e: load_images(paths[s:e], size))
+    done = 0
+
+    def task(bounds: tuple[int, int]) -> int:
+        start, end = bounds
+        out[start:end] = decode(start, end).numpy()
+        return end - start
+
+    threads_before = torch.get_num_threads()
+    parallel = workers > 1 and len(chunks) > 1
+    if parallel and not use_cuda:
+        torch.set_num_threads(1)  # one decode per thread; intra-op threads would oversubscribe
+    try:
+        if parallel:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+                for count in pool.map(task, chunks):
+                    done += count
+                    if progress:
+                        progress(done, len(paths))
+        else:
+            for bounds in chunks:
+                done += task(bounds)
+                if progress:
+                    progress(done, len(paths))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _decode_cuda(paths: Sequence[Path], size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Batched nvJPEG decode + resize on the GPU; falls back to the CPU for anything else."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    if not all(Path(p).suffix.lower() in (".jpg", ".jpeg") for p in paths):
+        return load_images(paths, size)
+    try:
+        data = [read_file(str(p)) for p in paths]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        resized = [resize_images(img[None], size)[0] for img in decoded]
+        return torch.stack(resized).cpu()
+    except RuntimeError as err:
+        log.debug("nvJPEG could not decode a chunk (%s); decoding it on the CPU", err)
+        return load_images(paths, size)
+
+
+class DeviceImages:
+    """The cached images as batches on the training device.
+
+    On CUDA the whole cache is copied to GPU memory when it fits in half of what is free (all of
+    CelebA at 218x178 is 23.6 GB: it fits an H200); otherwise each batch is gathered on the CPU,
+    pinned, and copied asynchronously while the previous batch trains. On the CPU batches are
+    gathered straight from the memory map.
+    """
+
+    def __init__(self, cache: ImageCache, device: torch.device, on_device: bool | None = None) -> None:
+        self.device = device
+        self.cache = cache
+        self.resident: torch.Tensor | None = None
+        if device.type == "cuda":
+            if on_device is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                on_device = cache.images.nbytes < 0.5 * free
+            if on_device:
+                self.resident = torch.empty(cache.images.shape, dtype=torch.uint8, device=device)
+                step = 4096
+                for start in range(0, len(cache), step):
+                    chunk = torch.from_numpy(np.ascontiguousarray(cache.images[start:start + step]))
+                    self.resident[start:start + step].copy_(chunk.pin_memory(), non_blocking=True)
+                torch.cuda.synchronize(device)
+                log.info("image cache: %.1f GB resident on %s", cache.images.nbytes / 1e9, device)
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on the device for rows ``idx``."""
+        if self.resident is not None:
+            return self.resident.index_select(0, torch.as_tensor(idx, device=self.device))
+        rows = torch.from_numpy(self.cache.images[idx])
+        if self.device.type == "cuda":
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows
+
+    def batches(self, batches: Sequence[np.ndarray], prefetch: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(idx, images)`` for each index array; host gathers run one thread ahead."""
+        if self.resident is not None or self.device.type != "cuda":
+            for idx in batches:
+                yield idx, self.take(idx)
+            return
+        queue: Queue = Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def producer() -> None:
+            try:
+                for idx in batches:
+                    if stop.is_set():
+                        return
+                    queue.put((idx, self.take(idx)))
+            except BaseException as err:  # hand errors to the consumer
+                queue.put(err)
+                return
+            queue.put(None)
+
+        thread = threading.Thread(target=producer, name="batch-prefetch", daemon=True)
+        thread.start()
+        try:
+            while (item := queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    queue.get_nowait()
+                except Exception:
+                    thread.join(timeout=0.05)
+
+
+def batch_indices(
+    rows: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """Split ``rows`` into batches (shuffled with ``generator`` when asked).
+
+    Training drops a ragged last batch (and never yields a batch of one: BatchNorm cannot train on
+    it); evaluation keeps everything.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if shuffle:
+        rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+    if drop_last:
+        if len(rows) < 2:
+            raise DatasetError(f"need at least 2 training images, got {len(rows)}")
+        batch_size = min(batch_size, len(rows))
+        count = len(rows) // batch_size
+        return [rows[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random training transforms (all applied per image, batched)."""
+
+    flip: float = 0.5  # probability of a horizontal flip (CelebA attributes are left/right symmetric)
+    scale: float = 0.08  # zoom factor in [1 - scale, 1 + scale]
+    shift: float = 0.06  # translation as a fraction of the image size
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+def augment(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    config: AugmentConfig = AugmentConfig(),
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> augmented float in [0, 1], same shape and device.
+
+    Random parameters come from ``generator`` (CPU, seeded per epoch) so a resumed run draws the
+    same augmentations as an uninterrupted one. Flip, zoom and shift are one ``grid_sample``.
+    """
+    b = images.shape[0]
+    device = images.device
+
+    def uniform(spread: float) -> torch.Tensor:
+        return (torch.rand(b, generator=generator) * 2 - 1) * spread
+
+    flip = torch.where(torch.rand(b, generator=generator) < config.flip, -1.0, 1.0)
+    scale = 1.0 + uniform(config.scale)
+    tx, ty = uniform(config.shift) * 2, uniform(config.shift) * 2  # grid coordinates span [-1, 1]
+    jitter = torch.stack([1.0 + uniform(config.brightness), 1.0 + uniform(config.contrast),
+                          1.0 + uniform(config.saturation)], dim=1)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = scale * flip
+    theta[:, 1, 1] = scale
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    theta, jitter = theta.to(device, non_blocking=True), jitter.to(device, non_blocking=True)
+
+    x = images.float().div_(255.0)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness, contrast, saturation = (jitter[:, i].view(b, 1, 1, 1) for i in range(3))
+    x = x * brightness
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(dim=(2, 3), keepdim=True)
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray) * saturation + gray
+    return x.clamp_(0.0, 1.0)
+
+
+def training_input(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator | None,
+    config: AugmentConfig = AugmentConfig(),
+) -> torch.Tensor:
+    """uint8 cache rows -> normalised channels_last model input; augmented when ``generator`` is given.
+
+    Without a generator this equals ``trainer.model.preprocess`` on images already at model size.
+    """
+    x = augment(images, generator, config) if generator is not None else images.float().div_(255.0)
+    return normalize(x, mean, std).contiguous(memory_format=torch.channels_last)

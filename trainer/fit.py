@@ -1,0 +1,671 @@
+"""Training and evaluation: ``fit`` (the whole run), ``train_one_epoch``, ``evaluate``.
+
+The official protocol: train on the train split, choose the best epoch and the per-attribute
+decision thresholds on val, report test when the folder has test images (the real sample has
+none; a folder without val holds out part of train instead, and says so).
+
+Outputs, next to ``--out`` (e.g. ``model.pt``):
+    model.pt            the best epoch so far, self-describing (trainer.checkpoint), saved atomically
+    model.history.json  one record per epoch (loss, images/s, val metrics), rewritten each epoch
+    model.state.pt      last epoch's weights + optimiser + scheduler, for ``--resume``; removed
+                        when the run completes
+
+Every epoch's randomness (shuffle, augmentation, dropout) is seeded from (seed, epoch), so a run
+resumed after epoch k continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from db.errors import DatasetError, ModelError
+from db.paths import default_models_dir
+from trainer.checkpoint import CheckpointMeta, library_versions, load_checkpoint, load_model, now_iso, save_checkpoint
+from trainer.data import (
+    DeviceImages,
+    ImageCache,
+    batch_indices,
+    build_cache,
+    find_cache,
+    parse_img_size,
+    training_input,
+)
+from trainer.device import autocast, configure, describe_device, resolve_device, synchronize
+from trainer.metrics import (
+    SUMMARY_KEYS,
+    THRESHOLD_METRICS,
+    Metrics,
+    calibrate_thresholds,
+    compute_metrics,
+    majority_baseline,
+)
+from trainer.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec, check_input_size, create_model, preprocess
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "onecycle", "constant")
+CLASS_WEIGHTS = ("none", "pos_weight")
+VAL_FRACTION = 0.1  # of train, held out when a folder has no val split
+MAX_POS_WEIGHT = 100.0  # caps neg/pos for attributes that are almost never present
+
+
+@dataclass
+class FitConfig:
+    """Everything a training run depends on (recorded in the checkpoint as ``train_args``)."""
+
+    data: Path
+    out: Path | None = None  # default: <models dir>/<arch>-<img size>.pt
+    arch: str = "resnet50"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    dropout: float = 0.3
+    embedding_dim: int = 512
+    img_size: tuple[int, int] = (224, 224)
+    pretrained: bool = False
+    augment: bool = True
+    class_weights: str = "none"
+    threshold_metric: str = "accuracy"
+    select_metric: str | None = None  # val metric that picks the best epoch; default follows threshold_metric
+    subset: int | None = None
+    device: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    cache_dir: Path | None = None
+    eval_batch_size: int = 256
+    resume: bool = False
+
+    # Settings a resumed run may change without changing its result.
+    RUNTIME = ("data", "out", "device", "workers", "cache_dir", "eval_batch_size", "resume")
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.img_size = parse_img_size(self.img_size)
+        if self.out is None:
+            self.out = default_models_dir() / f"{self.arch}-{self.img_size[0]}x{self.img_size[1]}.pt"
+        self.out = Path(self.out)
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+        if self.select_metric is None:
+            self.select_metric = "mean_accuracy" if self.threshold_metric == "accuracy" else "macro_f1"
+        problems = [
+            (self.epochs < 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size < 2, f"--batch-size must be at least 2, got {self.batch_size}"),
+            (not self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.optimizer not in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}"),
+            (self.schedule not in SCHEDULES, f"unknown schedule {self.schedule!r}: use {', '.join(SCHEDULES)}"),
+            (self.class_weights not in CLASS_WEIGHTS,
+             f"unknown --class-weights {self.class_weights!r}: use {', '.join(CLASS_WEIGHTS)}"),
+            (self.threshold_metric not in THRESHOLD_METRICS,
+             f"unknown --threshold-metric {self.threshold_metric!r}: use {', '.join(THRESHOLD_METRICS)}"),
+            (self.select_metric not in SUMMARY_KEYS,
+             f"unknown selection metric {self.select_metric!r}: use {', '.join(SUMMARY_KEYS)}"),
+            (self.subset is not None and self.subset < 2, f"--subset must be at least 2, got {self.subset}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ModelError(message)
+
+    def to_args(self) -> dict[str, Any]:
+        """JSON-able form (paths as strings, size as a list)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "FitConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in names})
+
+
+def state_path(out: Path) -> Path:
+    """Where the resumable training state of the run writing ``out`` lives."""
+    return Path(out).with_suffix(".state.pt")
+
+
+def history_path(out: Path) -> Path:
+    return Path(out).with_suffix(".history.json")
+
+
+@dataclass(frozen=True)
+class FitEvent:
+    """Progress of a run, for the CLI's progress bars (the library never prints).
+
+    kind: "cache" (done/total images decoded), "epoch" (an epoch starts: steps known), "step"
+    (loss and images/s so far this epoch), "eval" (validating), "epoch_end" (record holds the
+    epoch's history entry), "test" (evaluating the best epoch on test).
+    """
+
+    kind: str
+    epoch: int = 0  # 1-based
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    done: int = 0
+    total: int = 0
+    loss: float | None = None
+    images_per_s: float | None = None
+    record: dict[str, Any] | None = None
+
+
+ProgressFn = Callable[[FitEvent], None]
+
+
+@dataclass
+class TrainData:
+    """A dataset ready for training: rows of each split, labels on the device, the image cache."""
+
+    attributes: list[str]
+    labels: np.ndarray  # uint8 (N, K)
+    labels_device: torch.Tensor
+    rows: dict[str, np.ndarray]
+    images: DeviceImages
+    cache: ImageCache
+    spec: InputSpec
+    root: Path
+
+    def split_labels(self, split: str) -> np.ndarray:
+        return self.labels[self.rows[split]]
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class FitResult:
+    """What a run produced: the checkpoint, its epoch, and its val (and test) metrics."""
+
+    checkpoint: Path
+    history_file: Path
+    best_epoch: int
+    epochs: int
+    val: Metrics  # best epoch, calibrated thresholds
+    val_at_half: Metrics
+    baseline_val: Metrics
+    test: Metrics | None
+    test_at_half: Metrics | None
+    history: list[dict[str, Any]]
+    seconds: float
+    device: str
+    cache: Path
+    val_note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "history": str(self.history_file),
+            "best_epoch": self.best_epoch,
+            "epochs": self.epochs,
+            "device": self.device,
+            "seconds": round(self.seconds, 2),
+            "train_images_per_s": self.history[-1]["images_per_s"] if self.history else None,
+            "val": self.val.summary(),
+            "val_at_0_5": self.val_at_half.summary(),
+            "val_majority_baseline": self.baseline_val.summary(),
+            "test": self.test.summary() if self.test else None,
+            "test_at_0_5": self.test_at_half.summary() if self.test_at_half else None,
+            "note": self.val_note or None,
+        }
+
+
+def prepare_data(cfg: FitConfig, device: torch.device, progress: ProgressFn | None = None) -> tuple[TrainData, str]:
+    """Load the dataset, apply ``--subset``, fix the split rows, and build or reuse the image cache."""
+    from trainer.celeba import load_celeba
+
+    ds = load_celeba(cfg.data)
+    if cfg.subset is not None and cfg.subset < len(ds):
+        rng = np.random.default_rng(cfg.seed)
+        ds = ds.subset(np.sort(rng.choice(len(ds), size=cfg.subset, replace=False)))
+    rows = {name: ds.indices(name) for name in ("train", "val", "test")}
+    note = ""
+    if len(rows["train"]) < 2:
+        raise DatasetError(f"{cfg.data} has {len(rows['train'])} training images: need at least 2 in the train split")
+    if len(rows["val"]) == 0:
+        rng = np.random.default_rng(cfg.seed + 1)
+        take = max(1, int(round(len(rows["train"]) * VAL_FRACTION)))
+        held = np.sort(rng.choice(rows["train"], size=take, replace=False))
+        rows["train"] = np.setdiff1d(rows["train"], held)
+        rows["val"] = held
+        note = f"no val split in {cfg.data}: held out {take} training images for validation"
+        log.warning(note)
+    check_input_size(cfg.arch, cfg.img_size)
+
+    def on_cache(done: int, total: int) -> None:
+        if progress:
+            progress(FitEvent("cache", done=done, total=total))
+
+    cache = build_cache(ds.paths, cfg.img_size, root=ds.root, cache_dir=cfg.cache_dir, workers=cfg.workers,
+                        device=device, progress=on_cache)
+    data = TrainData(
+        attributes=list(ds.attributes),
+        labels=ds.labels,
+        labels_device=torch.from_numpy(np.ascontiguousarray(ds.labels)).to(device),
+        rows=rows,
+        images=DeviceImages(cache, device),
+        cache=cache,
+        spec=InputSpec(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD),
+        root=ds.root,
+    )
+    log.info("data: %s; train %d, val %d, test %d images; %d attributes", ds.root, len(rows["train"]),
+             len(rows["val"]), len(rows["test"]), len(ds.attributes))
+    return data, note
+
+
+def make_optimizer(cfg: FitConfig, model: nn.Module) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """Per-step learning-rate schedule (a LambdaLR, so its state is plain numbers)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        warmup = max(1, int(0.3 * total))
+    elif cfg.schedule == "cosine":
+        warmup = min(steps_per_epoch, max(1, total // 20))
+    else:
+        warmup = 0
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            start = 0.04 if cfg.schedule == "onecycle" else 0.0
+            return start + (1.0 - start) * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """The study's class weights: negatives / positives per attribute (capped; 1 when absent)."""
+    pos = labels.sum(0).astype(np.float64)
+    neg = len(labels) - pos
+    weights = np.divide(neg, pos, out=np.ones_like(pos), where=pos > 0)
+    return np.clip(weights, 1.0 / MAX_POS_WEIGHT, MAX_POS_WEIGHT)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: TrainData,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    criterion: nn.Module,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    augment: bool = True,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+    batches: Sequence[np.ndarray] | None = None,
+) -> EpochStats:
+    """One pass over the train rows; ``on_step(step, steps, mean loss, images/s)`` about twice a second.
+
+    ``batches`` (row indices per step) replaces the shuffled epoch, e.g. for a benchmark. The
+    loss is read back from the device only when reported, so the GPU never waits for Python.
+    """
+    model.train()
+    if batches is None:
+        batches = batch_indices(data.rows["train"], batch_size, shuffle=True, generator=generator, drop_last=True)
+    loss_sum = torch.zeros((), device=device)
+    seen, last_report = 0, 0.0
+    start = time.perf_counter()
+    for step, (idx, images) in enumerate(data.images.batches(batches), start=1):
+        x = training_input(images, data.spec.mean, data.spec.std, generator if augment else None)
+        y = data.labels_device.index_select(0, torch.as_tensor(idx, device=device)).float()
+        with autocast(device):
+            logits, _ = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        seen += len(idx)
+        now = time.perf_counter()
+        if on_step and (now - last_report >= 0.5 or step == len(batches)):
+            last_report = now
+            on_step(step, len(batches), float(loss_sum.item()) / step, seen / max(now - start, 1e-9))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return EpochStats(loss=float(loss_sum.item()) / max(1, len(batches)), images=seen, seconds=seconds)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, data: TrainData, rows: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """Logits (len(rows), K) as float32 numpy, in ``rows`` order; the model is left in eval mode."""
+    model.eval()
+    device = data.labels_device.device
+    out = []
+    for _, images in data.images.batches(batch_indices(rows, batch_size, shuffle=False)):
+        with autocast(device):
+            logits, _ = model(preprocess(images, data.spec))
+        out.append(logits.float().cpu())
+    if not out:
+        return np.zeros((0, len(data.attributes)), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def evaluate(
+    model: nn.Module,
+    data: TrainData,
+    split: str,
+    thresholds: Sequence[float] | float = 0.5,
+    batch_size: int = 256,
+) -> Metrics:
+    """Metrics of ``model`` on one split at the given thresholds."""
+    probs = sigmoid(predict_logits(model, data, data.rows[split], batch_size))
+    return compute_metrics(data.split_labels(split), probs, thresholds, data.attributes, split)
+
+
+def _bce(logits: np.ndarray, labels: np.ndarray, pos_weight: np.ndarray | None) -> float:
+    """Mean BCE-with-logits, as the training criterion computes it."""
+    if logits.size == 0:
+        return float("nan")
+    criterion = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.from_numpy(pos_weight))
+    return float(criterion(torch.from_numpy(logits).double(), torch.from_numpy(labels).double()))
+
+
+def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
+    """Train, validate every epoch, keep the best checkpoint, report test. See the module docstring."""
+    started = time.perf_counter()
+    cfg = config
+    resume_state: dict[str, Any] | None = None
+    if cfg.resume:
+        cfg, resume_state = _resume_config(cfg)
+    elif state_path(cfg.out).exists():
+        log.warning("an interrupted run's state is at %s; starting over (use --resume to continue it)",
+                    state_path(cfg.out))
+
+    device = resolve_device(cfg.device)
+    configure(device)
+    torch.manual_seed(cfg.seed)
+    data, note = prepare_data(cfg, device, progress)
+    train_labels = data.split_labels("train")
+    if resume_state is not None:
+        _check_same_data(resume_state, data)
+
+    model = create_model(cfg.arch, len(data.attributes), cfg.embedding_dim, cfg.dropout, cfg.pretrained)
+    model.to(device, memory_format=torch.channels_last)
+    pos_weight = positive_weights(train_labels) if cfg.class_weights == "pos_weight" else None
+    criterion = nn.BCEWithLogitsLoss(
+        pos_weight=None if pos_weight is None else torch.from_numpy(pos_weight).float().to(device)
+    )
+    steps = len(batch_indices(data.rows["train"], cfg.batch_size, shuffle=False, drop_last=True))
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps)
+
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, start_epoch = -math.inf, 0, 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        extra = resume_state["extra"]
+        history = list(extra["history"])
+        best_score, best_epoch, start_epoch = float(extra["best_score"]), int(extra["best_epoch"]), int(extra["epoch"])
+        log.info("resuming %s after epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
+
+    val_labels = data.split_labels("val")
+    base_meta = dict(
+        arch=cfg.arch, attributes=data.attributes, img_size=cfg.img_size, mean=data.spec.mean,
+        std=data.spec.std, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, pretrained=cfg.pretrained,
+        train_args=cfg.to_args(), train_positive_rate=train_labels.mean(0).tolist(),
+        versions=library_versions(),
+    )
+    emit = progress or (lambda event: None)
+    for epoch in range(start_epoch, cfg.epochs):
+        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch) + 1)  # dropout
+        emit(FitEvent("epoch", epoch=epoch + 1, epochs=cfg.epochs, steps=steps))
+
+        def on_step(step: int, total: int, loss: float, rate: float, _epoch: int = epoch) -> None:
+            emit(FitEvent("step", epoch=_epoch + 1, epochs=cfg.epochs, step=step, steps=total, loss=loss,
+                          images_per_s=rate))
+
+        stats = train_one_epoch(model, data, optimizer, scheduler, criterion, batch_size=cfg.batch_size,
+                                generator=generator, device=device, augment=cfg.augment, on_step=on_step)
+        emit(FitEvent("eval", epoch=epoch + 1, epochs=cfg.epochs))
+        logits = predict_logits(model, data, data.rows["val"], cfg.eval_batch_size)
+        probs = sigmoid(logits)
+        thresholds = calibrate_thresholds(val_labels, probs, cfg.threshold_metric)
+        val = compute_metrics(val_labels, probs, thresholds, data.attributes, "val")
+        val_half = compute_metrics(val_labels, probs, 0.5, data.attributes, "val")
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "val_loss": _bce(logits, val_labels, pos_weight),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "images_per_s": round(stats.images_per_s, 1),
+            "seconds": round(stats.seconds, 2),
+            "val": val.summary(),
+            "val_at_0_5": val_half.summary(),
+        }
+        history.append(record)
+        score = val.value(cfg.select_metric)
+        if score > best_score or best_epoch == 0:
+            best_score, best_epoch = score, epoch + 1
+            meta = CheckpointMeta(**base_meta, thresholds=thresholds.tolist(), history=history, epoch=epoch + 1,
+                                  best_epoch=best_epoch, val_metrics=val.to_json(), created=now_iso())
+            save_checkpoint(cfg.out, model, meta)
+        last_meta = CheckpointMeta(**base_meta, thresholds=thresholds.tolist(), history=history, epoch=epoch + 1,
+                                   best_epoch=best_epoch, val_metrics=val.to_json(), created=now_iso())
+        save_checkpoint(state_path(cfg.out), model, last_meta, optimizer.state_dict(), scheduler.state_dict(),
+                        extra={"epoch": epoch + 1, "history": history, "best_score": best_score,
+                               "best_epoch": best_epoch, "config": cfg.to_args(),
+                               "n_rows": {k: int(len(v)) for k, v in data.rows.items()},
+                               "attributes": data.attributes})
+        _write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
+                                            "epochs": history})
+        log.debug("epoch %d: %s", epoch + 1, record)
+        emit(FitEvent("epoch_end", epoch=epoch + 1, epochs=cfg.epochs, record=record))
+
+    return _finish(cfg, data, device, history, best_epoch, pos_weight, note, started, emit)
+
+
+def _finish(
+    cfg: FitConfig,
+    data: TrainData,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    pos_weight: np.ndarray | None,
+    note: str,
+    started: float,
+    emit: ProgressFn,
+) -> FitResult:
+    """Reload the best epoch, measure it on val (and test), and write the final checkpoint."""
+    model, meta = load_model(cfg.out, device)
+    thresholds = np.asarray(meta.thresholds)
+    val_probs = sigmoid(predict_logits(model, data, data.rows["val"], cfg.eval_batch_size))
+    val_labels = data.split_labels("val")
+    val = compute_metrics(val_labels, val_probs, thresholds, data.attributes, "val")
+    val_half = compute_metrics(val_labels, val_probs, 0.5, data.attributes, "val")
+    baseline = majority_baseline(val_labels, meta.train_positive_rate, data.attributes, "val")
+    test = test_half = None
+    if len(data.rows["test"]):
+        emit(FitEvent("test", epoch=best_epoch, epochs=cfg.epochs))
+        probs = sigmoid(predict_logits(model, data, data.rows["test"], cfg.eval_batch_size))
+        test_labels = data.split_labels("test")
+        test = compute_metrics(test_labels, probs, thresholds, data.attributes, "test")
+        test_half = compute_metrics(test_labels, probs, 0.5, data.attributes, "test")
+    else:
+        log.info("no test images in %s: test metrics are not reported", cfg.data)
+    meta.history = history
+    meta.val_metrics = val.to_json()
+    meta.test_metrics = test.to_json() if test else None
+    meta.epoch = len(history)
+    save_checkpoint(cfg.out, model, meta)
+    _write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
+                                        "epochs": history, "test": test.summary() if test else None})
+    state_path(cfg.out).unlink(missing_ok=True)
+    return FitResult(
+        checkpoint=cfg.out, history_file=history_path(cfg.out), best_epoch=best_epoch, epochs=len(history),
+        val=val, val_at_half=val_half, baseline_val=baseline, test=test, test_at_half=test_half,
+        history=history, seconds=time.perf_counter() - started, device=describe_device(device),
+        cache=data.cache.path, val_note=note,
+    )
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**62)
+
+
+def _resume_config(cfg: FitConfig) -> tuple[FitConfig, dict[str, Any]]:
+    """The interrupted run's saved config (runtime settings from ``cfg``) and its state."""
+    path = state_path(cfg.out)
+    if not path.exists():
+        if cfg.out.exists():
+            raise ModelError(f"{cfg.out} is a finished run (no {path.name} beside it): nothing to resume; "
+                             "train again without --resume")
+        raise ModelError(f"no interrupted run to resume at {path}: train without --resume")
+    state = load_checkpoint(path)
+    extra = state.get("extra")
+    if not isinstance(extra, dict) or "config" not in extra or "optimizer" not in state or "scheduler" not in state:
+        raise ModelError(f"{path} holds no training state; train again without --resume")
+    saved = dict(extra["config"])
+    for name in FitConfig.RUNTIME:
+        saved[name] = getattr(cfg, name)
+    saved["resume"] = True
+    return FitConfig.from_args(saved), state
+
+
+def _check_same_data(state: dict[str, Any], data: TrainData) -> None:
+    extra = state["extra"]
+    rows = {k: int(len(v)) for k, v in data.rows.items()}
+    if extra.get("attributes") != data.attributes or extra.get("n_rows") != rows:
+        raise ModelError(
+            f"the dataset differs from the interrupted run's ({extra.get('n_rows')} rows then, {rows} now): "
+            "resume with the same DATA, or train without --resume"
+        )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- evaluate a checkpoint
+
+
+@dataclass
+class EvalReport:
+    """A checkpoint measured on one split: at its own thresholds, at 0.5, and the majority baseline."""
+
+    model: Path
+    meta: CheckpointMeta
+    metrics: Metrics
+    at_half: Metrics
+    baseline: Metrics
+    seconds: float
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.metrics.to_json()
+        out["model"] = str(self.model)
+        out["arch"] = self.meta.arch
+        out["at_0_5"] = self.at_half.summary()
+        out["majority_baseline"] = self.baseline.summary()
+        return out
+
+
+def evaluate_checkpoint(
+    model_path: Path,
+    data_path: Path,
+    split: str | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> EvalReport:
+    """Measure a checkpoint on a CelebA-format folder (``split`` None: test, or val when test is empty)."""
+    from trainer.celeba import load_celeba
+
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    configure(dev)
+    model, meta = load_model(model_path, dev)
+    ds = load_celeba(data_path)
+    missing = [a for a in meta.attributes if a not in ds.attributes]
+    if missing:
+        raise DatasetError(f"{data_path} lacks {len(missing)} of the model's attributes (first: {missing[0]}): "
+                           "evaluate on data annotated with the same attributes")
+    columns = [ds.attributes.index(a) for a in meta.attributes]
+    note = ""
+    if split is None:
+        split = "test" if len(ds.indices("test")) else "val"
+        if split == "val":
+            note = f"no test images in {data_path}: evaluated on val (where the thresholds were chosen)"
+            log.warning(note)
+    rows = ds.indices(split)
+    if not len(rows):
+        raise DatasetError(f"the {split} split of {data_path} has no images: choose another --split")
+    full = find_cache(ds.paths, meta.img_size, root=ds.root, cache_dir=cache_dir)
+    if full is None:  # decode only what this split needs
+        ds = ds.subset(rows)
+        rows = np.arange(len(ds))
+
+    def on_cache(done: int, total: int) -> None:
+        if progress:
+            progress(FitEvent("cache", done=done, total=total))
+
+    cache = full or build_cache(ds.paths, meta.img_size, root=ds.root, cache_dir=cache_dir, workers=workers,
+                                device=dev, progress=on_cache)
+    labels = np.ascontiguousarray(ds.labels[:, columns])
+    data = TrainData(
+        attributes=list(meta.attributes), labels=labels, labels_device=torch.from_numpy(labels).to(dev),
+        rows={split: rows}, images=DeviceImages(cache, dev), cache=cache,
+        spec=InputSpec(meta.img_size, meta.mean, meta.std), root=ds.root,
+    )
+    if progress:
+        progress(FitEvent("eval", total=len(rows)))
+    probs = sigmoid(predict_logits(model, data, rows, batch_size))
+    split_labels = labels[rows]
+    return EvalReport(
+        model=Path(model_path), meta=meta,
+        metrics=compute_metrics(split_labels, probs, meta.thresholds, meta.attributes, split),
+        at_half=compute_metrics(split_labels, probs, 0.5, meta.attributes, split),
+        baseline=majority_baseline(split_labels, meta.train_positive_rate, meta.attributes, split),
+        seconds=time.perf_counter() - started, note=note,
+    )
