@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from db.atomic import atomic_replace
 
 log = logging.getLogger(__name__)
 
@@ -89,36 +90,12 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
     """Write ``index`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir.
 
     A crash at any point leaves either the old file or the new one, never a torn one.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_replace(path, lambda tmp: faiss.write_index(index, os.fspath(tmp)))
     return path
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import html
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Sequence
+from typing import TYPE_CHECKING, Annotated, Sequence
 
 import typer
 
+from db.atomic import atomic_write_text
 from db.errors import CatalogError, ImageError, ModelError
 from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
 
@@ -171,20 +171,6 @@ def _order(item: tuple[str, float], present: set[str]) -> tuple[bool, float, str
     return (item[0] not in present, -item[1], item[0])
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and a rename (no half-written page)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------------------------------- command
 
 DetectFaceOpt = Annotated[
@@ -218,7 +204,7 @@ def predict(
     predictor = open_predictor(model_path, device)
     preds = predictor.predict([str(p) for p in images], detect_face)
     if gallery is not None:
-        write_text_atomic(gallery, render_predictions(preds, title=f"facefind predict · {model_path.name}"))
+        atomic_write_text(gallery, render_predictions(preds, title=f"facefind predict · {model_path.name}"))
         typer.echo(f"gallery: {gallery}", err=True)
     if as_json:
         print_json([p.to_dict() for p in preds])

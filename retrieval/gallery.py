@@ -13,8 +13,9 @@ import io
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from db.atomic import atomic_write_text
 from db.errors import FacefindError
 from retrieval.engine import Hit, Result
 
@@ -131,14 +132,5 @@ def write_gallery(path: str | os.PathLike[str], result: Result, *, title: str | 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     page = render_gallery(result, title=title, thumbnail_size=thumbnail_size)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, page)
     return out

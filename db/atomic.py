@@ -1,0 +1,62 @@
+"""Atomic file replacement: a crash leaves the old file or the new one, never a torn one.
+
+Every file facefind writes for users to keep (checkpoints, FAISS indexes, galleries, reports) goes
+through ``atomic_replace``: fill a temporary file in the same folder, fsync it, give it the mode a
+plain ``open()`` would (umask applied; ``mkstemp`` alone would leave it 0600), rename it over the
+target, and fsync the folder so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_replace(path: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """Create ``path`` by calling ``fill(tmp)`` on a temporary path beside it, then renaming."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    return atomic_replace(path, lambda tmp: tmp.write_bytes(data))
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder so that renames in it are durable (a no-op where folders can't be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
