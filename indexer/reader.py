@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,11 +109,6 @@ class DecodedBatch:
     jpeg_bytes: list[bytes] = field(default_factory=list)
     jpeg_sizes: list[tuple[int, int]] = field(default_factory=list)
     seconds: float = 0.0  # worker CPU time spent decoding (summed over workers)
-
-    @property
-    def count(self) -> int:
-        """Files in this batch, decoded or failed."""
-        return len(self.entries) + len(self.jpeg_entries) + len(self.failures)
 
 
 class Unreadable(Exception):
@@ -520,7 +515,7 @@ class ImageReader:
             for chunk in chunks:
                 yield self._decode(chunk)
             return
-        pending: deque[list[tuple[list[FileEntry], Future[DecodedBatch]]]] = deque()
+        pending: deque[list[tuple[list[FileEntry], Future[DecodedBatch], ProcessPoolExecutor]]] = deque()
         chunk_iter = iter(chunks)
 
         def submit_next() -> bool:
@@ -529,10 +524,7 @@ class ImageReader:
                 return False
             per_worker = max(1, math.ceil(len(chunk) / self.workers))
             pool = self._executor()
-            pending.append([
-                (piece, pool.submit(decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg))
-                for piece in _chunks(chunk, per_worker)
-            ])
+            pending.append([(piece, self._submit(pool, piece), pool) for piece in _chunks(chunk, per_worker)])
             return True
 
         for _ in range(self.prefetch):
@@ -541,25 +533,30 @@ class ImageReader:
         while pending:
             parts = pending.popleft()
             submit_next()
-            yield merge_batches([self._result(piece, fut) for piece, fut in parts], self.size)
+            yield merge_batches([self._result(piece, fut, pool) for piece, fut, pool in parts], self.size)
 
-    def _result(self, piece: list[FileEntry], fut: Future[DecodedBatch]) -> DecodedBatch:
-        """A worker's result; if a decoder crashed its process, find the file that did it in-process."""
+    def _submit(self, pool: ProcessPoolExecutor, piece: Sequence[FileEntry]) -> Future[DecodedBatch]:
+        return pool.submit(decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg)
+
+    def _result(self, piece: list[FileEntry], fut: Future[DecodedBatch], pool: ProcessPoolExecutor) -> DecodedBatch:
+        """A worker's result. When a decoder process died (a file crashed the decoder), the piece is
+        retried in a fresh pool, and if it fails again each file is decoded alone to find the culprit."""
         try:
             return fut.result()
-        except BrokenProcessPool:
-            self._discard_pool()  # broken: later batches get a fresh one
-        try:  # the culprit may have been another piece: retry this one whole first
-            return self._executor().submit(
-                decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg).result()
-        except BrokenProcessPool:
-            self._discard_pool()
+        except (BrokenProcessPool, CancelledError):
+            self._discard_pool(pool)
+        fresh = self._executor()
+        try:
+            return self._submit(fresh, piece).result()
+        except (BrokenProcessPool, CancelledError):
+            self._discard_pool(fresh)
         log.warning("a decoder process died; decoding %d files one by one to find the culprit", len(piece))
         return merge_batches([self._isolated(entry) for entry in piece], self.size)
 
-    def _discard_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+    def _discard_pool(self, pool: ProcessPoolExecutor) -> None:
+        """Drop a broken pool (its pending work is resubmitted by ``_result``)."""
+        pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is pool:
             self._pool = None
 
     def _isolated(self, entry: FileEntry) -> DecodedBatch:
@@ -567,7 +564,7 @@ class ImageReader:
         ctx = mp.get_context("forkserver")
         with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             try:
-                return pool.submit(decode_files, [entry], self.size, self.max_pixels, self.crop, self.gpu_jpeg).result()
+                return self._submit(pool, [entry]).result()
             except BrokenProcessPool:
                 return DecodedBatch([], np.zeros((0, 3, *self.size), np.uint8), [],
                                     failures=[Failure(entry.path, "decoder crashed on this file")])

@@ -226,6 +226,37 @@ def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: P
     assert info(idx)["vectors"] == N_FACES
 
 
+def test_write_failure_is_one_line_and_keeps_committed_work(
+    faces: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from db.catalog import Catalog
+    from db.errors import CatalogError
+    from db.snapshot import sync_snapshot
+
+    idx = tmp_path / "index"
+    calls = {"n": 0}
+    real = Catalog.write_batch
+
+    def fail_on_third(self: Catalog, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise CatalogError("cannot write to the catalog: disk full (simulated)")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Catalog, "write_batch", fail_on_third)
+    result = CliRunner().invoke(app, ["index", str(faces), "--index", str(idx), "--model", str(model),
+                                      "--workers", "0", "--device", "cpu", "--batch-size", "32"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: cannot write to the catalog: disk full (simulated)"
+    monkeypatch.undo()
+    with Catalog.open(idx) as catalog:
+        assert catalog.info()["predictions"] == 64  # the two committed batches are kept
+        assert catalog.runs()[0].status == "failed"
+        assert len(sync_snapshot(catalog, idx, 1)) == 64
+    resumed = index(faces, idx)
+    assert (resumed["indexed"], resumed["unchanged"]) == (N_FACES - 64, 64)
+
+
 def test_writer_commits_in_order_and_surfaces_errors() -> None:
     from db.errors import CatalogError
     from indexer.reader import Failure, FileEntry

@@ -251,3 +251,22 @@ def test_device_decode_path_matches_pillow(tmp_path: Path) -> None:
         diff = np.abs(image.astype(int) - reference[entry.path].astype(int)).mean()
         assert diff < 3, (entry.path, diff)  # two JPEG decoders, same pixels up to IDCT rounding
     assert sum(1 for r in expect.values() if r is None) == len(entries)
+
+
+def crash_on_red(rgb: np.ndarray) -> np.ndarray:
+    """A 'face detector' that kills its process on pure red images, like a decoder segfault would."""
+    if (rgb[..., 0] == 255).all() and (rgb[..., 1] == 0).all():
+        os._exit(3)
+    return rgb
+
+
+def test_a_crashing_decoder_costs_only_its_file(tmp_path: Path) -> None:
+    for i in range(8):
+        _face(i).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "3.png")
+    with ImageReader(SIZE, batch_size=4, workers=2, crop=crash_on_red) as reader:
+        batches = list(reader.batches(discover(tmp_path).files))
+    done = [Path(e.path).name for b in batches for e in b.entries]
+    failed = [(Path(f.path).name, f.reason) for b in batches for f in b.failures]
+    assert failed == [("3.png", "decoder crashed on this file")]
+    assert done == [f"{i}.png" for i in range(8) if i != 3]  # order kept around the crash
