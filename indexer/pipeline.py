@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
 
 import numpy as np
 
@@ -210,7 +210,7 @@ def _run(
     done = 0
     if progress is not None:
         progress(0, len(todo))
-    batches: Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]
+    batches: Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]
     if device.type == "cuda":
         batches = _device_batches(reader.batches(todo), runner.img_size, device)
     else:
@@ -234,11 +234,13 @@ def _run(
     except KeyboardInterrupt:
         log.warning("interrupted: committing the batches already processed (%d files)", done)
         return "interrupted"
+    finally:
+        batches.close()  # stops a decode thread (GPU path) before the reader shuts down
 
 
 def _device_batches(
     batches: Iterable[DecodedBatch], size: tuple[int, int], device: torch.device
-) -> Iterator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]]]:
+) -> Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]:
     """nvJPEG-decode each batch in a producer thread on its own CUDA stream, one batch ahead.
 
     Decoding and the forward pass then overlap on the GPU (they compete for the same
@@ -258,31 +260,38 @@ def _device_batches(
         return entries, pixels, sizes, batch.failures + extra, ready
 
     main = torch.cuda.current_stream(device)
-    for entries, pixels, sizes, bad, ready in _threaded(map(decode, batches), depth=2):
-        main.wait_event(ready)
-        pixels.record_stream(main)  # its memory belongs to the side stream's allocator pool
-        yield entries, pixels, sizes, bad
+    decoded = _threaded(map(decode, batches), depth=2)
+    try:
+        for entries, pixels, sizes, bad, ready in decoded:
+            main.wait_event(ready)
+            pixels.record_stream(main)  # its memory belongs to the side stream's allocator pool
+            yield entries, pixels, sizes, bad
+    finally:
+        decoded.close()
 
 
-def _threaded(items: Iterable[T], depth: int) -> Iterator[T]:
+def _threaded(items: Iterable[T], depth: int) -> Generator[T, None, None]:
     """Iterate ``items`` in a background thread, up to ``depth`` ahead; errors re-raised here."""
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer is gone
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
-            q.put(("end", None))
+            put(("end", None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            q.put(("error", err))
+            put(("error", err))
 
     thread = threading.Thread(target=produce, name="facefind-decode", daemon=True)
     thread.start()

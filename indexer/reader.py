@@ -470,6 +470,7 @@ class ImageReader:
         self.gpu_jpeg = gpu_jpeg
         self.prefetch = max(1, prefetch)
         self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
 
     def __enter__(self) -> ImageReader:
         return self
@@ -479,6 +480,7 @@ class ImageReader:
 
     def close(self) -> None:
         """Stop the worker processes (pending work is dropped)."""
+        self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -495,6 +497,8 @@ class ImageReader:
                 pool.submit(_ready)
 
     def _executor(self) -> ProcessPoolExecutor:
+        if self._closed:
+            raise CancelledError("the reader is closed")
         if self._pool is None:
             # forkserver: workers are forked from a clean server process, never from this one
             # (which may hold torch threads or CUDA state); torch is imported there once.
@@ -544,6 +548,8 @@ class ImageReader:
         try:
             return fut.result()
         except (BrokenProcessPool, CancelledError):
+            if self._closed:  # cancelled by close(), e.g. from another thread after Ctrl-C
+                raise
             self._discard_pool(pool)
         fresh = self._executor()
         try:

@@ -299,6 +299,41 @@ def test_writer_commits_in_order_and_surfaces_errors() -> None:
     assert ["/later"] not in fake.batches  # nothing is committed after a failed batch
 
 
+def test_threaded_prefetch_keeps_order_raises_and_stops() -> None:
+    """The producer thread that feeds the GPU path (testable without a GPU)."""
+    import threading
+
+    from indexer.pipeline import _threaded
+
+    assert list(_threaded(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> object:
+        yield 1
+        raise ValueError("bad batch")
+
+    gen = _threaded(failing(), depth=2)
+    assert next(gen) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(gen)
+
+    produced = []
+
+    def endless() -> object:
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    before = threading.active_count()
+    gen = _threaded(endless(), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the consumer stops early (Ctrl-C): the thread must end, not fill memory
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+    assert len(produced) < 10
+
+
 def test_runner_outputs_probabilities_and_unit_embeddings(model: Path) -> None:
     import torch
 
