@@ -94,6 +94,7 @@ def run_index_bench(
     ``out`` keeps the work folder (images, model, indexes); by default a temporary one is removed.
     """
     from indexer.pipeline import index_folder
+    from indexer.reader import available_cpus
     from trainer.device import describe_device, resolve_device
 
     dev = resolve_device(device)
@@ -115,7 +116,7 @@ def run_index_bench(
             "img_size": list(size),
             "device": describe_device(dev),
             "batch_size": batch_size,
-            "workers": workers if workers is not None else os.cpu_count(),
+            "workers": workers if workers is not None else available_cpus(),
             "mean_jpeg_bytes": round(mean_bytes),
             "generate_seconds": round(generate_s, 2),
             "indexed": report.indexed,
@@ -207,6 +208,7 @@ def naive_pipeline(images: Path, model_path: Path, device: Any, workers: int | N
     import torch
     from torch.utils.data import DataLoader
 
+    from indexer.reader import available_cpus
     from trainer.checkpoint import load_model
 
     paths = sorted(str(p) for p in images.glob("*.jpg"))
@@ -215,7 +217,7 @@ def naive_pipeline(images: Path, model_path: Path, device: Any, workers: int | N
     model = model.to(memory_format=torch.contiguous_format)
     loader = DataLoader(
         _PilDataset(paths, meta.img_size, meta.mean, meta.std), batch_size=_NAIVE_BATCH,
-        num_workers=workers if workers is not None else (os.cpu_count() or 1),
+        num_workers=workers if workers is not None else available_cpus(),
     )
     _drop(db_path)
     conn = sqlite3.connect(db_path)

@@ -464,7 +464,7 @@ class ImageReader:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.size = (int(size[0]), int(size[1]))
         self.batch_size = batch_size
-        self.workers = (os.cpu_count() or 1) if workers is None else max(0, workers)
+        self.workers = available_cpus() if workers is None else max(0, workers)
         self.max_pixels = max_pixels
         self.crop = crop
         self.gpu_jpeg = gpu_jpeg
@@ -578,6 +578,14 @@ class ImageReader:
 
 def _ready() -> bool:
     return True
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (respects affinity / container limits where visible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _chunks(items: list[FileEntry], n: int) -> list[list[FileEntry]]:

@@ -464,3 +464,17 @@ def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path
     assert vectors.ntotal == n
     np.testing.assert_array_equal(np.sort(index_ids(vectors)), preds.ids)
 
+
+
+def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -> None:
+    from indexer.bench_index import run_index_bench
+
+    result = run_index_bench(n=24, out=tmp_path / "bench", device="cpu", batch_size=8,
+                             arch="mobilenet_v3_small", img_size=64, workers=0)
+    assert result["indexed"] == 24
+    assert 8_000 < result["mean_jpeg_bytes"] < 16_000  # CelebA-like files, ~12 KB
+    assert result["images_per_second"] > 0 and result["baseline_images_per_second"] > 0
+    assert result["speedup"] == pytest.approx(result["images_per_second"] / result["baseline_images_per_second"], rel=0.02)
+    assert set(result["stage_images_per_second"]) == {"decode", "infer", "write"}
+    with sqlite3.connect(tmp_path / "bench" / "naive.db") as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (24,)
