@@ -146,7 +146,7 @@ def index_folder(
         known = {} if rebuild else catalog.known_files(model_id)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
-        label_names, labels = _ground_truth(root, found.files)
+        label_names, labels = _ground_truth(root, todo) if todo else (None, {})
         timings["plan"] = time.perf_counter() - t
         log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
                  len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
