@@ -139,11 +139,9 @@ def index_folder(
     catalog = Catalog.open(index_dir)
     try:
         t = time.perf_counter()
-        model_id = catalog.register_model(
-            _sha256(model_path), meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim,
-            str(model_path), _model_meta(meta),
-        )
-        known = {} if rebuild else catalog.known_files(model_id)
+        sha256 = _sha256(model_path)
+        known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
+        known = {} if rebuild or known_id is None else catalog.known_files(known_id)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
         label_names, labels = _ground_truth(root, todo) if todo else (None, {})
@@ -157,6 +155,11 @@ def index_folder(
             t = time.perf_counter()
             runner = load_runner(model_path, dev)
             timings["load_model"] = time.perf_counter() - t
+            # Registered once its weights load: a checkpoint that fails never becomes the default.
+            model_id = catalog.register_model(
+                sha256, meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim, str(model_path),
+                _model_meta(meta),
+            )
             log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
                      len(meta.attributes), *meta.img_size)
             run_id = catalog.start_run(model_id, root)
