@@ -382,6 +382,14 @@ def decode_files(
     return out
 
 
+def crop_to_face(rgb: np.ndarray) -> np.ndarray | None:
+    """The ``--detect-faces`` crop: aligned CelebA-like crops pass unchanged, any other image is
+    cut to its largest face the way ``facefind predict`` does (None: no face found)."""
+    from trainer.faces import crop_face, looks_aligned
+
+    return rgb if looks_aligned(rgb) else crop_face(rgb)
+
+
 def merge_batches(parts: Sequence[DecodedBatch], size: tuple[int, int]) -> DecodedBatch:
     """Concatenate the pieces of one batch decoded by different workers, keeping their order."""
     if len(parts) == 1:

@@ -34,7 +34,7 @@ def index(
     ] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also index images in subfolders.")] = False,
     detect_faces: Annotated[
-        bool, typer.Option("--detect-faces", help="Crop each image to its face before indexing (needs trainer.faces).")
+        bool, typer.Option("--detect-faces", help="Cut photos to their largest face first (aligned CelebA crops pass as they are).")
     ] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-predict every image, not only new and changed ones.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget indexed images under FOLDER whose files are gone.")] = False,
@@ -102,15 +102,14 @@ def _resume_command() -> str:
 
 
 def _face_cropper() -> Any:
-    """The face-detection hook: ``trainer.faces.crop_face`` (RGB array -> face crop or None)."""
+    """The ``--detect-faces`` hook (``trainer.faces``, OpenCV's Haar cascade), checked up front."""
+    from indexer.reader import crop_to_face
+
     try:
-        from trainer.faces import crop_face  # type: ignore[import-not-found]
+        import cv2  # noqa: F401
     except ImportError:
-        raise FacefindError(
-            "--detect-faces is not available in this version (face detection is not built yet): "
-            "index without it, or crop the images first"
-        ) from None
-    return crop_face
+        raise FacefindError("--detect-faces needs OpenCV: pip install 'opencv-python-headless<5'") from None
+    return crop_to_face
 
 
 def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:

@@ -6,7 +6,6 @@ care what the weights learned) and ``trainer.synth`` supplies a CelebA-format fo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -184,14 +183,26 @@ def test_user_errors_are_one_line(model: Path, tmp_path: Path) -> None:
         (["index", tmp_path / "pics", "--model", tmp_path / "nope.pt"], "no checkpoint"),
         (["info"], "no index"),
     ]
-    if importlib.util.find_spec("trainer.faces") is None:  # the face-detection seam is still empty
-        cases.append((["index", tmp_path / "pics", "--model", model, "--detect-faces"], "--detect-faces"))
     for args, message in cases:
         result = CliRunner().invoke(app, [str(a) for a in [*args, "--index", tmp_path / "idx"]])
         assert result.exit_code == 1, (args, result.stdout)
         lines = result.stderr.strip().splitlines()
         assert lines and lines[-1].startswith("error: ") and message in lines[-1], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_detect_faces_keeps_aligned_crops_and_refuses_faceless_photos(
+    dataset: Path, model: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(dataset / "img_align_celeba" / "000001.jpg", folder / "aligned.jpg")
+    Image.new("RGB", (400, 300), (90, 120, 150)).save(folder / "landscape.jpg")
+    out = index(folder, tmp_path / "index", "--model", model, "--detect-faces")
+    assert out["indexed"] == 1
+    assert [(Path(f["path"]).name, f["reason"]) for f in out["failures"]] == [("landscape.jpg", "no face found")]
 
 
 def test_new_model_adds_predictions_and_rebuild(
