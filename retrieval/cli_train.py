@@ -6,10 +6,12 @@ torch is imported inside the commands only (``facefind query`` loads this module
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from rich.box import SIMPLE
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +28,9 @@ STUDY = {
     "ResNet50": {"accuracy": 0.8968, "precision": 0.7764, "recall": 0.8118, "f1": 0.7863},
     "DenseNet121": {"accuracy": 0.8920, "precision": 0.7577, "recall": 0.8270, "f1": 0.7769},
 }
+
+# Borderless tables that fit 80 columns: attribute names must never be cut.
+_PLAIN: dict[str, Any] = {"box": SIMPLE, "pad_edge": False, "show_edge": False, "padding": (0, 1, 0, 0)}
 
 # ------------------------------------------------------------------------------------ options
 
@@ -63,7 +68,7 @@ def train(
     arch: ArchOpt = "resnet50",
     epochs: EpochsOpt = 10,
     batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3,
+    lr: LrOpt = 2e-3,
     dropout: DropoutOpt = 0.3,
     embedding_dim: EmbedOpt = 512,
     img_size: SizeOpt = "224",
@@ -95,9 +100,17 @@ def train(
         pretrained=pretrained, augment=augment, class_weights=class_weights, threshold_metric=threshold_metric,
         subset=subset, device=device, workers=workers, seed=seed, cache_dir=cache_dir, resume=resume,
     )
+    from trainer.fit import state_path
+
     console = Console(stderr=True)
-    with _FitBar(console, enabled=not as_json) as bar:
-        result = fit(config, progress=bar.update)
+    try:
+        with _FitBar(console, enabled=not as_json) as bar:
+            result = fit(config, progress=bar.update)
+    except KeyboardInterrupt:
+        if not state_path(config.out).exists():
+            raise
+        typer.echo(f"interrupted: continue with `facefind train {data} --out {config.out} --resume`", err=True)
+        raise typer.Exit(130) from None
     if as_json:
         print_json(result.to_json())
         return
@@ -131,7 +144,7 @@ class _FitBar:
     def reset(self) -> None:
         """Drop the bars of a finished run (tune starts a new one)."""
         for task in (self.cache_task, self.epoch_task):
-            if task is not None:
+            if task is not None and task in self.progress.task_ids:
                 self.progress.remove_task(task)
         self.cache_task = self.epoch_task = None
 
@@ -141,6 +154,8 @@ class _FitBar:
             if self.cache_task is None:
                 self.cache_task = p.add_task(f"{self.prefix}decoding images", total=event.total, info="")
             p.update(self.cache_task, completed=event.done)
+            if event.done >= event.total:  # decoded (or reused): the bar has nothing more to say
+                p.remove_task(self.cache_task)
         elif event.kind == "epoch":
             if self.epoch_task is not None:
                 p.remove_task(self.epoch_task)
@@ -155,9 +170,9 @@ class _FitBar:
             r = event.record
             val = r["val"]
             p.console.print(
-                f"{self.prefix}epoch {r['epoch']}/{event.epochs}  loss {r['train_loss']:.4f}  "
-                f"val loss {r['val_loss']:.4f}  val acc {val['mean_accuracy']:.4f}  "
-                f"macro F1 {val['macro_f1']:.4f}  ({r['images_per_s']:,.0f} img/s, {r['seconds']:.0f} s)"
+                f"{self.prefix}epoch {r['epoch']}/{event.epochs}  loss {r['train_loss']:.4f}/"
+                f"{r['val_loss']:.4f}  val acc {val['mean_accuracy']:.4f}  F1 {val['macro_f1']:.4f}  "
+                f"{r['images_per_s']:,.0f} img/s  {r['seconds']:.0f} s", soft_wrap=True,
             )
             if self.epoch_task is not None:
                 p.remove_task(self.epoch_task)
@@ -172,10 +187,13 @@ def _render_fit(console: Console, result: "FitResult") -> None:
         ("val majority", result.baseline_val), ("test (tuned thr.)", result.test), ("test @0.5", result.test_at_half),
     ]
     columns = [(name, m) for name, m in columns if m is not None]
-    table = Table("metric", *[name for name, _ in columns],
-                  title=f"best epoch {result.best_epoch} of {result.epochs}")
-    for key in ("mean_accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1",
-                "mean_balanced_accuracy", "mean_average_precision"):
+    keys = ("mean_accuracy", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "mean_balanced_accuracy",
+            "mean_average_precision")
+    table = Table(title=f"best epoch {result.best_epoch} of {result.epochs}", **_PLAIN)
+    _name_column(table, list(keys), header="metric")
+    for name, _ in columns:
+        table.add_column(name.replace(" (", "\n("), justify="right")
+    for key in keys:
         table.add_row(key, *[_fmt(m.value(key)) for _, m in columns])
     console.print(table)
     if result.val_note:
@@ -187,7 +205,7 @@ def _render_fit(console: Console, result: "FitResult") -> None:
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------ tune
@@ -215,7 +233,7 @@ def _number(value: str, option: str, kind: type) -> Any:
 
 def tune(
     data: DataArg,
-    lr: Annotated[Optional[str], typer.Option("--lr", help="Learning rates to try, comma-separated.")] = "0.001",
+    lr: Annotated[Optional[str], typer.Option("--lr", help="Learning rates to try, comma-separated.")] = "0.002",
     dropout: Annotated[Optional[str], typer.Option("--dropout", help="Dropouts to try, comma-separated.")] = "0.3",
     arch: Annotated[str, typer.Option("--arch", help="Backbone(s), comma-separated.")] = "resnet50",
     embedding_dim: Annotated[str, typer.Option("--embedding-dim", help="Embedding size(s), comma-separated.")] = "512",
@@ -340,15 +358,19 @@ def evaluate(
 
 def _render_report(console: Console, report: "EvalReport") -> None:
     m = report.metrics
-    table = Table("attribute", "accuracy", "precision", "recall", "F1", "bal. acc", "AP", "support", "threshold",
-                  title=f"{report.model.name} ({report.meta.arch}) on {m.split}: {m.n_images:,} images")
+    table = Table(title=f"{report.model.name} ({report.meta.arch}) on {m.split}: {m.n_images:,} images", **_PLAIN)
+    _name_column(table, m.attributes)
+    for header in ("acc", "prec", "rec", "F1", "bal", "AP", "pos", "thr"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=5)
     for name, row in m.per_attribute().items():
-        table.add_row(name, *[_fmt(row[k]) for k in ("accuracy", "precision", "recall", "f1",
-                                                     "balanced_accuracy", "average_precision")],
+        table.add_row(name, *[_fmt(row[k], 3) for k in ("accuracy", "precision", "recall", "f1",
+                                                        "balanced_accuracy", "average_precision")],
                       f"{row['support']:,}", f"{row['threshold']:.3f}")
     console.print(table)
-    summary = Table("metric", "ours (tuned thr.)", "ours @0.5", "majority class",
-                    *[f"{arch} (theirs)" for arch in STUDY], title="summary")
+    summary = Table(title="summary", **_PLAIN)
+    _name_column(table=summary, names=["mean_average_precision"], header="metric")
+    for header in ("ours\n(val thr.)", "ours\n@0.5", "majority\nclass", *[f"{arch}\n(theirs)" for arch in STUDY]):
+        summary.add_column(header, justify="right")
     theirs = {"mean_accuracy": "accuracy", "macro_precision": "precision", "macro_recall": "recall",
               "macro_f1": "f1"}
     for key in ("mean_accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision",
@@ -361,11 +383,18 @@ def _render_report(console: Console, report: "EvalReport") -> None:
                   "8 epochs; it does not say how precision/recall/F1 were averaged), not measured here.")
 
 
+def _name_column(table: Table, names: list[str], header: str = "attribute") -> None:
+    """A first column wide enough that no attribute name is cut (they are what users search by)."""
+    table.add_column(header, no_wrap=True, min_width=max(len(n) for n in names))
+
+
 def _render_comparison(console: Console, reports: list["EvalReport"]) -> None:
     """Models side by side: accuracy and F1 per attribute, the best of each marked with *."""
-    names = [f"{r.model.name} ({r.meta.arch})" for r in reports]
-    table = Table("attribute", *[f"{n}\nacc / F1" for n in names],
-                  title=f"{reports[0].metrics.split}: {reports[0].metrics.n_images:,} images (* best)")
+    names = [f"{r.model.name}\n({r.meta.arch})" for r in reports]
+    table = Table(title=f"{reports[0].metrics.split}: {reports[0].metrics.n_images:,} images (* best)", **_PLAIN)
+    _name_column(table, reports[0].metrics.attributes)
+    for name in names:
+        table.add_column(f"{name}\nacc / F1", justify="right", no_wrap=True)
     rows = [r.metrics.per_attribute() for r in reports]
     for attr in reports[0].metrics.attributes:
         acc = [row[attr]["accuracy"] if attr in row else None for row in rows]
@@ -374,19 +403,26 @@ def _render_comparison(console: Console, reports: list["EvalReport"]) -> None:
     for key, label in (("mean_accuracy", "mean accuracy"), ("macro_f1", "macro F1"), ("micro_f1", "micro F1"),
                        ("mean_balanced_accuracy", "mean bal. acc"), ("mean_average_precision", "mean AP")):
         values = [r.metrics.value(key) for r in reports]
-        best = max(v for v in values if v == v)
-        table.add_row(f"[bold]{label}[/bold]", *[_marked(v, v == best) for v in values])
+        best = _best(values)
+        table.add_row(f"[bold]{label}[/bold]", *[_marked(v, v == best, 3) for v in values])
     console.print(table)
 
 
+def _best(values: list[float | None]) -> float | None:
+    """The highest value, or None when all are equal (a tie everywhere marks nothing)."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present or min(present) == max(present):
+        return None
+    return max(present)
+
+
 def _pair(acc: list[float | None], f1: list[float | None], i: int) -> str:
-    best_acc = max((v for v in acc if v is not None), default=None)
-    best_f1 = max((v for v in f1 if v is not None), default=None)
-    return f"{_marked(acc[i], acc[i] == best_acc)} / {_marked(f1[i], f1[i] == best_f1)}"
+    best_acc, best_f1 = _best(acc), _best(f1)
+    return f"{_marked(acc[i], acc[i] == best_acc, 3)} / {_marked(f1[i], f1[i] == best_f1, 3)}"
 
 
-def _marked(value: float | None, best: bool) -> str:
-    text = _fmt(value)
+def _marked(value: float | None, best: bool, digits: int = 4) -> str:
+    text = _fmt(value, digits)
     return f"[bold green]{text}*[/bold green]" if best and value is not None else text
 
 

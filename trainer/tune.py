@@ -77,7 +77,7 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     keys = [k for k in grid if grid[k]]
     if not keys:
         raise ModelError("the grid is empty: give at least one value list, e.g. --lr 0.01,0.001")
-    return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(list(grid[k]) for k in keys))]
 
 
 def run_name(params: dict[str, Any]) -> str:

@@ -1,0 +1,47 @@
+"""Fixtures shared across test files: one synthetic CelebA folder and one tiny trained model per session.
+
+Both are built once (seeded, in a session temp folder) because drawing faces and training are the
+slowest things the suite does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SYNTH_N = 2000
+SYNTH_SEED = 1
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CelebA folder (original layout, 2,000 faces, seed 1, all three splits)."""
+    from trainer.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "synth-faces"
+    synthesize(root, n=SYNTH_N, seed=SYNTH_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """mobilenet_v3_small trained on ``synth_dataset`` at 64 px on the CPU; returns the FitResult.
+
+    The checkpoint is ``result.checkpoint``; its image cache lives in a session temp folder.
+    """
+    import torch
+
+    from trainer.fit import FitConfig, fit
+
+    work = tmp_path_factory.mktemp("trained")
+    config = FitConfig(
+        data=synth_dataset, out=work / "model.pt", arch="mobilenet_v3_small", img_size=64, epochs=6,
+        batch_size=32, lr=3e-3, embedding_dim=64, device="cpu", seed=0, workers=2, cache_dir=work / "cache",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy shared CPU, competing OpenMP threads are many times slower
+    try:
+        return fit(config)
+    finally:
+        torch.set_num_threads(threads)

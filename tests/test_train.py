@@ -1,0 +1,239 @@
+"""Training: it learns, thresholds help, resume is exact, the CLI and the tune grid work.
+
+Everything runs on the CPU with one torch thread: on a shared 2-core machine, two OpenMP threads
+competing with other processes make small convolutions 10-50x slower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from db.errors import ModelError
+from retrieval.cli import app
+from trainer.checkpoint import load_checkpoint, load_model
+from trainer.fit import FitConfig, FitEvent, evaluate_checkpoint, fit, history_path, state_path
+from trainer.metrics import majority_baseline
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(data: Path, tmp: Path, **overrides) -> FitConfig:
+    """A seconds-long run: 160 images at 32 px."""
+    settings = dict(data=data, out=tmp / "m.pt", arch="mobilenet_v3_small", img_size=32, epochs=2, batch_size=16,
+                    lr=2e-3, embedding_dim=16, subset=200, device="cpu", seed=3, workers=1,
+                    cache_dir=tmp.parent / "cache")
+    settings.update(overrides)
+    return FitConfig(**settings)
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+def test_it_learns_the_rendered_attributes(trained_model, synth_dataset: Path) -> None:
+    from trainer.celeba import load_celeba
+    from trainer.synth import RENDERED
+
+    result = trained_model
+    assert result.test is not None  # the synthetic folder has a test split
+    names = sorted(RENDERED)
+    test = result.test.select(names)
+    ds = load_celeba(synth_dataset)
+    baseline = majority_baseline(
+        ds.labels[ds.indices("test")], ds.labels[ds.indices("train")].mean(0), ds.attributes, "test"
+    ).select(names)
+    # measured: mean accuracy 0.835 vs 0.797, macro F1 0.23 vs 0.046, on the held-out test split
+    assert test.mean_accuracy > baseline.mean_accuracy + 0.02, (test.mean_accuracy, baseline.mean_accuracy)
+    assert test.macro_f1 > baseline.macro_f1 + 0.12, (test.macro_f1, baseline.macro_f1)
+    assert test.mean_balanced_accuracy > 0.55  # the majority class scores exactly 0.5
+    assert result.val.mean_accuracy > result.baseline_val.mean_accuracy + 0.03
+    # training reduced the loss
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < losses[0] * 0.85
+
+
+def test_calibrated_thresholds_never_lose_to_half_on_val(trained_model) -> None:
+    result = trained_model
+    # accuracy is the default threshold metric; val is where the thresholds were chosen
+    assert np.all(result.val.accuracy >= result.val_at_half.accuracy - 1e-12)
+    assert result.val.mean_accuracy > result.val_at_half.mean_accuracy  # and they do help somewhere
+    thresholds = np.asarray(load_model(result.checkpoint)[1].thresholds)
+    assert thresholds.shape == (40,) and np.any(thresholds != 0.5)
+
+
+def test_outputs_beside_the_checkpoint(trained_model) -> None:
+    result = trained_model
+    payload = load_checkpoint(result.checkpoint)
+    meta = payload["meta"]
+    assert meta["arch"] == "mobilenet_v3_small" and meta["img_size"] == (64, 64)
+    assert len(meta["attributes"]) == 40 and meta["attributes"][0] == "5_o_Clock_Shadow"
+    assert meta["train_args"]["lr"] == 3e-3 and meta["train_args"]["epochs"] == 6
+    assert len(meta["history"]) == 6 and meta["best_epoch"] == result.best_epoch
+    assert meta["val_metrics"]["split"] == "val" and meta["test_metrics"]["split"] == "test"
+    assert set(meta["versions"]) >= {"torch", "torchvision", "facefind"}
+    assert "optimizer" not in payload  # the deployable file carries no training state
+    history = json.loads(history_path(result.checkpoint).read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert history["best_epoch"] == result.best_epoch
+    assert not state_path(result.checkpoint).exists()
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_exactly(synth_dataset: Path, tmp_path: Path) -> None:
+    straight = fit(tiny(synth_dataset, tmp_path / "a", epochs=3))
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop_after_first(event: FitEvent) -> None:
+        if event.kind == "epoch_end" and event.epoch == 1:
+            raise Stop
+
+    config = tiny(synth_dataset, tmp_path / "b", epochs=3)
+    with pytest.raises(Stop):
+        fit(config, progress=stop_after_first)
+    state = load_checkpoint(state_path(config.out))
+    assert state["extra"]["epoch"] == 1 and "optimizer" in state and "scheduler" in state
+
+    epochs = []
+    # settings other than the runtime ones come from the saved state, whatever is passed now
+    resumed = fit(tiny(synth_dataset, tmp_path / "b", epochs=3, lr=0.5, resume=True),
+                  progress=lambda e: epochs.append(e.epoch) if e.kind == "epoch" else None)
+    assert epochs == [2, 3]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    assert resumed.best_epoch == straight.best_epoch
+    a, b = load_checkpoint(straight.checkpoint)["model"], load_checkpoint(resumed.checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not state_path(config.out).exists()
+
+
+def test_resume_without_state_is_a_clear_error(synth_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no interrupted run"):
+        fit(tiny(synth_dataset, tmp_path / "c", resume=True))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_train_cli_json(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.pt"
+    result = cli("train", synth_dataset, "--arch", "mobilenet_v3_small", "--img-size", "32", "--epochs", "1",
+                 "--batch-size", "16", "--subset", "120", "--embedding-dim", "16", "--device", "cpu",
+                 "--workers", "1", "--cache-dir", tmp_path / "cache", "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["checkpoint"] == str(out) and out.is_file()
+    assert summary["best_epoch"] == 1 and summary["device"].startswith("cpu")
+    assert set(summary["val"]) >= {"mean_accuracy", "macro_f1", "micro_f1"}
+    assert summary["val_majority_baseline"]["mean_accuracy"] > 0.5
+    assert load_model(out)[1].embedding_dim == 16
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "{tmp}/nowhere"], "no such folder"),
+        (["train", "{data}", "--arch", "vgg11", "--device", "cpu"], "choose one of"),
+        (["train", "{data}", "--arch", "inception_v3", "--img-size", "64", "--device", "cpu"], "at least 75x75"),
+        (["train", "{data}", "--class-weights", "sometimes"], "--class-weights"),
+        (["train", "{data}", "--img-size", "huge"], "bad image size"),
+        (["train", "{data}", "--resume", "--out", "{tmp}/none.pt"], "no interrupted run"),
+        (["evaluate", "{tmp}/none.pt", "{data}"], "no checkpoint at"),
+    ],
+)
+def test_train_cli_errors_are_one_line(args, expected, synth_dataset: Path, tmp_path: Path) -> None:
+    argv = [a.format(tmp=tmp_path, data=synth_dataset) for a in args]
+    result = cli(*argv, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_says_so(synth_dataset: Path, tmp_path: Path) -> None:
+    result = cli("train", synth_dataset, "--device", "cuda", "--out", tmp_path / "x.pt")
+    assert result.exit_code == 1 and "no CUDA GPU" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- tune
+
+
+def test_tune_two_point_grid_keeps_the_best_and_reuses_finished_runs(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    args = ["tune", synth_dataset, "--lr", "0.02,0.002", "--dropout", "0.3", "--arch", "mobilenet_v3_small",
+            "--embedding-dim", "16", "--batch-size", "16", "--epochs", "1", "--img-size", "32", "--subset", "120",
+            "--device", "cpu", "--workers", "1", "--cache-dir", tmp_path / "cache", "--out", out, "--json"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    scores = {r["name"]: r["val"]["mean_accuracy"] for r in summary["runs"]}
+    assert set(scores) == {"lr0.02", "lr0.002"}
+    assert summary["best"] == max(scores, key=scores.get)
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt"]  # the others were dropped
+    assert load_model(out / "best.pt")[1].train_args["lr"] == float(summary["best"][2:])
+    rows = (out / "tune.csv").read_text().splitlines()
+    assert rows[0].startswith("run,lr,status") and len(rows) == 3
+    stamp = (out / "best.pt").stat().st_mtime_ns
+
+    again = cli(*args[:-1])  # table output; nothing left to train
+    assert again.exit_code == 0, again.stderr
+    assert "2 run(s) were already finished" in again.stdout and summary["best"] in again.stdout
+    assert (out / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_grid_resumes_the_unfinished_run(synth_dataset: Path, tmp_path: Path) -> None:
+    from trainer.tune import TuneEvent, tune
+
+    base = tiny(synth_dataset, tmp_path / "t", subset=120)
+    grid = {"dropout": [0.2, 0.4]}
+
+    def interrupt(event: TuneEvent) -> None:
+        if event.run == 2 and event.fit is not None and event.fit.kind == "epoch_end" and event.fit.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(base, grid, tmp_path / "grid", progress=interrupt)
+    assert state_path(tmp_path / "grid" / "dropout0.4.pt").exists()
+    started = []
+    result = tune(base, grid, tmp_path / "grid",
+                  progress=lambda e: started.append(e.fit.epoch) if e.fit and e.fit.kind == "epoch" else None)
+    assert result.resumed == 1 and started == [2]
+    assert all(r.status == "done" for r in result.runs) and result.checkpoint.is_file()
+    with pytest.raises(ModelError, match="different tuning grid"):
+        tune(base, {"dropout": [0.1, 0.5]}, tmp_path / "grid")
+
+
+# ---------------------------------------------------------------------------------------- real faces
+
+
+@pytest.mark.celeba
+@pytest.mark.skipif(not REAL.is_dir(), reason="the real CelebA sample is not at ../shared/celeba-sample")
+def test_real_sample_without_test_images(tmp_path: Path) -> None:
+    result = fit(tiny(REAL, tmp_path / "r", epochs=1, subset=300))
+    assert result.test is None and result.val.n_images > 0
+    report = evaluate_checkpoint(result.checkpoint, REAL, device="cpu", cache_dir=tmp_path / "cache",
+                                 workers=1)
+    assert report.metrics.split == "val" and "no test images" in report.note
+    assert report.metrics.n_images == 780  # every val image of the sample
