@@ -237,3 +237,18 @@ def test_real_sample_without_test_images(tmp_path: Path) -> None:
                                  workers=1)
     assert report.metrics.split == "val" and "no test images" in report.note
     assert report.metrics.n_images == 780  # every val image of the sample
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+
+def test_train_bench_reports_both_pipelines() -> None:
+    from trainer.bench_train import run_train_bench
+
+    result = run_train_bench(arch="mobilenet_v3_small", n=80, img_size=32, batch_size=8, steps=2, warmup=1,
+                             device="cpu", workers=0)
+    assert [row["name"] for row in result["rows"]] == ["facefind", "baseline"]
+    assert result["images_per_second"] > 0 and result["baseline_images_per_second"] > 0
+    assert result["speedup"] == pytest.approx(result["images_per_second"] / result["baseline_images_per_second"],
+                                              rel=0.02)
+    assert result["rows"][1]["batch_size"] == 64 and result["rows"][1]["precision"] == "fp32"

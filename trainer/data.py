@@ -245,6 +245,22 @@ def _decode_into(
         torch.set_num_threads(threads_before)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without stalling the CPU behind queued GPU work.
+
+    A copy from pageable memory makes CUDA wait for the stream to drain first; from pinned memory
+    it is queued like a kernel, so the CPU keeps running ahead of the GPU.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def index_tensor(idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Row indices as an int64 tensor on ``device``."""
+    return to_device(torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)), device)
+
+
 class DeviceImages:
     """The cached images as batches on the training device.
 
@@ -274,7 +290,7 @@ class DeviceImages:
     def take(self, idx: np.ndarray) -> torch.Tensor:
         """uint8 (B, 3, H, W) on the device for rows ``idx``."""
         if self.resident is not None:
-            return self.resident.index_select(0, torch.as_tensor(idx, device=self.device))
+            return self.resident.index_select(0, index_tensor(idx, self.device))
         rows = torch.from_numpy(self.cache.images[idx])
         if self.device.type == "cuda":
             return rows.pin_memory().to(self.device, non_blocking=True)
@@ -379,7 +395,7 @@ def augment(
     theta[:, 1, 1] = scale
     theta[:, 0, 2] = tx
     theta[:, 1, 2] = ty
-    theta, jitter = theta.to(device, non_blocking=True), jitter.to(device, non_blocking=True)
+    theta, jitter = to_device(theta, device), to_device(jitter, device)
 
     x = images.float().div_(255.0)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

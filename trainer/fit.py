@@ -39,6 +39,7 @@ from trainer.data import (
     batch_indices,
     build_cache,
     find_cache,
+    index_tensor,
     parse_img_size,
     training_input,
 )
@@ -338,7 +339,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for step, (idx, images) in enumerate(data.images.batches(batches), start=1):
         x = training_input(images, data.spec.mean, data.spec.std, generator if augment else None)
-        y = data.labels_device.index_select(0, torch.as_tensor(idx, device=device)).float()
+        y = data.labels_device.index_select(0, index_tensor(idx, device)).float()
         with autocast(device):
             logits, _ = model(x)
         loss = criterion(logits.float(), y)
@@ -375,7 +376,8 @@ def predict_logits(
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    """Probabilities from logits, in float64 (the tanh form never overflows)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
 
 
 def evaluate(
@@ -457,6 +459,9 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
 
         stats = train_one_epoch(model, data, optimizer, scheduler, criterion, batch_size=cfg.batch_size,
                                 generator=generator, device=device, augment=cfg.augment, on_step=on_step)
+        if not math.isfinite(stats.loss):
+            raise ModelError(f"training diverged in epoch {epoch + 1} (the loss is {stats.loss}): "
+                             f"lower --lr (now {cfg.lr}) and train again")
         emit(FitEvent("eval", epoch=epoch + 1, epochs=cfg.epochs))
         logits = predict_logits(model, data, data.rows["val"], cfg.eval_batch_size)
         probs = sigmoid(logits)
