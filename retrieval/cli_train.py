@@ -122,7 +122,14 @@ class _FitBar:
     images/s and ETA, and a one-line summary printed above the bars after each epoch."""
 
     def __init__(self, console: Console, enabled: bool = True, prefix: str = "") -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = console
         self.prefix = prefix
@@ -262,7 +269,8 @@ def tune(
     """Grid-search training settings (e.g. --lr 0.01,0.005 --dropout 0.3,0.5); keep the best on val."""
     from db.paths import default_models_dir
     from trainer.fit import FitConfig
-    from trainer.tune import TuneEvent, tune as run_tune
+    from trainer.tune import TuneEvent
+    from trainer.tune import tune as run_tune
 
     grid = {
         "arch": _split(arch), "lr": _floats(lr, "--lr"), "dropout": _floats(dropout, "--dropout"),

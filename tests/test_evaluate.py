@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from trainer.metrics import average_precision, calibrate_thresholds, compute_metrics, majority_baseline
+from trainer.metrics import (
+    average_precision,
+    calibrate_thresholds,
+    compute_metrics,
+    majority_baseline,
+)
 
 PER_ATTRIBUTE = {"accuracy", "precision", "recall", "f1", "balanced_accuracy", "average_precision", "support",
                  "threshold"}

@@ -22,6 +22,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data import (
+    ImageCache,
     augment,
     batch_indices,
     build_cache,
@@ -30,7 +31,14 @@ from trainer.data import (
     parse_img_size,
     training_input,
 )
-from trainer.model import ARCHS, IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess, resize_images
+from trainer.model import (
+    ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_model,
+    preprocess,
+    resize_images,
+)
 
 ATTRS = ["5_o_Clock_Shadow", "Bald", "Smiling"]
 
@@ -341,3 +349,21 @@ def test_unreadable_image_in_the_cache_is_named(tmp_path: Path) -> None:
         build_cache(paths, (16, 16), root=root, cache_dir=tmp_path / "cache", workers=1)
     assert list((tmp_path / "cache").glob("*.npy")) == []
 
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_device_images_yield_every_batch_in_order(background: bool) -> None:
+    from trainer.data import DeviceImages
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, 4, 4), dtype=np.uint8)
+    cache = ImageCache(Path("x.npy"), images, (4, 4), built=True)
+    device_images = DeviceImages(cache, torch.device("cpu"))
+    order = [np.array([3, 1]), np.array([0, 9, 2]), np.array([5])]
+    got = list(device_images.batches(order, background=background))
+    assert [list(i) for i, _ in got] == [[3, 1], [0, 9, 2], [5]]
+    assert all(torch.equal(x, torch.from_numpy(images[i])) for i, x in got)
+    with pytest.raises(IndexError):  # a failure on the helper thread reaches the consumer
+        list(device_images.batches([np.array([0]), np.array([99])], background=background))
+    # a consumer that stops early does not leave the helper thread blocked
+    first = next(iter(device_images.batches(order * 5, prefetch=1, background=background)))
+    assert list(first[0]) == [3, 1]

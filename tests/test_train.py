@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 from db.errors import ModelError
 from retrieval.cli import app
 from trainer.checkpoint import load_checkpoint, load_model
-from trainer.fit import FitConfig, FitEvent, evaluate_checkpoint, fit, history_path, state_path
+from trainer.fit import (
+    FitConfig,
+    FitEvent,
+    evaluate_checkpoint,
+    fit,
+    history_path,
+    state_path,
+)
 from trainer.metrics import majority_baseline
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"

@@ -32,7 +32,14 @@ from torch import nn
 
 from db.errors import DatasetError, ModelError
 from db.paths import default_models_dir
-from trainer.checkpoint import CheckpointMeta, library_versions, load_checkpoint, load_model, now_iso, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointMeta,
+    library_versions,
+    load_checkpoint,
+    load_model,
+    now_iso,
+    save_checkpoint,
+)
 from trainer.data import (
     DeviceImages,
     ImageCache,
@@ -43,7 +50,13 @@ from trainer.data import (
     parse_img_size,
     training_input,
 )
-from trainer.device import autocast, configure, describe_device, resolve_device, synchronize
+from trainer.device import (
+    autocast,
+    configure,
+    describe_device,
+    resolve_device,
+    synchronize,
+)
 from trainer.metrics import (
     SUMMARY_KEYS,
     THRESHOLD_METRICS,
@@ -52,7 +65,14 @@ from trainer.metrics import (
     compute_metrics,
     majority_baseline,
 )
-from trainer.model import IMAGENET_MEAN, IMAGENET_STD, InputSpec, check_input_size, create_model, preprocess
+from trainer.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+    check_input_size,
+    create_model,
+    preprocess,
+)
 
 log = logging.getLogger(__name__)
 
