@@ -347,6 +347,10 @@ class Catalog:
                 f"cannot write to the catalog {self._where()}: {_reason(err)}; check that the index "
                 "folder is writable, the disk is not full, and no other process holds the database"
             ) from None
+        except Exception as err:
+            if not self._damaged(err):
+                raise
+            raise CatalogError(self._damage_message(err)) from None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -356,6 +360,24 @@ class Catalog:
                 yield conn
         except sa.exc.OperationalError as err:
             raise CatalogError(f"cannot read the catalog {self._where()}: {_reason(err)}") from None
+        except Exception as err:
+            if self._damaged(err):
+                raise CatalogError(self._damage_message(err)) from None
+            if isinstance(err, self._reader.dialect.loaded_dbapi.OperationalError):  # raw, from export's cursor
+                raise CatalogError(f"cannot read the catalog {self._where()}: {_reason(err)}") from None
+            raise
+
+    def _damaged(self, err: Exception) -> bool:
+        """Whether ``err`` is the DBAPI's plain DatabaseError (SQLite: 'database disk image is
+        malformed'), wrapped by SQLAlchemy or raw from a cursor (``export`` reads through one).
+        Its subclasses (integrity, programming errors) are bugs and keep their traceback."""
+        orig = err.orig if isinstance(err, sa.exc.DBAPIError) else err
+        return type(orig) is getattr(self._reader.dialect.loaded_dbapi, "DatabaseError", None)
+
+    def _damage_message(self, err: Exception) -> str:
+        return (f"the catalog {self._where()} is damaged ({_reason(err)}): run `facefind check` to see "
+                "what is wrong; keep a copy, then restore a backup or move it away and re-run "
+                "`facefind index` to rebuild it")
 
     def _where(self) -> str:
         f = self.sqlite_file
