@@ -543,6 +543,35 @@ def test_bad_checkpoints_are_one_line_errors(model: Path, faces: list[Path], tmp
         assert not idx.exists(), kind  # a broken checkpoint never creates (or registers in) an index
 
 
+MALFORMED_META = {  # a facefind checkpoint whose meta was edited by hand or written by something else
+    "img_size not numbers": {"img_size": "big"},
+    "img_size zero": {"img_size": [0, 0]},
+    "embedding_dim not a number": {"embedding_dim": "sixteen"},
+    "attributes a string": {"attributes": "Male"},
+    "attributes repeat": {"attributes": ["Male", "male", "Young", "Smiling"]},
+    "mean of one value": {"mean": [0.5]},
+    "thresholds not numbers": {"thresholds": ["high"] * 4},
+    "thresholds NaN": {"thresholds": [float("nan")] * 4},
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_META))
+def test_checkpoints_with_malformed_meta_are_one_line_errors(kind: str, model: Path, faces: list[Path],
+                                                             tmp_path: Path) -> None:
+    """These used to escape as a ValueError/TypeError/RuntimeError traceback, or to load and build
+    an index whose attribute names are the letters of a string or repeat."""
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    payload["meta"].update(MALFORMED_META[kind])
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    one_error_line(cli("predict", faces[0], "--model", path, *CPU_WHOLE), "checkpoint meta")
+    one_error_line(cli("index", faces[0].parent, "--model", path, "--index", tmp_path / "index", "--workers", "0",
+                       "--device", "cpu"), "checkpoint meta")
+    assert not (tmp_path / "index").exists()
+
+
 def test_like_and_similar_refuse_a_replaced_or_missing_checkpoint(model: Path, private: Path, faces: list[Path],
                                                                    tmp_path: Path) -> None:
     """The index's checkpoint swapped for one with other attribute names (or deleted): `query --like`

@@ -57,14 +57,35 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
-        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
-        self.thresholds = [float(t) for t in self.thresholds]
+        try:
+            self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
+            self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+            self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+            self.thresholds = [float(t) for t in self.thresholds]
+            self.embedding_dim = int(self.embedding_dim)
+        except (TypeError, ValueError, IndexError) as err:
+            raise ModelError(f"checkpoint meta holds a malformed value ({err}); retrain the model") from None
         if len(self.thresholds) != len(self.attributes):
             raise ModelError(
                 f"checkpoint meta has {len(self.thresholds)} thresholds for {len(self.attributes)} attributes"
             )
+        problem = self._problem()
+        if problem:
+            raise ModelError(f"checkpoint meta is invalid: {problem}; retrain the model")
+
+    def _problem(self) -> str | None:
+        """What makes these values unusable (a hand-edited or foreign file), or None."""
+        if not isinstance(self.attributes, list) or not all(isinstance(a, str) and a for a in self.attributes):
+            return f"attributes must be a list of names, got {self.attributes!r:.80}"
+        if len({a.lower() for a in self.attributes}) != len(self.attributes):
+            return "attribute names repeat (names are case-insensitive)"
+        if min(self.img_size) < 1 or self.embedding_dim < 1:
+            return f"input size {self.img_size} and embedding size {self.embedding_dim} must be positive"
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            return f"mean {self.mean} and std {self.std} must be 3 values each, std positive"
+        if not all(0.0 <= t <= 1.0 for t in self.thresholds):  # NaN fails this too
+            return "thresholds must be probabilities in [0, 1]"
+        return None
 
     @property
     def num_attributes(self) -> int:
