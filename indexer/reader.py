@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 BACKGROUND = (128, 128, 128)  # what transparent pixels become: neutral grey, no colour cast
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+# Larger files are refused unread: even an uncompressed 32-bit BMP at DEFAULT_MAX_PIXELS is ~360 MB,
+# and reading a renamed video or disk image whole would exhaust memory.
+MAX_FILE_BYTES = 512 << 20
 
 Crop = Callable[[np.ndarray], "np.ndarray | None"]
 
@@ -253,7 +256,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            data = fh.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
     except OSError as err:
         is_link = os.path.islink(path)
         if err.errno == errno.ENOENT and not is_link:
@@ -261,6 +265,10 @@ def _read_bytes(path: str) -> bytes:
         if err.errno == errno.EISDIR:
             raise Unreadable("is a folder") from None
         raise Unreadable(_stat_reason(err, is_link)) from None
+    if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+        raise Unreadable(f"file too large for an image ({max(size, len(data)) / 2**20:,.0f} MiB, "
+                         f"limit {MAX_FILE_BYTES >> 20} MiB)")
+    return data
 
 
 def _sniff(data: bytes) -> str | None:
