@@ -1,7 +1,7 @@
 """The attribute CNN: a torchvision backbone, an embedding head and a K-way multi-label classifier.
 
-    backbone features -> Linear -> BatchNorm -> ReLU  = embedding (D)
-                                     embedding -> Dropout -> Linear = logits (K)
+    backbone features -> Linear -> BatchNorm = embedding (D)
+                         embedding -> ReLU -> Dropout -> Linear = logits (K)
 
 One forward pass returns both ``(logits, embedding)``, so indexing gets attribute probabilities
 and the similarity vector together. ``preprocess`` is the single place where uint8 images become
@@ -91,10 +91,12 @@ class AttributeNet(nn.Module):
         self.embedding_dim = embedding_dim
         self.min_input_size = min_input_size(arch)
         self.backbone = backbone
+        # The embedding is the batch-normalised projection, taken *before* the ReLU: centred
+        # per dimension, so cosine similarity between faces spreads over [-1, 1]. After a ReLU
+        # every vector lies in the positive orthant and all faces look ~0.99 alike.
         self.embed = nn.Sequential(
             nn.Linear(feature_dim, embedding_dim),
             nn.BatchNorm1d(embedding_dim),
-            nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(embedding_dim, num_attributes)
@@ -106,7 +108,7 @@ class AttributeNet(nn.Module):
                 f"got {x.shape[-2]}x{x.shape[-1]}"
             )
         embedding = self.embed(torch.flatten(self.backbone(x), 1))
-        logits = self.classifier(self.dropout(embedding))
+        logits = self.classifier(self.dropout(torch.relu(embedding)))
         return logits, embedding
 
 
