@@ -6,7 +6,12 @@ slowest things the suite does.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The suite runs as 2 xdist workers on 2 cores: one OpenMP thread per worker (and per subprocess,
+# which inherit this) avoids oversubscription, which made CPU forward passes up to 100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
