@@ -9,6 +9,7 @@ only to embed a reference image, and then it is the index's own checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -122,7 +123,9 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     from rich.table import Table
 
     console = Console()
-    console.print(f"{result.total:,} of {result.n_indexed:,} images match", highlight=False)
+    folder = _common_folder([h.path for h in result.hits])
+    where = f" (paths relative to {folder}{os.sep})" if folder else ""
+    console.print(f"{result.total:,} of {result.n_indexed:,} images match{where}", highlight=False)
     if result.hits:
         digits = 4 if result.ranking == "similarity" else 2
         table = Table()
@@ -131,10 +134,22 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         table.add_column("path", overflow="fold")  # wrap long paths: never cut off the file name
         table.add_column("matched", overflow="fold")
         for i, h in enumerate(result.hits):
-            table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", h.path, ", ".join(h.matched))
+            shown = os.path.relpath(h.path, folder) if folder else h.path
+            table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", shown, ", ".join(h.matched))
         console.print(table)
     if quality is not None:
         console.print(_quality_line(quality), highlight=False)
+
+
+def _common_folder(paths: list[str]) -> str | None:
+    """The folder all ``paths`` share (so the table can show short names), or None."""
+    if not paths:
+        return None
+    try:
+        folder = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # mixed absolute/relative or drives
+        return None
+    return folder if folder not in ("", os.sep) else None
 
 
 def _fmt(value: float | None) -> str:
