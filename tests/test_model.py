@@ -62,7 +62,7 @@ def _meta(arch: str = "resnet18", k: int = 3, size: tuple[int, int] = (40, 32), 
 # --------------------------------------------------------------------------------------------- model
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"])
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "small_cnn"])
 def test_archs_give_logits_and_embedding_in_one_pass(arch: str) -> None:
     torch.manual_seed(0)
     model = create_model(arch, num_attributes=5, embedding_dim=24, dropout=0.5).eval()
@@ -78,7 +78,37 @@ def test_archs_give_logits_and_embedding_in_one_pass(arch: str) -> None:
 
 def test_every_arch_is_known() -> None:
     assert {"resnet50", "densenet121", "inception_v3", "resnet18", "efficientnet_b0", "mobilenet_v3_small",
-            "convnext_tiny"} <= set(ARCHS)
+            "convnext_tiny", "small_cnn"} <= set(ARCHS)
+
+
+def test_small_cnn_keeps_resolution_trains_and_round_trips(tmp_path: Path) -> None:
+    """Our own backbone: no torchvision, no ImageNet weights, rebuilt from the checkpoint alone."""
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match="--no-pretrained"):
+        create_model("small_cnn", 3, pretrained=True)
+    model = create_model("small_cnn", 3, embedding_dim=16).to(memory_format=torch.channels_last)
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.stride == (1, 1)  # the first features see every input pixel (small cues survive)
+    x = preprocess(torch.randint(0, 256, (4, 3, 40, 32), dtype=torch.uint8), _meta("small_cnn"))
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]] * 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = first.weight.detach().clone()
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and not torch.equal(before, first.weight)
+    model.eval()
+    loaded, meta = load_model(save_checkpoint(tmp_path / "s.pt", model, _meta("small_cnn")))
+    assert meta.arch == "small_cnn"
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ModelError, match="at least 16x16"):
+        loaded(torch.randn(1, 3, 8, 8))
 
 
 def test_unknown_arch_lists_the_choices() -> None:
