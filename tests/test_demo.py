@@ -1,0 +1,58 @@
+"""`facefind demo`: the whole pipeline on synthetic faces, and a second run that reuses it all."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+from retrieval.demo import DEMO_QUERIES, run_demo
+
+pytestmark = pytest.mark.slow
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src") or "")
+
+
+def test_demo_runs_end_to_end_then_reuses_everything(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--dir", str(folder), "--n", "200", "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for expr in DEMO_QUERIES:
+        assert f'query "{expr}"' in result.stdout
+    assert "of 200 images match" in result.stdout
+    assert "facefind query" in result.stdout  # the commands to go further
+    assert (folder / "model.pt").is_file() and (folder / "index" / "catalog.db").is_file()
+
+    similar = folder / "similar.html"
+    page = _Images()
+    page.feed(similar.read_text(encoding="utf-8"))
+    assert len(page.sources) == 5 and all(src.startswith("data:image/jpeg;base64,") for src in page.sources)
+
+    again = run_demo(folder, n=200, epochs=1, device="cpu")
+    assert [step.reused for step in again.steps[:3]] == [True, True, True]
+    # the reference face itself comes back first from the similarity search, with cosine ~1
+    top = again.similar.hits[0]
+    assert Path(top.path) == again.similar_to and top.score == pytest.approx(1.0, abs=1e-3)
+    assert again.similar.hits[1].score < 0.999  # embeddings are centred: other faces are not all ~1
+    for result_ in again.queries:
+        assert result_.n_indexed == 200 and len(result_.hits) <= 5
+
+
+def test_demo_refuses_a_folder_made_with_another_size(tmp_path: Path) -> None:
+    from trainer.synth import synthesize
+
+    synthesize(tmp_path / "faces", n=250, seed=1)
+    result = CliRunner().invoke(app, ["demo", "--dir", str(tmp_path), "--n", "200", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "holds a different synthetic set" in result.stderr and "Traceback" not in result.output
