@@ -23,7 +23,6 @@ index unhealthy (exit 1); a warning does not.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from db.catalog import (
     predictions,
     runs,
 )
+from db.files import file_sha256
 from db.errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def _checkpoint(model: ModelRecord, is_current: bool, found: _Collector) -> None
                      "`query --like` and `facefind index` without --model), or re-index with --model PATH")
         return
     try:
-        digest = _sha256(path)
+        digest = file_sha256(path)
     except OSError as err:
         found.either(is_current, "checkpoint_unreadable", f"{what}: cannot read {path} ({err.strerror}): "
                      "check its permissions")
@@ -341,14 +341,6 @@ def _checkpoint(model: ModelRecord, is_current: bool, found: _Collector) -> None
                      f"{what}: {path} has changed since the index was built with it (sha256 "
                      f"{digest[:12]}... instead of {model.sha256[:12]}...): restore the original, or re-index "
                      f"with `facefind index DIR --model {path} --rebuild`")
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bool, indexing: bool,

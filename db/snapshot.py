@@ -41,6 +41,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from db.files import fsync_dir
 from db.errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -135,19 +136,6 @@ class Snapshot:
 def model_dir(index_dir: str | os.PathLike[str], model_id: int) -> Path:
     """The folder holding model ``model_id``'s snapshot generations."""
     return Path(index_dir) / f"model-{int(model_id)}"
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, write: Any) -> None:
@@ -273,7 +261,7 @@ def _write_locked(
             "created": time.time(),
         }
         _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        _fsync_path(staging)
+        fsync_dir(staging)
 
         name, suffix = f"gen-{int(stamp)}", 0
         while (folder / name).exists():
@@ -284,7 +272,7 @@ def _write_locked(
         tmp = folder / f".tmp-CURRENT-{uuid.uuid4().hex[:8]}"
         _write_file(tmp, lambda f: f.write(name.encode()))
         os.replace(tmp, folder / CURRENT)
-        _fsync_path(folder)
+        fsync_dir(folder)
     except OSError as err:
         raise CatalogError(
             f"cannot write the index snapshot in {folder}: {err.strerror or err}; check that the "

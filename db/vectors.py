@@ -18,7 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from db.atomic import atomic_replace
+from db.files import atomic_replace
 
 log = logging.getLogger(__name__)
 

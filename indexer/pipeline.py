@@ -337,7 +337,7 @@ def _read_meta(model_path: Path) -> CheckpointMeta:
 
 
 def _sha256(model_path: Path) -> str:
-    from trainer.checkpoint import file_sha256
+    from db.files import file_sha256
 
     try:
         return file_sha256(model_path)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Sequence
 
 import typer
 
-from db.atomic import atomic_write_text
+from db.files import atomic_write_text
 from db.errors import CatalogError, ImageError, ModelError
 from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
 
@@ -81,7 +81,7 @@ def default_model_path(index_dir: Path | None = None) -> Path:
 def index_checkpoint(model: ModelRecord) -> Path:
     """The checkpoint file an index was built with, checked to be that very file (sha256), so an
     image is embedded exactly like the indexed ones. ModelError when it is gone or has changed."""
-    from trainer.checkpoint import file_sha256
+    from db.files import file_sha256
 
     if not model.checkpoint:
         raise ModelError(f"the index does not record where model {model.id} ({model.arch}) is stored: "

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from db.atomic import atomic_write_text
+from db.files import atomic_write_text
 from db.errors import FacefindError
 from retrieval.engine import Hit, Result
 

@@ -577,7 +577,7 @@ def test_like_and_similar_refuse_a_replaced_or_missing_checkpoint(model: Path, p
     """The index's checkpoint swapped for one with other attribute names (or deleted): `query --like`
     and `similar` refuse with one line; `check` names it; --like-id needs no model and still works."""
     from db.catalog import Catalog
-    from trainer.checkpoint import file_sha256
+    from db.files import file_sha256
 
     mine = tmp_path / "mine.pt"
     shutil.copy(model, mine)

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from db.errors import DatasetError, ModelError
+from db.files import file_sha256
 from trainer.checkpoint import (
     FORMAT_VERSION,
     CheckpointMeta,
-    file_sha256,
     load_checkpoint,
     load_model,
     save_checkpoint,

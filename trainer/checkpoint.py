@@ -14,7 +14,6 @@ becomes a one-line ModelError.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import pickle
@@ -226,10 +225,3 @@ def load_model(path: Path, device: Any = "cpu") -> tuple[Any, CheckpointMeta]:
     return model, meta
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (identifies a model in the catalog)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

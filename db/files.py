@@ -1,4 +1,6 @@
-"""Atomic file replacement: a crash leaves the old file or the new one, never a torn one.
+"""File helpers shared by every package: atomic replacement, folder fsync, content hashes.
+
+Atomic replacement: a crash leaves the old file or the new one, never a torn one.
 
 Every file facefind writes for users to keep (checkpoints, FAISS indexes, galleries, reports) goes
 through ``atomic_replace``: fill a temporary file in the same folder, fsync it, give it the mode a
@@ -8,6 +10,7 @@ target, and fsync the folder so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -60,3 +63,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (identifies a checkpoint in the catalog)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
