@@ -43,8 +43,11 @@ def demo(
     out = Console()
     for step in report.steps:
         out.print(f"[bold]{step.name:<7}[/bold] {step.seconds:6.1f} s  {'(reused) ' if step.reused else ''}{step.detail}")
-    for expr, result in zip(DEMO_QUERIES, report.queries):
+    for expr, result, quality in zip(DEMO_QUERIES, report.queries, report.quality):
         _print_result(out, f'query "{expr}"', result)
+        truly = round((quality.base_rate or 0.0) * quality.n_labelled)
+        out.print(f"  against the labels: {quality.relevant} of these {quality.k} truly match; "
+                  f"{truly:,} of {quality.n_labelled:,} faces do", highlight=False)
     if report.similar is not None:
         _print_result(out, f"similar {report.similar_to}", report.similar)
     out.print(f"\ngalleries: {', '.join(str(g) for g in report.galleries)}")
