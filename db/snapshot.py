@@ -428,6 +428,47 @@ def sync_snapshot(
         )
 
 
+def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
+    """The newest model's snapshot when it is provably current, checked with the stdlib's sqlite3.
+
+    The query path's shortcut: importing SQLAlchemy costs ~0.3-0.8 s of a ~1 s command, while the
+    check needs three tiny reads. Returns None (the caller then takes the full ``sync_snapshot``
+    route) whenever anything is unusual: another database (``FACEFIND_DB``), no catalog file, an
+    old schema, no predictions, or a snapshot that is missing, damaged or behind the catalog.
+    """
+    import sqlite3
+
+    path = Path(index_dir) / "catalog.db"
+    if os.environ.get("FACEFIND_DB") or not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        with conn:  # one read transaction: the three reads see the same catalog state
+            conn.execute("BEGIN")
+            catalog_id = conn.execute("SELECT value FROM meta WHERE key = 'catalog_id'").fetchone()
+            model = conn.execute(
+                "SELECT id, sha256, generation FROM models AS m WHERE EXISTS "
+                "(SELECT 1 FROM predictions AS p WHERE p.model_id = m.id) ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    if catalog_id is None or model is None:
+        return None
+    model_id, sha256, stamp = model
+    try:
+        snap, manifest = _load(model_dir(index_dir, model_id))
+    except CatalogError:
+        return None
+    current = (manifest.get("stamp") == stamp and manifest.get("sha256") == sha256
+               and manifest.get("catalog_id") == catalog_id[0] and manifest.get("format") == FORMAT)
+    return snap if current else None
+
+
 def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stamp: bool = False) -> Snapshot | None:
     """The live snapshot if it is intact and was built from this catalog and model (and, unless
     ``any_stamp``, from predictions of this ``stamp``)."""

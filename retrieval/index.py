@@ -22,14 +22,28 @@ if TYPE_CHECKING:
 
 @dataclass
 class OpenIndex:
-    """An index opened for querying: its catalog and an engine over its current snapshot."""
+    """An index opened for querying: an engine over its current snapshot, and its catalog.
 
-    catalog: Catalog
+    The catalog (SQLAlchemy) is opened only when something needs it (labels, the model record),
+    so a plain query whose snapshot is current never pays for importing SQLAlchemy.
+    """
+
     engine: Engine
     index_dir: Path
+    _catalog: Catalog | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            from db.catalog import Catalog
+
+            self._catalog = Catalog.open(self.index_dir, create=False)
+        return self._catalog
 
     def close(self) -> None:
-        self.catalog.close()
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
 
     def __enter__(self) -> "OpenIndex":
         return self
@@ -64,16 +78,22 @@ class OpenIndex:
 def open_index(index_dir: Path | None = None) -> OpenIndex:
     """Open the index (default ``db.paths.default_index_dir()``) and its snapshot, rebuilding
     stale sidecar files; CatalogError saying to run `facefind index` when missing or empty."""
-    from db.catalog import Catalog
     from db.paths import default_index_dir
-    from db.snapshot import sync_snapshot
+    from db.snapshot import current_snapshot_fast
     from retrieval.engine import Engine
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+    snapshot = current_snapshot_fast(folder)
+    if snapshot is not None:
+        return OpenIndex(Engine(snapshot), folder)
+
+    from db.catalog import Catalog
+    from db.snapshot import sync_snapshot
+
     catalog = Catalog.open(folder, create=False)
     try:
         engine = Engine(sync_snapshot(catalog, folder))
     except BaseException:
         catalog.close()
         raise
-    return OpenIndex(catalog, engine, folder)
+    return OpenIndex(engine, folder, catalog)

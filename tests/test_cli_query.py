@@ -230,7 +230,7 @@ try:
     app(sys.argv[1:])
 except SystemExit as err:
     code = err.code
-heavy = [m for m in ("torch", "torchvision", "cv2") if m in sys.modules]
+heavy = [m for m in ("torch", "torchvision", "cv2", "sqlalchemy") if m in sys.modules]
 print("PROBE " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
 
@@ -244,3 +244,27 @@ def test_query_without_an_image_never_imports_torch(built: Built, tmp_path: Path
     probe = json.loads(proc.stderr.strip().splitlines()[-1].removeprefix("PROBE "))
     assert probe["code"] in (0, None), proc.stderr
     assert probe["heavy"] == [], f"query imported {probe['heavy']}"
+
+
+def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: Path) -> None:
+    """The SQLAlchemy-free shortcut of the query path is used only while the snapshot is current."""
+    import shutil
+
+    from db.catalog import Catalog, IndexedImage
+    from db.snapshot import current_snapshot_fast
+    from retrieval.index import open_index
+
+    index = tmp_path / "index"
+    shutil.copytree(built.index, index)
+    fast = current_snapshot_fast(index)
+    assert fast is not None and len(fast) == N_FACES
+
+    with Catalog.open(index) as catalog:  # one more prediction: the snapshot is now behind
+        model = catalog.latest_model()
+        catalog.write_batch(model.id, [IndexedImage(str(tmp_path / "new.jpg"), 1, 1.0, 178, 218,
+                                                    np.full(len(built.attributes), 0.5, np.float32),
+                                                    np.ones(model.embedding_dim, np.float32))])
+    assert current_snapshot_fast(index) is None
+    with open_index(index) as opened:  # the full route rebuilds it...
+        assert len(opened.engine.snapshot) == N_FACES + 1
+    assert len(current_snapshot_fast(index)) == N_FACES + 1  # ...and the shortcut works again
