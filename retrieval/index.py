@@ -1,23 +1,29 @@
 """An index opened for querying: its catalog plus an engine over its current memory-mapped snapshot.
 
-``query``, ``similar``, the demo and any web page use this one entry point. Opening it never
-imports torch; ``embed`` (a reference image) loads the index's own checkpoint lazily.
+``query``, ``similar``, ``predict``, the demo and any web page use this one entry point. Opening it
+never imports torch; ``embed`` (a reference image) loads the index's own checkpoint lazily, checked
+by sha256 to be the very file the index was built with, and decodes the image with the indexer's
+reader so that one-off images get exactly the pixels indexed ones got.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from db.errors import CatalogError, FacefindError
+from db.errors import CatalogError, FacefindError, ImageError, ModelError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from db.catalog import Catalog
+    from db.catalog import Catalog, ModelRecord
     from retrieval.engine import Engine, Quality, Result
+    from trainer.predict import Predictor
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +59,6 @@ class OpenIndex:
 
     def embed(self, image: Path, detect_face: bool | None = None, device: str = "auto") -> np.ndarray:
         """Embed an image file with the index's own checkpoint and preprocessing (loads torch)."""
-        from retrieval.cli_predict import index_checkpoint, open_predictor
-
         model = self.catalog.get_model(self.engine.snapshot.model_id)
         predictor = open_predictor(index_checkpoint(model), device)
         return predictor.embed(str(image), detect_face)
@@ -97,3 +101,66 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
         catalog.close()
         raise
     return OpenIndex(engine, folder, catalog)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode one image file with the indexer's reader (EXIF, CMYK, alpha, 16-bit, bombs handled)
+    to RGB uint8 (H, W, 3), so one-off images get the same pixels as indexed ones."""
+    from indexer.reader import Unreadable, load_rgb
+
+    try:
+        return load_rgb(path)
+    except Unreadable as err:
+        raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+    """A ``Predictor`` for ``model_path`` that decodes with ``load_image``."""
+    from trainer.predict import Predictor
+
+    return Predictor(model_path, device, decode=load_image)
+
+
+def default_model_path(index_dir: Path | None = None) -> Path:
+    """The model to predict with when none is given: the newest one in the index, else the newest
+    checkpoint in the models folder; ModelError saying what to do when there is neither."""
+    from db.catalog import Catalog
+    from db.paths import default_index_dir, default_models_dir
+
+    index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+    try:
+        with Catalog.open(index_dir, create=False) as catalog:
+            latest = catalog.latest_model()
+    except CatalogError:
+        latest = None
+    if latest is not None and latest.checkpoint:
+        if Path(latest.checkpoint).is_file():
+            return Path(latest.checkpoint)
+        log.warning("the index's model %s no longer exists; looking in %s", latest.checkpoint,
+                    default_models_dir())
+    folder = default_models_dir()
+    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")
+             and not p.name.endswith(".state.pt")] if folder.is_dir() else []
+    if found:
+        return max(found, key=lambda p: (p.stat().st_mtime, p.name))
+    raise ModelError(f"no model to predict with (none in the index at {index_dir} nor in {folder}): "
+                     "pass --model PATH, or train one with `facefind train DATA`")
+
+
+def index_checkpoint(model: ModelRecord) -> Path:
+    """The checkpoint file an index was built with, checked to be that very file (sha256), so an
+    image is embedded exactly like the indexed ones. ModelError when it is gone or has changed."""
+    from db.files import file_sha256
+
+    if not model.checkpoint:
+        raise ModelError(f"the index does not record where model {model.id} ({model.arch}) is stored: "
+                         "re-index with `facefind index FOLDER --model PATH`")
+    path = Path(model.checkpoint)
+    if not path.is_file():
+        raise ModelError(f"the index was built with {path}, which no longer exists: restore it, or "
+                         "re-index with `facefind index FOLDER --model PATH`")
+    if file_sha256(path) != model.sha256:
+        raise ModelError(f"{path} has changed since the index was built with it (its contents differ): "
+                         "restore the original, or re-index with `facefind index FOLDER --model "
+                         f"{path} --rebuild`")
+    return path

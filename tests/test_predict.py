@@ -84,7 +84,7 @@ def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str], image
 
 @pytest.fixture(scope="module")
 def predictor(model: Path):
-    from retrieval.cli_predict import open_predictor
+    from retrieval.index import open_predictor
 
     return open_predictor(model, "cpu")
 
@@ -154,7 +154,7 @@ def test_predictions_follow_the_checkpoint(predictor, images: list[Path], attrib
 
 
 def test_batching_and_arrays_give_the_same_answer(model: Path, predictor, images: list[Path]) -> None:
-    from retrieval.cli_predict import load_image, open_predictor
+    from retrieval.index import load_image, open_predictor
 
     whole = predictor.predict(images[:5])
     small = open_predictor(model, "cpu")
