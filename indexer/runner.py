@@ -1,9 +1,10 @@
 """Runner stage: decoded uint8 batches -> attribute probabilities and embeddings, one forward pass.
 
-The model and its preprocessing come from the checkpoint (``trainer.checkpoint.load_model`` and
-``trainer.model.preprocess``), so indexing cannot disagree with training about image size or
-normalisation. On CUDA the pass runs under bf16 autocast with channels_last inputs; outputs are
-returned as float32 numpy arrays: probabilities ``(n, K)`` and L2-normalised embeddings ``(n, D)``.
+The model and its preprocessing come from the checkpoint, and the forward pass is
+``trainer.predict.infer``, the same one ``predict`` and ``similar`` use, so indexing cannot
+disagree with them or with training about image size or normalisation. On CUDA the pass runs
+under bf16 autocast; outputs are float32 numpy arrays: probabilities ``(n, K)`` and L2-normalised
+embeddings ``(n, D)``.
 """
 
 from __future__ import annotations
@@ -39,25 +40,9 @@ class Runner:
         return (int(self.meta.img_size[0]), int(self.meta.img_size[1]))
 
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-        import torch.nn.functional as F
+        from trainer.predict import infer
 
-        from trainer.device import autocast
-        from trainer.model import preprocess
-
-        if isinstance(pixels, np.ndarray):
-            pixels = torch.from_numpy(pixels)
-        k, d = len(self.meta.attributes), int(self.meta.embedding_dim)
-        if pixels.shape[0] == 0:
-            return np.zeros((0, k), np.float32), np.zeros((0, d), np.float32)
-        if pixels.device.type == "cpu" and self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(self.device, non_blocking=True)  # a no-op when already there
-        with torch.inference_mode(), autocast(self.device):
-            logits, embedding = self.model(preprocess(pixels, self.meta))
-            probs = torch.sigmoid(logits.float())
-            embedding = F.normalize(embedding.float(), dim=1)
-        return probs.cpu().numpy(), embedding.cpu().numpy()
+        return infer(self.model, self.meta, pixels, self.device)
 
 
 def load_runner(model_path: str | Path, device: torch.device) -> Runner:

@@ -54,10 +54,13 @@ class Prediction:
                 "face_box": list(self.face_box) if self.face_box is not None else None}
 
 
-def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor | np.ndarray,
+          device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 3, H, W) -> (probabilities float32 (N, K), unit embeddings float32 (N, D)).
 
-    One forward pass under the device's autocast; preprocessing is ``trainer.model.preprocess``.
+    The one forward pass of predict, similar and the indexer: ``trainer.model.preprocess``, then
+    the model under the device's autocast (bf16 on CUDA). CPU batches bound for CUDA are pinned
+    so the copy can overlap.
     """
     import torch
     import torch.nn.functional as F
@@ -65,8 +68,15 @@ def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor, device: torch.
     from trainer.device import autocast
     from trainer.model import preprocess
 
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(pixels)
+    if pixels.shape[0] == 0:
+        return (np.zeros((0, len(meta.attributes)), np.float32),
+                np.zeros((0, int(meta.embedding_dim)), np.float32))
+    if pixels.device.type == "cpu" and device.type == "cuda":
+        pixels = pixels.pin_memory()
     with torch.inference_mode(), autocast(device):
-        logits, embedding = model(preprocess(pixels.to(device), meta))
+        logits, embedding = model(preprocess(pixels.to(device, non_blocking=True), meta))
         probs = torch.sigmoid(logits.float())
         embedding = F.normalize(embedding.float(), dim=1)
     return probs.cpu().numpy(), embedding.cpu().numpy()
