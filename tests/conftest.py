@@ -11,6 +11,7 @@ from pathlib import Path
 
 # The suite runs as 2 xdist workers on 2 cores: one OpenMP thread per worker (and per subprocess,
 # which inherit this) avoids oversubscription, which made CPU forward passes up to 100x slower.
+# This is the one place that sets it: torch reads it when a test module first imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
@@ -35,7 +36,6 @@ def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
 
     The checkpoint is ``result.checkpoint``; its image cache lives in a session temp folder.
     """
-    import torch
 
     from trainer.fit import FitConfig, fit
 
@@ -44,9 +44,4 @@ def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
         data=synth_dataset, out=work / "model.pt", arch="mobilenet_v3_small", img_size=64, epochs=6,
         batch_size=32, lr=3e-3, embedding_dim=64, device="cpu", seed=0, workers=2, cache_dir=work / "cache",
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a busy shared CPU, competing OpenMP threads are many times slower
-    try:
-        return fit(config)
-    finally:
-        torch.set_num_threads(threads)
+    return fit(config)

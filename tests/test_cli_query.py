@@ -1,7 +1,7 @@
 """``facefind query`` and ``facefind similar`` against a real (small) index.
 
 The index is built by the indexer from synthetic CelebA faces with a fresh mobilenet_v3_small
-(BatchNorm statistics and median thresholds from the faces, see test_predict.make_checkpoint), so
+(BatchNorm statistics and median thresholds from the faces, see helpers.tiny_checkpoint), so
 attributes split the images and embeddings differ. Checked: hits satisfy the expression and the
 total equals a brute-force count; --paths, tables, the gallery; a did-you-mean for typos;
 `similar` returns an indexed image first; --eval against the stored labels; one-line errors for
@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_predict import check_page, make_checkpoint  # noqa: E402
+from helpers import tiny_checkpoint  # noqa: E402
+from test_predict import check_page  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40
@@ -54,7 +55,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     synthesize(root, n=N_FACES, seed=5)
     ann = read_attributes(root / "list_attr_celeba.txt")
     images = sorted((root / "img_align_celeba").glob("*.jpg"))
-    model = make_checkpoint(base / "model.pt", ann.attributes, images)
+    model = tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
     report = index_folder(root / "img_align_celeba", model, base / "index", device="cpu", workers=0)
     assert report.indexed == N_FACES and report.labelled == N_FACES
     with Catalog.open(base / "index", create=False) as catalog:

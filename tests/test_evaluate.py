@@ -26,14 +26,6 @@ TOP_LEVEL = {"split", "n_images", "mean_accuracy", "macro_f1", "micro_precision"
              "mean_balanced_accuracy", "per_attribute"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(*args) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
 

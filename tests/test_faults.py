@@ -24,7 +24,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +36,7 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import tiny_checkpoint  # noqa: E402
 from test_indexer import _count, _live_group_members  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,51 +116,6 @@ def tiny_faces(folder: Path, n: int, seed: int, prefix: str = "") -> list[Path]:
         Image.fromarray(a).save(path, quality=85)
         out.append(path)
     return out
-
-
-def make_checkpoint(path: Path, seed: int = 0, attributes: list[str] = ATTRS, dim: int = 16,
-                    calibrate: list[Path] | None = None) -> Path:
-    """A fresh mobilenet_v3_small at 32x32 (indexing does not care what it learned). With
-    ``calibrate``, BatchNorm statistics and median thresholds come from those images, so that
-    embeddings differ and attributes split them (as test_predict.make_checkpoint does at 64 px)."""
-    import torch
-    from torch import nn
-
-    from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.data import load_images
-    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
-
-    torch.manual_seed(seed)
-    model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=dim)
-    meta = CheckpointMeta(arch="mobilenet_v3_small", attributes=list(attributes), img_size=(32, 32),
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding_dim=dim, dropout=0.3,
-                          thresholds=[0.5] * len(attributes))
-    if calibrate:
-        x = preprocess(load_images(list(calibrate), (32, 32)), meta)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # running stats = this batch's
-        with torch.no_grad(), one_thread():
-            model.train()
-            model(x)
-            model.eval()
-            probs = torch.sigmoid(model(x)[0]).numpy()
-        meta.thresholds = [float(t) for t in np.median(probs, axis=0)]
-    return save_checkpoint(path, model, meta)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """In-process inference on one thread (two OpenMP threads on a busy 2-core CPU crawl)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cli(*args: Any) -> Any:
@@ -273,7 +229,7 @@ def hooks(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(work: Path, faces: list[Path]) -> Path:
-    return make_checkpoint(work / "model.pt", calibrate=faces)
+    return tiny_checkpoint(work / "model.pt", ATTRS, calibrate=faces, size=32, dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +242,7 @@ def seeded(work: Path, model: Path, faces: list[Path]) -> Path:
     """An index of ``faces`` built in this process; tests that change it work on a copy."""
     from indexer.pipeline import index_folder
 
-    with one_thread():
-        report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
+    report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
     assert report.indexed == N_SEED
     return work / "index"
 
@@ -584,20 +539,19 @@ def test_like_and_similar_refuse_a_replaced_or_missing_checkpoint(model: Path, p
     with Catalog.open(private) as catalog:  # the same weights, recorded at a path this test may change
         m = catalog.get_model(1)
         catalog.register_model(file_sha256(mine), m.arch, m.attributes, m.thresholds, m.embedding_dim, mine)
-    with one_thread():
-        ok = cli("query", "Male or not Male", "--like", faces[3], "--index", private, "--json", *CPU_WHOLE)
-        assert ok.exit_code == 0, ok.stderr
-        assert json.loads(ok.stdout)["hits"][0]["path"] == str(faces[3])
-        make_checkpoint(mine, seed=1, attributes=["Bald", "Bangs", "Wavy_Hair"], dim=8)
-        for args in (["query", "Male", "--like", faces[3]], ["similar", faces[3]]):
-            one_error_line(cli(*args, "--index", private, *CPU_WHOLE), "has changed since the index was built")
-        code, report = check(private)
-        assert code == 1 and kinds(report) == {"checkpoint_changed"}, report
-        mine.unlink()
-        one_error_line(cli("similar", faces[3], "--index", private, *CPU_WHOLE), "no longer exists")
-        assert kinds(check(private)[1]) == {"checkpoint_missing"}
-        by_id = cli("query", "Male or not Male", "--like-id", "1", "--index", private, "--json")
-        assert by_id.exit_code == 0 and json.loads(by_id.stdout)["hits"][0]["id"] == 1
+    ok = cli("query", "Male or not Male", "--like", faces[3], "--index", private, "--json", *CPU_WHOLE)
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["hits"][0]["path"] == str(faces[3])
+    tiny_checkpoint(mine, ["Bald", "Bangs", "Wavy_Hair"], size=32, dim=8, seed=1)
+    for args in (["query", "Male", "--like", faces[3]], ["similar", faces[3]]):
+        one_error_line(cli(*args, "--index", private, *CPU_WHOLE), "has changed since the index was built")
+    code, report = check(private)
+    assert code == 1 and kinds(report) == {"checkpoint_changed"}, report
+    mine.unlink()
+    one_error_line(cli("similar", faces[3], "--index", private, *CPU_WHOLE), "no longer exists")
+    assert kinds(check(private)[1]) == {"checkpoint_missing"}
+    by_id = cli("query", "Male or not Male", "--like-id", "1", "--index", private, "--json")
+    assert by_id.exit_code == 0 and json.loads(by_id.stdout)["hits"][0]["id"] == 1
 
 
 def test_a_second_model_with_other_attributes_takes_over_cleanly(model: Path, private: Path, faces: list[Path],
@@ -605,20 +559,19 @@ def test_a_second_model_with_other_attributes_takes_over_cleanly(model: Path, pr
     """Indexing with a checkpoint of other attribute names and embedding size mixes two models in
     one index: queries switch to the new one, the old names are refused with one line, nothing
     mixes the two models' vectors, and check stays healthy."""
-    other = make_checkpoint(tmp_path / "other.pt", seed=2, attributes=["Bald", "Bangs", "Wavy_Hair"], dim=8,
+    other = tiny_checkpoint(tmp_path / "other.pt", ["Bald", "Bangs", "Wavy_Hair"], size=32, dim=8, seed=2,
                             calibrate=faces)
-    with one_thread():
-        out = cli("index", faces[0].parent, "--model", other, "--index", private, "--workers", "0",
-                  "--device", "cpu", "--json")
-        assert out.exit_code == 0, out.stderr
-        assert json.loads(out.stdout)["model_id"] == 2
-        one_error_line(cli("query", "Eyeglasses", "--index", private), "Eyeglasses")
-        hit = cli("query", "Bald or not Bald", "--index", private, "--json", "--limit", "1")
-        assert json.loads(hit.stdout)["n_indexed"] == N_SEED
-        assert set(json.loads(hit.stdout)["hits"][0]["attributes"]) == {"Bald", "Bangs", "Wavy_Hair"}
-        similar = cli("similar", faces[5], "--index", private, "--json", "--limit", "1", *CPU_WHOLE)
-        assert similar.exit_code == 0, similar.stderr
-        assert json.loads(similar.stdout)["hits"][0]["path"] == str(faces[5])
+    out = cli("index", faces[0].parent, "--model", other, "--index", private, "--workers", "0",
+              "--device", "cpu", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["model_id"] == 2
+    one_error_line(cli("query", "Eyeglasses", "--index", private), "Eyeglasses")
+    hit = cli("query", "Bald or not Bald", "--index", private, "--json", "--limit", "1")
+    assert json.loads(hit.stdout)["n_indexed"] == N_SEED
+    assert set(json.loads(hit.stdout)["hits"][0]["attributes"]) == {"Bald", "Bangs", "Wavy_Hair"}
+    similar = cli("similar", faces[5], "--index", private, "--json", "--limit", "1", *CPU_WHOLE)
+    assert similar.exit_code == 0, similar.stderr
+    assert json.loads(similar.stdout)["hits"][0]["path"] == str(faces[5])
     code, report = check(private)
     assert code == 0 and report["stats"]["predictions"] == {"1": N_SEED, "2": N_SEED}, report
 
@@ -711,8 +664,7 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_index(hooks: Path, model: P
     result = cli("query", "--index", private, "--json", "--limit", "0", "--", "Male or not Male")
     assert result.exit_code == 0 and json.loads(result.stdout)["n_indexed"] == n
 
-    with one_thread():
-        resumed = cli("index", folder, "--index", private, "--device", "cpu", "--workers", "0", "--json")
+    resumed = cli("index", folder, "--index", private, "--device", "cpu", "--workers", "0", "--json")
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["indexed"] == N_SEED + 300 - n
     assert_exactly_once(private, faces + more, set())

@@ -23,25 +23,11 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import tiny_checkpoint  # noqa: E402
 from test_reader import build_corpus  # noqa: E402
 
 N_FACES = 160
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _checkpoint(path: Path, seed: int, attributes: list[str]) -> Path:
-    import torch
-
-    from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
-
-    torch.manual_seed(seed)
-    model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=32)
-    meta = CheckpointMeta(
-        arch="mobilenet_v3_small", attributes=attributes, img_size=(64, 64), mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, embedding_dim=32, dropout=0.3, thresholds=[0.5] * len(attributes),
-    )
-    return save_checkpoint(path, model, meta)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +49,7 @@ def attributes(dataset: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str]) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("model") / "model.pt", 0, attributes)
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", attributes)
 
 
 @pytest.fixture
@@ -210,7 +196,7 @@ def test_new_model_adds_predictions_and_rebuild(
 ) -> None:
     idx = tmp_path / "index"
     index(faces, idx, "--model", model)
-    other = _checkpoint(tmp_path / "other.pt", 1, attributes)
+    other = tiny_checkpoint(tmp_path / "other.pt", attributes, seed=1)
     second = index(faces, idx, "--model", other)
     assert second["indexed"] == N_FACES and second["model_id"] == 2
     summary = info(idx)

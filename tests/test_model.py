@@ -43,15 +43,6 @@ from trainer.model import (
 ATTRS = ["5_o_Clock_Shadow", "Bald", "Smiling"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared CPU, competing OpenMP threads make small convolutions crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _meta(arch: str = "resnet18", k: int = 3, size: tuple[int, int] = (40, 32), dim: int = 16) -> CheckpointMeta:
     return CheckpointMeta(
         arch=arch, attributes=ATTRS[:k], img_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding_dim=dim,

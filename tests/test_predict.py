@@ -12,47 +12,17 @@ from __future__ import annotations
 import html.parser
 import json
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
 from retrieval.cli import app
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 N_FACES = 24
-
-
-def make_checkpoint(path: Path, attributes: Sequence[str], images: Sequence[Path], seed: int = 0) -> Path:
-    """Save a fresh mobilenet_v3_small (64 px, 32-d embedding) with BatchNorm statistics and
-    median thresholds taken from ``images``."""
-    import torch
-    from torch import nn
-
-    from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.data import load_images
-    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
-
-    torch.manual_seed(seed)
-    model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=32)
-    meta = CheckpointMeta(
-        arch="mobilenet_v3_small", attributes=list(attributes), img_size=(64, 64), mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, embedding_dim=32, dropout=0.3, thresholds=[0.5] * len(attributes),
-    )
-    x = preprocess(load_images(list(images), (64, 64)), meta)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # running stats = this batch's stats
-    with torch.no_grad():
-        model.train()
-        model(x)
-        model.eval()
-        probs = torch.sigmoid(model(x)[0]).numpy()
-    meta.thresholds = [float(t) for t in np.median(probs, axis=0)]
-    return save_checkpoint(path, model, meta)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +49,7 @@ def images(faces: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str], images: list[Path]) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", attributes, images)
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", attributes, calibrate=images)
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
     from indexer.pipeline import index_folder
     from retrieval.demo import DEMO_ARCH, DEMO_IMG_SIZE
     from trainer.celeba import load_celeba
     from trainer.fit import FitConfig, fit
 
     work = tmp_path_factory.mktemp("real")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # competing OpenMP threads on a shared 2-core box are many times slower
-    try:
-        fit(FitConfig(data=SAMPLE, out=work / "model.pt", arch=DEMO_ARCH, img_size=DEMO_IMG_SIZE, epochs=8,
-                      batch_size=64, device="cpu", seed=0, cache_dir=work / "cache"))
-    finally:
-        torch.set_num_threads(threads)
+    fit(FitConfig(data=SAMPLE, out=work / "model.pt", arch=DEMO_ARCH, img_size=DEMO_IMG_SIZE, epochs=8,
+                  batch_size=64, device="cpu", seed=0, cache_dir=work / "cache"))
 
     # The held-out images, with the annotation files beside them as CelebA keeps them (links: the
     # sample is read-only and its files are large).

@@ -32,14 +32,6 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(data: Path, tmp: Path, **overrides) -> FitConfig:
     """A seconds-long run: 160 images at 32 px."""
     settings = dict(data=data, out=tmp / "m.pt", arch="mobilenet_v3_small", img_size=32, epochs=2, batch_size=16,
