@@ -317,15 +317,23 @@ def test_threaded_prefetch_keeps_order_raises_and_stops() -> None:
         next(gen)
 
     produced = []
+    producers = set()
 
     def endless() -> object:
         for i in range(10_000):
+            producers.add(threading.get_ident())
             produced.append(i)
             yield i
 
     before = threading.active_count()
     gen = _threaded(endless(), depth=2)
     assert next(gen) == 0
+    # it really prefetches, on another thread: depth items queued + one waiting to be put
+    deadline = time.monotonic() + 5
+    while len(produced) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(produced) >= 3
+    assert producers and threading.get_ident() not in producers
     gen.close()  # the consumer stops early (Ctrl-C): the thread must end, not fill memory
     deadline = time.monotonic() + 5
     while threading.active_count() > before and time.monotonic() < deadline:
