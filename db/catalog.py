@@ -921,6 +921,20 @@ class Catalog:
         return sum(p.stat().st_size for p in (f, f.with_name(f.name + "-wal")) if p.exists())
 
 
+def latest_checkpoint(index_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint path recorded for the newest model of the index at ``index_dir``.
+
+    None when there is no index, no model, or no recorded path. The file may no longer exist:
+    callers decide whether that is an error (``index``) or a reason to look elsewhere (``predict``).
+    """
+    try:
+        with Catalog.open(index_dir, create=False) as catalog:
+            latest = catalog.latest_model()
+    except CatalogError:
+        return None
+    return Path(latest.checkpoint) if latest is not None and latest.checkpoint else None
+
+
 def _model_record(row: Any) -> ModelRecord:
     return ModelRecord(
         id=int(row.id),

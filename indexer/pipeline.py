@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
 
 import numpy as np
 
-from db.errors import CatalogError, DatasetError, ModelError
+from db.errors import DatasetError, ModelError
 from db.paths import default_index_dir
 from indexer.reader import (
     IMAGE_EXTENSIONS,
@@ -312,21 +312,17 @@ def _threaded(items: Iterable[T], depth: int) -> Generator[T, None, None]:
 
 def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) -> Path:
     """``model_path``, else the checkpoint the index was last built with (ModelError when none)."""
-    from db.catalog import Catalog
+    from db.catalog import latest_checkpoint
 
     if model_path is not None:
         return Path(model_path).expanduser()
-    try:
-        with Catalog.open(index_dir, create=False) as catalog:
-            latest = catalog.latest_model()
-    except CatalogError:
-        latest = None
-    if latest is None or not latest.checkpoint:
+    recorded = latest_checkpoint(index_dir)
+    if recorded is None:
         raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
                          "(a checkpoint from `facefind train`)")
-    if not Path(latest.checkpoint).is_file():
-        raise ModelError(f"the index was built with {latest.checkpoint}, which no longer exists: pass --model PATH")
-    return Path(latest.checkpoint)
+    if not recorded.is_file():
+        raise ModelError(f"the index was built with {recorded}, which no longer exists: pass --model PATH")
+    return recorded
 
 
 def _read_meta(model_path: Path) -> CheckpointMeta:

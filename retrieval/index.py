@@ -124,20 +124,15 @@ def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> 
 def default_model_path(index_dir: Path | None = None) -> Path:
     """The model to predict with when none is given: the newest one in the index, else the newest
     checkpoint in the models folder; ModelError saying what to do when there is neither."""
-    from db.catalog import Catalog
+    from db.catalog import latest_checkpoint
     from db.paths import default_index_dir, default_models_dir
 
     index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
-    try:
-        with Catalog.open(index_dir, create=False) as catalog:
-            latest = catalog.latest_model()
-    except CatalogError:
-        latest = None
-    if latest is not None and latest.checkpoint:
-        if Path(latest.checkpoint).is_file():
-            return Path(latest.checkpoint)
-        log.warning("the index's model %s no longer exists; looking in %s", latest.checkpoint,
-                    default_models_dir())
+    recorded = latest_checkpoint(index_dir)
+    if recorded is not None:
+        if recorded.is_file():
+            return recorded
+        log.warning("the index's model %s no longer exists; looking in %s", recorded, default_models_dir())
     folder = default_models_dir()
     found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")
              and not p.name.endswith(".state.pt")] if folder.is_dir() else []
