@@ -45,13 +45,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from db.errors import DatasetError
+from trainer.celeba import IMAGE_EXTENSIONS  # one list of what counts as an image file
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 BACKGROUND = (128, 128, 128)  # what transparent pixels become: neutral grey, no colour cast
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 # Larger files are refused unread: even an uncompressed 32-bit BMP at DEFAULT_MAX_PIXELS is ~360 MB,
