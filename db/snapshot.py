@@ -361,9 +361,10 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
     return snap, manifest
 
 
-def _matches(manifest: dict[str, Any], catalog: Any, model: Any, stamp: int) -> bool:
-    return (manifest.get("stamp") == stamp and manifest.get("sha256") == model.sha256
-            and manifest.get("catalog_id") == catalog.catalog_id and manifest.get("format") == FORMAT)
+def _matches(manifest: dict[str, Any], catalog_id: str, sha256: str, stamp: int) -> bool:
+    """Whether a snapshot was built from this catalog, this model file and this prediction stamp."""
+    return (manifest.get("stamp") == stamp and manifest.get("sha256") == sha256
+            and manifest.get("catalog_id") == catalog_id and manifest.get("format") == FORMAT)
 
 
 def resolve_model_id(catalog: Any, model_id: int | None = None) -> int:
@@ -464,9 +465,7 @@ def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
         snap, manifest = _load(model_dir(index_dir, model_id))
     except CatalogError:
         return None
-    current = (manifest.get("stamp") == stamp and manifest.get("sha256") == sha256
-               and manifest.get("catalog_id") == catalog_id[0] and manifest.get("format") == FORMAT)
-    return snap if current else None
+    return snap if _matches(manifest, catalog_id[0], sha256, stamp) else None
 
 
 def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stamp: bool = False) -> Snapshot | None:
@@ -477,7 +476,8 @@ def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stam
     except CatalogError as err:
         log.debug("snapshot not usable: %s", err)
         return None
-    return snap if _matches(manifest, catalog, model, manifest.get("stamp") if any_stamp else stamp) else None
+    wanted = manifest.get("stamp") if any_stamp else stamp
+    return snap if _matches(manifest, catalog.catalog_id, model.sha256, wanted) else None
 
 
 def load_vectors(snapshot: Snapshot) -> Any:
