@@ -19,7 +19,8 @@ from db.errors import FacefindError
 from retrieval.cli_common import DeviceOpt, JsonOpt, guard, print_json
 
 if TYPE_CHECKING:
-    from trainer.fit import EvalReport, FitEvent, FitResult
+    from trainer.evaluate import EvalReport
+    from trainer.fit import FitEvent, FitResult
     from trainer.metrics import Metrics
 
 # The original study (ResNet50 and DenseNet121 on 29,500 CelebA images, 8 epochs, class-weighted
@@ -340,7 +341,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-attribute accuracy, precision, recall, F1, balanced accuracy, AP and support of a checkpoint."""
-    from trainer.fit import evaluate_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
 
     if split is not None and split not in ("test", "val", "train"):
         raise FacefindError(f"unknown split {split!r}: use test or val")

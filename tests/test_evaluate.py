@@ -150,7 +150,7 @@ def test_evaluate_json_schema_and_agreement_with_training(trained_model, synth_d
 
 
 def test_evaluate_val_reproduces_the_training_val_numbers(trained_model, synth_dataset: Path, tmp_path: Path) -> None:
-    from trainer.fit import evaluate_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(trained_model.checkpoint, synth_dataset, "val", device="cpu",
                                  cache_dir=tmp_path / "cache", workers=1)

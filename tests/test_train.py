@@ -17,14 +17,8 @@ from typer.testing import CliRunner
 from db.errors import ModelError
 from retrieval.cli import app
 from trainer.checkpoint import load_checkpoint, load_model
-from trainer.fit import (
-    FitConfig,
-    FitEvent,
-    evaluate_checkpoint,
-    fit,
-    history_path,
-    state_path,
-)
+from trainer.evaluate import evaluate_checkpoint
+from trainer.fit import FitConfig, FitEvent, fit, history_path, state_path
 from trainer.metrics import majority_baseline
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"

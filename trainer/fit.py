@@ -1,4 +1,4 @@
-"""Training and evaluation: ``fit`` (the whole run), ``train_one_epoch``, ``evaluate``.
+"""Training: ``fit`` (the whole run) and ``train_one_epoch``; evaluation is ``trainer.evaluate``.
 
 The official protocol: train on the train split, choose the best epoch and the per-attribute
 decision thresholds on val, report test when the folder has test images (the real sample has
@@ -45,7 +45,6 @@ from trainer.data import (
     ImageCache,
     batch_indices,
     build_cache,
-    find_cache,
     index_tensor,
     parse_img_size,
     training_input,
@@ -57,21 +56,14 @@ from trainer.device import (
     resolve_device,
     synchronize,
 )
-from trainer.metrics import (
-    SUMMARY_KEYS,
-    THRESHOLD_METRICS,
-    Metrics,
-    calibrate_thresholds,
-    compute_metrics,
-    majority_baseline,
-)
+from trainer.evaluate import evaluate
+from trainer.metrics import SUMMARY_KEYS, THRESHOLD_METRICS, Metrics
 from trainer.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputSpec,
     check_input_size,
     create_model,
-    preprocess,
 )
 
 log = logging.getLogger(__name__)
@@ -378,48 +370,6 @@ def train_one_epoch(
     return EpochStats(loss=float(loss_sum.item()) / max(1, len(batches)), images=seen, seconds=seconds)
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, data: TrainData, rows: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
-    """Logits (len(rows), K) as float32 numpy, in ``rows`` order; the model is left in eval mode."""
-    model.eval()
-    device = data.labels_device.device
-    out = []
-    for _, images in data.images.batches(batch_indices(rows, batch_size, shuffle=False)):
-        with autocast(device):
-            logits, _ = model(preprocess(images, data.spec))
-        out.append(logits.float().cpu())
-    if not out:
-        return np.zeros((0, len(data.attributes)), dtype=np.float32)
-    return torch.cat(out).numpy()
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from logits, in float64 (the tanh form never overflows)."""
-    return 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))
-
-
-def evaluate(
-    model: nn.Module,
-    data: TrainData,
-    split: str,
-    thresholds: Sequence[float] | float = 0.5,
-    batch_size: int = 256,
-) -> Metrics:
-    """Metrics of ``model`` on one split at the given thresholds."""
-    probs = sigmoid(predict_logits(model, data, data.rows[split], batch_size))
-    return compute_metrics(data.split_labels(split), probs, thresholds, data.attributes, split)
-
-
-def _bce(logits: np.ndarray, labels: np.ndarray, pos_weight: np.ndarray | None) -> float:
-    """Mean BCE-with-logits, as the training criterion computes it."""
-    if logits.size == 0:
-        return float("nan")
-    criterion = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.from_numpy(pos_weight))
-    return float(criterion(torch.from_numpy(logits).double(), torch.from_numpy(labels).double()))
-
-
 def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
     """Train, validate every epoch, keep the best checkpoint, report test. See the module docstring."""
     started = time.perf_counter()
@@ -460,7 +410,6 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
         best_score, best_epoch, start_epoch = float(extra["best_score"]), int(extra["best_epoch"]), int(extra["epoch"])
         log.info("resuming %s after epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
 
-    val_labels = data.split_labels("val")
     base_meta = dict(
         arch=cfg.arch, attributes=data.attributes, img_size=cfg.img_size, mean=data.spec.mean,
         std=data.spec.std, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, pretrained=cfg.pretrained,
@@ -483,15 +432,14 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
             raise ModelError(f"training diverged in epoch {epoch + 1} (the loss is {stats.loss}): "
                              f"lower --lr (now {cfg.lr}) and train again")
         emit(FitEvent("eval", epoch=epoch + 1, epochs=cfg.epochs))
-        logits = predict_logits(model, data, data.rows["val"], cfg.eval_batch_size)
-        probs = sigmoid(logits)
-        thresholds = calibrate_thresholds(val_labels, probs, cfg.threshold_metric)
-        val = compute_metrics(val_labels, probs, thresholds, data.attributes, "val")
-        val_half = compute_metrics(val_labels, probs, 0.5, data.attributes, "val")
+        outputs = evaluate(model, data, "val", cfg.eval_batch_size)
+        thresholds = outputs.calibrate(cfg.threshold_metric)
+        val = outputs.metrics(thresholds)
+        val_half = outputs.metrics(0.5)
         record = {
             "epoch": epoch + 1,
             "train_loss": stats.loss,
-            "val_loss": _bce(logits, val_labels, pos_weight),
+            "val_loss": outputs.loss(pos_weight),
             "lr": float(scheduler.get_last_lr()[0]),
             "images_per_s": round(stats.images_per_s, 1),
             "seconds": round(stats.seconds, 2),
@@ -533,19 +481,14 @@ def _finish(
 ) -> FitResult:
     """Reload the best epoch, measure it on val (and test), and write the final checkpoint."""
     model, meta = load_model(cfg.out, device)
-    thresholds = np.asarray(meta.thresholds)
-    val_probs = sigmoid(predict_logits(model, data, data.rows["val"], cfg.eval_batch_size))
-    val_labels = data.split_labels("val")
-    val = compute_metrics(val_labels, val_probs, thresholds, data.attributes, "val")
-    val_half = compute_metrics(val_labels, val_probs, 0.5, data.attributes, "val")
-    baseline = majority_baseline(val_labels, meta.train_positive_rate, data.attributes, "val")
+    val_outputs = evaluate(model, data, "val", cfg.eval_batch_size)
+    val, val_half = val_outputs.metrics(meta.thresholds), val_outputs.metrics(0.5)
+    baseline = val_outputs.baseline(meta.train_positive_rate)
     test = test_half = None
     if len(data.rows["test"]):
         emit(FitEvent("test", epoch=best_epoch, epochs=cfg.epochs))
-        probs = sigmoid(predict_logits(model, data, data.rows["test"], cfg.eval_batch_size))
-        test_labels = data.split_labels("test")
-        test = compute_metrics(test_labels, probs, thresholds, data.attributes, "test")
-        test_half = compute_metrics(test_labels, probs, 0.5, data.attributes, "test")
+        test_outputs = evaluate(model, data, "test", cfg.eval_batch_size)
+        test, test_half = test_outputs.metrics(meta.thresholds), test_outputs.metrics(0.5)
     else:
         log.info("no test images in %s: test metrics are not reported", cfg.data)
     meta.history = history
@@ -607,90 +550,3 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
-
-
-# ----------------------------------------------------------------------------- evaluate a checkpoint
-
-
-@dataclass
-class EvalReport:
-    """A checkpoint measured on one split: at its own thresholds, at 0.5, and the majority baseline."""
-
-    model: Path
-    meta: CheckpointMeta
-    metrics: Metrics
-    at_half: Metrics
-    baseline: Metrics
-    seconds: float
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        out = self.metrics.to_json()
-        out["model"] = str(self.model)
-        out["arch"] = self.meta.arch
-        out["at_0_5"] = self.at_half.summary()
-        out["majority_baseline"] = self.baseline.summary()
-        return out
-
-
-def evaluate_checkpoint(
-    model_path: Path,
-    data_path: Path,
-    split: str | None = None,
-    *,
-    device: str = "auto",
-    batch_size: int = 256,
-    workers: int | None = None,
-    cache_dir: Path | None = None,
-    progress: ProgressFn | None = None,
-) -> EvalReport:
-    """Measure a checkpoint on a CelebA-format folder (``split`` None: test, or val when test is empty)."""
-    from trainer.celeba import load_celeba
-
-    started = time.perf_counter()
-    dev = resolve_device(device)
-    configure(dev)
-    model, meta = load_model(model_path, dev)
-    ds = load_celeba(data_path)
-    missing = [a for a in meta.attributes if a not in ds.attributes]
-    if missing:
-        raise DatasetError(f"{data_path} lacks {len(missing)} of the model's attributes (first: {missing[0]}): "
-                           "evaluate on data annotated with the same attributes")
-    columns = [ds.attributes.index(a) for a in meta.attributes]
-    note = ""
-    if split is None:
-        split = "test" if len(ds.indices("test")) else "val"
-        if split == "val":
-            note = f"no test images in {data_path}: evaluated on val (where the thresholds were chosen)"
-            log.warning(note)
-    rows = ds.indices(split)
-    if not len(rows):
-        raise DatasetError(f"the {split} split of {data_path} has no images: choose another --split")
-    full = find_cache(ds.paths, meta.img_size, root=ds.root, cache_dir=cache_dir)
-    if full is None:  # decode only what this split needs
-        ds = ds.subset(rows)
-        rows = np.arange(len(ds))
-
-    def on_cache(done: int, total: int) -> None:
-        if progress:
-            progress(FitEvent("cache", done=done, total=total))
-
-    cache = full or build_cache(ds.paths, meta.img_size, root=ds.root, cache_dir=cache_dir, workers=workers,
-                                device=dev, progress=on_cache)
-    labels = np.ascontiguousarray(ds.labels[:, columns])
-    data = TrainData(
-        attributes=list(meta.attributes), labels=labels, labels_device=torch.from_numpy(labels).to(dev),
-        rows={split: rows}, images=DeviceImages(cache, dev), cache=cache,
-        spec=InputSpec(meta.img_size, meta.mean, meta.std), root=ds.root,
-    )
-    if progress:
-        progress(FitEvent("eval", total=len(rows)))
-    probs = sigmoid(predict_logits(model, data, rows, batch_size))
-    split_labels = labels[rows]
-    return EvalReport(
-        model=Path(model_path), meta=meta,
-        metrics=compute_metrics(split_labels, probs, meta.thresholds, meta.attributes, split),
-        at_half=compute_metrics(split_labels, probs, 0.5, meta.attributes, split),
-        baseline=majority_baseline(split_labels, meta.train_positive_rate, meta.attributes, split),
-        seconds=time.perf_counter() - started, note=note,
-    )
