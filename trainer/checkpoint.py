@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "facefind-checkpoint"
 FORMAT_VERSION = 1
+RETRIEVAL_SET = "f1"  # the threshold set bare attribute names use in queries, when a checkpoint has it
 
 
 @dataclass
@@ -42,8 +43,13 @@ class CheckpointMeta:
     std: tuple[float, float, float]
     embedding_dim: int
     dropout: float
-    thresholds: list[float]  # per attribute: present when probability >= threshold
+    thresholds: list[float]  # per attribute: present when probability >= threshold (the --threshold-metric set)
     pretrained: bool = False
+    # Every calibrated set by objective ("accuracy", "f1"), and what each gave per attribute on
+    # the split that chose it: {set: {"precision": [...], "recall": [...], "f1": [...]}}. Empty in
+    # checkpoints written before both were kept: ``threshold_sets()`` then falls back.
+    threshold_sets: dict[str, list[float]] = field(default_factory=dict)
+    threshold_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     train_args: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0  # epochs completed when these weights were saved
@@ -61,6 +67,9 @@ class CheckpointMeta:
             self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
             self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
             self.thresholds = [float(t) for t in self.thresholds]
+            self.threshold_sets = {str(k): [float(t) for t in v] for k, v in dict(self.threshold_sets or {}).items()}
+            self.threshold_stats = {str(k): {str(m): [float(x) for x in xs] for m, xs in dict(v).items()}
+                                    for k, v in dict(self.threshold_stats or {}).items()}
             self.embedding_dim = int(self.embedding_dim)
         except (TypeError, ValueError, IndexError) as err:
             raise ModelError(f"checkpoint meta holds a malformed value ({err}); retrain the model") from None
@@ -84,11 +93,40 @@ class CheckpointMeta:
             return f"mean {self.mean} and std {self.std} must be 3 values each, std positive"
         if not all(0.0 <= t <= 1.0 for t in self.thresholds):  # NaN fails this too
             return "thresholds must be probabilities in [0, 1]"
+        for name, values in self.threshold_sets.items():
+            if len(values) != len(self.attributes) or not all(0.0 <= t <= 1.0 for t in values):
+                return f"threshold set {name!r} must hold {len(self.attributes)} probabilities in [0, 1]"
         return None
 
     @property
     def num_attributes(self) -> int:
         return len(self.attributes)
+
+    def all_threshold_sets(self) -> dict[str, list[float]]:
+        """Every threshold set by objective name.
+
+        A checkpoint from before both sets were kept has one: ``thresholds``, named after the
+        ``--threshold-metric`` it was trained with (accuracy unless recorded otherwise).
+        """
+        if self.threshold_sets:
+            return dict(self.threshold_sets)
+        return {str(self.train_args.get("threshold_metric") or "accuracy"): list(self.thresholds)}
+
+    def query_set(self) -> str:
+        """The threshold set queries should use: the retrieval (F1) set, else the only one there is."""
+        sets = self.all_threshold_sets()
+        return RETRIEVAL_SET if RETRIEVAL_SET in sets else next(iter(sets))
+
+    def all_threshold_stats(self) -> dict[str, dict[str, list[float]]]:
+        """Per-attribute val precision/recall/F1 of each set (an old checkpoint: from ``val_metrics``)."""
+        if self.threshold_stats or not self.val_metrics:
+            return dict(self.threshold_stats)
+        rows = (self.val_metrics or {}).get("per_attribute") or {}
+        if not all(a in rows for a in self.attributes):
+            return {}
+        (name,) = self.all_threshold_sets()
+        return {name: {key: [float(rows[a].get(key) or 0.0) for a in self.attributes]
+                       for key in ("precision", "recall", "f1")}}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -24,7 +24,8 @@ from db.errors import DatasetError
 from trainer.checkpoint import CheckpointMeta, load_model
 from trainer.data import DeviceImages, batch_indices, build_cache, find_cache
 from trainer.device import autocast, configure, resolve_device
-from trainer.metrics import Metrics, calibrate_thresholds, compute_metrics, majority_baseline
+from trainer.metrics import (THRESHOLD_METRICS, Metrics, calibrate_thresholds, compute_metrics,
+                             majority_baseline)
 from trainer.model import InputSpec, preprocess
 
 if TYPE_CHECKING:
@@ -80,6 +81,16 @@ class Evaluation:
         """Per-attribute thresholds that maximise ``metric`` (accuracy or f1) on this split."""
         return calibrate_thresholds(self.labels, self.probs, metric)
 
+    def calibrate_sets(self) -> tuple[dict[str, np.ndarray], dict[str, dict[str, list[float]]]]:
+        """Thresholds for every objective (accuracy, f1), and the per-attribute precision, recall
+        and F1 each gives on this split (stored in the checkpoint for `facefind info`)."""
+        sets = {name: self.calibrate(name) for name in THRESHOLD_METRICS}
+        stats = {}
+        for name, thresholds in sets.items():
+            m = self.metrics(thresholds)
+            stats[name] = {"precision": m.precision.tolist(), "recall": m.recall.tolist(), "f1": m.f1.tolist()}
+        return sets, stats
+
     def baseline(self, positive_rate: Sequence[float] | None) -> Metrics:
         """The always-majority baseline on this split (majority taken from ``positive_rate``)."""
         return majority_baseline(self.labels, positive_rate, self.attributes, self.split)
@@ -104,7 +115,9 @@ def evaluate(model: nn.Module, data: "TrainData", split: str, batch_size: int = 
 
 @dataclass
 class EvalReport:
-    """A checkpoint measured on one split: at its own thresholds, at 0.5, and the majority baseline."""
+    """A checkpoint measured on one split: at each of its threshold sets, at 0.5, and the majority
+    baseline. ``metrics`` is the accuracy set (``primary``): the one compared with the study's and
+    the literature's accuracy figures; ``by_thresholds`` holds every set (e.g. also "f1")."""
 
     model: Path
     meta: CheckpointMeta
@@ -113,13 +126,19 @@ class EvalReport:
     baseline: Metrics
     seconds: float
     note: str = ""
+    primary: str = "accuracy"
+    by_thresholds: dict[str, Metrics] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``evaluate --json`` schema: the primary set's metrics at the top level (as before),
+        every set and 0.5 in full under ``by_thresholds``."""
         out = self.metrics.to_json()
         out["model"] = str(self.model)
         out["arch"] = self.meta.arch
+        out["thresholds"] = self.primary
         out["at_0_5"] = self.at_half.summary()
         out["majority_baseline"] = self.baseline.summary()
+        out["by_thresholds"] = {name: m.to_json() for name, m in {**self.by_thresholds, "0.5": self.at_half}.items()}
         return out
 
 
@@ -177,7 +196,14 @@ def evaluate_checkpoint(
     if progress:
         progress(FitEvent("eval", total=len(rows)))
     outputs = evaluate(model, data, split, batch_size)
+    sets = meta.all_threshold_sets()
+    if not meta.threshold_sets:
+        log.warning("%s has one threshold set (%s): it predates retrieval thresholds; retrain for both",
+                    model_path, next(iter(sets)))
+    primary = "accuracy" if "accuracy" in sets else next(iter(sets))
+    by_set = {name: outputs.metrics(t) for name, t in sets.items()}
     return EvalReport(
-        model=Path(model_path), meta=meta, metrics=outputs.metrics(meta.thresholds), at_half=outputs.metrics(0.5),
+        model=Path(model_path), meta=meta, metrics=by_set[primary], at_half=outputs.metrics(0.5),
         baseline=outputs.baseline(meta.train_positive_rate), seconds=time.perf_counter() - started, note=note,
+        primary=primary, by_thresholds=by_set,
     )

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -227,6 +227,19 @@ class FitResult:
     device: str
     cache: Path
     val_note: str = ""
+    baseline_test: Metrics | None = None
+    val_by_thresholds: dict[str, Metrics] = field(default_factory=dict)  # each calibrated set ("accuracy", "f1")
+    test_by_thresholds: dict[str, Metrics] = field(default_factory=dict)
+
+    @property
+    def held_out(self) -> tuple[str, Metrics, Metrics]:
+        """(split, metrics, majority baseline) to quote: test when there is one, else val.
+
+        Val chose the epoch and the thresholds, so its figures are optimistic; say which it is.
+        """
+        if self.test is not None and self.baseline_test is not None:
+            return "test", self.test, self.baseline_test
+        return "val", self.val, self.baseline_val
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -242,6 +255,9 @@ class FitResult:
             "val_majority_baseline": self.baseline_val.summary(),
             "test": self.test.summary() if self.test else None,
             "test_at_0_5": self.test_at_half.summary() if self.test_at_half else None,
+            "test_majority_baseline": self.baseline_test.summary() if self.baseline_test else None,
+            "val_by_thresholds": {k: m.summary() for k, m in self.val_by_thresholds.items()},
+            "test_by_thresholds": {k: m.summary() for k, m in self.test_by_thresholds.items()} or None,
             "note": self.val_note or None,
         }
 
@@ -433,7 +449,8 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
                              f"lower --lr (now {cfg.lr}) and train again")
         emit(FitEvent("eval", epoch=epoch + 1, epochs=cfg.epochs))
         outputs = evaluate(model, data, "val", cfg.eval_batch_size)
-        thresholds = outputs.calibrate(cfg.threshold_metric)
+        sets, set_stats = outputs.calibrate_sets()
+        thresholds = sets[cfg.threshold_metric]
         val = outputs.metrics(thresholds)
         val_half = outputs.metrics(0.5)
         record = {
@@ -445,15 +462,18 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
             "seconds": round(stats.seconds, 2),
             "val": val.summary(),
             "val_at_0_5": val_half.summary(),
+            "val_by_thresholds": {name: outputs.metrics(t).summary() for name, t in sets.items()},
         }
         history.append(record)
         score = val.value(cfg.select_metric)
+        calibrated = dict(thresholds=thresholds.tolist(), threshold_sets={k: v.tolist() for k, v in sets.items()},
+                          threshold_stats=set_stats)
         if score > best_score or best_epoch == 0:
             best_score, best_epoch = score, epoch + 1
-            meta = CheckpointMeta(**base_meta, thresholds=thresholds.tolist(), history=history, epoch=epoch + 1,
+            meta = CheckpointMeta(**base_meta, **calibrated, history=history, epoch=epoch + 1,
                                   best_epoch=best_epoch, val_metrics=val.to_json(), created=now_iso())
             save_checkpoint(cfg.out, model, meta)
-        last_meta = CheckpointMeta(**base_meta, thresholds=thresholds.tolist(), history=history, epoch=epoch + 1,
+        last_meta = CheckpointMeta(**base_meta, **calibrated, history=history, epoch=epoch + 1,
                                    best_epoch=best_epoch, val_metrics=val.to_json(), created=now_iso())
         save_checkpoint(state_path(cfg.out), model, last_meta, optimizer.state_dict(), scheduler.state_dict(),
                         extra={"epoch": epoch + 1, "history": history, "best_score": best_score,
@@ -481,14 +501,19 @@ def _finish(
 ) -> FitResult:
     """Reload the best epoch, measure it on val (and test), and write the final checkpoint."""
     model, meta = load_model(cfg.out, device)
+    sets = meta.all_threshold_sets()
     val_outputs = evaluate(model, data, "val", cfg.eval_batch_size)
     val, val_half = val_outputs.metrics(meta.thresholds), val_outputs.metrics(0.5)
+    val_by_set = {name: val_outputs.metrics(t) for name, t in sets.items()}
     baseline = val_outputs.baseline(meta.train_positive_rate)
-    test = test_half = None
+    test = test_half = test_baseline = None
+    test_by_set: dict[str, Metrics] = {}
     if len(data.rows["test"]):
         emit(FitEvent("test", epoch=best_epoch, epochs=cfg.epochs))
         test_outputs = evaluate(model, data, "test", cfg.eval_batch_size)
         test, test_half = test_outputs.metrics(meta.thresholds), test_outputs.metrics(0.5)
+        test_by_set = {name: test_outputs.metrics(t) for name, t in sets.items()}
+        test_baseline = test_outputs.baseline(meta.train_positive_rate)
     else:
         log.info("no test images in %s: test metrics are not reported", cfg.data)
     meta.history = history
@@ -502,6 +527,7 @@ def _finish(
     return FitResult(
         checkpoint=cfg.out, history_file=history_path(cfg.out), best_epoch=best_epoch, epochs=len(history),
         val=val, val_at_half=val_half, baseline_val=baseline, test=test, test_at_half=test_half,
+        baseline_test=test_baseline, val_by_thresholds=val_by_set, test_by_thresholds=test_by_set,
         history=history, seconds=time.perf_counter() - started, device=describe_device(device),
         cache=data.cache.path, val_note=note,
     )
