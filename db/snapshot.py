@@ -7,7 +7,8 @@ Layout under the index folder (one folder per model, one immutable generation pe
     <index>/model-<id>/.lock                serialises snapshot writers (flock; readers never lock)
     <index>/model-<id>/gen-<stamp>/         (gen-<stamp>-<n> when that stamp was written before)
         manifest.json   model_id, stamp, count, attributes, thresholds, embedding_dim, arch,
-                        checkpoint, sha256, catalog_id, factory (written last)
+                        checkpoint, sha256, catalog_id, factory, threshold_set (the set bare
+                        names use), threshold_sets, threshold_stats (written last)
         ids.npy         int64 (N,)        catalog image ids, ascending
         probs.npy       float32 (K, N)    attribute probabilities, column-major for fast filtering
         emb.npy         float16 (N, D)    L2-normalised embeddings (cosine = inner product)
@@ -35,7 +36,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -125,9 +126,34 @@ class Snapshot:
     emb: np.ndarray            # float16 (N, D), L2-normalised
     paths: Sequence[str]       # N absolute paths (a lazy PathList when loaded from disk)
     folder: Path | None = None # the generation folder it was loaded from (None when built in memory)
+    # Every calibrated threshold set by objective name ("accuracy", "f1"); ``thresholds`` is the
+    # one named ``threshold_set``, which bare names use by default. ``threshold_stats`` holds each
+    # set's per-attribute val precision/recall/F1 ({set: {"f1": [K floats], ...}}), when known.
+    threshold_set: str = "accuracy"
+    threshold_sets: dict[str, np.ndarray] = field(default_factory=dict)
+    threshold_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.threshold_sets:  # built without sets (older manifests, tests): the one it has
+            object.__setattr__(self, "threshold_sets", {self.threshold_set: np.asarray(self.thresholds, np.float32)})
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+def model_threshold_sets(model: Any) -> tuple[str, dict[str, list[float]], dict[str, Any]]:
+    """(default set name, every set, per-set val stats) of a catalog model record.
+
+    They live in the model's ``meta`` JSON (written by the indexer from the checkpoint). A model
+    registered before sets were recorded has only its ``thresholds`` column, taken as "accuracy"
+    (what training calibrated for by default then).
+    """
+    meta = getattr(model, "meta", None) or {}
+    sets = {str(k): [float(t) for t in v] for k, v in (meta.get("threshold_sets") or {}).items()}
+    name = str(meta.get("threshold_set") or "accuracy")
+    if not sets or name not in sets:
+        sets = {name: [float(t) for t in model.thresholds]}
+    return name, sets, dict(meta.get("threshold_stats") or {})
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -245,13 +271,14 @@ def _write_locked(
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
         save_index(index, staging / VECTORS)
+        default_set, sets, stats = model_threshold_sets(model)
         manifest = {
             "format": FORMAT,
             "model_id": int(model.id),
             "stamp": int(stamp),
             "count": int(n),
             "attributes": list(model.attributes),
-            "thresholds": [float(t) for t in model.thresholds],
+            "thresholds": sets[default_set],
             "embedding_dim": d,
             "arch": model.arch,
             "checkpoint": model.checkpoint,
@@ -260,6 +287,7 @@ def _write_locked(
             "factory": factory,
             "created": time.time(),
         }
+        manifest.update(threshold_set=default_set, threshold_sets=sets, threshold_stats=stats)
         _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         fsync_dir(staging)
 
@@ -357,8 +385,19 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         emb=emb,
         paths=PathList(blob, offsets),
         folder=gen,
+        **_manifest_sets(manifest),
     )
     return snap, manifest
+
+
+def _manifest_sets(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The Snapshot's threshold-set fields from a manifest (older manifests have none: defaults)."""
+    sets = manifest.get("threshold_sets")
+    if not isinstance(sets, dict) or not sets:
+        return {}
+    return {"threshold_set": str(manifest.get("threshold_set") or next(iter(sets))),
+            "threshold_sets": {str(k): np.asarray(v, dtype=np.float32) for k, v in sets.items()},
+            "threshold_stats": dict(manifest.get("threshold_stats") or {})}
 
 
 def _matches(manifest: dict[str, Any], catalog_id: str, sha256: str, stamp: int) -> bool:
@@ -420,12 +459,14 @@ def sync_snapshot(
                 log.warning("%s; using an in-memory snapshot", err)
         else:
             log.warning("cannot lock %s (read-only index?); using an in-memory snapshot", folder)
+        default_set, sets, stats = model_threshold_sets(model)
         return Snapshot(
             model_id=model_id, stamp=stamp, attributes=list(model.attributes),
-            thresholds=np.asarray(model.thresholds, dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
+            thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
             probs=np.ascontiguousarray(preds.probs.T),
             emb=_normalized_fp16(preds.emb) if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
             paths=list(preds.paths), folder=None,
+            **_manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
         )
 
 

@@ -157,7 +157,8 @@ def index_folder(
             timings["load_model"] = time.perf_counter() - t
             # Registered once its weights load: a checkpoint that fails never becomes the default.
             model_id = catalog.register_model(
-                sha256, meta.arch, meta.attributes, meta.thresholds, meta.embedding_dim, str(model_path),
+                sha256, meta.arch, meta.attributes, meta.all_threshold_sets()[meta.query_set()],
+                meta.embedding_dim, str(model_path),
                 _model_meta(meta),
             )
             log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
@@ -342,11 +343,23 @@ def _sha256(model_path: Path) -> str:
 
 
 def _model_meta(meta: Any) -> dict[str, Any]:
-    """The checkpoint meta worth keeping in the catalog (no per-epoch training history)."""
+    """The checkpoint meta worth keeping in the catalog (no per-epoch training history).
+
+    It records every threshold set, their val precision/recall per attribute, and which set the
+    index's queries use for bare names (``threshold_set``; the models.thresholds column holds it).
+    """
     keep = ("arch", "img_size", "mean", "std", "embedding_dim", "pretrained", "epoch", "best_epoch",
             "val_metrics", "test_metrics", "versions", "created")
     data = meta.to_dict()
-    return {k: data[k] for k in keep if k in data}
+    out = {k: data[k] for k in keep if k in data}
+    out["threshold_set"] = meta.query_set()
+    out["threshold_sets"] = meta.all_threshold_sets()
+    out["threshold_stats"] = meta.all_threshold_stats()
+    if not meta.threshold_sets:
+        log.warning("this checkpoint has only %s thresholds (it predates retrieval thresholds): queries use "
+                    "them for bare names; retrain it to get F1 thresholds, which find rare attributes",
+                    out["threshold_set"])
+    return out
 
 
 def _prune(catalog: Catalog, root: Path) -> int:

@@ -122,7 +122,9 @@ def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
     with Catalog.open(folder, create=False) as catalog:
         summary = catalog.info()
         recent_failures = [{"path": f.path, "reason": f.reason} for f in catalog.failures()[:50]]
-    model_id = summary.get("model_id")
+        model_id = summary.get("model_id")
+        if model_id is not None:
+            summary["thresholds"] = _threshold_table(catalog.get_model(model_id))
     snap = snapshot_info(folder, model_id) if model_id is not None else {"count": 0, "vectors": 0}
     summary["vectors"] = int(snap.get("vectors") or 0)
     summary["snapshot"] = snap
@@ -153,10 +155,8 @@ def _print_info(s: dict[str, Any]) -> None:
         table.add_row(str(m["id"]), m["arch"], f"{m['predictions']:,}", str(len(m["attributes"])),
                       str(m["checkpoint"]))
     console.print(table)
-    current = next((m for m in s["models"] if m["id"] == s["model_id"]), None)
-    if current is not None:
-        pairs = ", ".join(f"{a} {t:.2f}" for a, t in zip(current["attributes"], current["thresholds"]))
-        console.print(f"thresholds (model {current['id']}): {pairs}", highlight=False)
+    if s.get("thresholds"):
+        _print_thresholds(console, s["model_id"], s["thresholds"])
     if run:
         counts = run.get("counts") or {}
         console.print(
@@ -166,6 +166,41 @@ def _print_info(s: dict[str, Any]) -> None:
         )
     for f in s["failure_list"][:10]:
         console.print(f"  [red]failed[/red] {f['path']!r}: {f['reason']}", highlight=False)
+
+
+def _threshold_table(model: Any) -> dict[str, Any]:
+    """The model's threshold sets, which one bare names use, and each set's val precision/recall."""
+    from db.snapshot import model_threshold_sets
+
+    default, sets, stats = model_threshold_sets(model)
+    rows = {}
+    for i, attr in enumerate(model.attributes):
+        rows[attr] = {name: {"threshold": values[i],
+                             **{k: (stats.get(name) or {}).get(k, [None] * len(values))[i]
+                                for k in ("precision", "recall", "f1")}}
+                      for name, values in sets.items()}
+    return {"default": default, "sets": list(sets), "per_attribute": rows}
+
+
+def _print_thresholds(console: Any, model_id: int, t: dict[str, Any]) -> None:
+    from rich.box import SIMPLE
+    from rich.table import Table
+
+    table = Table(title=f"thresholds of model {model_id} (bare names use {t['default']}; "
+                        "precision/recall measured on val, where they were chosen)",
+                  box=SIMPLE, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("attribute", no_wrap=True)
+    for name in t["sets"]:
+        mark = "*" if name == t["default"] else ""
+        for header in ("thr", "val P", "val R"):
+            table.add_column(f"{name}{mark}\n{header}" if header == "thr" else f"\n{header}", justify="right",
+                             no_wrap=True)
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    for attr, row in t["per_attribute"].items():
+        table.add_row(attr, *[fmt(row[name][k]) for name in t["sets"] for k in ("threshold", "precision", "recall")])
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

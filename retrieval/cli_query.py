@@ -37,6 +37,8 @@ def _check_output(as_json: bool, paths: bool) -> None:
 def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None, title: str | None,
             quality: Quality | None) -> None:
     """Print ``result`` as JSON, paths or a table (plus quality), and write the gallery if asked."""
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
         from retrieval.gallery import write_gallery
 
@@ -106,6 +108,12 @@ GalleryOpt = Annotated[
     Path | None,
     typer.Option("--gallery", help="Also write a self-contained HTML page of the hits.", show_default=False),
 ]
+ThresholdsOpt = Annotated[
+    str | None,
+    typer.Option("--thresholds", help="Threshold set for bare attribute names: f1 (finds most faces that have "
+                 "an attribute, the default) or accuracy (the CelebA metric's; rare attributes rarely pass).",
+                 show_default=False),
+]
 EvalOpt = Annotated[
     bool,
     typer.Option("--eval", help="Report precision@k and the base rate against the index's ground-truth labels."),
@@ -133,6 +141,7 @@ def query(
     paths: PathsOpt = False,
     gallery: GalleryOpt = None,
     evaluate: EvalOpt = False,
+    thresholds: ThresholdsOpt = None,
     detect_face: DetectFaceOpt = None,
     index_dir: IndexOpt = None,
     device: DeviceOpt = "auto",
@@ -142,10 +151,14 @@ def query(
     if like is not None and like_id is not None:
         raise FacefindError("give --like IMAGE or --like-id ID, not both")
     with open_index(index_dir) as idx:
+        # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
+        # the parsed tree, so the query below and --eval (result.node) do not parse it again.
         if expr is not None:
-            idx.engine.parse(expr)  # a typo fails before any model is loaded
+            idx.engine.parse(expr)
+        idx.engine.threshold_set(thresholds)
         reference = idx.embed(like, detect_face, device) if like is not None else None
-        result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id)
+        result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
+                                  thresholds=thresholds)
         quality = idx.quality(result) if evaluate else None
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
@@ -164,6 +177,7 @@ def similar(
     as_json: JsonOpt = False,
     paths: PathsOpt = False,
     gallery: GalleryOpt = None,
+    thresholds: ThresholdsOpt = None,
     detect_face: DetectFaceOpt = None,
     index_dir: IndexOpt = None,
     device: DeviceOpt = "auto",
@@ -173,8 +187,9 @@ def similar(
     with open_index(index_dir) as idx:
         if where is not None:
             idx.engine.parse(where)
+        idx.engine.threshold_set(thresholds)
         reference = idx.embed(image, detect_face, device)
-        result = idx.engine.query(where, limit=limit, offset=offset, like=reference)
+        result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
             quality=None)
 

@@ -10,12 +10,20 @@ Ranking
     (a selective filter goes through ``IDSelectorBitmap``; a wide one searches everything and
     drops non-matches, widening k until the top is provably exact). Score = cosine in [-1, 1].
   * without: by how robustly the image satisfies the expression, in log-odds. A literal's margin
-    is ``logit(p) - logit(threshold)`` (for ``<``/``<=`` the sign flips), ``not`` negates, ``and``
+    is ``logit(p) - logit(threshold)`` (for ``<``/``<=`` the sign flips; bare names use the
+    threshold set of the query), ``not`` negates, ``and``
     takes the minimum and ``or`` the maximum. So the score is the confidence of the weakest link
     that makes the image match; it is >= 0 for every match (up to the strict ``>`` boundary), and
     one very confident attribute cannot hide a borderline one. Probabilities are clipped to
     [1e-6, 1 - 1e-6], so margins are bounded by about +-27.6.
   * with neither (no expression, no reference): every image, in id order, score 0.
+
+Threshold sets
+  A bare name means "probability at or above the attribute's calibrated threshold". A checkpoint
+  carries one set per objective: ``accuracy`` (the CelebA metric; rare attributes then almost
+  never pass) and ``f1`` (for search: finds most of the faces that have the attribute). The index
+  records which set its queries use by default (``f1`` when the checkpoint has it);
+  ``query(..., thresholds="accuracy")`` picks another. Comparisons (``Smiling > 0.9``) ignore them.
 
 Ties are broken by image id, ascending, in every ranking, so pages are stable. The engine never
 imports torch; FAISS is imported only when a reference is given.
@@ -34,11 +42,14 @@ import numpy as np
 from db.errors import CatalogError, FacefindError, ModelError
 from db.snapshot import Snapshot
 from retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
-                             literal_text, literals, parse)
+                             literal_text, literals, parse, reindex)
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-6              # probability clip for log-odds margins
+WEAK_F1 = 0.2           # a bare name whose val F1 (at the set in use) is below this gets a warning
+PARSED_KEPT = 64        # parsed expressions an engine keeps
+THRESHOLD_SETS = ("accuracy", "f1")  # the objectives training calibrates for (trainer.metrics)
 BITMAP_FRACTION = 0.10  # filtered similarity search uses a FAISS bitmap below this match fraction
 
 
@@ -70,12 +81,14 @@ class Result:
     ranking: str
     offset: int = 0
     node: Node | None = None
+    thresholds: str | None = None   # the threshold set bare names used ("f1", "accuracy")
+    warnings: tuple[str, ...] = ()  # one line each, e.g. an attribute the model barely learned
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``facefind query --json``."""
         return {"expression": self.expression, "total": self.total, "n_indexed": self.n_indexed,
-                "ranking": self.ranking, "offset": self.offset,
-                "hits": [h.to_dict() for h in self.hits]}
+                "ranking": self.ranking, "offset": self.offset, "thresholds": self.thresholds,
+                "warnings": list(self.warnings), "hits": [h.to_dict() for h in self.hits]}
 
 
 @dataclass(frozen=True)
@@ -178,9 +191,18 @@ class Engine:
         self.attributes: list[str] = list(s.attributes)
         self.ids = ids
         self.probs = np.ascontiguousarray(s.probs, dtype=np.float32)
-        self.thresholds = np.asarray(s.thresholds, dtype=np.float32)
+        self.default_thresholds: str = s.threshold_set
+        self.threshold_sets: dict[str, np.ndarray] = {
+            name: np.asarray(t, dtype=np.float32) for name, t in s.threshold_sets.items()}
+        self.threshold_sets.setdefault(self.default_thresholds, np.asarray(s.thresholds, dtype=np.float32))
+        if any(np.shape(t) != (k,) for t in self.threshold_sets.values()):
+            raise CatalogError("the index snapshot's threshold sets do not match its attributes: rebuild "
+                               "it by running `facefind index` again")
+        self.thresholds = self.threshold_sets[self.default_thresholds]  # the default set
         self.emb = s.emb
-        self._threshold_logits = _logit(self.thresholds)
+        self._threshold_logits = {name: _logit(t) for name, t in self.threshold_sets.items()}
+        self._fell_back: set[str] = set()
+        self._parsed: dict[str, Node] = {}
         self._logit_rows: list[np.ndarray | None] = [None] * k
         self._id_order = np.arange(n) if ascending else np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_order]
@@ -192,14 +214,65 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------
 
     def parse(self, expr: str) -> Node:
-        """Parse ``expr`` against this index's attribute names (raises QuerySyntaxError)."""
-        return parse(expr, self.attributes)
+        """Parse ``expr`` against this index's attribute names (raises QuerySyntaxError).
 
-    def mask(self, node: Node | None) -> np.ndarray:
-        """Boolean (N,) mask of the images that satisfy ``node`` (all of them for None)."""
+        The tree is kept (the last ``PARSED_KEPT`` expressions), so a caller that checks an
+        expression first (the CLI, before it loads a model) and then queries it parses it once.
+        """
+        node = self._parsed.pop(expr, None)
+        if node is None:
+            node = parse(expr, self.attributes)
+            if len(self._parsed) >= PARSED_KEPT:
+                del self._parsed[next(iter(self._parsed))]
+        self._parsed[expr] = node  # most recently used last
+        return node
+
+    def threshold_set(self, thresholds: str | None = None) -> str:
+        """The name of the set bare names use: ``thresholds`` (None: the index default).
+
+        A set the index's model lacks (a checkpoint from before F1 thresholds were kept) falls
+        back to the default, with one warning per engine; an unknown name is a FacefindError.
+        """
+        if thresholds is None:
+            name = self.default_thresholds
+            wanted = "f1"
+        else:
+            name = wanted = str(thresholds).lower()
+        if name in self.threshold_sets and wanted in self.threshold_sets:
+            return name
+        known = sorted(set(THRESHOLD_SETS) | set(self.threshold_sets))
+        if wanted not in known:
+            raise FacefindError(f"unknown threshold set {thresholds!r}: use {' or '.join(known)}")
+        if wanted not in self._fell_back:
+            self._fell_back.add(wanted)
+            log.warning("the index's model has no %s thresholds (only %s: a checkpoint from before both "
+                        "were kept); bare names use %s. Retrain and re-index for retrieval thresholds",
+                        wanted, ", ".join(self.threshold_sets), self.default_thresholds)
+        return self.default_thresholds
+
+    def mask(self, node: Node | None, thresholds: str | None = None) -> np.ndarray:
+        """Boolean (N,) mask of the images that satisfy ``node`` (all of them for None), bare names
+        judged at the threshold set ``thresholds`` (None: the index default)."""
         if node is None:
             return np.ones(len(self), dtype=bool)
-        return evaluate(node, self.probs, self.thresholds)
+        return evaluate(node, self.probs, self.threshold_sets[self.threshold_set(thresholds)])
+
+    def weak_attributes(self, node: Node, thresholds: str | None = None) -> list[str]:
+        """One line per bare name in ``node`` whose val F1 at the set in use is below ``WEAK_F1``:
+        a query on it returns little better than guesses. Empty when the index has no val figures."""
+        name = self.threshold_set(thresholds)
+        stats = self.snapshot.threshold_stats.get(name) or {}
+        f1, precision, recall = (stats.get(key) for key in ("f1", "precision", "recall"))
+        if not f1 or len(f1) != len(self.attributes):
+            return []
+        out = []
+        for lit, _ in literals(node):
+            if isinstance(lit, Attr) and f1[lit.index] < WEAK_F1:
+                detail = (f" (precision {precision[lit.index]:.2f}, recall {recall[lit.index]:.2f})"
+                          if precision and recall else "")
+                out.append(f"{lit.name} has val F1 {f1[lit.index]:.2f} at the {name} thresholds{detail}, "
+                           f"below {WEAK_F1}: the model barely learned it, so its matches are close to guesses")
+        return out
 
     def positions(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row positions of ``image_ids`` in the snapshot, and a mask of which ids were found."""
@@ -222,13 +295,15 @@ class Engine:
             row = self._logit_rows[k] = _logit(self.probs[k])
         return row
 
-    def confidence(self, node: Node, idx: np.ndarray) -> np.ndarray:
-        """Robustness scores (see module docstring) of the images at positions ``idx``."""
+    def confidence(self, node: Node, idx: np.ndarray, thresholds: str | None = None) -> np.ndarray:
+        """Robustness scores (see module docstring) of the images at positions ``idx``, bare names
+        measured against the threshold set ``thresholds`` (None: the index default)."""
+        cuts = self._threshold_logits[self.threshold_set(thresholds)]
 
         def margin(lit: Literal) -> np.ndarray:
             z = self._logit_row(lit.index)[idx]
             if isinstance(lit, Attr):
-                return z - self._threshold_logits[lit.index]
+                return z - cuts[lit.index]
             cut = _logit(np.float32(lit.value))
             return z - cut if lit.op in (">", ">=") else cut - z
 
@@ -237,19 +312,24 @@ class Engine:
 
     # -- the query ---------------------------------------------------------------------------
 
-    def query(self, expr: str | None = None, *, limit: int = 20, offset: int = 0,
-              like: np.ndarray | None = None, like_id: int | None = None) -> Result:
-        """Filter by ``expr`` (None: everything) and return one ranked page.
+    def query(self, expr: str | Node | None = None, *, limit: int = 20, offset: int = 0,
+              like: np.ndarray | None = None, like_id: int | None = None,
+              thresholds: str | None = None) -> Result:
+        """Filter by ``expr`` (text, an already parsed ``Node``, or None: everything) and return
+        one ranked page.
 
         ``like`` (an embedding from the index's model) or ``like_id`` (an indexed image) ranks by
         cosine similarity; otherwise by attribute confidence. ``limit=0`` only counts.
+        ``thresholds`` names the set bare names use ("f1", "accuracy"; None: the index default).
         """
         if limit < 0 or offset < 0:
             raise FacefindError(f"--limit and --offset must be >= 0 (got {limit}, {offset})")
         if like is not None and like_id is not None:
             raise ValueError("give either like or like_id, not both")
-        node = self.parse(expr) if expr is not None else None
-        mask = self.mask(node) if node is not None else None
+        node = self.parse(expr) if isinstance(expr, str) else expr
+        text = expr if isinstance(expr, str) or expr is None else str(expr)
+        used = self.threshold_set(thresholds)
+        mask = self.mask(node, used) if node is not None else None
         idx = np.flatnonzero(mask) if mask is not None else None
         total = len(self) if idx is None else int(idx.shape[0])
         need = min(offset + limit, total)
@@ -260,7 +340,7 @@ class Engine:
             top, scores = self._similar(self._reference(like), mask, total, need)
         elif node is not None:
             ranking = "confidence"
-            conf = self.confidence(node, idx)
+            conf = self.confidence(node, idx, used)
             order = top_order(conf, self.ids[idx], need)
             top, scores = idx[order], conf[order]
         else:
@@ -268,13 +348,16 @@ class Engine:
             top = self._id_order[:need]
             scores = np.zeros(need, dtype=np.float32)
         top, scores = top[offset:], scores[offset:]
-        return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores),
-                      expression=expr, ranking=ranking, offset=offset, node=node)
+        warnings = tuple(self.weak_attributes(node, used)) if node is not None else ()
+        return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores, used),
+                      expression=text, ranking=ranking, offset=offset, node=node, thresholds=used,
+                      warnings=warnings)
 
-    def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray, thresholds: str) -> list[Hit]:
         sub = self.probs[:, top]  # (K, L)
         lits = literals(node) if node is not None else []
-        truth = [(literal_text(lit, pos), literal_mask(lit, sub, self.thresholds) == pos)
+        cuts = self.threshold_sets[thresholds]
+        truth = [(literal_text(lit, pos), literal_mask(lit, sub, cuts) == pos)
                  for lit, pos in lits]
         return [
             Hit(id=int(self.ids[p]), path=self.snapshot.paths[p], score=float(scores[j]),
@@ -365,11 +448,11 @@ class Engine:
             raise CatalogError(f"the ground-truth labels have no {', '.join(missing)}: "
                                "index an annotated dataset to measure this query")
         labels = (np.asarray(labels) > 0).astype(np.uint8)
-        truth_node = parse(str(result.node), list(label_attributes))
+        truth_node = reindex(result.node, list(label_attributes))
         truth = evaluate(truth_node, labels, np.full(len(label_attributes), 0.5, np.float32))
 
         pos, found = self.positions(label_ids)
-        predicted = self.mask(result.node)[pos[found]]
+        predicted = self.mask(result.node, result.thresholds)[pos[found]]
         truth_in = truth[found]
         truth_of = dict(zip(np.asarray(label_ids).tolist(), truth.tolist()))
         hit_truth = [truth_of[h.id] for h in result.hits if h.id in truth_of]

@@ -376,6 +376,23 @@ def literals(node: Node) -> list[tuple[Literal, bool]]:
     return list(out)
 
 
+def reindex(node: Node, attributes: Sequence[str]) -> Node:
+    """``node`` with every literal pointed at its row in another attribute list (matched by name,
+    case-insensitively), e.g. ground-truth labels stored in a different order. No re-parsing:
+    a name missing from ``attributes`` is a QuerySyntaxError naming it."""
+    lookup = {name.lower(): i for i, name in enumerate(attributes)}
+
+    def leaf(lit: Literal) -> Node:
+        index = lookup.get(lit.name.lower())
+        if index is None:
+            raise QuerySyntaxError(f"{lit.name} is not among {', '.join(attributes)}", str(node), None)
+        if isinstance(lit, Attr):
+            return Attr(attributes[index], index)
+        return Compare(attributes[index], index, lit.op, lit.value)
+
+    return fold(node, leaf, Not, lambda parts: And(tuple(parts)), lambda parts: Or(tuple(parts)))
+
+
 def literal_text(lit: Literal, positive: bool) -> str:
     """How a literal reads in results: ``Eyeglasses``, ``not Male``, ``Smiling > 0.9``."""
     return str(lit) if positive else f"not {lit}"

@@ -269,3 +269,67 @@ def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: P
     with open_index(index) as opened:  # the full route rebuilds it...
         assert len(opened.engine.snapshot) == N_FACES + 1
     assert len(current_snapshot_fast(index)) == N_FACES + 1  # ...and the shortcut works again
+
+
+# -- threshold sets ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_sets(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, float]]]:
+    """The same faces indexed with a checkpoint that carries an accuracy and an F1 set (F1's lower),
+    and val figures that make Oval_Face a weak attribute."""
+    from indexer.pipeline import index_folder
+    from trainer.checkpoint import load_checkpoint
+
+    base = tmp_path_factory.mktemp("two-sets")
+    payload = load_checkpoint(built.model)
+    meta = payload["meta"]
+    k = len(meta["attributes"])
+    probs = np.array([[p[a] for a in meta["attributes"]] for p in built.probs.values()])
+    low = np.percentile(probs, 30, axis=0).tolist()  # more faces pass: the shape of an F1 set
+    meta["threshold_sets"] = {"accuracy": meta["thresholds"], "f1": low}
+    f1 = [0.05 if a == "Oval_Face" else 0.7 for a in meta["attributes"]]
+    meta["threshold_stats"] = {name: {"precision": [0.6] * k, "recall": [0.5] * k, "f1": f1}
+                               for name in ("accuracy", "f1")}
+    import torch
+
+    torch.save(payload, base / "model.pt")
+    index_folder(built.root / "img_align_celeba", base / "model.pt", base / "index", device="cpu", workers=0)
+    return base / "index", {"accuracy": dict(zip(meta["attributes"], meta["thresholds"])),
+                            "f1": dict(zip(meta["attributes"], low))}
+
+
+def test_thresholds_option_selects_the_set_and_f1_is_the_default(built: Built, two_sets) -> None:
+    index, sets = two_sets
+    default = ok_json("query", "Eyeglasses", "--index", index, "--limit", "1000")
+    strict = ok_json("query", "Eyeglasses", "--index", index, "--limit", "1000", "--thresholds", "accuracy")
+    for out, name in ((default, "f1"), (strict, "accuracy")):
+        expected = {p for p, row in built.probs.items() if np.float32(row["Eyeglasses"]) >= np.float32(sets[name]["Eyeglasses"])}
+        assert out["thresholds"] == name and {h["path"] for h in out["hits"]} == expected
+    assert default["total"] > strict["total"] > 0
+    # the similarity command takes it too, for its --where filter
+    similar = ok_json("similar", built.images[0], "--where", "Eyeglasses", "--index", index, "--limit", "1000",
+                      "--thresholds", "accuracy", "--device", "cpu")
+    assert similar["total"] == strict["total"] and similar["thresholds"] == "accuracy"
+    one_line_error(run("query", "Eyeglasses", "--index", index, "--thresholds", "recall"), "unknown threshold set")
+
+
+def test_weak_attribute_warns_and_info_shows_both_sets(two_sets) -> None:
+    index, sets = two_sets
+    result = run("query", "Oval_Face and Smiling", "--index", index, "--limit", "3")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "Oval_Face has val F1 0.05 at the f1 thresholds" in warnings[0]
+    info = run("info", "--index", index)
+    assert info.exit_code == 0, info.stderr
+    assert "bare names use f1" in info.stdout and "val P" in info.stdout and "val R" in info.stdout
+    row = next(line for line in info.stdout.splitlines() if line.startswith("Eyeglasses "))
+    assert f"{sets['f1']['Eyeglasses']:.2f}" in row and f"{sets['accuracy']['Eyeglasses']:.2f}" in row
+    as_json = ok_json("info", "--index", index)["thresholds"]
+    assert as_json["default"] == "f1" and as_json["per_attribute"]["Eyeglasses"]["f1"]["recall"] == 0.5
+
+
+def test_a_one_set_index_uses_its_set(built: Built) -> None:
+    out = ok_json("query", "Eyeglasses", "--index", built.index, "--limit", "1000")
+    assert out["thresholds"] == "accuracy"
+    assert out["total"] == sum(p["Eyeglasses"] >= built.thresholds["Eyeglasses"] for p in built.probs.values())

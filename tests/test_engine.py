@@ -289,3 +289,96 @@ def test_bench_runs_small_and_the_baseline_agrees() -> None:
         assert row["baseline_same_total"], row
         assert row["baseline_same_top"], row
     json.dumps(out)
+
+
+# -- threshold sets -----------------------------------------------------------------------------
+
+
+def two_set_snapshot(**overrides) -> Snapshot:
+    #                image:  1     2     3     4     5
+    rare = np.array([0.45, 0.30, 0.12, 0.05, 0.02], np.float32)  # rarely reaches its accuracy cut
+    common = np.array([0.9, 0.8, 0.3, 0.7, 0.1], np.float32)
+    sets = {"accuracy": np.array([0.40, 0.5], np.float32), "f1": np.array([0.10, 0.5], np.float32)}
+    fields = dict(model_id=1, stamp=1, attributes=["Rare", "Common"], thresholds=sets["f1"],
+                  ids=np.arange(1, 6), probs=np.stack([rare, common]),
+                  emb=np.ones((5, 4), np.float16), paths=[f"/img/{i}.jpg" for i in range(1, 6)],
+                  threshold_set="f1", threshold_sets=sets,
+                  threshold_stats={"f1": {"f1": [0.15, 0.8], "precision": [0.1, 0.8], "recall": [0.4, 0.8]},
+                                   "accuracy": {"f1": [0.05, 0.8], "precision": [0.5, 0.8],
+                                                "recall": [0.03, 0.8]}})
+    fields.update(overrides)
+    return Snapshot(**fields)
+
+
+def test_bare_names_use_the_index_default_set_and_the_api_picks_another() -> None:
+    engine = Engine(two_set_snapshot())
+    assert engine.default_thresholds == "f1" and set(engine.threshold_sets) == {"accuracy", "f1"}
+    default = engine.query("Rare", limit=10)
+    assert default.thresholds == "f1" and _ids(default) == [1, 2, 3]  # p >= 0.10
+    strict = engine.query("Rare", limit=10, thresholds="accuracy")
+    assert strict.thresholds == "accuracy" and _ids(strict) == [1]   # p >= 0.40
+    assert engine.query("rare or Common", thresholds="ACCURACY").total == 3  # 1, 2, 4
+    # comparisons ignore the sets
+    for name in ("f1", "accuracy"):
+        assert _ids(engine.query("Rare > 0.2", limit=10, thresholds=name)) == [1, 2]
+    with pytest.raises(FacefindError, match="unknown threshold set 'recall'"):
+        engine.query("Rare", thresholds="recall")
+
+
+def test_confidence_and_matched_follow_the_set_in_use() -> None:
+    def logit(p: float) -> float:
+        return float(np.log(np.float32(p)) - np.log1p(-np.float32(p)))
+
+    engine = Engine(two_set_snapshot())
+    for name, cut in (("f1", 0.10), ("accuracy", 0.40)):
+        result = engine.query("Rare", limit=10, thresholds=name)
+        for hit in result.hits:  # margin against this set's cut: >= 0 for every match
+            assert hit.score == pytest.approx(logit(hit.attributes["Rare"]) - logit(cut), abs=1e-4)
+            assert hit.score >= 0 and hit.matched == ["Rare"]
+    # an image matched through "not Rare" at accuracy's cut is not one at f1's
+    assert 2 in _ids(engine.query("not Rare", limit=10, thresholds="accuracy"))
+    assert 2 not in _ids(engine.query("not Rare", limit=10))
+
+
+def test_weak_attributes_warn_in_one_line_each() -> None:
+    engine = Engine(two_set_snapshot())
+    warnings = engine.query("Rare and Common").warnings
+    assert len(warnings) == 1 and warnings[0].startswith("Rare has val F1 0.15 at the f1 thresholds")
+    assert "\n" not in warnings[0]
+    assert engine.query("Common").warnings == () and engine.query("Rare > 0.3").warnings == ()
+    assert "F1 0.05 at the accuracy" in engine.query("Rare", thresholds="accuracy").warnings[0]
+    assert engine.query("Rare").to_dict()["warnings"] == list(warnings[:1])
+    # without val figures (older index), nothing to warn about
+    assert Engine(two_set_snapshot(threshold_stats={})).query("Rare").warnings == ()
+
+
+def test_a_one_set_index_falls_back_and_says_so_once(caplog) -> None:
+    old = make_snapshot([[0.9, 0.2], [0.1, 0.8]], thresholds=[0.5, 0.5])  # no sets: an older index
+    engine = Engine(old)
+    assert engine.default_thresholds == "accuracy" and list(engine.threshold_sets) == ["accuracy"]
+    with caplog.at_level("WARNING", logger="retrieval.engine"):
+        first = engine.query("A")
+        again = engine.query("A", thresholds="f1")
+        engine.query("B")
+    assert first.thresholds == again.thresholds == "accuracy" and first.total == again.total == 1
+    assert sum("no f1 thresholds" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_query_takes_a_parsed_node_and_quality_does_not_reparse(monkeypatch) -> None:
+    import retrieval.engine as engine_module
+
+    engine = Engine(two_set_snapshot())
+    real_parse, calls = engine_module.parse, []
+    monkeypatch.setattr(engine_module, "parse", lambda *a: calls.append(a) or real_parse(*a))
+    checked = engine.parse("Rare & !Common")  # as the CLI checks before loading a model
+    from_text = engine.query("Rare & !Common", limit=5)
+    assert len(calls) == 1 and from_text.node is checked and from_text.expression == "Rare & !Common"
+    node = real_parse("rare and not common", engine.attributes)
+    from_node = engine.query(node, limit=5)
+    assert len(calls) == 1 and from_node.node is node and from_node.expression == "Rare and not Common"
+    assert _ids(from_node) == _ids(from_text) == [3]
+    # labels in another order and case; bare names read the labels, the prediction uses the set in use
+    labels = np.array([[0, 1, 0, 0, 0], [1, 1, 0, 0, 0]])  # rows: common, rare
+    q = engine.evaluate_quality(from_node, labels, np.arange(1, 6), ["common", "RARE"])
+    assert len(calls) == 1
+    assert (q.k, q.relevant, q.recall) == (1, 0, 0.0)  # truly: only image 1 is rare and not common

@@ -308,3 +308,17 @@ def test_hostile_text_never_escapes_the_error_family(text: str) -> None:
         parse(text, NAMES)
     except QuerySyntaxError:
         pass
+
+
+def test_reindex_points_literals_at_another_attribute_order() -> None:
+    from retrieval.query import reindex
+
+    node = parse("(Male and not eyeglasses) or Smiling > 0.5", ["Male", "Eyeglasses", "Smiling"])
+    other = ["smiling", "EYEGLASSES", "Male", "Bald"]
+    moved = reindex(node, other)
+    assert str(moved) == "(Male and not EYEGLASSES) or smiling > 0.5"
+    #                       rows: smiling, eyeglasses, male, bald; columns: 3 images
+    rows = np.array([[0.9, 0.1, 0.1], [0, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=np.float32)
+    assert evaluate(moved, rows, np.full(4, 0.5, np.float32)).tolist() == [True, False, False]
+    with pytest.raises(QuerySyntaxError, match="Smiling is not among"):
+        reindex(node, ["Male", "Eyeglasses"])
