@@ -147,6 +147,15 @@ def test_evaluate_json_schema_and_agreement_with_training(trained_model, synth_d
     assert report["mean_accuracy"] == pytest.approx(trained_model.test.mean_accuracy, abs=1e-9)
     assert report["macro_f1"] == pytest.approx(trained_model.test.macro_f1, abs=1e-9)
     assert report["majority_baseline"]["mean_accuracy"] < report["mean_accuracy"]
+    # every threshold set, and 0.5, in full; the top level is the accuracy set
+    meta = load_model(trained_model.checkpoint)[1]
+    sets = report["by_thresholds"]
+    assert report["thresholds"] == "accuracy" and set(sets) == {"accuracy", "f1", "0.5"}
+    assert sets["accuracy"]["per_attribute"] == report["per_attribute"]
+    assert [r["threshold"] for r in sets["f1"]["per_attribute"].values()] == meta.threshold_sets["f1"]
+    assert {r["threshold"] for r in sets["0.5"]["per_attribute"].values()} == {0.5}
+    recall = {name: np.mean([r["recall"] for r in m["per_attribute"].values()]) for name, m in sets.items()}
+    assert recall["f1"] > recall["accuracy"], recall  # the F1 set trades precision for recall
 
 
 def test_evaluate_val_reproduces_the_training_val_numbers(trained_model, synth_dataset: Path, tmp_path: Path) -> None:
@@ -167,6 +176,7 @@ def test_evaluate_table_shows_the_study_as_theirs(trained_model, synth_dataset: 
     assert "DenseNet121" in header and "(theirs)" in text and "0.8968" in text and "0.7769" in text
     assert "5_o_Clock_Shadow" in text and "Wearing_Necktie" in text  # names are never cut
     assert "majority" in text and "on val" in text
+    assert "precision / recall / F1 per threshold set" in text and "accuracy" in text and "f1" in text
 
 
 def test_compare_shows_models_side_by_side(trained_model, synth_dataset: Path, tmp_path: Path) -> None:
