@@ -265,13 +265,12 @@ class Engine:
         f1, precision, recall = (stats.get(key) for key in ("f1", "precision", "recall"))
         if not f1 or len(f1) != len(self.attributes):
             return []
+        weak = {lit.index: lit for lit, _ in literals(node) if isinstance(lit, Attr) and f1[lit.index] < WEAK_F1}
         out = []
-        for lit, _ in literals(node):
-            if isinstance(lit, Attr) and f1[lit.index] < WEAK_F1:
-                detail = (f" (precision {precision[lit.index]:.2f}, recall {recall[lit.index]:.2f})"
-                          if precision and recall else "")
-                out.append(f"{lit.name} has val F1 {f1[lit.index]:.2f} at the {name} thresholds{detail}, "
-                           f"below {WEAK_F1}: the model barely learned it, so its matches are close to guesses")
+        for i, lit in weak.items():  # once per attribute, also when it appears as A and as not A
+            detail = f" (precision {precision[i]:.2f}, recall {recall[i]:.2f})" if precision and recall else ""
+            out.append(f"{lit.name} has val F1 {f1[i]:.2f} at the {name} thresholds{detail}, below {WEAK_F1}: "
+                       "the model barely learned it, so its matches are close to guesses")
         return out
 
     def positions(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
