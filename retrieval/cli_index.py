@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 
-from db.errors import FacefindError
 from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
 
 
@@ -34,7 +33,7 @@ def index(
     ] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also index images in subfolders.")] = False,
     detect_faces: Annotated[
-        bool, typer.Option("--detect-faces", help="Cut photos to their largest face first (aligned CelebA crops pass as they are).")
+        bool, typer.Option("--detect-faces", help="Align photos' largest face onto CelebA's template first (aligned CelebA crops pass as they are).")
     ] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-predict every image, not only new and changed ones.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget indexed images under FOLDER whose files are gone.")] = False,
@@ -102,13 +101,11 @@ def _resume_command() -> str:
 
 
 def _face_cropper() -> Any:
-    """The ``--detect-faces`` hook (``trainer.faces``, OpenCV's Haar cascade), checked up front."""
+    """The ``--detect-faces`` hook (``trainer.faces``: dlib, aligned like CelebA), models checked up front."""
     from indexer.reader import crop_to_face
+    from trainer.align import check_models
 
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        raise FacefindError("--detect-faces needs OpenCV: pip install 'opencv-python-headless<5'") from None
+    check_models()
     return crop_to_face
 
 

@@ -5,7 +5,7 @@ The index is built by the indexer from synthetic CelebA faces with a fresh mobil
 attributes split the images and embeddings differ. Checked: hits satisfy the expression and the
 total equals a brute-force count; --paths, tables, the gallery; a did-you-mean for typos;
 `similar` returns an indexed image first; --eval against the stored labels; one-line errors for
-a missing or empty index; and that `query` without --like never imports torch or cv2.
+a missing or empty index; and that `query` without --like never imports torch, cv2 or dlib.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ try:
     app(sys.argv[1:])
 except SystemExit as err:
     code = err.code
-heavy = [m for m in ("torch", "torchvision", "cv2", "sqlalchemy") if m in sys.modules]
+heavy = [m for m in ("torch", "torchvision", "cv2", "dlib", "sqlalchemy") if m in sys.modules]
 print("PROBE " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
 
