@@ -2,7 +2,8 @@
 JSON or a gallery page showing each image with its face box beside its attributes.
 
 The model comes from ``--model``, else the index (``retrieval.index.default_model_path``). torch
-and cv2 are imported only inside the command.
+and dlib are imported only inside the command. A file that cannot be predicted (unreadable, no
+face found) is reported as a failure of that file and the others go on; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from retrieval.index import default_model_path, open_predictor
 
 if TYPE_CHECKING:
 
-    from trainer.predict import Prediction
+    from trainer.predict import FailedPrediction, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _order(item: tuple[str, float], present: set[str]) -> tuple[bool, float, str
 DetectFaceOpt = Annotated[
     bool | None,
     typer.Option("--detect-face/--no-detect-face",
-                 help="Crop to the largest face (OpenCV Haar cascade) before predicting. "
+                 help="Align the largest face onto CelebA's template (dlib, 5 landmarks) before predicting. "
                       "Default: only for images that do not look like aligned 178x218 crops.",
                  show_default=False),
 ]
@@ -130,16 +131,31 @@ def predict(
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict the 40 attributes of each IMAGE; present ones (at the model's thresholds) are highlighted."""
+    from trainer.predict import Prediction
+
     model_path = model if model is not None else default_model_path(index_dir)
     predictor = open_predictor(model_path, device)
-    preds = predictor.predict([str(p) for p in images], detect_face)
-    if gallery is not None:
+    results = predictor.predict([str(p) for p in images], detect_face, keep_going=True)
+    preds = [r for r in results if isinstance(r, Prediction)]
+    failed = [r for r in results if not isinstance(r, Prediction)]
+    if gallery is not None and preds:
         atomic_write_text(gallery, render_predictions(preds, title=f"facefind predict · {model_path.name}"))
         typer.echo(f"gallery: {gallery}", err=True)
     if as_json:
-        print_json([p.to_dict() for p in preds])
+        print_json([r.to_dict() for r in results])
     else:
         _print_table(preds, dict(zip(predictor.attributes, predictor.thresholds.tolist())))
+    _report_failures(failed, len(results))
+
+
+def _report_failures(failed: Sequence[FailedPrediction], total: int) -> None:
+    """One ``error:`` line per failed file on stderr, and exit code 1 when any failed."""
+    for f in failed:
+        typer.echo(f"error: {f.error}", err=True)
+    if failed:
+        if total > 1:
+            typer.echo(f"{len(failed):,} of {total:,} images failed", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

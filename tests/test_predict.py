@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
 from retrieval.cli import app
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 N_FACES = 24
 
 
@@ -149,6 +148,24 @@ def test_face_detection_on_a_faceless_photo_is_a_clear_error(predictor, tmp_path
     assert whole.face_box is None and whole.image_size == (320, 240)
 
 
+def test_a_faceless_photo_fails_alone_and_the_batch_goes_on(predictor, images: list[Path], tmp_path: Path) -> None:
+    from trainer.predict import FailedPrediction, Prediction
+
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(wall)
+    predictor.batch_size = 2  # the failure sits inside a batch, and a whole batch fails
+    try:
+        out = predictor.predict([images[0], wall, images[1], wall, wall, images[2]], keep_going=True)
+    finally:
+        predictor.batch_size = 32
+    assert [type(r) for r in out] == [Prediction, FailedPrediction, Prediction, FailedPrediction,
+                                      FailedPrediction, Prediction]
+    assert [r.path for r in out] == [str(p) for p in (images[0], wall, images[1], wall, wall, images[2])]
+    assert "no face found in" in out[1].error and out[1].to_dict() == {"path": str(wall), "error": out[1].error}
+    alone = predictor.predict([images[1]])[0]
+    np.testing.assert_allclose(out[2].embedding, alone.embedding, atol=1e-5)  # its neighbour changed nothing
+
+
 def test_prepare_uses_the_checkpoint_size(predictor) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (218, 178, 3), dtype=np.uint8)
     chw, box = predictor.prepare(rgb, "x", detect_face=False)
@@ -169,6 +186,25 @@ def test_predict_json_schema(model: Path, images: list[Path], attributes: list[s
         assert list(item["attributes"]) == attributes
         assert set(item["present"]) <= set(attributes)
         assert item["face_box"] is None
+
+
+def test_predict_lists_a_faceless_photo_as_failed_and_prints_the_rest(model: Path, images: list[Path],
+                                                                      tmp_path: Path) -> None:
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(wall)
+    missing = tmp_path / "gone.jpg"
+    result = invoke("predict", images[0], wall, missing, images[1], "--model", model, "--json", "--device", "cpu")
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert [item["path"] for item in out] == [str(images[0]), str(wall), str(missing), str(images[1])]
+    assert set(out[1]) == {"path", "error"} and out[1]["error"].startswith(f"no face found in {wall}")
+    assert out[2]["error"] == f"no such image: {missing}"
+    assert "attributes" in out[0] and "attributes" in out[3]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "2 of 4 images failed" in result.stderr and "Traceback" not in result.stderr
+    table = invoke("predict", wall, images[2], "--model", model, "--device", "cpu")
+    assert table.exit_code == 1 and images[2].name in table.stdout and "present" in table.stdout
+    assert f"error: no face found in {wall}" in table.stderr
 
 
 def test_predict_table_and_gallery(model: Path, images: list[Path], tmp_path: Path) -> None:
@@ -212,16 +248,14 @@ def test_default_model_is_the_newest_checkpoint(model: Path, images: list[Path],
     assert json.loads(result.stdout)[0]["path"] == str(images[0])
 
 
-# -- real faces -------------------------------------------------------------------------------
+# -- faces in photos -------------------------------------------------------------------------
 
 
-@pytest.mark.celeba
-@pytest.mark.skipif(not (SAMPLE / "img_align_celeba").is_dir(), reason="no real CelebA sample")
-def test_predict_finds_a_real_face_in_a_photo(model: Path, tmp_path: Path) -> None:
+def test_predict_finds_and_aligns_a_face_in_a_photo(model: Path, images: list[Path], tmp_path: Path) -> None:
     from trainer.faces import find_face
 
     canvas = np.full((360, 480, 3), 180, np.uint8)
-    for src in sorted((SAMPLE / "img_align_celeba").glob("*.jpg"))[:8]:
+    for src in images[:8]:  # dlib's HOG finds most synthetic faces
         canvas[100:318, 250:428] = np.asarray(Image.open(src).convert("RGB"))
         if find_face(canvas) is not None:
             break

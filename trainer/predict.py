@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, overload
 
 import numpy as np
 
@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 
 Decode = Callable[[str], np.ndarray]  # path -> RGB uint8 (H, W, 3); raises ImageError
 Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class FailedPrediction:
+    """A file of a batch that could not be predicted (unreadable, or no face found) and why;
+    ``Predictor.predict(..., keep_going=True)`` lists it in place and goes on with the rest."""
+
+    path: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of a failed file in ``facefind predict --json``."""
+        return {"path": self.path, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ class Predictor:
         """RGB (H, W, 3) -> (uint8 (3, h, w) at the model's size, face box or None).
 
         ``detect_face`` None means: detect only when the image does not look like an aligned crop.
-        No face found raises ImageError.
+        A detected face is aligned onto CelebA's template (``trainer.faces``); no face found raises
+        ImageError.
         """
         import torch
 
@@ -126,10 +140,20 @@ class Predictor:
         chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return resize_images(chw[None], self.img_size)[0].numpy(), box
 
-    def predict(self, paths: Sequence[str | os.PathLike[str]], detect_face: bool | None = None) -> list[Prediction]:
-        """Predict each image file, in order; an unreadable file or a missing face raises ImageError."""
+    @overload
+    def predict(self, paths: Sequence[str | os.PathLike[str]], detect_face: bool | None = None, *,
+                keep_going: Literal[False] = False) -> list[Prediction]: ...
+
+    @overload
+    def predict(self, paths: Sequence[str | os.PathLike[str]], detect_face: bool | None = None, *,
+                keep_going: Literal[True]) -> list[Prediction | FailedPrediction]: ...
+
+    def predict(self, paths: Sequence[str | os.PathLike[str]], detect_face: bool | None = None, *,
+                keep_going: bool = False) -> list[Prediction] | list[Prediction | FailedPrediction]:
+        """Predict each image file, in order. An unreadable file or a missing face raises ImageError,
+        or with ``keep_going`` becomes a ``FailedPrediction`` in its place while the rest go on."""
         names = [os.fspath(p) for p in paths]
-        return self._predict(names, lambda i: self._load(names[i]), detect_face)
+        return self._predict(names, lambda i: self._load(names[i]), detect_face, keep_going)
 
     def predict_images(self, images: Sequence[np.ndarray], names: Sequence[str],
                        detect_face: bool | None = None) -> list[Prediction]:
@@ -150,21 +174,36 @@ class Predictor:
         return self.decode(path)
 
     def _predict(self, names: list[str], get_rgb: Callable[[int], np.ndarray],
-                 detect_face: bool | None) -> list[Prediction]:
+                 detect_face: bool | None, keep_going: bool = False) -> list[Any]:
         import torch
 
-        out: list[Prediction] = []
+        out: list[Prediction | FailedPrediction] = []
         for start in range(0, len(names), self.batch_size):
             stop = min(start + self.batch_size, len(names))
-            pixels, boxes, sizes = [], [], []
+            done, pixels, boxes, sizes = [], [], [], []
+            failed: dict[int, FailedPrediction] = {}
             for i in range(start, stop):  # decode one image at a time: photos can be large
-                rgb = get_rgb(i)
-                chw, box = self.prepare(rgb, names[i], detect_face)
+                try:
+                    rgb = get_rgb(i)
+                    chw, box = self.prepare(rgb, names[i], detect_face)
+                except ImageError as err:
+                    if not keep_going:
+                        raise
+                    log.info("predict: %s", err)
+                    failed[i] = FailedPrediction(names[i], str(err))
+                    continue
+                done.append(i)
                 pixels.append(chw)
                 boxes.append(box)
                 sizes.append((int(rgb.shape[1]), int(rgb.shape[0])))
-            probs, emb = infer(self.model, self.meta, torch.from_numpy(np.stack(pixels)), self.device)
-            for j, i in enumerate(range(start, stop)):
+            if pixels:
+                probs, emb = infer(self.model, self.meta, torch.from_numpy(np.stack(pixels)), self.device)
+            results = dict(zip(done, range(len(done))))
+            for i in range(start, stop):
+                if i in failed:
+                    out.append(failed[i])
+                    continue
+                j = results[i]
                 p = probs[j]
                 out.append(Prediction(
                     path=names[i],
