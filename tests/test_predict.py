@@ -267,3 +267,23 @@ def test_predict_finds_and_aligns_a_face_in_a_photo(model: Path, images: list[Pa
     x, y, w, h = json.loads(result.stdout)[0]["face_box"]
     assert 250 <= x and x + w <= 428 and 100 <= y and y + h <= 318
     assert len(check_page(page).boxes) == 1
+
+
+def test_missing_face_models_are_one_line_errors(model: Path, images: list[Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import align
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(photo)
+    align._predictor.cache_clear()
+    monkeypatch.setattr(align, "MODELS_PACKAGE", "no_such_face_models_package")
+    try:
+        result = invoke("predict", photo, images[0], "--model", model, "--device", "cpu")
+        assert result.exit_code == 1 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "face model shape_predictor_5_face_landmarks.dat is missing" in errors[0]
+        index = invoke("index", images[0].parent, "--model", model, "--index", tmp_path / "idx", "--detect-faces")
+        assert index.exit_code == 1 and "face model" in index.stderr and "Traceback" not in index.stderr
+    finally:
+        monkeypatch.undo()
+        align._predictor.cache_clear()

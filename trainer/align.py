@@ -258,6 +258,7 @@ def find_faces(rgb: np.ndarray, min_size: int = MIN_FACE_PIXELS, limit: int | No
     HOG finds faces tilted up to about 15 degrees; when it finds none upright, the photo is turned
     by each of ``ROTATIONS`` in turn and detection runs again there (landmarks are mapped back, so
     alignment always warps the original pixels once)."""
+    check_models()  # a missing model fails on every image, not only on those with a face
     found = _located(rgb, min_size)
     for angle in ROTATIONS:
         if found:
