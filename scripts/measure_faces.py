@@ -59,7 +59,7 @@ def unaligned(face: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     base[:, :, 1] = 140
     base[:, :, 2] = np.linspace(200, 90, 3 * 218, dtype=np.uint8)[:, None]
     base[218:436, 178:356] = face
-    return warp(base, _compose(to_photo, _similarity(0.0, 1.0, (-178.0, -218.0))), CANVAS), to_photo
+    return warp(base, _compose(to_photo, _similarity(0.0, 1.0, (-178.0, -218.0))), CANVAS, reflect=False), to_photo
 
 
 def _load_module(path: Path) -> ModuleType:
