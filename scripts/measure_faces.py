@@ -96,6 +96,8 @@ def measure_align(sample: Path, model: Path, n: int, haar: Path | None) -> dict:
             moved = apply_transform(mine[0].transform, mine[0].landmarks)  # aligning the aligned crop
             err_pass.append(np.linalg.norm(moved - mine[0].landmarks, axis=1).mean())
             pass_mad.append(np.abs(mine[0].crop.astype(float) - face).mean())
+            p_pass = predictor.predict_images([mine[0].crop], ["p"], detect_face=False)[0]
+            rows["pass"].append((p_orig, p_pass, labels))
         if hits:
             found_new += 1
             p_new = predictor.predict_images([hits[0].crop], ["n"], detect_face=False)[0]
@@ -136,7 +138,8 @@ def measure_align(sample: Path, model: Path, n: int, haar: Path | None) -> dict:
             "n": len(err_orig)},
         "aligned_crop_realigned": {"landmark_shift_px_mean": round(float(np.mean(err_pass)), 2),
                                    "landmark_shift_px_median": round(float(np.median(err_pass)), 2),
-                                   "pixel_mad_0_255": round(float(np.mean(pass_mad)), 2), "n": len(err_pass)},
+                                   "pixel_mad_0_255": round(float(np.mean(pass_mad)), 2), "n": len(err_pass),
+                                   **summary(rows["pass"])},
         "new_alignment": summary(rows["realigned"]),
         "haar_crop": summary(rows["haar"]) if old else None,
         "original_crops": summary(rows["original"]),
