@@ -150,6 +150,29 @@ def test_two_faces_in_one_photo_are_both_found(synthetic: list[np.ndarray]) -> N
     assert [f.box for f in find_faces(photo, limit=1)] == [faces[0].box] == [find_face(photo).box]
 
 
+def test_faces_of_gives_one_entry_per_face_or_the_aligned_crop_itself(synthetic: list[np.ndarray]) -> None:
+    from trainer.faces import faces_of
+    from trainer.identity import distance
+
+    photo = np.full((300, 520, 3), 235, np.uint8)
+    photo[40:258, 20:198] = synthetic[0]
+    photo[60:278, 300:478] = synthetic[2]
+    entries = faces_of(photo, identity=True)
+    assert [e.number for e in entries] == [0, 1] and all(e.identity.shape == (128,) for e in entries)
+    assert entries[0].box[2] * entries[0].box[3] >= entries[1].box[2] * entries[1].box[3]  # largest first
+    # each face's descriptor is the one of its own crop source, not its neighbour's
+    alone = faces_of(np.ascontiguousarray(photo[:, :260]), identity=True)
+    assert len(alone) == 1
+    left = min(entries, key=lambda e: e.box[0])
+    right = max(entries, key=lambda e: e.box[0])
+    same, other = (float(distance(alone[0].identity, e.identity[None])[0]) for e in (left, right))
+    assert same < 0.15 and other > 2 * same, (same, other)  # landmarks move by a pixel: not exactly 0
+    # a CelebA-like crop is one entry, unchanged, with no box
+    (crop,) = faces_of(synthetic[0])
+    assert crop.number == 0 and crop.box is None and crop.crop is synthetic[0] and crop.identity is None
+    assert faces_of(np.full((240, 320, 3), 128, np.uint8), identity=True) == []
+
+
 def test_no_face_is_a_clear_error_and_none_for_the_indexer() -> None:
     blank = np.full((240, 320, 3), 128, np.uint8)
     assert find_face(blank) is None

@@ -18,7 +18,9 @@ import logging
 import numpy as np
 
 from db.errors import ImageError
-from trainer.align import CELEBA_SIZE, Face, find_faces
+from dataclasses import dataclass
+
+from trainer.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ CELEBA_ASPECT = CELEBA_SIZE[1] / CELEBA_SIZE[0]  # width / height = 0.8165
 ASPECT_TOLERANCE = 0.015      # looks_aligned: relative aspect error (a 4:5 portrait is 2% off)
 ALIGNED_WIDTHS = (64, 360)    # looks_aligned: widths of CelebA crops and their rescaled copies
 
-__all__ = ["Face", "crop_face", "find_face", "looks_aligned", "require_face"]
+__all__ = ["Face", "FaceEntry", "crop_face", "faces_of", "find_face", "looks_aligned", "require_face"]
 
 
 def looks_aligned(image: np.ndarray | tuple[int, int]) -> bool:
@@ -63,3 +65,35 @@ def require_face(rgb: np.ndarray, name: str) -> Face:
             "clearly visible frontal face, or --no-detect-face to use the whole image"
         )
     return found
+
+
+@dataclass(frozen=True)
+class FaceEntry:
+    """One face of a file as an index entry: its ``number`` in the file (0 = largest), its ``box``
+    in the decoded image (None: the whole file is one aligned crop), the 178x218 ``crop`` the
+    attribute model sees, and the 128-D ``identity`` descriptor (None unless asked for, or when
+    an aligned crop has no detectable face)."""
+
+    number: int
+    box: Box | None
+    crop: np.ndarray
+    identity: np.ndarray | None = None
+
+
+def faces_of(rgb: np.ndarray, *, identity: bool = False, min_size: int = MIN_FACE_PIXELS,
+             limit: int | None = None) -> list[FaceEntry]:
+    """The index entries of one decoded image: an aligned CelebA-like crop is one entry (itself);
+    any other image has one entry per face found (largest first; none: no face). A module-level
+    function of arrays, so the indexer's reader workers can call it and overlap the descriptor's
+    ~100 ms per face with the CNN."""
+    from trainer import identity as ident
+
+    if looks_aligned(rgb):
+        vector = None
+        if identity:
+            found = find_faces(rgb, min_size=0, limit=1)
+            vector = ident.describe(rgb, [found[0].landmarks])[0] if found else None
+        return [FaceEntry(0, None, rgb, vector)]
+    faces = find_faces(rgb, min_size=min_size, limit=limit)
+    vectors = ident.describe(rgb, [f.landmarks for f in faces]) if identity and faces else None
+    return [FaceEntry(i, f.box, f.crop, None if vectors is None else vectors[i]) for i, f in enumerate(faces)]
