@@ -108,10 +108,20 @@ def train(
         with _FitBar(console, enabled=not as_json) as bar:
             result = fit(config, progress=bar.update)
     except KeyboardInterrupt:
+        from trainer.distributed import env_info
+
+        if env_info().rank != 0:  # under torchrun: rank 0 says it once
+            raise typer.Exit(130) from None
         if not state_path(config.out).exists():
             raise
-        typer.echo(f"interrupted: continue with `facefind train {data} --out {config.out} --resume`", err=True)
+        hint = ("the same torchrun command with --resume" if env_info().distributed
+                else f"`facefind train {data} --out {config.out} --resume`")
+        typer.echo(f"interrupted: continue with {hint}", err=True)
         raise typer.Exit(130) from None
+    from trainer.distributed import is_main
+
+    if not is_main():  # under torchrun every rank holds rank 0's result; one prints it
+        return
     if as_json:
         print_json(result.to_json())
         return

@@ -209,6 +209,41 @@ def build_cache(
     return ImageCache(npy, np.load(npy, mmap_mode="r"), size, built=True)
 
 
+def build_shared_cache(
+    paths: Sequence[Path],
+    img_size: Sequence[int],
+    *,
+    root: Path,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    device: torch.device | None = None,
+    progress: CountCallback | None = None,
+) -> ImageCache:
+    """``build_cache`` for every process of a torchrun job: one decode and one file per node.
+
+    Local rank 0 decodes (or reuses) the cache while the other ranks of its node wait at a
+    barrier; they then memory-map the same file, so the page cache holds one copy per node
+    whatever the number of processes. Outside torchrun this is ``build_cache``.
+    """
+    from trainer import distributed
+
+    here = distributed.info()
+    if not here.distributed:
+        return build_cache(paths, img_size, root=root, cache_dir=cache_dir, workers=workers, device=device,
+                           progress=progress)
+    cache = None
+    if here.is_local_main:
+        cache = build_cache(paths, img_size, root=root, cache_dir=cache_dir, workers=workers, device=device,
+                            progress=progress)
+    distributed.barrier()
+    if cache is None:
+        cache = find_cache(paths, img_size, root=root, cache_dir=cache_dir)
+        if cache is None:
+            raise DatasetError(f"rank {here.rank}: local rank 0 built the image cache but it is not in "
+                               f"{cache_dir or default_cache_dir()}: give every process of a node the same --cache-dir")
+    return cache
+
+
 def _decode_into(
     out: np.ndarray,
     paths: Sequence[Path],
@@ -381,19 +416,28 @@ def augment(
     images: torch.Tensor,
     generator: torch.Generator,
     config: AugmentConfig = AugmentConfig(),
+    part: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) on any device -> augmented float in [0, 1], same shape and device.
 
     Random parameters come from ``generator`` (CPU, seeded per epoch) so a resumed run draws the
     same augmentations as an uninterrupted one. Flip, zoom and shift are one ``grid_sample``.
+    ``part=(offset, total)`` says these images are rows offset.. of a global batch of ``total``
+    split between DDP ranks: the parameters of the whole batch are drawn and this part's taken,
+    so each image gets what a single process would have given it.
     """
     b = images.shape[0]
     device = images.device
+    offset, total = part if part is not None else (0, b)
+    rows = slice(offset, offset + b)
+
+    def rand() -> torch.Tensor:
+        return torch.rand(total, generator=generator)[rows]
 
     def uniform(spread: float) -> torch.Tensor:
-        return (torch.rand(b, generator=generator) * 2 - 1) * spread
+        return (rand() * 2 - 1) * spread
 
-    flip = torch.where(torch.rand(b, generator=generator) < config.flip, -1.0, 1.0)
+    flip = torch.where(rand() < config.flip, -1.0, 1.0)
     scale = 1.0 + uniform(config.scale)
     tx, ty = uniform(config.shift) * 2, uniform(config.shift) * 2  # grid coordinates span [-1, 1]
     jitter = torch.stack([1.0 + uniform(config.brightness), 1.0 + uniform(config.contrast),
@@ -423,10 +467,12 @@ def training_input(
     std: Sequence[float],
     generator: torch.Generator | None,
     config: AugmentConfig = AugmentConfig(),
+    part: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 cache rows -> normalised channels_last model input; augmented when ``generator`` is given.
 
     Without a generator this equals ``trainer.model.preprocess`` on images already at model size.
+    ``part``: see ``augment``.
     """
-    x = augment(images, generator, config) if generator is not None else images.float().div_(255.0)
+    x = augment(images, generator, config, part) if generator is not None else images.float().div_(255.0)
     return normalize(x, mean, std).contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from torch import nn
 
 from db.errors import DatasetError, ModelError
 from db.paths import default_models_dir
+from trainer import distributed
 from trainer.checkpoint import (
     CheckpointMeta,
     library_versions,
@@ -44,7 +45,7 @@ from trainer.data import (
     DeviceImages,
     ImageCache,
     batch_indices,
-    build_cache,
+    build_shared_cache,
     index_tensor,
     parse_img_size,
     training_input,
@@ -288,8 +289,8 @@ def prepare_data(cfg: FitConfig, device: torch.device, progress: ProgressFn | No
         if progress:
             progress(FitEvent("cache", done=done, total=total))
 
-    cache = build_cache(ds.paths, cfg.img_size, root=ds.root, cache_dir=cfg.cache_dir, workers=cfg.workers,
-                        device=device, progress=on_cache)
+    cache = build_shared_cache(ds.paths, cfg.img_size, root=ds.root, cache_dir=cfg.cache_dir, workers=cfg.workers,
+                               device=device, progress=on_cache)
     data = TrainData(
         attributes=list(ds.attributes),
         labels=ds.labels,
@@ -353,20 +354,27 @@ def train_one_epoch(
     augment: bool = True,
     on_step: Callable[[int, int, float, float], None] | None = None,
     batches: Sequence[np.ndarray] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> EpochStats:
     """One pass over the train rows; ``on_step(step, steps, mean loss, images/s)`` about twice a second.
 
     ``batches`` (row indices per step) replaces the shuffled epoch, e.g. for a benchmark. The
     loss is read back from the device only when reported, so the GPU never waits for Python.
+    ``shard=(rank, world)``: under DDP every rank draws the same global batches and trains on its
+    contiguous part of each (``batch_size`` is the global batch), augmented as one process would.
     """
     model.train()
     if batches is None:
         batches = batch_indices(data.rows["train"], batch_size, shuffle=True, generator=generator, drop_last=True)
+    parts = [distributed.shard_slice(len(b), *shard) for b in batches]
+    sizes = [len(b) for b in batches]
+    batches = [b[part] for b, part in zip(batches, parts)]
     loss_sum = torch.zeros((), device=device)
     seen, last_report = 0, 0.0
     start = time.perf_counter()
     for step, (idx, images) in enumerate(data.images.batches(batches), start=1):
-        x = training_input(images, data.spec.mean, data.spec.std, generator if augment else None)
+        x = training_input(images, data.spec.mean, data.spec.std, generator if augment else None,
+                           part=(parts[step - 1].start, sizes[step - 1]))
         y = data.labels_device.index_select(0, index_tensor(idx, device)).float()
         with autocast(device):
             logits, _ = model(x)
@@ -387,7 +395,16 @@ def train_one_epoch(
 
 
 def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
-    """Train, validate every epoch, keep the best checkpoint, report test. See the module docstring."""
+    """Train, validate every epoch, keep the best checkpoint, report test. See the module docstring.
+
+    Under torchrun this is DDP (trainer.distributed): every rank trains on its part of each global
+    batch, rank 0 validates and writes, and every rank returns rank 0's result.
+    """
+    with distributed.failures():
+        return _fit(config, progress)
+
+
+def _fit(config: FitConfig, progress: ProgressFn | None) -> FitResult:
     started = time.perf_counter()
     cfg = config
     resume_state: dict[str, Any] | None = None
@@ -397,7 +414,12 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
         log.warning("an interrupted run's state is at %s; starting over (use --resume to continue it)",
                     state_path(cfg.out))
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.local_device(cfg.device))
+    here = distributed.setup(device)
+    progress = progress if here.is_main else None  # one set of progress bars, rank 0's
+    if cfg.batch_size < 2 * here.world_size:
+        raise ModelError(f"--batch-size {cfg.batch_size} is the global batch: use at least 2 per process "
+                         f"({2 * here.world_size} for {here.world_size})")
     configure(device)
     torch.manual_seed(cfg.seed)
     data, note = prepare_data(cfg, device, progress)
@@ -407,6 +429,7 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
 
     model = create_model(cfg.arch, len(data.attributes), cfg.embedding_dim, cfg.dropout, cfg.pretrained)
     model.to(device, memory_format=torch.channels_last)
+    train_model = distributed.ddp(model, device)
     pos_weight = positive_weights(train_labels) if cfg.class_weights == "pos_weight" else None
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None if pos_weight is None else torch.from_numpy(pos_weight).float().to(device)
@@ -442,11 +465,16 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
             emit(FitEvent("step", epoch=_epoch + 1, epochs=cfg.epochs, step=step, steps=total, loss=loss,
                           images_per_s=rate))
 
-        stats = train_one_epoch(model, data, optimizer, scheduler, criterion, batch_size=cfg.batch_size,
-                                generator=generator, device=device, augment=cfg.augment, on_step=on_step)
+        stats = train_one_epoch(train_model, data, optimizer, scheduler, criterion, batch_size=cfg.batch_size,
+                                generator=generator, device=device, augment=cfg.augment, on_step=on_step,
+                                shard=(here.rank, here.world_size))
+        stats = distributed.reduce_stats(stats)
         if not math.isfinite(stats.loss):
             raise ModelError(f"training diverged in epoch {epoch + 1} (the loss is {stats.loss}): "
                              f"lower --lr (now {cfg.lr}) and train again")
+        if not here.is_main:
+            distributed.barrier()  # rank 0 validates and writes the checkpoints
+            continue
         emit(FitEvent("eval", epoch=epoch + 1, epochs=cfg.epochs))
         outputs = evaluate(model, data, "val", cfg.eval_batch_size)
         sets, set_stats = outputs.calibrate_sets()
@@ -484,8 +512,10 @@ def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
                                             "epochs": history})
         log.debug("epoch %d: %s", epoch + 1, record)
         emit(FitEvent("epoch_end", epoch=epoch + 1, epochs=cfg.epochs, record=record))
+        distributed.barrier()
 
-    return _finish(cfg, data, device, history, best_epoch, pos_weight, note, started, emit)
+    result = _finish(cfg, data, device, history, best_epoch, pos_weight, note, started, emit) if here.is_main else None
+    return distributed.broadcast(result)
 
 
 def _finish(
