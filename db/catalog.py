@@ -537,6 +537,28 @@ class Catalog:
             raise CatalogError(f"no model with id {model_id} in the index; `facefind info` lists them")
         return int(value)
 
+    # A publish hold marks a sharded build in progress: while it stands, queries keep the last
+    # published snapshot instead of rebuilding one from a catalog that only some shards have filled.
+
+    def hold_publish(self, model_id: int, detail: Mapping[str, Any]) -> None:
+        """Hold back snapshot rebuilds of ``model_id`` until ``release_publish`` (idempotent)."""
+        key, value = f"publish_hold:{int(model_id)}", json.dumps(dict(detail), sort_keys=True)
+        with self._write() as conn:
+            conn.execute(sa.delete(meta_table).where(meta_table.c.key == key))
+            conn.execute(sa.insert(meta_table).values(key=key, value=value))
+
+    def publish_hold(self, model_id: int) -> dict[str, Any] | None:
+        """The hold's detail (e.g. the shard count) while a sharded build of ``model_id`` stands."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(meta_table.c.value).where(
+                meta_table.c.key == f"publish_hold:{int(model_id)}")).scalar()
+        return None if value is None else dict(json.loads(value))
+
+    def release_publish(self, model_id: int) -> None:
+        """End the hold: the next snapshot sync publishes what the catalog holds."""
+        with self._write() as conn:
+            conn.execute(sa.delete(meta_table).where(meta_table.c.key == f"publish_hold:{int(model_id)}"))
+
     def _model_dims(self, model_id: int) -> tuple[int, int]:
         if model_id not in self._dims:
             m = self.get_model(model_id)

@@ -444,6 +444,15 @@ def sync_snapshot(
         if any(run.model_id == model_id for run in catalog.active_runs()):
             log.info("an index run is in progress: using the snapshot of stamp %d", found.stamp)
             return found
+    if reuse_while_indexing and (hold := catalog.publish_hold(model_id)) is not None:
+        # A sharded build is filling the catalog: never publish what only some shards wrote.
+        if found is not None:
+            log.info("a sharded index build is in progress: using the snapshot of stamp %d", found.stamp)
+            return found
+        raise CatalogError(
+            f"the index is being built in {hold.get('shards', 'several')} shards and none of it is published "
+            "yet: run `facefind index FOLDER --finalize` once every shard is done"
+        )
     with _writer_lock(folder) as locked:
         found = _try_current(folder, catalog, model, catalog.stamp(model_id))  # built while we waited?
         if found is not None:

@@ -7,6 +7,11 @@ batch is one transaction keyed by path (``Catalog.write_batch``), so a run kille
 from the catalog and rebuilt when out of step, so it can never hold rows the catalog lacks.
 Ctrl-C stops at a batch boundary: queued batches are committed, the snapshot is synced, the run is
 marked 'interrupted', and the report says so.
+
+Sharded runs (``shard=(K, N)``, or RANK/WORLD_SIZE under torchrun) index only the files whose
+relative path hashes to shard K (``trainer.distributed.shard_of``). They hold back the snapshot
+(``Catalog.hold_publish``) so queries keep the last complete one; it is published once every file
+is in the catalog: by rank 0 after a barrier under torchrun, else by ``finalize_index``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
 
 import numpy as np
 
-from db.errors import DatasetError, ModelError
+from db.errors import CatalogError, DatasetError, ModelError
 from db.paths import default_index_dir
 from indexer.reader import (
     IMAGE_EXTENSIONS,
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (files done, files to do)
+INDEX_BARRIER_TIMEOUT_S = 86400.0  # ranks wait at the end for the slowest shard (hours on big collections)
 T = TypeVar("T")
 
 
@@ -71,6 +77,8 @@ class IndexReport:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    shard: str = ""  # "K/N" for a sharded run
+    published: bool = True  # whether this run published the snapshot (sharded: only the last step does)
 
     @property
     def images_per_second(self) -> float:
@@ -94,6 +102,8 @@ class IndexReport:
             "index": self.index_dir,
             "folder": self.folder,
             "device": self.device,
+            "shard": self.shard or None,
+            "published": self.published,
         }
 
 
@@ -109,6 +119,7 @@ def index_folder(
     prune: bool = False,
     crop: Crop | None = None,
     progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> IndexReport:
     """Index the images of ``folder`` into the index at ``index_dir`` with one model.
 
@@ -117,10 +128,17 @@ def index_folder(
     catalogued files under ``folder`` that no longer exist. Ground-truth labels are stored when
     CelebA annotation files sit in or above ``folder``. Raises DatasetError (missing, unreadable
     or empty folder), ModelError (no or bad model), CatalogError (index not writable).
+    ``shard=(K, N)`` indexes only shard K of N (see the module docstring); under torchrun the
+    shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK.
     """
     from db.catalog import Catalog
     from indexer.runner import load_runner
+    from trainer import distributed
     from trainer.device import describe_device, resolve_device
+
+    k, n, launched = _which_shard(shard)
+    if prune and n > 1:
+        raise DatasetError("--prune cannot run in shards: finalize, then run `facefind index FOLDER --prune` once")
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -130,9 +148,14 @@ def index_folder(
     root = Path(folder).expanduser().resolve()
     if not found.files and not found.failures:
         raise DatasetError(_empty_message(root, recursive))
+    everything = found
+    if n > 1:
+        found = _shard_files(found, root, k, n)
     timings["discover"] = time.perf_counter() - start
 
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.local_device(device) if launched else device)
+    if launched:
+        distributed.setup(None, timeout=distributed.timeout_s(INDEX_BARRIER_TIMEOUT_S))
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
     model_path = _choose_model(index_dir, model_path)
     meta = _read_meta(model_path)  # before the catalog: a damaged checkpoint creates no index
@@ -163,6 +186,8 @@ def index_folder(
             )
             log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
                      len(meta.attributes), *meta.img_size)
+            if n > 1:  # before the first write: no query may publish a partial build
+                catalog.hold_publish(model_id, {"shards": n, "root": str(root)})
             run_id = catalog.start_run(model_id, root)
             writer = CatalogWriter(catalog, model_id, labels, label_names)
             failures: list[Failure] = list(found.failures)
@@ -174,7 +199,8 @@ def index_folder(
                 writer.close()  # commits what is queued, also after Ctrl-C
                 timings["write"] = writer.seconds
                 t = time.perf_counter()
-                _sync(catalog, index_dir, model_id)
+                if n == 1:
+                    _publish(catalog, index_dir, model_id)
                 timings["snapshot"] = time.perf_counter() - t
                 completed = True
             except KeyboardInterrupt:  # a second Ctrl-C, while committing or saving the snapshot
@@ -190,12 +216,119 @@ def index_folder(
             folder=str(root), index_dir=str(index_dir), model_id=model_id, run_id=run_id, status=status,
             indexed=writer.written, unchanged=unchanged, failed=len(failures), failures=failures,
             pruned=pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
-            device=describe_device(dev),
+            device=describe_device(dev), shard=f"{k}/{n}" if n > 1 else "", published=n == 1,
         )
         catalog.finish_run(run_id, status, _counts(report), timings)
+        if launched and status == "finished":
+            distributed.barrier()  # every rank's files are committed
+            if k == 0:
+                t = time.perf_counter()
+                _finalize(catalog, index_dir, model_id, root, everything, n)
+                report.timings["snapshot"] = time.perf_counter() - t
+                report.published = True
         return report
     finally:
         catalog.close()
+
+
+@dataclass
+class FinalizeReport:
+    """What ``finalize_index`` published: the snapshot of every shard's predictions."""
+
+    folder: str
+    index_dir: str
+    model_id: int
+    images: int
+    stamp: int
+    shards: int | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "index": self.index_dir, "model_id": self.model_id, "images": self.images,
+                "stamp": self.stamp, "shards": self.shards, "seconds": round(self.seconds, 3), "published": True}
+
+
+def finalize_index(
+    folder: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    recursive: bool = False,
+) -> FinalizeReport:
+    """Publish the snapshot after separate ``--shard K/N`` runs, once every file of ``folder`` is in.
+
+    Raises CatalogError naming the shards to run (again) while any readable file lacks a current
+    prediction; the previous snapshot stays published until then.
+    """
+    from db.catalog import Catalog
+
+    start = time.perf_counter()
+    found = discover(folder, recursive)
+    root = Path(folder).expanduser().resolve()
+    index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
+    model_path = _choose_model(index_dir, model_path)
+    sha256 = _sha256(model_path)
+    with Catalog.open(index_dir, create=False) as catalog:
+        model_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
+        if model_id is None:
+            raise CatalogError(f"no shard has indexed {root} with {model_path} yet: run "
+                               "`facefind index FOLDER --shard K/N` for every K first")
+        hold = catalog.publish_hold(model_id)
+        shards = int(hold["shards"]) if hold and "shards" in hold else None
+        snap = _finalize(catalog, index_dir, model_id, root, found, shards)
+    return FinalizeReport(folder=str(root), index_dir=str(index_dir), model_id=model_id, images=len(snap),
+                          stamp=snap.stamp, shards=shards, seconds=time.perf_counter() - start)
+
+
+def _which_shard(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
+    """(K, N, launched by torchrun): the explicit shard, else RANK/WORLD_SIZE, else (0, 1)."""
+    from trainer import distributed
+
+    if shard is not None:
+        k, n = shard
+        if not (n >= 1 and 0 <= k < n):
+            raise DatasetError(f"bad shard {k}/{n}: K must be 0..N-1")
+        return int(k), int(n), False
+    here = distributed.env_info()
+    return here.rank, here.world_size, here.distributed
+
+
+def _shard_files(found: Any, root: Path, k: int, n: int) -> Any:
+    """The part of a discovery (files and unreadable entries) that shard ``k`` of ``n`` owns."""
+    from trainer.distributed import shard_of
+
+    def mine(path: str) -> bool:
+        return shard_of(os.path.relpath(path, root), n) == k
+
+    return type(found)([f for f in found.files if mine(f.path)], [f for f in found.failures if mine(f.path)])
+
+
+def _finalize(catalog: Catalog, index_dir: Path, model_id: int, root: Path, found: Any, shards: int | None) -> Any:
+    """Check that every readable file of ``found`` has a current prediction, then publish."""
+    from trainer.distributed import shard_of
+
+    todo, _ = split_unchanged(found.files, catalog.known_files(model_id))
+    failed = {f.path for f in catalog.failures()}
+    missing = [f for f in todo if f.path not in failed]
+    if missing:
+        where = ""
+        if shards:
+            owners = sorted({shard_of(os.path.relpath(f.path, root), shards) for f in missing})
+            where = " (shard " + ", ".join(f"{s}/{shards}" for s in owners) + ")"
+        raise CatalogError(
+            f"{len(missing):,} files of {root} are not indexed yet{where}, e.g. {missing[0].path}: run "
+            "`facefind index FOLDER --shard K/N` for them, then `--finalize` again (queries keep the "
+            "previous snapshot until then)"
+        )
+    return _publish(catalog, index_dir, model_id)
+
+
+def _publish(catalog: Catalog, index_dir: Path, model_id: int) -> Any:
+    """Write the snapshot from the complete catalog, then lift any sharded-build hold."""
+    snap = _sync(catalog, index_dir, model_id)
+    if catalog.publish_hold(model_id) is not None:
+        catalog.release_publish(model_id)
+        log.info("published the snapshot of model %d: %d images (stamp %d)", model_id, len(snap), snap.stamp)
+    return snap
 
 
 def _run(

@@ -37,14 +37,36 @@ def index(
     ] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Re-predict every image, not only new and changed ones.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget indexed images under FOLDER whose files are gone.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="K/N: index only shard K of N (by a hash of each file's relative path), e.g. "
+                     "on N machines sharing one FACEFIND_DB; then run --finalize once. Under torchrun the shard "
+                     "comes from RANK/WORLD_SIZE.", show_default=False),
+    ] = None,
+    finalize: Annotated[
+        bool, typer.Option("--finalize", help="After every --shard run: check that all of FOLDER is indexed and "
+                           "publish the snapshot that queries read.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the model over every new or changed image in FOLDER and store probabilities + embeddings."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from indexer.pipeline import index_folder
+    from indexer.pipeline import finalize_index, index_folder
+    from trainer.distributed import parse_shard
 
+    if finalize:
+        if shard is not None:
+            raise FacefindError("--finalize publishes what every shard wrote: run it without --shard")
+        done = finalize_index(folder, model_path=model, index_dir=index_dir, recursive=recursive)
+        if as_json:
+            print_json(done.to_dict())
+        else:
+            typer.echo(f"published {done.images:,} images (model {done.model_id}, snapshot stamp {done.stamp}) "
+                       f"in {done.seconds:.1f} s; index: {done.index_dir}")
+        return
+    shard_k_n = parse_shard(shard) if shard is not None else None
     crop = _face_cropper() if detect_faces else None
     console = Console(stderr=True)
     with Progress(
@@ -61,6 +83,7 @@ def index(
         report = index_folder(
             folder, model_path=model, index_dir=index_dir, batch_size=batch_size, device=device,
             workers=workers, recursive=recursive, rebuild=rebuild, prune=prune, crop=crop, progress=progress,
+            shard=shard_k_n,
         )
     if as_json:
         print_json(report.to_dict())
@@ -81,7 +104,10 @@ def _print_report(report: Any) -> None:
         + (f", {report.pruned:,} pruned" if report.pruned else "")
         + (f", {report.labelled:,} with ground-truth labels" if report.labelled else "")
         + f" in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s on {report.device})"
+        + (f"; shard {report.shard}" if report.shard else "")
     )
+    if not report.published:
+        console.print("snapshot not published yet: once every shard is done, run `facefind index FOLDER --finalize`")
     console.print(
         f"stages: read+decode {t.get('read_decode', 0):.2f} s, infer {t.get('infer', 0):.2f} s, "
         f"write {t.get('write', 0):.2f} s (background), snapshot {t.get('snapshot', 0):.2f} s; "

@@ -93,11 +93,11 @@ def info() -> DistInfo:
     return env_info()
 
 
-def timeout_s() -> float:
-    """The collective timeout in seconds (``FACEFIND_DIST_TIMEOUT``, default 30 minutes)."""
+def timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:
+    """The collective timeout in seconds (``FACEFIND_DIST_TIMEOUT``, else ``default``)."""
     value = os.environ.get("FACEFIND_DIST_TIMEOUT", "")
     try:
-        return float(value) if value else DEFAULT_TIMEOUT_S
+        return float(value) if value else default
     except ValueError:
         raise FacefindError(f"FACEFIND_DIST_TIMEOUT={value!r} is not a number of seconds") from None
 
@@ -122,7 +122,8 @@ def local_device(name: str) -> str:
 def setup(device: torch.device | None = None, *, timeout: float | None = None) -> DistInfo:
     """Join the torchrun job once per process (a no-op outside torchrun or when already joined).
 
-    nccl when ``device`` is CUDA, else gloo. Installs the SIGTERM handler and an exit hook that
+    nccl when ``device`` is CUDA, else gloo (``device=None``: gloo, for jobs that only need
+    barriers, such as sharded indexing). Installs the SIGTERM handler and an exit hook that
     leaves the process group cleanly.
     """
     here = env_info()
