@@ -541,11 +541,23 @@ class Catalog:
     # published snapshot instead of rebuilding one from a catalog that only some shards have filled.
 
     def hold_publish(self, model_id: int, detail: Mapping[str, Any]) -> None:
-        """Hold back snapshot rebuilds of ``model_id`` until ``release_publish`` (idempotent)."""
+        """Hold back snapshot rebuilds of ``model_id`` until ``release_publish`` (idempotent).
+
+        Shards starting together all call this: an equal hold is left alone, and a write that
+        loses a race to another shard's (a serialisation failure on PostgreSQL) is tried again.
+        """
         key, value = f"publish_hold:{int(model_id)}", json.dumps(dict(detail), sort_keys=True)
-        with self._write() as conn:
-            conn.execute(sa.delete(meta_table).where(meta_table.c.key == key))
-            conn.execute(sa.insert(meta_table).values(key=key, value=value))
+        for attempt in range(3):
+            if self.publish_hold(model_id) == json.loads(value):
+                return
+            try:
+                with self._write() as conn:
+                    self._upsert_rows(conn, meta_table, ["key"], ["key", "value"], ["value"], [(key, value)])
+                return
+            except CatalogError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def publish_hold(self, model_id: int) -> dict[str, Any] | None:
         """The hold's detail (e.g. the shard count) while a sharded build of ``model_id`` stands."""

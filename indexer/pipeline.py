@@ -186,8 +186,10 @@ def index_folder(
             )
             log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
                      len(meta.attributes), *meta.img_size)
-            if n > 1:  # before the first write: no query may publish a partial build
+            if n > 1 and (k == 0 or not launched):  # before any write: no query may publish a partial build
                 catalog.hold_publish(model_id, {"shards": n, "root": str(root)})
+            if launched:
+                distributed.barrier()  # rank 0 holds before any rank writes
             run_id = catalog.start_run(model_id, root)
             writer = CatalogWriter(catalog, model_id, labels, label_names)
             failures: list[Failure] = list(found.failures)
