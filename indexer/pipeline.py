@@ -156,6 +156,8 @@ def index_folder(
     dev = resolve_device(distributed.local_device(device) if launched else device)
     if launched:
         distributed.setup(None, timeout=distributed.timeout_s(INDEX_BARRIER_TIMEOUT_S))
+        if workers is None:  # the node's cores, shared between its ranks' decoders
+            workers = distributed.cpus_per_process()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
     model_path = _choose_model(index_dir, model_path)
     meta = _read_meta(model_path)  # before the catalog: a damaged checkpoint creates no index

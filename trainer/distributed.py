@@ -119,6 +119,15 @@ def local_device(name: str) -> str:
     return wanted
 
 
+def cpus_per_process() -> int:
+    """This node's CPU cores divided between its torchrun processes (all of them outside torchrun)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, env_info().local_world_size))
+
+
 def setup(device: torch.device | None = None, *, timeout: float | None = None) -> DistInfo:
     """Join the torchrun job once per process (a no-op outside torchrun or when already joined).
 
