@@ -7,9 +7,10 @@
   0.05. The remaining difference is BatchNorm, which normalises each rank's half batch with that
   half's statistics (SyncBatchNorm needs a GPU); measured here: train loss <= 0.001 apart, val
   loss <= 0.025, val accuracy <= 0.002 (docs/SCALING-distributed.md).
-- Two ``--shard K/N`` processes against one catalog, one SIGKILLed mid-run and restarted: every
-  file once, the same probabilities as one process to 1e-5, and queries on the previous complete
-  snapshot until ``--finalize``. A torchrun index run publishes from rank 0 after a barrier.
+- Two ``--shard K/N`` processes against one catalog (SQLite, and a real PostgreSQL server where
+  tests/pg.py provides one), one SIGKILLed mid-run and restarted: every file once, the same
+  probabilities as one process to 1e-5, and queries on the previous complete snapshot until
+  ``--finalize``. A torchrun index run publishes from rank 0 after a barrier.
 """
 
 from __future__ import annotations
@@ -188,8 +189,25 @@ def _count(idx: Path) -> int:
         return 0
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shard_catalog(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The catalog the shards share: the index folder's SQLite file, or a fresh PostgreSQL database
+    (``FACEFIND_DB``, inherited by the shard processes) from tests/pg.py's ``pg_url`` fixture."""
+    monkeypatch.delenv("FACEFIND_DB", raising=False)
+    if request.param == "sqlite":
+        return "sqlite"
+    try:
+        url = request.getfixturevalue("pg_url")
+    except pytest.FixtureLookupError:
+        pytest.skip("this tree has no PostgreSQL test server yet (the pg_url fixture of tests/pg.py)")
+    monkeypatch.setenv("FACEFIND_DB", url)
+    return "postgresql"
+
+
 @pytest.mark.slow
-def test_shards_with_a_killed_one_index_every_file_once_like_one_process(model: Path, tmp_path: Path) -> None:
+def test_shards_with_a_killed_one_index_every_file_once_like_one_process(
+    model: Path, shard_catalog: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "faces"
     early = tiny_faces(folder, 40, seed=11, prefix="a")
     sharded, single = tmp_path / "sharded", tmp_path / "single"
@@ -198,8 +216,10 @@ def test_shards_with_a_killed_one_index_every_file_once_like_one_process(model: 
     previous = {str(p) for p in early}
     assert _published(sharded) == previous
     tiny_faces(folder, 200, seed=12, prefix="b")
-    _cli("index", folder, "--index", single, "--model", model, *common)
-    reference = _predictions(single)
+    with monkeypatch.context() as plain:  # the reference: one process, its own SQLite catalog
+        plain.delenv("FACEFIND_DB", raising=False)
+        _cli("index", folder, "--index", single, "--model", model, *common)
+        reference = _predictions(single)
     assert len(reference) == 240
 
     # Shard 1 of 2 starts, commits some batches and is killed.
