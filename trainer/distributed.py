@@ -186,9 +186,10 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
+    """Wait for every rank (no-op in one process); a lost peer is one RankStopped line."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with failures():
+            dist.barrier()
 
 
 def all_mean(value: float) -> float:
