@@ -131,8 +131,12 @@ def test_two_gloo_processes_train_like_one(tmp_path: Path) -> None:
     two = json.loads((tmp_path / "two" / "m.history.json").read_text())["epochs"]
     one = single.history
     assert not (tmp_path / "two" / "m.state.pt").exists()
-    # The model learned: its loss fell well below the first epoch's.
+    # Both learned: the loss fell, and val beats always predicting the training majority.
     assert one[-1]["train_loss"] < one[0]["train_loss"] - 0.05
+    for val, base in ((single.val.summary(), single.baseline_val.summary()),
+                      (printed["val"], printed["val_majority_baseline"])):
+        assert val["mean_accuracy"] > base["mean_accuracy"] + 0.02, (val, base)
+        assert val["macro_f1"] > base["macro_f1"] + 0.05, (val, base)
     for a, b in zip(one, two, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) <= 0.01, (a["train_loss"], b["train_loss"])
         assert abs(a["val_loss"] - b["val_loss"]) <= 0.05, (a["val_loss"], b["val_loss"])
