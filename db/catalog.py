@@ -14,9 +14,21 @@ Tables (any SQLAlchemy URL; SQLite by default, tuned for one writer and many rea
     failures     files that could not be indexed, with the reason (cleared when a file succeeds)
     runs         index runs: root, start/finish time, status, counts and stage timings
 
-Write transactions are short and take the SQLite write lock up front (``BEGIN IMMEDIATE``), so
-concurrent writers queue behind ``busy_timeout`` instead of failing; readers run in WAL snapshots
-and never see half a batch.
+Write transactions are short and serialised, so concurrent writers queue instead of failing, and
+readers never see half a batch:
+
+    SQLite       writers take the write lock up front (``BEGIN IMMEDIATE``) and wait behind
+                 ``busy_timeout``; readers run in WAL snapshots.
+    PostgreSQL   (``postgresql+psycopg://``, the ``postgres`` extra) writers run at READ COMMITTED
+                 and first take one transaction-scoped advisory lock (``pg_advisory_xact_lock``),
+                 waiting up to ``lock_timeout``: the same one-writer-at-a-time model, so a batch's
+                 read-then-upsert and the generation bump never race another writer; readers run
+                 at REPEATABLE READ, one consistent view per read transaction.
+
+The schema lives here, once, as SQLAlchemy tables; ``SCHEMA_VERSION`` numbers it. An older
+catalog is upgraded on open by the steps in ``MIGRATIONS`` (one transaction, DDL included, on both
+backends); see ``MIGRATIONS`` for how to add a step. Alembic is not used: the steps are a few lines
+each, need no revision files or env.py, and must run inside ``Catalog``'s own locked transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
+PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 PAGE_SIZE = 16384
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -137,6 +150,48 @@ runs = sa.Table(
     sa.Column("pid", sa.Integer),
     sqlite_autoincrement=True,
 )
+
+
+# Schema upgrades: ``MIGRATIONS[v]`` turns a version-v catalog into version v+1, inside the write
+# transaction ``Catalog`` opens (the write lock held, DDL transactional on SQLite and PostgreSQL).
+# To change the schema: edit the tables above, bump SCHEMA_VERSION, and register the step from the
+# old version, built from the tables themselves so that the schema stays written in one place:
+#
+#     def _v1_to_v2(conn: Connection) -> None:
+#         add_columns(conn, images, "face", "box")          # new nullable columns of images
+#         metadata.create_all(conn, tables=[faces_table])    # new tables
+#
+#     MIGRATIONS[1] = _v1_to_v2
+#
+# tests/test_catalog.py checks that a catalog created at the old version and upgraded has the same
+# tables and columns as a new one.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def add_columns(conn: Connection, table: sa.Table, *names: str) -> None:
+    """``ALTER TABLE table ADD COLUMN`` for these columns of ``table``, typed by its definition.
+
+    For upgrade steps. New columns must be nullable or have a server default, as existing rows
+    get no value.
+    """
+    preparer = conn.dialect.identifier_preparer
+    for name in names:
+        column = table.c[name]
+        ddl = f"{preparer.quote(name)} {column.type.compile(dialect=conn.dialect)}"
+        if column.server_default is not None:
+            ddl += f" DEFAULT {column.server_default.arg}"
+        if not column.nullable:
+            if column.server_default is None:
+                raise ValueError(f"{table.name}.{name} is NOT NULL without a server default")
+            ddl += " NOT NULL"
+        conn.exec_driver_sql(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {ddl}")
+
+
+def _version(meta: Mapping[str, str]) -> int:
+    try:
+        return int(meta.get("schema_version", 0))
+    except ValueError:
+        return 0
 
 
 def normalize_path(path: str | os.PathLike[str]) -> str:
@@ -259,8 +314,16 @@ class Catalog:
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
-        self._sa_url = sa.engine.make_url(url)
-        self._is_sqlite = self._sa_url.get_backend_name() == "sqlite"
+        try:
+            self._sa_url = sa.engine.make_url(url)
+        except sa.exc.ArgumentError:
+            raise CatalogError(f"FACEFIND_DB={url!r} is not a database URL: use e.g. "
+                               "postgresql+psycopg://user@host/dbname, or unset it for SQLite") from None
+        backend = self._sa_url.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise CatalogError(f"facefind supports SQLite and PostgreSQL catalogs, not {backend!r}: "
+                               "set FACEFIND_DB to a postgresql+psycopg:// URL, or unset it")
+        self._is_sqlite = backend == "sqlite"
         self._dims: dict[int, tuple[int, int]] = {}
         self._sql_cache: dict[tuple[Any, ...], tuple[str, tuple[str, ...] | None]] = {}
         db_file = self.sqlite_file
@@ -304,8 +367,7 @@ class Catalog:
 
     def _make_engine(self, *, immediate: bool) -> Engine:
         if not self._is_sqlite:
-            # REPEATABLE READ gives multi-statement reads one consistent view, as WAL does in SQLite.
-            return sa.create_engine(self.url, isolation_level="REPEATABLE READ", pool_pre_ping=True)
+            return self._make_server_engine(writer=immediate)
         kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
         if self._in_memory:
             kwargs["poolclass"] = StaticPool
@@ -336,6 +398,31 @@ class Catalog:
 
         return engine
 
+    def _make_server_engine(self, *, writer: bool) -> Engine:
+        """A PostgreSQL engine. Writers: READ COMMITTED behind the advisory write lock (each
+        statement then sees every earlier writer's commit). Readers: REPEATABLE READ, which gives
+        multi-statement reads one consistent view, as WAL does in SQLite."""
+        try:
+            engine = sa.create_engine(self.url, pool_pre_ping=True,
+                                      isolation_level="READ COMMITTED" if writer else "REPEATABLE READ")
+        except ModuleNotFoundError as err:
+            raise CatalogError(f"the catalog {self._where()} needs the {err.name} package: "
+                               "pip install 'facefind[postgres]'") from None
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cur:
+                # A writer waits for the lock as long as SQLite's busy_timeout, then fails clearly.
+                cur.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            dbapi_conn.commit()
+
+        if writer:
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn: Connection) -> None:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+
+        return engine
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         """One write transaction; database errors become a CatalogError that says what to check."""
@@ -343,10 +430,8 @@ class Catalog:
             with self._writer.begin() as conn:
                 yield conn
         except sa.exc.OperationalError as err:
-            raise CatalogError(
-                f"cannot write to the catalog {self._where()}: {_reason(err)}; check that the index "
-                "folder is writable, the disk is not full, and no other process holds the database"
-            ) from None
+            raise CatalogError(f"cannot write to the catalog {self._where()}: {_reason(err)}; "
+                               f"{self._hint()}") from None
         except Exception as err:
             if not self._damaged(err):
                 raise
@@ -359,7 +444,8 @@ class Catalog:
             with self._reader.begin() as conn:
                 yield conn
         except sa.exc.OperationalError as err:
-            raise CatalogError(f"cannot read the catalog {self._where()}: {_reason(err)}") from None
+            raise CatalogError(f"cannot read the catalog {self._where()}: {_reason(err)}"
+                               + ("" if self._is_sqlite else f"; {self._hint()}")) from None
         except Exception as err:
             if self._damaged(err):
                 raise CatalogError(self._damage_message(err)) from None
@@ -379,12 +465,20 @@ class Catalog:
                 "what is wrong; keep a copy, then restore a backup or move it away and re-run "
                 "`facefind index` to rebuild it")
 
+    def _hint(self) -> str:
+        """What to check when the database cannot be reached or written."""
+        if self._is_sqlite:
+            return ("check that the index folder is writable, the disk is not full, and no other "
+                    "process holds the database")
+        return ("check that the PostgreSQL server is running and reachable, the database exists, "
+                "and FACEFIND_DB names the right user and password")
+
     def _where(self) -> str:
         f = self.sqlite_file
         return str(f) if f is not None else self._sa_url.render_as_string(hide_password=True)
 
     def _init_schema(self, create: bool) -> str:
-        """Check (and when allowed, create) the schema; return the catalog id."""
+        """Check (and when allowed, create) the schema, upgrading an older one; return the catalog id."""
         try:
             with self._reader.begin() as conn:
                 have = self._read_meta(conn)
@@ -395,20 +489,55 @@ class Catalog:
                     if have is None:
                         have = {"schema_version": str(SCHEMA_VERSION), "catalog_id": uuid.uuid4().hex}
                         conn.execute(sa.insert(meta_table), [{"key": k, "value": v} for k, v in have.items()])
+            if have is not None and _version(have) < SCHEMA_VERSION and _version(have) in MIGRATIONS:
+                have = self._upgrade()
         except sa.exc.DatabaseError as err:
-            raise CatalogError(
-                f"cannot open the catalog {self._where()}: {_reason(err)}; if the file is damaged, "
-                "move it away and re-run `facefind index` to rebuild it"
-            ) from None
+            if self._is_sqlite:
+                hint = "if the file is damaged, move it away and re-run `facefind index` to rebuild it"
+            else:
+                hint = self._hint()
+            raise CatalogError(f"cannot open the catalog {self._where()}: {_reason(err)}; {hint}") from None
         if have is None:
             raise CatalogError(f"{self._where()} is not a facefind catalog (no schema); "
                                "run `facefind index DIR` to create one")
-        if int(have.get("schema_version", 0)) != SCHEMA_VERSION:
+        version = _version(have)
+        if version > SCHEMA_VERSION:
             raise CatalogError(
-                f"the catalog {self._where()} has schema version {have.get('schema_version')}, this "
-                f"facefind expects {SCHEMA_VERSION}; re-index into a new --index folder"
-            )
+                f"the catalog {self._where()} has schema version {version}, written by a newer facefind "
+                f"(this one reads up to {SCHEMA_VERSION}): upgrade facefind (pip install -U facefind)")
+        if version != SCHEMA_VERSION:
+            raise CatalogError(
+                f"the catalog {self._where()} has schema version {have.get('schema_version')}, which this "
+                f"facefind cannot upgrade to {SCHEMA_VERSION}: re-index into a new --index folder")
         return have["catalog_id"]
+
+    def _upgrade(self) -> dict[str, str]:
+        """Apply the pending ``MIGRATIONS`` steps in one write transaction; return the new meta.
+
+        Under the writer lock, so two processes opening an old catalog at once upgrade it once.
+        """
+        try:
+            with self._writer.begin() as conn:
+                have = self._read_meta(conn) or {}
+                start = version = _version(have)
+                while version < SCHEMA_VERSION and version in MIGRATIONS:
+                    MIGRATIONS[version](conn)
+                    version += 1
+                if version != start:
+                    conn.execute(sa.update(meta_table).where(meta_table.c.key == "schema_version")
+                                 .values(value=str(version)))
+                    log.warning("upgraded the catalog %s from schema version %d to %d",
+                                self._where(), start, version)
+                return {**have, "schema_version": str(version)}
+        except sa.exc.OperationalError as err:
+            raise CatalogError(
+                f"the catalog {self._where()} has schema version {_version(self._read_only_meta())} and "
+                f"must be upgraded to {SCHEMA_VERSION}, but cannot be written ({_reason(err)}): run "
+                "`facefind check --repair` as a user who can write it") from None
+
+    def _read_only_meta(self) -> dict[str, str]:
+        with self._reader.begin() as conn:
+            return self._read_meta(conn) or {}
 
     @staticmethod
     def _read_meta(conn: Connection) -> dict[str, str] | None:
@@ -948,10 +1077,13 @@ class Catalog:
         }
 
     def disk_bytes(self) -> int | None:
-        """Size of the SQLite files (database + WAL), or None for other backends."""
+        """Size of the SQLite files (database + WAL) or of the PostgreSQL database; None in memory."""
         f = self.sqlite_file
         if f is None:
-            return None
+            if self._is_sqlite:
+                return None
+            with self._read() as conn:
+                return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar() or 0)
         return sum(p.stat().st_size for p in (f, f.with_name(f.name + "-wal")) if p.exists())
 
 

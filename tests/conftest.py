@@ -31,6 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
     for item in marked:
         item.add_marker(skip)
+
+
 SYNTH_SEED = 1
 
 
@@ -59,3 +61,48 @@ def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
         batch_size=32, lr=3e-3, embedding_dim=64, device="cpu", seed=0, workers=2, cache_dir=work / "cache",
     )
     return fit(config)
+
+
+# ------------------------------------------------------------------------------------ PostgreSQL
+# One server per test session (per xdist worker), one fresh database per test. Tests skip only
+# where no server can be started (no binaries); CI sets FACEFIND_TEST_REQUIRE_POSTGRES=1 so that
+# a missing server fails the run instead.
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A running PostgreSQL server (tests/pg.py ``PgServer``): ``pg_server.create_database()``
+    returns the SQLAlchemy URL of a new empty database."""
+    from pg import PgServer, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        if os.environ.get("FACEFIND_TEST_REQUIRE_POSTGRES"):
+            pytest.fail(f"FACEFIND_TEST_REQUIRE_POSTGRES is set but {reason}")
+        pytest.skip(reason)
+    server = PgServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a fresh, empty PostgreSQL database for this test."""
+    return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Run the test once per catalog backend (tests/pg.py ``Backend``): for ``postgresql``,
+    FACEFIND_DB names a fresh database (so ``Catalog.open``, the CLI and subprocesses that
+    inherit the environment all use it); for ``sqlite`` it is unset."""
+    from pg import Backend
+
+    monkeypatch.delenv("FACEFIND_DB", raising=False)
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("FACEFIND_DB", url)
+    backend = Backend(request.param, url)
+    yield backend
+    backend.close()

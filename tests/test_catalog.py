@@ -1,4 +1,8 @@
-"""The catalog: schema, upsert semantics, generations, failures, runs, labels, bulk reads."""
+"""The catalog: schema, upsert semantics, generations, failures, runs, labels, bulk reads.
+
+Tests that take ``catalog`` (or ``catalog_backend``) run against SQLite and against a real
+PostgreSQL server (tests/pg.py), since facefind promises the same behaviour on both.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def rows_for(paths: list[str], seed: int = 0, size: int = 100, mtime: float = 1.
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
+def catalog(catalog_backend, tmp_path: Path) -> Catalog:
     cat = Catalog.open(tmp_path / "index")
     yield cat
     cat.close()
@@ -150,22 +154,17 @@ def test_failures_upsert_and_are_cleared_when_the_file_succeeds(catalog: Catalog
 def test_unique_constraints_make_duplicates_impossible(catalog: Catalog, model: int) -> None:
     catalog.write_batch(model, rows_for(["/x/a.jpg"]))
     image_id = int(catalog.load_predictions(model).ids[0])
+    insert = sa.text("INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (:m, :i, :b, :b)")
     with catalog._writer.connect() as conn:
         with pytest.raises(sa.exc.IntegrityError):
             with conn.begin():
                 conn.exec_driver_sql("INSERT INTO images (path, size, mtime, added) VALUES ('/x/a.jpg', 1, 1, 1)")
         with pytest.raises(sa.exc.IntegrityError):
             with conn.begin():
-                conn.exec_driver_sql(
-                    "INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (?, ?, x'00', x'00')",
-                    (model, image_id),
-                )
+                conn.execute(insert, {"m": model, "i": image_id, "b": b"\0"})
         with pytest.raises(sa.exc.IntegrityError):  # foreign keys are enforced
             with conn.begin():
-                conn.exec_driver_sql(
-                    "INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (?, 12345, x'00', x'00')",
-                    (model,),
-                )
+                conn.execute(insert, {"m": model, "i": 12345, "b": b"\0"})
 
 
 def test_write_batch_is_atomic(catalog: Catalog, model: int) -> None:
@@ -272,7 +271,7 @@ def test_a_run_of_another_live_process_is_not_marked_interrupted(catalog: Catalo
     try:
         theirs = catalog.start_run(model, "/data")
         with catalog._writer.begin() as conn:
-            conn.exec_driver_sql("UPDATE runs SET pid = ? WHERE id = ?", (sleeper.pid, theirs))
+            conn.execute(sa.text("UPDATE runs SET pid = :pid WHERE id = :id"), {"pid": sleeper.pid, "id": theirs})
         catalog.start_run(model, "/data")
         assert {r.id: r.status for r in catalog.runs()}[theirs] == "running"
     finally:
@@ -292,7 +291,7 @@ def test_info_counts(catalog: Catalog, model: int) -> None:
     assert info["disk_bytes"] > 0
 
 
-def test_concurrent_writers_wait_instead_of_failing(tmp_path: Path) -> None:
+def test_concurrent_writers_wait_instead_of_failing(catalog_backend, tmp_path: Path) -> None:
     cat = Catalog.open(tmp_path / "index")
     model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
     errors: list[BaseException] = []
@@ -316,3 +315,133 @@ def test_concurrent_writers_wait_instead_of_failing(tmp_path: Path) -> None:
     assert cat.info(model)["predictions"] == 2 * 15 * 20
     assert cat.stamp(model) == 2 * 15
     cat.close()
+
+
+# ------------------------------------------------------------------------------------ PostgreSQL
+
+
+def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_path: Path) -> None:
+    """Writers hold the advisory write lock for their whole transaction, readers never wait for it
+    and see one consistent view; the schema is the same tables as on SQLite."""
+    cat = Catalog(pg_url)
+    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
+    with cat._reader.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+    assert {"images", "models", "predictions", "labels", "label_sets", "failures", "runs", "meta"} <= tables
+    assert cat.sqlite_file is None and cat.disk_bytes() > 0
+    assert Catalog(pg_url).catalog_id == cat.catalog_id
+
+    other = Catalog(pg_url)
+    started, done = threading.Event(), threading.Event()
+    with cat._writer.begin() as conn:  # a writer in the middle of a batch
+        conn.execute(sa.insert(sa.table("failures", sa.column("path"), sa.column("reason"), sa.column("at"))),
+                     {"path": "/x/pending.jpg", "reason": "r", "at": 1.0})
+
+        def second_writer() -> None:
+            started.set()
+            other.record_failures([("/x/b.jpg", "bad")])
+            done.set()
+
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        started.wait()
+        assert not done.wait(0.5)  # queued behind the lock, not failing
+        assert [f.path for f in other.failures()] == []  # readers: not blocked, see no half batch
+    thread.join(10)
+    assert done.is_set()
+    assert [f.path for f in cat.failures()] == ["/x/b.jpg", "/x/pending.jpg"]
+    cat.write_batch(model, rows_for(["/x/a.jpg"]))
+    assert cat.info(model)["predictions"] == 1
+    other.close()
+    cat.close()
+
+
+def test_postgres_connection_problems_are_one_line(pg_server, tmp_path: Path) -> None:
+    cases = {
+        "missing database": (pg_server.url("no_such_db"), "does not exist"),
+        "no server": (f"postgresql+psycopg://postgres@/x?host={tmp_path}", "server is running"),
+        "not a URL": ("not a url", "not a database URL"),
+        "other backend": ("mysql://u@h/db", "supports SQLite and PostgreSQL"),
+    }
+    for what, (url, text) in cases.items():
+        with pytest.raises(CatalogError, match=text) as err:
+            Catalog(url)
+        assert "\n" not in str(err.value), what
+    empty = pg_server.create_database()
+    with pytest.raises(CatalogError, match="not a facefind catalog"):
+        Catalog(empty, create=False)
+
+
+# ------------------------------------------------------------------------------------ schema versions
+
+
+def _v1_catalog(tmp_path: Path) -> tuple[Catalog, int]:
+    cat = Catalog.open(tmp_path / "index")
+    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
+    cat.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"]))
+    cat.close()
+    return cat, model
+
+
+def _columns(cat: Catalog) -> dict[str, set[str]]:
+    with cat._reader.connect() as conn:
+        inspector = sa.inspect(conn)
+        return {t: {c["name"] for c in inspector.get_columns(t)} for t in inspector.get_table_names()}
+
+
+def test_an_older_catalog_is_upgraded_on_open_to_the_fresh_schema(
+    catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """A version step as a future facefind adds one (a column from the table definitions, a new
+    table): the v1 catalog opens, keeps its rows and id, and ends with the schema a new catalog gets."""
+    import db.catalog as dbc
+
+    old, model = _v1_catalog(tmp_path)
+    images = dbc.images
+    face_table = sa.Table("faces_v2", dbc.metadata, sa.Column("id", sa.Integer, primary_key=True),
+                          sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id")))
+    try:
+        images.append_column(sa.Column("face_count", sa.Integer, nullable=False, server_default="1"))
+
+        def v1_to_v2(conn: sa.Connection) -> None:
+            dbc.add_columns(conn, images, "face_count")
+            dbc.metadata.create_all(conn, tables=[face_table])
+
+        monkeypatch.setattr(dbc, "SCHEMA_VERSION", 2)
+        monkeypatch.setitem(dbc.MIGRATIONS, 1, v1_to_v2)
+        upgraded = Catalog.open(tmp_path / "index")
+        assert upgraded.catalog_id == old.catalog_id
+        assert upgraded.load_predictions(model).paths == ["/x/a.jpg", "/x/b.jpg"]
+        with upgraded._reader.connect() as conn:
+            assert conn.execute(sa.select(dbc.meta_table.c.value).where(dbc.meta_table.c.key == "schema_version")
+                                ).scalar() == "2"
+            assert conn.execute(sa.select(images.c.face_count)).scalars().all() == [1, 1]
+        upgraded.write_batch(model, rows_for(["/x/c.jpg"]))  # the new column's default fills new rows
+        assert Catalog.open(tmp_path / "index").catalog_id == old.catalog_id  # a second open: no step
+        fresh = Catalog(f"sqlite:///{tmp_path / 'fresh.db'}" if catalog_backend.is_sqlite
+                        else request.getfixturevalue("pg_server").create_database())
+        assert _columns(upgraded) == {t: c for t, c in _columns(fresh).items() if t in _columns(upgraded)}
+        upgraded.close()
+        fresh.close()
+    finally:
+        images._columns.remove(images.c.face_count)
+        dbc.metadata.remove(face_table)
+
+
+def test_catalogs_this_facefind_cannot_read_say_what_to_run(
+    catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import db.catalog as dbc
+
+    _v1_catalog(tmp_path)
+    monkeypatch.setattr(dbc, "SCHEMA_VERSION", 2)  # a newer facefind without a step from 1
+    with pytest.raises(CatalogError, match=r"schema version 1, which this facefind cannot upgrade to 2: "
+                                           r"re-index into a new --index folder$"):
+        Catalog.open(tmp_path / "index")
+    monkeypatch.setattr(dbc, "SCHEMA_VERSION", 1)
+    cat = Catalog.open(tmp_path / "index")
+    with cat._writer.begin() as conn:  # as a newer facefind leaves it
+        conn.execute(sa.update(dbc.meta_table).where(dbc.meta_table.c.key == "schema_version").values(value="3"))
+    cat.close()
+    with pytest.raises(CatalogError, match=r"schema version 3, written by a newer facefind .*pip install -U facefind\)$"):
+        Catalog.open(tmp_path / "index")
