@@ -549,6 +549,7 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
                                            catalog_id=catalog.catalog_id, factory=_factory(mdir, current=True))
             if not np.array_equal(index_ids(load_index(gen / snapshots.VECTORS)), preds.ids):
                 raise CatalogError(f"the FAISS file written in {gen} does not hold the snapshot's ids")
+            snapshots._record_published(folder, catalog)
             done.append(f"rebuilt the snapshot of model {m.id} ({len(preds.ids):,} images, stamp {stamp})")
         except (CatalogError, OSError, RuntimeError) as err:
             failed.append(Finding("repair_failed", f"could not rebuild the snapshot of model {m.id}: "

@@ -1,7 +1,8 @@
 """The indexer end to end: counts, idempotence, changes, bad files, models, labels, crashes.
 
 A freshly initialised mobilenet_v3_small at 64 px stands in for a trained model (indexing does not
-care what the weights learned) and ``trainer.synth`` supplies a CelebA-format folder.
+care what the weights learned) and ``trainer.synth`` supplies a CelebA-format folder. Tests taking
+``catalog_backend`` run on SQLite and on a real PostgreSQL server (tests/pg.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str]) -> Pa
     return tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", attributes)
 
 
+@pytest.fixture(scope="module")
+def calibrated_model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str], dataset: Path) -> Path:
+    """Like ``model``, with BatchNorm statistics from real images: its outputs differ between
+    images (``model``'s are the same for every image), so a row stored against the wrong image shows."""
+    images = sorted((dataset / "img_align_celeba").glob("*.jpg"))[:32]
+    return tiny_checkpoint(tmp_path_factory.mktemp("calibrated") / "model.pt", attributes, calibrate=images)
+
+
 @pytest.fixture
 def faces(dataset: Path, tmp_path: Path) -> Path:
     """A private copy of the synthetic image folder (annotations included) that a test may change."""
@@ -74,7 +83,7 @@ def info(index_dir: Path) -> dict:
     return invoke("info", "--index", index_dir, "--json")
 
 
-def test_index_is_incremental_and_info_agrees(faces: Path, model: Path, tmp_path: Path) -> None:
+def test_index_is_incremental_and_info_agrees(catalog_backend, faces: Path, model: Path, tmp_path: Path) -> None:
     idx = tmp_path / "index"
     first = index(faces, idx, "--model", model, "--batch-size", "64")
     assert (first["indexed"], first["unchanged"], first["failed"]) == (N_FACES, 0, 0)
@@ -192,7 +201,7 @@ def test_detect_faces_keeps_aligned_crops_and_refuses_faceless_photos(
 
 
 def test_new_model_adds_predictions_and_rebuild(
-    faces: Path, model: Path, attributes: list[str], tmp_path: Path
+    catalog_backend, faces: Path, model: Path, attributes: list[str], tmp_path: Path
 ) -> None:
     idx = tmp_path / "index"
     index(faces, idx, "--model", model)
@@ -227,7 +236,7 @@ def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: P
 
 
 def test_write_failure_is_one_line_and_keeps_committed_work(
-    faces: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    catalog_backend, faces: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from db.catalog import Catalog
     from db.errors import CatalogError
@@ -248,7 +257,7 @@ def test_write_failure_is_one_line_and_keeps_committed_work(
                                       "--workers", "0", "--device", "cpu", "--batch-size", "32"])
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == "error: cannot write to the catalog: disk full (simulated)"
-    monkeypatch.undo()
+    monkeypatch.setattr(Catalog, "write_batch", real)  # not undo(): that would unset FACEFIND_DB too
     with Catalog.open(idx) as catalog:
         assert catalog.info()["predictions"] == 64  # the two committed batches are kept
         assert catalog.runs()[0].status == "failed"
@@ -364,13 +373,49 @@ def test_runner_outputs_probabilities_and_unit_embeddings(model: Path) -> None:
 
 
 def _count(db: Path, sql: str) -> int:
-    if not db.exists():
-        return 0
+    """One integer from the SQLite catalog file ``db`` (0 before it or its schema exists)."""
+    from pg import Backend
+
+    return Backend("sqlite", None).scalar(db.parent, sql)
+
+
+# A clean run and a resumed one put each file in batches of different neighbours: on the CPU a
+# forward pass then differs in the last bits only (runner test: 1e-5). A row stored against the
+# wrong image differs by far more (these models' outputs differ between images by >1e-3).
+CLEAN_ATOL = 1e-5
+
+
+def clean_predictions(folder: Path, model: Path, index_dir: Path, batch_size: int = 16):
+    """The predictions of one uninterrupted in-process run of ``model`` over ``folder``, into a
+    SQLite catalog of its own (whatever FACEFIND_DB says), by path."""
+    from db.catalog import Catalog
+    from indexer.pipeline import index_folder
+
+    saved = os.environ.pop("FACEFIND_DB", None)
     try:
-        with sqlite3.connect(db, timeout=10) as conn:
-            return int(conn.execute(sql).fetchone()[0])
-    except sqlite3.OperationalError:  # schema not created yet
-        return 0
+        index_folder(folder, model, index_dir, batch_size=batch_size, device="cpu", workers=0)
+        with Catalog.open(index_dir, create=False) as catalog:
+            return catalog.load_predictions(catalog.latest_model().id)
+    finally:
+        if saved is not None:
+            os.environ["FACEFIND_DB"] = saved
+
+
+def assert_rows_match_clean_run(got, clean, atol: float = CLEAN_ATOL) -> None:
+    """Every stored row (path -> probabilities and embedding) equals the clean run's to ``atol``:
+    the same paths, and no row shifted against another."""
+    assert sorted(got.paths) == sorted(clean.paths), "other images than the clean run"
+    assert len(set(got.paths)) == len(got.paths)
+    at = {p: i for i, p in enumerate(clean.paths)}
+    order = np.array([at[p] for p in got.paths])
+    probs_err = np.abs(got.probs - clean.probs[order]).max(axis=1)
+    emb_err = np.abs(got.emb - clean.emb[order]).max(axis=1)
+    bad = [got.paths[i] for i in np.flatnonzero((probs_err > atol) | (emb_err > atol))]
+    assert not bad, (f"{len(bad)} rows differ from the clean run by more than {atol} "
+                     f"(max {probs_err.max():.2e} / {emb_err.max():.2e}), e.g. {bad[:3]}")
+    # The check can fail: the images' predictions differ from each other by far more than atol.
+    spread = np.abs(clean.probs - clean.probs[np.roll(np.arange(len(order)), 1)]).max(axis=1)
+    assert np.min(spread) > 100 * atol, "the model does not tell these images apart"
 
 
 def _start(folder: Path, idx: Path, model: Path | None, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -398,11 +443,14 @@ def _live_group_members(pgid: int) -> list[int]:
     return found
 
 
-def _stop_when(proc: subprocess.Popen, db: Path, at_least: int, sig: int, log: Path) -> tuple[int, str]:
-    """Send ``sig`` once ``at_least`` predictions are committed; return (exit code, stderr)."""
+def _stop_when(proc: subprocess.Popen, idx: Path, at_least: int, sig: int, log: Path,
+               count=None) -> tuple[int, str]:
+    """Send ``sig`` once ``at_least`` predictions are committed (read by ``count(sql)``, default:
+    the SQLite catalog of index folder ``idx``); return (exit code, stderr)."""
+    count = count or (lambda sql: _count(idx / "catalog.db", sql))
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if _count(db, "SELECT count(*) FROM predictions") >= at_least:
+        if count("SELECT count(*) FROM predictions") >= at_least:
             os.kill(proc.pid, sig)
             break
         time.sleep(0.01)
@@ -422,8 +470,9 @@ def _stop_when(proc: subprocess.Popen, db: Path, at_least: int, sig: int, log: P
 
 
 @pytest.mark.slow
-def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path) -> None:
-    """Ctrl-C, kill -9 mid-run and kill -9 right after the last commit: the end state is exact."""
+def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated_model: Path, tmp_path: Path) -> None:
+    """Ctrl-C, kill -9 mid-run and kill -9 right after the last commit: the end state is exact,
+    and every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
     from db.catalog import Catalog
     from db.snapshot import load_snapshot
     from db.vectors import index_ids, load_index
@@ -433,11 +482,14 @@ def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path
     synthesize(tmp_path / "celeba", n=n, seed=3)
     folder = tmp_path / "celeba" / "img_align_celeba"
     idx = tmp_path / "index"
-    db = idx / "catalog.db"
-    env = {**os.environ, "FACEFIND_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    backend, model = catalog_backend, calibrated_model
+    env = backend.env({**os.environ, "FACEFIND_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
+
+    def stop(proc: subprocess.Popen, at_least: int, sig: int) -> tuple[int, str]:
+        return _stop_when(proc, idx, at_least, sig, log, count=lambda sql: backend.scalar(idx, sql))
 
     log = tmp_path / "stderr.txt"
-    rc, err = _stop_when(_start(folder, idx, model, env, log), db, 32, signal.SIGINT, log)
+    rc, err = stop(_start(folder, idx, model, env, log), 32, signal.SIGINT)
     assert rc == 130, err
     assert "resume with: facefind index" in err and "Traceback" not in err
     with Catalog.open(idx) as catalog:
@@ -446,20 +498,19 @@ def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path
         assert catalog.runs()[0].status == "interrupted"
         assert len(load_snapshot(idx, 1)) == committed  # the snapshot was synced on the way out
 
-    rc, _ = _stop_when(_start(folder, idx, None, env, log), db, committed + 48, signal.SIGKILL, log)
+    rc, _ = stop(_start(folder, idx, None, env, log), committed + 48, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     # Right after the last commit: during the snapshot / FAISS save or the run's bookkeeping.
-    rc, _ = _stop_when(_start(folder, idx, None, env, log), db, n, signal.SIGKILL, log)
+    rc, _ = stop(_start(folder, idx, None, env, log), n, signal.SIGKILL)
     assert rc in (-signal.SIGKILL, 0)
 
-    rc, err = _stop_when(_start(folder, idx, None, env, log), db, n + 1, signal.SIGKILL, log)
+    rc, err = stop(_start(folder, idx, None, env, log), n + 1, signal.SIGKILL)
     assert rc == 0, err
 
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone() == (n, n)
-        assert conn.execute("SELECT count(*) FROM predictions WHERE model_id = 1").fetchone() == (n,)
-        assert conn.execute("SELECT count(*) FROM labels").fetchone() == (n,)
-        assert conn.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone() == (0,)
+    assert backend.rows(idx, "SELECT count(*), count(DISTINCT path) FROM images") == [(n, n)]
+    assert backend.scalar(idx, "SELECT count(*) FROM predictions WHERE model_id = 1") == n
+    assert backend.scalar(idx, "SELECT count(*) FROM labels") == n
+    assert backend.scalar(idx, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
     with Catalog.open(idx) as catalog:
         preds = catalog.load_predictions(1)
         stamp = catalog.stamp(1)
@@ -471,6 +522,7 @@ def test_interrupt_and_kill_then_resume_exactly_once(model: Path, tmp_path: Path
     vectors = load_index(snap.folder / "vectors.faiss")
     assert vectors.ntotal == n
     np.testing.assert_array_equal(np.sort(index_ids(vectors)), preds.ids)
+    assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))
 
 
 
@@ -486,3 +538,65 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
     assert set(result["stage_images_per_second"]) == {"decode", "infer", "write"}
     with sqlite3.connect(tmp_path / "bench" / "naive.db") as conn:
         assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (24,)
+
+
+_QUERY_PROBE = """
+import json, sys
+from retrieval.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as err:
+    code = err.code
+heavy = [m for m in ("torch", "sqlalchemy", "psycopg") if m in sys.modules]
+print("PROBE " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def _probe_query(idx: Path, env: dict[str, str]) -> tuple[dict, dict]:
+    proc = subprocess.run([sys.executable, "-c", _QUERY_PROBE, "query", "Male or not Male", "--index", str(idx),
+                           "--json", "--limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    probe = json.loads(proc.stderr.strip().splitlines()[-1].removeprefix("PROBE "))
+    assert probe["code"] in (0, None), proc.stderr
+    return json.loads(proc.stdout), probe
+
+
+def test_queries_on_a_postgres_catalog_read_the_published_snapshot(
+    pg_server, pg_url: str, faces: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With FACEFIND_DB on a server, `facefind query` serves the snapshot the last run published
+    without SQLAlchemy or psycopg (database-independent cold start); it takes the full route when
+    the folder's snapshots were published from another URL, and never serves another catalog's."""
+    from db.catalog import Catalog, IndexedImage
+
+    monkeypatch.setenv("FACEFIND_DB", pg_url)
+    idx = tmp_path / "index"
+    index(faces, idx, "--model", model)
+    out, probe = _probe_query(idx, dict(os.environ))
+    assert probe["heavy"] == [] and out["n_indexed"] == N_FACES
+
+    with Catalog(pg_url) as catalog:  # a write no run published (as after a kill -9)
+        catalog.write_batch(1, [IndexedImage(str(tmp_path / "new.jpg"), 1, 1.0, 178, 218, np.full(40, 0.5, np.float32),
+                                             np.ones(32, np.float32))])
+    out, probe = _probe_query(idx, dict(os.environ))
+    assert probe["heavy"] == [] and out["n_indexed"] == N_FACES  # the published generation
+    assert invoke("check", "--index", idx, "--json", "--skip-files", "--repair")["healthy"]
+    out, _ = _probe_query(idx, dict(os.environ))
+    assert out["n_indexed"] == N_FACES + 1  # --repair published the catalog's state
+
+    # Another catalog publishes into the same folder: each URL gets its own catalog's rows, never
+    # the other's (the shortcut declines a folder published from another URL; the full route rebuilds).
+    from db.snapshot import sync_snapshot
+
+    other_url = pg_server.create_database()
+    with Catalog(other_url) as other:
+        mid = other.register_model("f" * 64, "fake", ["Male"], [0.5], 4, None)
+        other.write_batch(mid, [IndexedImage("/elsewhere/a.jpg", 1, 1.0, 9, 9, np.ones(1, np.float32),
+                                             np.ones(4, np.float32))])
+        sync_snapshot(other, idx, mid)
+    out, probe = _probe_query(idx, {**os.environ, "FACEFIND_DB": other_url})
+    assert probe["heavy"] == [] and out["n_indexed"] == 1
+    out, probe = _probe_query(idx, dict(os.environ))
+    assert "sqlalchemy" in probe["heavy"] and out["n_indexed"] == N_FACES + 1
+    out, probe = _probe_query(idx, dict(os.environ))
+    assert probe["heavy"] == [] and out["n_indexed"] == N_FACES + 1
