@@ -16,7 +16,7 @@ from rich.table import Table
 from retrieval.cli_common import DeviceOpt, JsonOpt, guard, print_json
 
 bench_app = typer.Typer(
-    help="Speed benchmarks (query, index, train), each beside a naive baseline in the same run.",
+    help="Speed benchmarks (query, index, train, catalog), each beside a baseline in the same run.",
     no_args_is_help=True,
 )
 
@@ -123,6 +123,35 @@ def bench_train(
         ("", "facefind train", "study-like baseline"),
     )
     typer.echo(f"speed-up over the baseline: {result['speedup']:.1f}x")
+
+
+@bench_app.command("catalog")
+@guard
+def bench_catalog(
+    db: Annotated[list[str] | None, typer.Option("--db", help="Another catalog URL to time beside SQLite, an "
+                                                 "empty database (repeatable), e.g. postgresql+psycopg://u@host/db.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Predictions to write (CelebA: 202,599).")] = 202_599,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per transaction.")] = 256,
+    query_runs: Annotated[int, typer.Option("--query-runs", min=1, help="Fresh `facefind query` processes per catalog.")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", help="Work folder (default: a temporary one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Catalog write throughput and query cold start: SQLite against each --db, in the same run."""
+    from retrieval.bench_catalog import run_catalog_bench
+
+    result = run_catalog_bench(db or [], n=n, d=dim, batch_size=batch_size, query_runs=query_runs, out=out)
+    if as_json:
+        print_json(result)
+        return
+    table = Table("catalog", "write rows/s", "MB/s", "write s", "export s", "publish s", "query cold p50 s",
+                  "engine p50 ms", "no SQLAlchemy", title=f"catalog, {n:,} predictions (40 probs + {dim}-d embedding, "
+                  f"{batch_size} per transaction)")
+    for r in result["catalogs"]:
+        table.add_row(r["catalog"], f"{r['rows_per_second']:,}", _fmt(r["mb_per_second"]), _fmt(r["write_s"]),
+                      _fmt(r["export_s"]), _fmt(r["publish_s"]), _fmt(r["query_cold_p50_s"]), _fmt(r["engine_p50_ms"]),
+                      "yes" if r["query_shortcut"] else "no")
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

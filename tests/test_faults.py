@@ -37,7 +37,7 @@ from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_checkpoint  # noqa: E402
-from test_indexer import _count, _live_group_members  # noqa: E402
+from test_indexer import _live_group_members, assert_rows_match_clean_run, clean_predictions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRS = ["Male", "Smiling", "Eyeglasses", "Young"]
@@ -183,19 +183,22 @@ def reap(proc: subprocess.Popen, timeout: float = 120) -> int:
     return proc.returncode
 
 
-def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str]) -> None:
+def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backend: Any = None) -> Any:
     """Every readable image once, with one prediction; failures listed; no run left running;
-    the snapshot and its FAISS file hold exactly the catalog's predictions."""
+    the snapshot and its FAISS file hold exactly the catalog's predictions. Returns them.
+
+    ``backend`` (tests/pg.py) names the catalog; default: the index folder's SQLite file."""
     from db.catalog import Catalog
     from db.snapshot import load_snapshot
     from db.vectors import index_ids, load_index
+    from pg import Backend
 
-    with sqlite3.connect(idx / "catalog.db") as conn:
-        rows = conn.execute("SELECT path FROM images").fetchall()
-        dupes = conn.execute("SELECT count(*) FROM (SELECT image_id FROM predictions "
-                             "GROUP BY model_id, image_id HAVING count(*) > 1)").fetchone()[0]
-        assert conn.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone() == (0,)
-        failures = {Path(p).name for (p,) in conn.execute("SELECT path FROM failures")}
+    backend = backend or Backend("sqlite", None)
+    rows = backend.rows(idx, "SELECT path FROM images")
+    dupes = backend.scalar(idx, "SELECT count(*) FROM (SELECT image_id FROM predictions "
+                                "GROUP BY model_id, image_id HAVING count(*) > 1) AS d")
+    assert backend.scalar(idx, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
+    failures = {Path(p).name for (p,) in backend.rows(idx, "SELECT path FROM failures")}
     paths = [p for (p,) in rows]
     assert len(paths) == len(set(paths)) and dupes == 0, "duplicate rows"
     assert sorted(paths) == sorted(str(p.parent.resolve() / p.name) for p in readable), "images lost or extra"
@@ -210,6 +213,7 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str]) -> No
     assert list(snap.paths) == preds.paths
     np.testing.assert_allclose(snap.probs.T, preds.probs, atol=1e-6)
     np.testing.assert_array_equal(index_ids(load_index(snap.folder / "vectors.faiss")), preds.ids)
+    return preds
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -254,12 +258,28 @@ def private(seeded: Path, tmp_path: Path) -> Path:
     return idx
 
 
+@pytest.fixture
+def private_on(catalog_backend: Any, seeded: Path, model: Path, faces: list[Path], tmp_path: Path) -> Path:
+    """``private`` on each catalog backend: a copy of the seeded SQLite index, or the same faces
+    indexed into the test's fresh PostgreSQL database (FACEFIND_DB is set for the test)."""
+    idx = tmp_path / "index"
+    if catalog_backend.is_sqlite:
+        shutil.copytree(seeded, idx)
+        return idx
+    from indexer.pipeline import index_folder
+
+    assert index_folder(faces[0].parent, model, idx, batch_size=16, device="cpu", workers=0).indexed == N_SEED
+    return idx
+
+
 # ------------------------------------------------------------------------------------ crash safety
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_then_resume_exactly_once(hooks: Path, model: Path, tmp_path: Path) -> None:
-    """Three kill -9 at seeded random moments, one inside the final snapshot save, then a clean run."""
+def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, hooks: Path, model: Path,
+                                                          tmp_path: Path) -> None:
+    """Three kill -9 at seeded random moments, one inside the final snapshot save, then a clean run;
+    every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
     n = 1000
     folder = tmp_path / "faces"
     readable = tiny_faces(folder, n, seed=SEED % 1000)
@@ -268,16 +288,20 @@ def test_kill_9_at_random_points_then_resume_exactly_once(hooks: Path, model: Pa
     (folder / "text.jpg").write_text("not a picture\n" * 10)
     os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
     failed = {"empty.jpg", "truncated.jpg", "text.jpg", "dangling.jpg"}
-    idx, log, env = tmp_path / "index", tmp_path / "stderr.txt", hooks_env(tmp_path)
-    db = idx / "catalog.db"
+    backend = catalog_backend
+    idx, log, env = tmp_path / "index", tmp_path / "stderr.txt", backend.env(hooks_env(tmp_path))
+
+    def committed() -> int:
+        return backend.scalar(idx, "SELECT count(*) FROM predictions")
+
     rng = random.Random(SEED)
     kills = 0
     for i in range(3):
-        at = _count(db, "SELECT count(*) FROM predictions") + rng.randrange(16, 200)  # this run commits some
+        at = committed() + rng.randrange(16, 200)  # this run commits some
         # The first run decodes in a worker process, which must not outlive the kill (see reap).
         proc = start_index(hooks, folder, idx, model if i == 0 else None, env, log, workers=int(i == 0))
         deadline = time.monotonic() + 120
-        while proc.poll() is None and _count(db, "SELECT count(*) FROM predictions") < at:
+        while proc.poll() is None and committed() < at:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.03))  # somewhere inside a batch: decoding, inferring, committing
@@ -294,10 +318,10 @@ def test_kill_9_at_random_points_then_resume_exactly_once(hooks: Path, model: Pa
             assert any("dead runs interrupted" in line for line in report["repaired"])
 
     # The last batches commit, then the process dies while writing the snapshot's embeddings.
-    proc = start_index(hooks, folder, idx, None, hooks_env(tmp_path, "emb.npy"), log)
+    proc = start_index(hooks, folder, idx, None, backend.env(hooks_env(tmp_path, "emb.npy")), log)
     assert reap(proc) == -signal.SIGKILL, log.read_text()
     kills += 1
-    assert _count(db, "SELECT count(*) FROM predictions") == n
+    assert committed() == n
     code, report = check(idx)
     assert code == 1 and {"dead_runs", "snapshot_stale"} <= kinds(report), report
     assert "leftovers" in warning_kinds(report)
@@ -305,9 +329,10 @@ def test_kill_9_at_random_points_then_resume_exactly_once(hooks: Path, model: Pa
     proc = start_index(hooks, folder, idx, None, env, log)
     assert reap(proc) == 0, log.read_text()
     assert kills == 4
-    assert_exactly_once(idx, readable, failed)
+    preds = assert_exactly_once(idx, readable, failed, backend)
     code, report = check(idx)
     assert code == 0 and not report["warnings"], report  # the run swept the save's leftovers too
+    assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))
 
 
 SAVE_STAGES = ["ids.npy", "probs.npy", "emb.npy", "paths_offsets.npy", "paths.bin", "vectors.faiss",
@@ -419,9 +444,12 @@ def test_kill_9_while_syncing_large_snapshots(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_queries_while_an_index_run_writes(hooks: Path, model: Path, private: Path, tmp_path: Path) -> None:
+def test_queries_while_an_index_run_writes(catalog_backend: Any, hooks: Path, model: Path, private_on: Path,
+                                           tmp_path: Path) -> None:
     """`facefind query`, engine loads and catalog reads in this process while another process
-    indexes 320 more images: never an error, only counts at batch boundaries, never backwards."""
+    indexes 320 more images: never an error, only counts at batch boundaries, never backwards
+    (SQLite and PostgreSQL catalogs)."""
+    private = private_on
     from db.catalog import Catalog
     from db.snapshot import sync_snapshot
     from retrieval.engine import Engine
@@ -430,7 +458,8 @@ def test_queries_while_an_index_run_writes(hooks: Path, model: Path, private: Pa
     folder = tmp_path / "more"
     tiny_faces(folder, n_new, seed=2, prefix="more")
     log = tmp_path / "stderr.txt"
-    proc = start_index(hooks, folder, private, model, hooks_env(tmp_path), log, batch_size=batch)
+    proc = start_index(hooks, folder, private, model, catalog_backend.env(hooks_env(tmp_path)), log,
+                       batch_size=batch)
     allowed = {N_SEED + batch * i for i in range(n_new // batch + 1)}
     seen: dict[str, list[int]] = {"query": [], "engine": [], "catalog": []}
     with Catalog.open(private, create=False) as catalog:
@@ -554,11 +583,12 @@ def test_like_and_similar_refuse_a_replaced_or_missing_checkpoint(model: Path, p
     assert by_id.exit_code == 0 and json.loads(by_id.stdout)["hits"][0]["id"] == 1
 
 
-def test_a_second_model_with_other_attributes_takes_over_cleanly(model: Path, private: Path, faces: list[Path],
-                                                                 tmp_path: Path) -> None:
+def test_a_second_model_with_other_attributes_takes_over_cleanly(catalog_backend: Any, model: Path, private_on: Path,
+                                                                 faces: list[Path], tmp_path: Path) -> None:
     """Indexing with a checkpoint of other attribute names and embedding size mixes two models in
     one index: queries switch to the new one, the old names are refused with one line, nothing
-    mixes the two models' vectors, and check stays healthy."""
+    mixes the two models' vectors, and check stays healthy (SQLite and PostgreSQL catalogs)."""
+    private = private_on
     other = tiny_checkpoint(tmp_path / "other.pt", ["Bald", "Bangs", "Wavy_Hair"], size=32, dim=8, seed=2,
                             calibrate=faces)
     out = cli("index", faces[0].parent, "--model", other, "--index", private, "--workers", "0",
