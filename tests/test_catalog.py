@@ -389,11 +389,12 @@ def _columns(cat: Catalog) -> dict[str, set[str]]:
         return {t: {c["name"] for c in inspector.get_columns(t)} for t in inspector.get_table_names()}
 
 
-def test_an_older_catalog_is_upgraded_on_open_to_the_fresh_schema(
+def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
     catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """A version step as a future facefind adds one (a column from the table definitions, a new
-    table): the v1 catalog opens, keeps its rows and id, and ends with the schema a new catalog gets."""
+    table), from today's version: the catalog opens, keeps its rows and id, and ends with the
+    schema a new catalog gets."""
     import db.catalog as dbc
 
     old, model = _v1_catalog(tmp_path)
@@ -407,14 +408,15 @@ def test_an_older_catalog_is_upgraded_on_open_to_the_fresh_schema(
             dbc.add_columns(conn, images, "face_count")
             dbc.metadata.create_all(conn, tables=[face_table])
 
-        monkeypatch.setattr(dbc, "SCHEMA_VERSION", 2)
-        monkeypatch.setitem(dbc.MIGRATIONS, 1, v1_to_v2)
+        now = dbc.SCHEMA_VERSION
+        monkeypatch.setattr(dbc, "SCHEMA_VERSION", now + 1)
+        monkeypatch.setitem(dbc.MIGRATIONS, now, v1_to_v2)
         upgraded = Catalog.open(tmp_path / "index")
         assert upgraded.catalog_id == old.catalog_id
         assert upgraded.load_predictions(model).paths == ["/x/a.jpg", "/x/b.jpg"]
         with upgraded._reader.connect() as conn:
             assert conn.execute(sa.select(dbc.meta_table.c.value).where(dbc.meta_table.c.key == "schema_version")
-                                ).scalar() == "2"
+                                ).scalar() == str(now + 1)
             assert conn.execute(sa.select(images.c.face_count)).scalars().all() == [1, 1]
         upgraded.write_batch(model, rows_for(["/x/c.jpg"]))  # the new column's default fills new rows
         assert Catalog.open(tmp_path / "index").catalog_id == old.catalog_id  # a second open: no step
@@ -434,14 +436,76 @@ def test_catalogs_this_facefind_cannot_read_say_what_to_run(
     import db.catalog as dbc
 
     _v1_catalog(tmp_path)
-    monkeypatch.setattr(dbc, "SCHEMA_VERSION", 2)  # a newer facefind without a step from 1
-    with pytest.raises(CatalogError, match=r"schema version 1, which this facefind cannot upgrade to 2: "
-                                           r"re-index into a new --index folder$"):
+    now = dbc.SCHEMA_VERSION
+    monkeypatch.setattr(dbc, "SCHEMA_VERSION", now + 1)  # a newer facefind without a step from now
+    with pytest.raises(CatalogError, match=rf"schema version {now}, which this facefind cannot upgrade to "
+                                           rf"{now + 1}: re-index into a new --index folder$"):
         Catalog.open(tmp_path / "index")
-    monkeypatch.setattr(dbc, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(dbc, "SCHEMA_VERSION", now)
     cat = Catalog.open(tmp_path / "index")
     with cat._writer.begin() as conn:  # as a newer facefind leaves it
-        conn.execute(sa.update(dbc.meta_table).where(dbc.meta_table.c.key == "schema_version").values(value="3"))
+        conn.execute(sa.update(dbc.meta_table).where(dbc.meta_table.c.key == "schema_version")
+                     .values(value=str(now + 2)))
     cat.close()
-    with pytest.raises(CatalogError, match=r"schema version 3, written by a newer facefind .*pip install -U facefind\)$"):
+    with pytest.raises(CatalogError, match=rf"schema version {now + 2}, written by a newer facefind .*pip install -U facefind\)$"):
         Catalog.open(tmp_path / "index")
+
+
+def _create_v1(url: str) -> None:
+    """The catalog schema exactly as facefind 0.1 (schema version 1) created it, frozen here on
+    purpose: it must never follow later edits of db/catalog.py, so that the test below proves a
+    real v1 catalog still opens after every future schema change."""
+    md = sa.MetaData()
+    sa.Table("meta", md, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text, nullable=False))
+    sa.Table("images", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("path", sa.Text, nullable=False, unique=True), sa.Column("size", sa.BigInteger, nullable=False),
+             sa.Column("mtime", sa.Float, nullable=False), sa.Column("width", sa.Integer),
+             sa.Column("height", sa.Integer), sa.Column("added", sa.Float, nullable=False), sqlite_autoincrement=True)
+    sa.Table("models", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+             sa.Column("arch", sa.String(128), nullable=False), sa.Column("attributes", sa.JSON, nullable=False),
+             sa.Column("thresholds", sa.JSON, nullable=False), sa.Column("embedding_dim", sa.Integer, nullable=False),
+             sa.Column("checkpoint", sa.Text), sa.Column("meta", sa.JSON), sa.Column("created", sa.Float, nullable=False),
+             sa.Column("generation", sa.BigInteger, nullable=False, server_default="0"), sqlite_autoincrement=True)
+    sa.Table("predictions", md,
+             sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("probs", sa.LargeBinary, nullable=False), sa.Column("embedding", sa.LargeBinary, nullable=False),
+             sa.Index("ix_predictions_image", "image_id"))
+    sa.Table("label_sets", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("key", sa.String(64), nullable=False, unique=True), sa.Column("names", sa.JSON, nullable=False))
+    sa.Table("labels", md,
+             sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("label_set_id", sa.Integer, sa.ForeignKey("label_sets.id"), nullable=False),
+             sa.Column("values", sa.LargeBinary, nullable=False))
+    sa.Table("failures", md, sa.Column("path", sa.Text, primary_key=True), sa.Column("reason", sa.Text, nullable=False),
+             sa.Column("at", sa.Float, nullable=False))
+    sa.Table("runs", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")),
+             sa.Column("root", sa.Text, nullable=False), sa.Column("started", sa.Float, nullable=False),
+             sa.Column("finished", sa.Float), sa.Column("status", sa.String(16), nullable=False),
+             sa.Column("counts", sa.JSON), sa.Column("timings", sa.JSON), sa.Column("host", sa.String(255)),
+             sa.Column("pid", sa.Integer), sqlite_autoincrement=True)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        md.create_all(conn)
+        conn.execute(md.tables["meta"].insert(), [{"key": "schema_version", "value": "1"},
+                                                  {"key": "catalog_id", "value": "v1catalog"}])
+        conn.execute(md.tables["images"].insert(), {"path": "/x/a.jpg", "size": 1, "mtime": 1.0, "added": 1.0})
+    engine.dispose()
+
+
+def test_a_v1_catalog_opens_with_this_facefind(catalog_backend, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A catalog written by facefind's first schema opens (upgraded by MIGRATIONS when the schema
+    has moved on) and then has exactly the tables and columns of a new catalog. A version bump
+    without a step fails here with the one-line message instead."""
+    url = catalog_backend.url_for(tmp_path / "index")
+    (tmp_path / "index").mkdir()
+    _create_v1(url)
+    old = Catalog(url)
+    assert old.catalog_id == "v1catalog" and old.image_paths() == ["/x/a.jpg"]
+    fresh = Catalog(f"sqlite:///{tmp_path / 'fresh.db'}" if catalog_backend.is_sqlite
+                    else request.getfixturevalue("pg_server").create_database())
+    assert _columns(old) == _columns(fresh)
+    old.close()
+    fresh.close()
