@@ -372,6 +372,14 @@ def test_postgres_connection_problems_are_one_line(pg_server, tmp_path: Path) ->
         Catalog(empty, create=False)
 
 
+def test_a_postgres_url_without_psycopg_says_what_to_install(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "psycopg" or m.startswith("psycopg.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the postgres extra were not installed
+    with pytest.raises(CatalogError, match=r"needs the psycopg package: pip install 'facefind\[postgres\]'$"):
+        Catalog(pg_url)
+
+
 # ------------------------------------------------------------------------------------ schema versions
 
 
