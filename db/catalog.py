@@ -406,6 +406,9 @@ class Catalog:
             engine = sa.create_engine(self.url, pool_pre_ping=True,
                                       isolation_level="READ COMMITTED" if writer else "REPEATABLE READ")
         except ModuleNotFoundError as err:
+            if self._sa_url.get_driver_name() != "psycopg":  # e.g. postgresql:// means psycopg2
+                raise CatalogError(f"the catalog {self._where()} needs the {err.name} package: write the URL "
+                                   "as postgresql+psycopg://... (psycopg 3, pip install 'facefind[postgres]')") from None
             raise CatalogError(f"the catalog {self._where()} needs the {err.name} package: "
                                "pip install 'facefind[postgres]'") from None
 
