@@ -317,7 +317,7 @@ class Catalog:
         try:
             self._sa_url = sa.engine.make_url(url)
         except sa.exc.ArgumentError:
-            raise CatalogError(f"FACEFIND_DB={url!r} is not a database URL: use e.g. "
+            raise CatalogError("the catalog URL (FACEFIND_DB) is not a database URL: use e.g. "
                                "postgresql+psycopg://user@host/dbname, or unset it for SQLite") from None
         backend = self._sa_url.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
