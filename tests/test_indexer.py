@@ -116,8 +116,12 @@ def test_index_is_incremental_and_info_agrees(catalog_backend, faces: Path, mode
     assert summary["last_run"]["status"] == "finished"
 
 
-def test_worker_processes_give_the_same_predictions(faces: Path, model: Path, tmp_path: Path) -> None:
+def test_worker_processes_give_the_same_predictions(faces: Path, calibrated_model: Path, tmp_path: Path) -> None:
+    """Decoding in worker processes stores the same row for each path as decoding inline (a model
+    whose outputs differ between images, so a row stored against the wrong path would show)."""
     from db.catalog import Catalog
+
+    model = calibrated_model
 
     index(faces, tmp_path / "a", "--model", model, "--batch-size", "50")
     out = invoke("index", faces, "--index", tmp_path / "b", "--model", model, "--device", "cpu",
