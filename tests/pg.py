@@ -178,13 +178,14 @@ class Backend:
         server through one pooled SQLAlchemy engine.
         """
         if self.url is None:
+            import contextlib
             import sqlite3
 
             db = Path(index_dir) / "catalog.db"
             if not db.exists():
                 return 0
             try:
-                with sqlite3.connect(db, timeout=10) as conn:
+                with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:  # `with conn` alone never closes
                     return int(conn.execute(sql).fetchone()[0])
             except sqlite3.OperationalError:  # schema not created yet
                 return 0
