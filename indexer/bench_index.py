@@ -143,7 +143,9 @@ def _stages(
     import torch
 
     from db.catalog import Catalog, IndexedImage
-    from indexer.reader import ImageReader, decode_on_device, discover
+    from indexer.discovery import discover
+    from indexer.reader import ImageReader
+    from indexer.routing import on_device
     from indexer.runner import load_runner
     from trainer.device import synchronize
 
@@ -153,14 +155,11 @@ def _stages(
     out: dict[str, float] = {}
     with ImageReader(runner.img_size, batch_size, workers, gpu_jpeg=on_gpu) as reader:
         first = next(reader.batches(files[:batch_size]))  # starts the workers: start-up is not speed
-        if on_gpu:
-            first_pixels = decode_on_device(first, runner.img_size, device)[1].cpu().numpy()
-        else:
-            first_pixels = first.pixels
+        first_pixels = on_device(first, runner.img_size, device)[1].cpu().numpy()
         t = time.perf_counter()
         count = 0
         for batch in reader.batches(files):
-            count += len(decode_on_device(batch, runner.img_size, device)[0]) if on_gpu else len(batch.entries)
+            count += len(on_device(batch, runner.img_size, device)[0])
         synchronize(device)
         out["decode"] = round(count / max(time.perf_counter() - t, 1e-9), 1)
     pixels = torch.from_numpy(np.stack([first_pixels[i % len(first_pixels)] for i in range(batch_size)]))

@@ -29,16 +29,9 @@ import numpy as np
 
 from db.errors import CatalogError, DatasetError, ModelError
 from db.paths import default_index_dir
-from indexer.reader import (
-    IMAGE_EXTENSIONS,
-    Crop,
-    DecodedBatch,
-    Failure,
-    FileEntry,
-    ImageReader,
-    discover,
-    split_unchanged,
-)
+from indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
+from indexer.reader import ImageReader
+from indexer.routing import Crop, DecodedBatch, on_device
 from indexer.writer import CatalogWriter, WriteJob
 
 if TYPE_CHECKING:
@@ -355,7 +348,7 @@ def _run(
     if device.type == "cuda":
         batches = _device_batches(reader.batches(todo), runner.img_size, device)
     else:
-        batches = ((b.entries, b.pixels, b.sizes, b.failures) for b in reader.batches(todo))
+        batches = (on_device(b, runner.img_size, device) for b in reader.batches(todo))
     try:
         while True:
             t = time.perf_counter()
@@ -382,23 +375,22 @@ def _run(
 def _device_batches(
     batches: Iterable[DecodedBatch], size: tuple[int, int], device: torch.device
 ) -> Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]:
-    """nvJPEG-decode each batch in a producer thread on its own CUDA stream, one batch ahead.
+    """``on_device`` each batch (nvJPEG for Jpegs) in a producer thread on its own CUDA stream,
+    one batch ahead.
 
     Decoding and the forward pass then overlap on the GPU (they compete for the same
     multiprocessors, but neither waits for the other to be issued).
     """
     import torch
 
-    from indexer.reader import decode_on_device
-
     stream = torch.cuda.Stream(device)
 
     def decode(batch: DecodedBatch) -> tuple[Any, ...]:
         with torch.cuda.stream(stream):
-            entries, pixels, sizes, extra = decode_on_device(batch, size, device)
+            entries, pixels, sizes, failures = on_device(batch, size, device)
             ready = torch.cuda.Event()
             ready.record(stream)
-        return entries, pixels, sizes, batch.failures + extra, ready
+        return entries, pixels, sizes, failures, ready
 
     main = torch.cuda.current_stream(device)
     decoded = _threaded(map(decode, batches), depth=2)

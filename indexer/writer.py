@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from indexer.reader import FileEntry, Failure
+from indexer.discovery import Failure, FileEntry
 
 if TYPE_CHECKING:
     from db.catalog import Catalog

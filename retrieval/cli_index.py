@@ -128,7 +128,7 @@ def _resume_command() -> str:
 
 def _face_cropper() -> Any:
     """The ``--detect-faces`` hook (``trainer.faces``: dlib, aligned like CelebA), models checked up front."""
-    from indexer.reader import crop_to_face
+    from indexer.routing import crop_to_face
     from trainer.align import check_models
 
     check_models()

@@ -2,8 +2,9 @@
 
 ``query``, ``similar``, ``predict``, the demo and any web page use this one entry point. Opening it
 never imports torch; ``embed`` (a reference image) loads the index's own checkpoint lazily, checked
-by sha256 to be the very file the index was built with, and decodes the image with the indexer's
-reader so that one-off images get exactly the pixels indexed ones got.
+by sha256 to be the very file the index was built with, and decodes the image with
+``trainer.decode`` (through ``Predictor``), the indexer's decoder, so that one-off images get
+exactly the pixels indexed ones got.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from db.errors import CatalogError, FacefindError, ImageError, ModelError
+from db.errors import CatalogError, FacefindError, ModelError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,22 +104,11 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
     return OpenIndex(engine, folder, catalog)
 
 
-def load_image(path: str) -> np.ndarray:
-    """Decode one image file with the indexer's reader (EXIF, CMYK, alpha, 16-bit, bombs handled)
-    to RGB uint8 (H, W, 3), so one-off images get the same pixels as indexed ones."""
-    from indexer.reader import Unreadable, load_rgb
-
-    try:
-        return load_rgb(path)
-    except Unreadable as err:
-        raise ImageError(f"cannot read image {path}: {err}") from None
-
-
 def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:
-    """A ``Predictor`` for ``model_path`` that decodes with ``load_image``."""
+    """A ``Predictor`` for ``model_path`` (it decodes with ``trainer.decode``, as the indexer does)."""
     from trainer.predict import Predictor
 
-    return Predictor(model_path, device, decode=load_image)
+    return Predictor(model_path, device)
 
 
 def default_model_path(index_dir: Path | None = None) -> Path:

@@ -20,7 +20,7 @@ def tiny_checkpoint(path: Path, attributes: Sequence[str], *, calibrate: Sequenc
     from torch import nn
 
     from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.data import load_images
+    from trainer.decode import decode_paths
     from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
 
     torch.manual_seed(seed)
@@ -29,7 +29,7 @@ def tiny_checkpoint(path: Path, attributes: Sequence[str], *, calibrate: Sequenc
                           mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding_dim=dim, dropout=0.3,
                           thresholds=[0.5] * len(attributes))
     if calibrate:
-        x = preprocess(load_images(list(calibrate), (size, size)), meta)
+        x = preprocess(torch.from_numpy(decode_paths(list(calibrate), (size, size))), meta)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()

@@ -708,7 +708,8 @@ def test_huge_and_endless_files_are_refused_without_reading_them(tmp_path: Path)
     """A multi-gigabyte file named .jpg (a video or disk image renamed) was read whole into memory
     before Pillow refused it (2 GiB: 2 GiB of RAM and 9 s; 30 GB would OOM the machine). A named
     pipe or a link to /dev/zero would block or never end: they are not regular files, so skipped."""
-    from indexer.reader import decode_files, discover
+    from indexer.discovery import discover
+    from indexer.routing import decode_files
 
     tiny_faces(tmp_path, 1, seed=4)
     with open(tmp_path / "huge.jpg", "wb") as fh:  # sparse: costs no disk
@@ -717,7 +718,7 @@ def test_huge_and_endless_files_are_refused_without_reading_them(tmp_path: Path)
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
     found = discover(tmp_path)
     assert [Path(f.path).name for f in found.files] == ["0000.jpg", "huge.jpg"] and not found.failures
-    batch = decode_files(found.files, (32, 32))
+    [batch] = decode_files(found.files, (32, 32))
     assert [(Path(f.path).name, f.reason) for f in batch.failures] == [
         ("huge.jpg", "file too large for an image (1,024 MiB, limit 512 MiB)")]
     assert len(batch.entries) == 1

@@ -272,7 +272,7 @@ def test_write_failure_is_one_line_and_keeps_committed_work(
 
 def test_writer_commits_in_order_and_surfaces_errors() -> None:
     from db.errors import CatalogError
-    from indexer.reader import Failure, FileEntry
+    from indexer.discovery import Failure, FileEntry
     from indexer.writer import CatalogWriter, WriteJob
 
     class FakeCatalog:

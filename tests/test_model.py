@@ -27,10 +27,10 @@ from trainer.data import (
     batch_indices,
     build_cache,
     find_cache,
-    load_images,
     parse_img_size,
     training_input,
 )
+from trainer.decode import decode_paths
 from trainer.model import (
     ARCHS,
     IMAGENET_MEAN,
@@ -348,7 +348,7 @@ def test_cache_is_built_once_then_reused(tmp_path: Path) -> None:
     first = build_cache(paths, (24, 20), root=root, cache_dir=tmp_path / "cache", workers=2,
                         progress=lambda done, total: seen.append((done, total)))
     assert first.built and first.images.shape == (70, 3, 24, 20) and seen[-1] == (70, 70)
-    assert torch.equal(torch.from_numpy(np.array(first.images[:5])), load_images(paths[:5], (24, 20)))
+    assert torch.equal(torch.from_numpy(np.array(first.images[:5])), torch.from_numpy(decode_paths(paths[:5], (24, 20))))
     again = build_cache(paths, (24, 20), root=root, cache_dir=tmp_path / "cache")
     assert not again.built and again.path == first.path
     assert find_cache(paths, (32, 32), root=root, cache_dir=tmp_path / "cache") is None

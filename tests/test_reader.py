@@ -1,4 +1,5 @@
-"""The reader stage alone: discovery, skipping unchanged files, and every kind of bad input.
+"""The reader stage alone: discovery, skipping unchanged files, every kind of bad input, and the
+one pixel contract (``trainer.decode``) that the training cache, the indexer and ``predict`` share.
 
 ``build_corpus`` writes the corrupt-input corpus of issue 7 (item 1); ``test_indexer.py`` runs the
 whole indexer over it too.
@@ -17,15 +18,10 @@ import pytest
 from PIL import Image
 
 from db.errors import DatasetError
-from indexer.reader import (
-    BACKGROUND,
-    FileEntry,
-    ImageReader,
-    decode_files,
-    discover,
-    load_rgb,
-    split_unchanged,
-)
+from indexer.discovery import FileEntry, discover, split_unchanged
+from indexer.reader import ImageReader
+from indexer.routing import Jpegs, Pixels, decode_files
+from trainer.decode import BACKGROUND
 
 SIZE = (32, 24)  # (h, w): small, not square, so transposed dimensions would show
 
@@ -121,7 +117,8 @@ def _decode_all(folder: Path, workers: int = 0) -> tuple[dict[str, np.ndarray], 
     found = discover(folder)
     with ImageReader(SIZE, batch_size=7, workers=workers) as reader:
         batches = list(reader.batches(found.files))
-    pixels = {Path(e.path).name: p for b in batches for e, p in zip(b.entries, b.pixels)}
+    assert all(isinstance(b.payload, Pixels) for b in batches)  # no GPU: every batch decoded on the CPU
+    pixels = {Path(e.path).name: p for b in batches for e, p in zip(b.entries, b.payload.array)}
     sizes = {Path(e.path).name: s for b in batches for e, s in zip(b.entries, b.sizes)}
     reasons = {Path(f.path).name: f.reason for b in batches for f in b.failures}
     reasons.update({Path(f.path).name: f.reason for f in found.failures})
@@ -164,7 +161,7 @@ def test_file_vanishing_between_discovery_and_reading(tmp_path: Path) -> None:
         _face(i).save(tmp_path / f"{i}.jpg")
     found = discover(tmp_path)
     os.remove(tmp_path / "1.jpg")
-    batch = decode_files(found.files, SIZE)
+    [batch] = decode_files(found.files, SIZE)
     assert [Path(e.path).name for e in batch.entries] == ["0.jpg", "2.jpg"]
     assert [(Path(f.path).name, f.reason) for f in batch.failures] == [("1.jpg", "file vanished")]
 
@@ -211,46 +208,162 @@ def test_worker_processes_match_in_process(tmp_path: Path) -> None:
         np.testing.assert_array_equal(single[name], multi[name])
 
 
-def test_resize_matches_trainer_preprocessing() -> None:
-    """The reader's resize is the trainer's: a model sees the pixels it was trained on."""
+# -- one pixel contract (trainer.decode) ------------------------------------------------------
+
+# The files the three old decoders disagreed on, and a plain JPEG.
+ODD = ("exif_rotated.jpeg", "alpha.png", "cmyk.jpg", "sixteen_bit.png", "grey.JPG", "palette.gif.png",
+       "palette_transparent.png", "grey_alpha.png", "with space.jpg")
+PLAIN = {"with space.jpg", "grey.JPG", "ünïcødé 顔.jpg", "good_link.jpg", "new\nline.jpg"}
+
+
+def test_training_cache_indexer_and_predict_see_the_same_pixels(tmp_path: Path) -> None:
+    """EXIF-rotated, RGBA, CMYK, 16-bit, greyscale and palette files: the training cache, the
+    indexer's reader and ``predict`` get identical pixels, and the right ones."""
+    from helpers import tiny_checkpoint
+    from trainer.data import build_cache
+    from trainer.predict import Predictor
+
+    folder = tmp_path / "corpus"
+    build_corpus(folder)
+    paths = [folder / name for name in ODD]
+    size = (32, 32)
+    cache = build_cache(paths, size, root=folder, cache_dir=tmp_path / "cache", workers=2)
+    with ImageReader(size, batch_size=4, workers=2) as reader:
+        batches = list(reader.batches(discover(folder).files))
+    indexed = {Path(e.path).name: p for b in batches for e, p in zip(b.entries, b.payload.array)}
+    predictor = Predictor(tiny_checkpoint(tmp_path / "m.pt", ["A", "B"], size=32), "cpu")
+    for i, name in enumerate(ODD):
+        predicted, box = predictor.prepare(predictor.decode(str(paths[i])), name, detect_face=False)
+        assert box is None
+        np.testing.assert_array_equal(cache.images[i], indexed[name], err_msg=f"cache vs index: {name}")
+        np.testing.assert_array_equal(predicted, indexed[name], err_msg=f"predict vs index: {name}")
+
+    # The right pixels, not merely the same ones: the old training decoder ignored EXIF and alpha.
+    rot = cache.images[ODD.index("exif_rotated.jpeg")].astype(int)
+    assert rot[0, 3, 16] > 200 and rot[2, 3, 16] < 60  # red on top after the 90-degree turn
+    assert rot[2, -3, 16] > 200 and rot[0, -3, 16] < 60  # blue below
+    alpha = cache.images[ODD.index("alpha.png")]
+    assert tuple(alpha[:, 16, 2]) == (255, 0, 0) and tuple(alpha[:, 16, -2]) == BACKGROUND
+    assert cache.images[ODD.index("sixteen_bit.png")].min() == 255
+
+
+def test_exif_rotated_training_images_match_upright_ones(tmp_path: Path) -> None:
+    """Faces stored upside down with an EXIF 'rotate 180' tag (as every viewer shows them upright)
+    train on the upright pixels: exactly for lossless PNG, to JPEG re-encoding noise for JPEG."""
+    from trainer.data import build_cache
+
+    up, flipped = tmp_path / "upright", tmp_path / "flipped"
+    up.mkdir()
+    flipped.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180 degrees to display
+    for i in range(4):
+        face = _face(i, size=(48, 64))
+        face.paste((0, 0, 0), (0, 0, 16, 16))  # a dark top-left corner: upside down shows
+        face.save(up / f"{i}.png")
+        face.rotate(180).save(flipped / f"{i}.png", exif=exif.tobytes())
+        face.save(up / f"{i}.jpg", quality=95)
+        face.rotate(180).save(flipped / f"{i}.jpg", quality=95, exif=exif.tobytes())
+    names = [f"{i}.{ext}" for i in range(4) for ext in ("png", "jpg")]
+    a = build_cache([up / n for n in names], (32, 24), root=up, cache_dir=tmp_path / "cache").images
+    b = build_cache([flipped / n for n in names], (32, 24), root=flipped, cache_dir=tmp_path / "cache").images
+    for i, name in enumerate(names):
+        upright, shown = a[i].astype(int), b[i].astype(int)
+        if name.endswith(".png"):
+            np.testing.assert_array_equal(shown, upright, err_msg=name)
+        else:
+            assert np.abs(shown - upright).mean() < 2, name
+        assert np.abs(upright[:, ::-1, ::-1] - upright).mean() > 10  # upside down would show
+
+
+def test_plain_jpegs_skip_pillow_for_the_same_pixels(tmp_path: Path) -> None:
+    """Plain JPEGs are decoded by libjpeg directly (twice Pillow's speed): exactly Pillow's pixels.
+    Everything Pillow must handle itself (EXIF or XMP rotation, CMYK, damage, other formats) is
+    not plain, and is decoded as Pillow shows it."""
+    from PIL import ImageOps
+
+    from trainer.decode import decode_rgb, plain_jpeg
+
+    folder = tmp_path / "corpus"
+    expect = build_corpus(folder)
+    face = _face(7, size=(178, 218))
+    extra = {"progressive.jpg": (_jpeg(face, progressive=True), True),
+             "exif_upright.jpg": (_jpeg(face, exif=_orientation(1)), True),
+             "exif_180.jpg": (_jpeg(face, exif=_orientation(3)), False),
+             "xmp_180.jpg": (_jpeg(face, xmp=_XMP % b"3"), False),
+             "xmp_upright.jpg": (_jpeg(face, xmp=_XMP % b"1"), True)}
+    for name, (data, _) in extra.items():
+        (folder / name).write_bytes(data)
+    readable = [n for n, reason in expect.items() if reason is None] + list(extra)
+    plain = {n for n in readable if plain_jpeg((folder / n).read_bytes()) is not None}
+    assert plain == PLAIN | {n for n, (_, p) in extra.items() if p}
+    for name in readable:
+        with Image.open(folder / name) as img:
+            img.seek(0)
+            shown = ImageOps.exif_transpose(img)
+            if shown.mode in ("RGB", "L"):  # Pillow's own view of the file, no conversion of ours
+                np.testing.assert_array_equal(decode_rgb(str(folder / name)), np.asarray(shown.convert("RGB")),
+                                              err_msg=name)
+    assert plain_jpeg((folder / "progressive.jpg").read_bytes()) == (178, 218)
+
+
+_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="%s"/></rdf:RDF></x:xmpmeta>')
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def test_device_route_carries_plain_jpegs_as_bytes(tmp_path: Path) -> None:
+    """With ``gpu_jpeg`` a chunk splits into a Pixels batch (decoded on the CPU, with every failure)
+    and a Jpegs batch of the plain JPEGs; decoding the Jpegs batch (here with torchvision's CPU
+    decoder, on a GPU with nvJPEG) gives the CPU route's pixels."""
     import torch
 
-    from trainer.model import resize_images
-
-    img = _face(4, size=(178, 218))
-    rgb = load_rgb(_jpeg(img))
-    batch = decode_files([], SIZE)  # empty input gives an empty, well-shaped batch
-    assert batch.pixels.shape == (0, 3, *SIZE)
-    expected = resize_images(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None], SIZE)[0].numpy()
-    from indexer.reader import resize_chw
-
-    np.testing.assert_array_equal(resize_chw(rgb, SIZE), expected)
-
-
-def test_device_decode_path_matches_pillow(tmp_path: Path) -> None:
-    """The nvJPEG route (run here with torchvision's CPU decoder): eligible JPEGs travel as bytes,
-    the rest (rotated, CMYK, truncated, other formats) are decoded or refused by Pillow as before."""
-    import torch
-
-    from indexer.reader import decode_on_device
+    from indexer.routing import on_device
 
     expect = build_corpus(tmp_path / "corpus")
     files = discover(tmp_path / "corpus").files
-    plain = decode_files(files, SIZE)
-    routed = decode_files(files, SIZE, gpu_jpeg=True)
-    names = {Path(e.path).name for e in routed.jpeg_entries}
-    assert {"with space.jpg", "grey.JPG", "ünïcødé 顔.jpg", "good_link.jpg"} <= names
-    assert not names & {"exif_rotated.jpeg", "cmyk.jpg", "garbage_appended.jpg", "png_named.jpg"}
-    assert not any(n.startswith("truncated") for n in names)
-    entries, pixels, sizes, extra = decode_on_device(routed, SIZE, torch.device("cpu"))
-    assert not extra and routed.failures == plain.failures
-    assert sorted(e.path for e in entries) == sorted(e.path for e in plain.entries)
+    [plain] = decode_files(files, SIZE)
+    cpu, device = decode_files(files, SIZE, gpu_jpeg=True)
+    assert isinstance(cpu.payload, Pixels) and isinstance(device.payload, Jpegs)
+    assert {Path(e.path).name for e in device.entries} == PLAIN
+    assert cpu.failures == plain.failures and not device.failures
+    entries, pixels, sizes, failures = on_device(device, SIZE, torch.device("cpu"))
+    assert failures == [] and entries == device.entries and sizes == device.sizes
     assert pixels.shape == (len(entries), 3, *SIZE) and pixels.dtype == torch.uint8
-    reference = {e.path: p for e, p in zip(plain.entries, plain.pixels)}
+    reference = {e.path: p for e, p in zip(plain.entries, plain.payload.array)}
     for entry, image in zip(entries, pixels.numpy()):
-        diff = np.abs(image.astype(int) - reference[entry.path].astype(int)).mean()
-        assert diff < 3, (entry.path, diff)  # two JPEG decoders, same pixels up to IDCT rounding
-    assert sum(1 for r in expect.values() if r is None) == len(entries)
+        np.testing.assert_array_equal(image, reference[entry.path])
+    assert len(cpu.entries) + len(entries) == sum(1 for r in expect.values() if r is None)
+
+
+@pytest.mark.cuda
+def test_nvjpeg_gives_the_cpu_pixels_within_the_stated_tolerance(tmp_path: Path) -> None:
+    """The CUDA variant's promise (``trainer.decode.DEVICE_TOLERANCE``), on CelebA-like JPEGs at
+    the native size (no resize) and at a model size; a damaged file nvJPEG refuses still gets the
+    CPU decoder's reason."""
+    import torch
+
+    from trainer.decode import DEVICE_TOLERANCE, decode_file, decode_jpegs_on_device
+    from trainer.synth import synthesize
+
+    synthesize(tmp_path / "s", n=24, seed=3)
+    paths = sorted((tmp_path / "s" / "img_align_celeba").glob("*.jpg"))
+    data = [p.read_bytes() for p in paths]
+    broken = data[0][:600] + b"\xff\xd9"  # ends like a JPEG, but most of the scan is missing
+    for size in ((218, 178), (64, 64)):
+        ok, pixels, bad = decode_jpegs_on_device(data + [broken], size, torch.device("cuda"))
+        assert pixels.is_cuda and pixels.shape == (len(ok), 3, *size)
+        assert ok[:len(paths)] == list(range(len(paths)))
+        assert len(ok) + len(bad) == len(paths) + 1
+        for i, image in zip(ok, pixels.cpu().numpy()):
+            if i < len(paths):
+                diff = np.abs(image.astype(int) - decode_file(paths[i], size).astype(int)).mean()
+                assert diff <= DEVICE_TOLERANCE, (paths[i].name, size, diff)
 
 
 def crash_on_red(rgb: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ would get from the indexer. Each ``Prediction`` holds the K probabilities, the a
 at the checkpoint's calibrated thresholds, the face box (None when the whole image was used) and
 the L2-normalised embedding.
 
-Decoding is pluggable (``decode``): the CLI passes the indexer reader's robust decoder (EXIF
-orientation, CMYK, alpha, 16-bit, decompression bombs); trainer cannot import the indexer itself.
+Images are decoded by ``trainer.decode.read_rgb`` (EXIF orientation, CMYK, alpha, 16-bit,
+decompression bombs), the decoder of the training cache and the indexer, so a file gets the same
+pixels everywhere. ``decode`` can replace it (a test double, an in-memory source).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, overload
 import numpy as np
 
 from db.errors import ImageError
+from trainer.decode import read_rgb
 from trainer.faces import looks_aligned, require_face
 
 if TYPE_CHECKING:
@@ -93,13 +95,6 @@ def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor | np.ndarray,
         probs = torch.sigmoid(logits.float())
         embedding = F.normalize(embedding.float(), dim=1)
     return probs.cpu().numpy(), embedding.cpu().numpy()
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """Default decoder: the trainer's ``read_image`` as RGB uint8 (H, W, 3)."""
-    from trainer.data import read_image
-
-    return read_image(Path(path)).permute(1, 2, 0).numpy()
 
 
 class Predictor:
