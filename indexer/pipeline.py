@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
     from db.catalog import Catalog
     from indexer.runner import Runner
-    from trainer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +126,7 @@ def index_folder(
     from db.catalog import Catalog
     from indexer.runner import load_runner
     from trainer import distributed
+    from trainer.checkpoint import CheckpointMeta, read_checkpoint
     from trainer.device import describe_device, resolve_device
 
     k, n, launched = _which_shard(shard)
@@ -153,11 +153,13 @@ def index_folder(
             workers = distributed.cpus_per_process()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
     model_path = _choose_model(index_dir, model_path)
-    meta = _read_meta(model_path)  # before the catalog: a damaged checkpoint creates no index
+    # One read of the checkpoint, hashed and parsed from the same bytes; before the catalog opens,
+    # so a damaged checkpoint creates no index. The weights go to the device later.
+    checkpoint, sha256 = read_checkpoint(model_path)
+    meta = CheckpointMeta.from_dict(checkpoint["meta"])
     catalog = Catalog.open(index_dir)
     try:
         t = time.perf_counter()
-        sha256 = _sha256(model_path)
         known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
         known = {} if rebuild or known_id is None else catalog.known_files(known_id)
         todo, unchanged = split_unchanged(found.files, known)
@@ -171,7 +173,8 @@ def index_folder(
             if todo:
                 reader.start()  # the decoders start up while the model loads
             t = time.perf_counter()
-            runner = load_runner(model_path, dev)
+            runner = load_runner(model_path, dev, checkpoint)
+            del checkpoint  # the weights now live in the model
             timings["load_model"] = time.perf_counter() - t
             # Registered once its weights load: a checkpoint that fails never becomes the default.
             model_id = catalog.register_model(
@@ -455,14 +458,8 @@ def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) ->
     return recorded
 
 
-def _read_meta(model_path: Path) -> CheckpointMeta:
-    """The checkpoint's meta (validates the file; the weights are loaded later, on the device)."""
-    from trainer.checkpoint import CheckpointMeta, load_checkpoint
-
-    return CheckpointMeta.from_dict(load_checkpoint(model_path)["meta"])
-
-
 def _sha256(model_path: Path) -> str:
+    """The checkpoint's sha256 alone (``finalize_index`` needs no weights)."""
     from db.files import file_sha256
 
     try:

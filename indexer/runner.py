@@ -45,9 +45,14 @@ class Runner:
         return infer(self.model, self.meta, pixels, self.device)
 
 
-def load_runner(model_path: str | Path, device: torch.device) -> Runner:
-    """A Runner for the checkpoint at ``model_path`` on ``device`` (ModelError when unreadable)."""
-    from trainer.checkpoint import load_model
+def load_runner(model_path: str | Path, device: torch.device, checkpoint: dict[str, Any] | None = None) -> Runner:
+    """A Runner for the checkpoint at ``model_path`` on ``device`` (ModelError when unreadable).
 
-    model, meta = load_model(Path(model_path), device)
+    ``checkpoint`` is the file's dict when the caller has already read it (``read_checkpoint``):
+    the file is then not read again.
+    """
+    from trainer.checkpoint import build_model, load_checkpoint
+
+    path = Path(model_path)
+    model, meta = build_model(checkpoint if checkpoint is not None else load_checkpoint(path), path, device)
     return Runner(model, meta, device)

@@ -604,3 +604,26 @@ def test_queries_on_a_postgres_catalog_read_the_published_snapshot(
     assert "sqlalchemy" in probe["heavy"] and out["n_indexed"] == N_FACES + 1
     out, probe = _probe_query(idx, dict(os.environ))
     assert probe["heavy"] == [] and out["n_indexed"] == N_FACES + 1
+
+
+def test_an_index_run_reads_the_checkpoint_once(faces: Path, model: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read of the checkpoint per run: hashed and loaded from the same bytes (it was read three
+    times: torch.load for the meta, sha256, torch.load again for the weights)."""
+    import builtins
+
+    from indexer.pipeline import index_folder
+
+    real_open = builtins.open
+    target = os.path.realpath(model)
+    reads: list[str] = []
+
+    def counting_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == target:
+            reads.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    report = index_folder(faces, model, tmp_path / "index", workers=0, device="cpu")
+    assert report.indexed == N_FACES
+    assert len(reads) == 1, reads
