@@ -76,18 +76,8 @@ class Unreadable(Exception):
 
 
 def decode_file(path: str | os.PathLike[str], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One image file -> uint8 (3, h, w) at ``size`` = (h, w); raises Unreadable(reason).
-
-    Equal to ``resize_chw(decode_rgb(path), size)``, without the layout round trip for plain JPEGs.
-    """
-    data = read_bytes(os.fspath(path))
-    if plain_jpeg(data, max_pixels) is not None:
-        chw = _libjpeg(data)
-        if chw is not None:
-            from trainer.model import resize_images
-
-            return resize_images(chw[None], size)[0].numpy()
-    return resize_chw(_pillow(data, max_pixels), size)
+    """One image file -> uint8 (3, h, w) at ``size`` = (h, w); raises Unreadable(reason)."""
+    return resize_chw(decode_rgb(os.fspath(path), max_pixels), size)
 
 
 def decode_paths(paths: Sequence[Path], size: Sequence[int]) -> np.ndarray:
@@ -124,14 +114,17 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
 def resize_chw(rgb: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> uint8 (3, h, w) with the trainer's resize (antialiased bilinear)."""
-    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    chw = rgb.transpose(2, 0, 1)
+    if not chw.flags.writeable:
+        chw = chw.copy()  # Pillow's arrays are read-only
     if chw.shape[1:] == (int(size[0]), int(size[1])):
-        return chw if chw.flags.writeable else chw.copy()  # Pillow's arrays are read-only
+        return np.ascontiguousarray(chw)
     import torch
 
     from trainer.model import resize_images
 
-    return resize_images(torch.from_numpy(chw if chw.flags.writeable else chw.copy())[None], size)[0].numpy()
+    # Any memory layout: torch's uint8 resize gives the same pixels for a strided view as for a copy.
+    return resize_images(torch.from_numpy(chw)[None], size)[0].numpy()
 
 
 def plain_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
