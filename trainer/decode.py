@@ -67,6 +67,13 @@ _ORIENTATION = 0x0112
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
+# torchvision 0.29 deprecates its decoders in favour of torchcodec; they remain the fastest offline
+# choice here, and the warning would repeat for every image. (A filter set once: a catch_warnings
+# block per image cost more than the decode's resize.)
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
 class Unreadable(Exception):
     """A file cannot become an image; ``str(err)`` is the one-line reason recorded for it."""
 
@@ -200,15 +207,10 @@ def _libjpeg(data: bytes) -> torch.Tensor | None:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of torchcodec; they remain the fastest
-        # offline choice here, and the warning would repeat for every image.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return None  # Pillow decides, and names the reason
-    return chw
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None  # Pillow decides, and names the reason
 
 
 def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
@@ -271,7 +273,10 @@ def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            data = fh.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+            # read(n) allocates n bytes up front: ask for the file's size, +1 to see one that grew.
+            data = fh.read(size + 1) if size <= MAX_FILE_BYTES else b""
+            if len(data) > size:  # growing (or a special file): read on, up to the cap
+                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
     except OSError as err:
         is_link = os.path.islink(path)
         if err.errno == errno.ENOENT and not is_link:
@@ -354,16 +359,14 @@ def decode_jpegs_on_device(
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     decoded: list[torch.Tensor | None] = []
     if raw:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                decoded = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                for one in raw:
-                    try:
-                        decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-                    except RuntimeError:
-                        decoded.append(None)
+        try:
+            decoded = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            for one in raw:
+                try:
+                    decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
     ok: list[int] = []
     images: list[torch.Tensor] = []
     failures: list[tuple[int, str]] = []
