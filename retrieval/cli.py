@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval import cli_data, cli_train, cli_index, cli_query, cli_demo, cli_bench, cli_predict, cli_check
+from retrieval import cli_data, cli_train, cli_index, cli_query, cli_demo, cli_bench, cli_predict, cli_check, cli_serve
 
 app = typer.Typer(
     name="facefind",
@@ -36,7 +36,7 @@ def _root(
     for package in ("trainer", "indexer", "db", "retrieval"):
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
-for _module in (cli_demo, cli_data, cli_train, cli_index, cli_check, cli_predict, cli_query, cli_bench):
+for _module in (cli_demo, cli_data, cli_train, cli_index, cli_check, cli_predict, cli_query, cli_bench, cli_serve):
     _module.register(app)
 
 

@@ -288,6 +288,14 @@ class Engine:
                                "`facefind query EXPR --json`, or pass an image file instead")
         return np.asarray(self.emb[pos[0]], dtype=np.float32)
 
+    def describe(self, image_id: int, node: Node | None = None) -> Hit:
+        """One indexed image as a Hit (score 0): its probabilities and the literals of ``node`` it
+        satisfies, computed exactly as for query hits. CatalogError when the id is not indexed."""
+        pos, found = self.positions(np.array([image_id]))
+        if not found[0]:
+            raise CatalogError(f"image id {image_id} is not in the index")
+        return self._hits(node, pos, np.zeros(1, dtype=np.float32))[0]
+
     def _logit_row(self, k: int) -> np.ndarray:
         row = self._logit_rows[k]
         if row is None:

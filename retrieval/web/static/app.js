@@ -1,0 +1,534 @@
+// facefind search page: plain JavaScript, no build step, no external assets.
+// The whole state lives in the URL (?q=&like_id=&like=&ref=&offset=&sel=), so links can be shared
+// and the back button works. The grid is virtual: only the rows near the viewport exist in the
+// DOM, and pages of PAGE hits are fetched by offset, so 150,000 matches scroll like 60.
+"use strict";
+
+const PAGE = 60;
+const $ = (id) => document.getElementById(id);
+const els = {
+  expr: $("expr"), suggest: $("suggest"), go: $("go"), photo: $("photo"), error: $("error"),
+  chips: $("chips"), count: $("count"), ref: $("ref"), quality: $("quality"), grid: $("grid"),
+  empty: $("empty"), panel: $("panel"), drop: $("drop"),
+  exp: { csv: $("exp-csv"), json: $("exp-json"), paths: $("exp-paths") },
+};
+
+let attributes = [];          // [{name, threshold, positive_rate, label_rate}]
+let lowerNames = new Map();   // lower-case name -> canonical name
+let state = readState();
+let view = null;              // the current query: {key, total, n, ranking, pages: Map, pending: Set}
+let generation = 0;           // bumps with every new query; stale answers are dropped
+let localPhoto = null;        // object URL of the photo searched by, this session only
+
+// ---------------------------------------------------------------------------------- state <-> URL
+
+function readState() {
+  const p = new URLSearchParams(location.search);
+  const id = p.get("like_id");
+  return {
+    q: p.get("q") || "",
+    like_id: id && /^\d+$/.test(id) ? Number(id) : null,
+    like: p.get("like") || null,
+    ref: p.get("ref") || null,
+    offset: Math.max(0, Number(p.get("offset")) || 0),
+    sel: /^\d+$/.test(p.get("sel") || "") ? Number(p.get("sel")) : null,
+  };
+}
+
+function stateURL(s) {
+  const p = new URLSearchParams();
+  if (s.q) p.set("q", s.q);
+  if (s.like_id !== null) p.set("like_id", String(s.like_id));
+  if (s.like) { p.set("like", s.like); if (s.ref) p.set("ref", s.ref); }
+  if (s.offset) p.set("offset", String(s.offset));
+  if (s.sel !== null) p.set("sel", String(s.sel));
+  const qs = p.toString();
+  return location.pathname + (qs ? "?" + qs : "");
+}
+
+function commit(next, push = true) {
+  state = { ...state, ...next };
+  const url = stateURL(state);
+  if (url !== location.pathname + location.search) {
+    if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+  }
+}
+
+function queryParams(s, extra = {}) {
+  const p = new URLSearchParams();
+  if (s.q.trim()) p.set("q", s.q);
+  if (s.like_id !== null) p.set("like_id", String(s.like_id));
+  else if (s.like) p.set("like", s.like);
+  for (const [k, v] of Object.entries(extra)) p.set(k, String(v));
+  return p;
+}
+
+// ---------------------------------------------------------------------------------- API
+
+async function api(path, init) {
+  const res = await fetch(path, init);
+  let body = null;
+  try { body = await res.json(); } catch (e) { body = { error: `HTTP ${res.status}` }; }
+  if (!res.ok) { const err = new Error(body.error || `HTTP ${res.status}`); err.body = body; err.status = res.status; throw err; }
+  return body;
+}
+
+// ---------------------------------------------------------------------------------- expression
+
+// Tokens of an expression, as the server's grammar sees them (enough to split top-level 'and').
+function tokenize(text) {
+  const re = /\s+|(>=|<=|&&|\|\||[<>=&|!~()])|([A-Za-z0-9_.]+)/g;
+  const out = [];
+  let m;
+  while ((m = re.exec(text)) !== null) {
+    if (m[0].trim() === "") continue;
+    out.push({ text: m[0], start: m.index, end: m.index + m[0].length });
+  }
+  return out;
+}
+
+// Top-level conjuncts: [{kind: 'require'|'exclude'|'other', name, text}].
+function conjuncts(text) {
+  const toks = tokenize(text);
+  if (!toks.length) return [];
+  let depth = 0, hasOr = false;
+  const parts = [[]];
+  for (const t of toks) {
+    const w = t.text.toLowerCase();
+    if (t.text === "(") depth++;
+    if (t.text === ")") depth--;
+    if (depth === 0 && (w === "or" || w === "|" || w === "||")) hasOr = true;
+    if (depth === 0 && (w === "and" || w === "&" || w === "&&")) { parts.push([]); continue; }
+    parts[parts.length - 1].push(t);
+  }
+  if (hasOr) return [{ kind: "other", name: null, text: "(" + text.trim() + ")" }];
+  return parts.filter((p) => p.length).map((p) => {
+    const words = p.map((t) => t.text);
+    const canon = (w) => lowerNames.get(w.toLowerCase()) || null;
+    if (words.length === 1 && canon(words[0])) return { kind: "require", name: canon(words[0]), text: canon(words[0]) };
+    if (words.length === 2 && ["not", "!", "~"].includes(words[0].toLowerCase()) && canon(words[1]))
+      return { kind: "exclude", name: canon(words[1]), text: "not " + canon(words[1]) };
+    return { kind: "other", name: null, text: text.slice(p[0].start, p[p.length - 1].end) };
+  });
+}
+
+function chipStates(text) {
+  const out = new Map();
+  for (const c of conjuncts(text)) {
+    if (c.name) out.set(c.name, c.kind);
+    else for (const t of tokenize(c.text)) { const n = lowerNames.get(t.text.toLowerCase()); if (n && !out.has(n)) out.set(n, "mention"); }
+  }
+  return out;
+}
+
+function cycleChip(name) {
+  const parts = conjuncts(state.q);
+  const now = (parts.find((c) => c.name === name) || { kind: "ignore" }).kind;
+  const next = { ignore: "require", require: "exclude", exclude: "ignore" }[now];
+  const kept = parts.filter((c) => c.name !== name);
+  if (next === "require") kept.push({ text: name });
+  if (next === "exclude") kept.push({ text: "not " + name });
+  const q = kept.map((c) => c.text).join(" and ");
+  els.expr.value = q;
+  search({ q, offset: 0, sel: null });
+}
+
+function renderChips() {
+  const st = chipStates(state.q);
+  els.chips.replaceChildren(...attributes.map((a) => {
+    const b = document.createElement("span");
+    const kind = st.get(a.name) || "ignore";
+    b.className = "chip " + kind;
+    b.textContent = a.name;
+    b.dataset.name = a.name;
+    b.title = `${a.name}: ${kind === "require" ? "required" : kind === "exclude" ? "excluded" : kind === "mention" ? "in the expression" : "ignored"}` +
+      ` · threshold ${a.threshold.toFixed(2)} · ${(100 * a.positive_rate).toFixed(1)}% of images` +
+      (a.label_rate !== null ? ` (labels: ${(100 * a.label_rate).toFixed(1)}%)` : "") + " · click to cycle";
+    b.addEventListener("click", () => cycleChip(a.name));
+    return b;
+  }));
+}
+
+// ---------------------------------------------------------------------------------- autocomplete
+
+let active = -1;
+function wordAtCaret() {
+  const v = els.expr.value, at = els.expr.selectionStart ?? v.length;
+  let s = at;
+  while (s > 0 && /[A-Za-z0-9_]/.test(v[s - 1])) s--;
+  let e = at;
+  while (e < v.length && /[A-Za-z0-9_]/.test(v[e])) e++;
+  return { start: s, end: e, word: v.slice(s, at) };
+}
+
+function updateSuggest() {
+  const { word } = wordAtCaret();
+  if (!word || /^\d*\.?\d+$/.test(word) || ["and", "or", "not"].includes(word.toLowerCase())) return hideSuggest();
+  const w = word.toLowerCase();
+  const starts = attributes.filter((a) => a.name.toLowerCase().startsWith(w));
+  const inside = attributes.filter((a) => !a.name.toLowerCase().startsWith(w) && a.name.toLowerCase().includes(w));
+  const list = [...starts, ...inside].slice(0, 8);
+  if (!list.length || (list.length === 1 && list[0].name.toLowerCase() === w)) return hideSuggest();
+  active = 0;
+  els.suggest.replaceChildren(...list.map((a, i) => {
+    const li = document.createElement("li");
+    li.textContent = a.name; li.setAttribute("role", "option");
+    if (i === 0) li.className = "on";
+    li.addEventListener("mousedown", (ev) => { ev.preventDefault(); accept(a.name); });
+    return li;
+  }));
+  els.suggest.hidden = false;
+}
+
+function hideSuggest() { els.suggest.hidden = true; active = -1; }
+
+function accept(name) {
+  const { start, end } = wordAtCaret();
+  const v = els.expr.value;
+  els.expr.value = v.slice(0, start) + name + v.slice(end);
+  const caret = start + name.length;
+  els.expr.setSelectionRange(caret, caret);
+  hideSuggest();
+  scheduleTyping();
+}
+
+els.expr.addEventListener("keydown", (ev) => {
+  const items = [...els.suggest.children];
+  if (!els.suggest.hidden && items.length) {
+    if (ev.key === "ArrowDown" || ev.key === "ArrowUp") {
+      ev.preventDefault();
+      active = (active + (ev.key === "ArrowDown" ? 1 : items.length - 1)) % items.length;
+      items.forEach((li, i) => li.classList.toggle("on", i === active));
+      return;
+    }
+    if (ev.key === "Tab" || (ev.key === "Enter" && active >= 0)) { ev.preventDefault(); accept(items[active].textContent); return; }
+    if (ev.key === "Escape") { hideSuggest(); return; }
+  }
+  if (ev.key === "Enter") { ev.preventDefault(); clearTimeout(typingTimer); search({ q: els.expr.value, offset: 0, sel: null }); }
+});
+let typingTimer = 0;
+function scheduleTyping() {
+  clearTimeout(typingTimer);
+  typingTimer = setTimeout(() => { if (els.expr.value !== state.q) search({ q: els.expr.value, offset: 0, sel: null }); }, 350);
+}
+els.expr.addEventListener("input", () => { updateSuggest(); scheduleTyping(); });
+els.expr.addEventListener("blur", () => setTimeout(hideSuggest, 100));
+els.go.addEventListener("click", () => search({ q: els.expr.value, offset: 0, sel: null }));
+
+// ---------------------------------------------------------------------------------- errors
+
+function showError(err) {
+  const body = err.body || {};
+  const box = els.error;
+  box.replaceChildren();
+  const msg = document.createElement("div");
+  msg.textContent = body.error || err.message;
+  box.appendChild(msg);
+  if (typeof body.position === "number" && body.expression) {
+    const pre = document.createElement("pre");
+    const caret = document.createElement("b");
+    caret.textContent = " ".repeat(body.position) + "^";
+    pre.append(body.expression + "\n", caret);
+    box.appendChild(pre);
+    const m = /did you mean ([A-Za-z0-9_]+)/.exec(body.error || "");
+    if (m) {
+      const fix = document.createElement("button");
+      fix.type = "button"; fix.className = "fix"; fix.textContent = `use ${m[1]}`;
+      fix.addEventListener("click", () => {
+        const toks = tokenize(body.expression);
+        const bad = toks.find((t) => t.start === body.position);
+        if (!bad) return;
+        const q = body.expression.slice(0, bad.start) + m[1] + body.expression.slice(bad.end);
+        els.expr.value = q;
+        search({ q, offset: 0, sel: null });
+      });
+      msg.appendChild(fix);
+    }
+    els.expr.classList.add("bad");
+  }
+  box.hidden = false;
+}
+
+function clearError() { els.error.hidden = true; els.error.replaceChildren(); els.expr.classList.remove("bad"); }
+
+// ---------------------------------------------------------------------------------- querying
+
+function viewKey(s) { return JSON.stringify([s.q.trim(), s.like_id, s.like]); }
+
+async function search(next, push = true) {
+  const candidate = { ...state, ...next };
+  const gen = ++generation;
+  const start = Math.floor(candidate.offset / PAGE) * PAGE;
+  let first;
+  try {
+    first = await api("/api/query?" + queryParams(candidate, { limit: PAGE, offset: start }));
+  } catch (err) {
+    if (gen !== generation) return;
+    showError(err);
+    return;
+  }
+  if (gen !== generation) return;
+  clearError();
+  commit(next, push);
+  showResult(first, start);
+  openPanelFromState();
+}
+
+function showResult(first, start) {
+  view = { key: viewKey(state), total: first.total, n: first.n_indexed, ranking: first.ranking,
+           pages: new Map([[start / PAGE, first.hits]]), pending: new Set(), nodes: new Map() };
+  els.expr.value = state.q;
+  renderChips();
+  els.count.textContent = `${first.total.toLocaleString()} of ${first.n_indexed.toLocaleString()} images match`;
+  const q = first.quality;
+  els.quality.textContent = q ? `against the labels: ${q.relevant} of the first ${q.k} truly match · ` +
+    `precision ${fmt(q.precision_all)}, recall ${fmt(q.recall)} over all matches (base rate ${fmt(q.base_rate)})` : "";
+  renderRef();
+  updateExports();
+  els.empty.hidden = first.total > 0;
+  els.grid.replaceChildren();
+  layout();
+  if (state.offset) {
+    const row = Math.floor(state.offset / cols());
+    window.scrollTo(0, gridTop() + row * cellH());
+  } else {
+    window.scrollTo(0, 0);
+  }
+  draw();
+}
+
+function fmt(v) { return v === null || v === undefined ? "n/a" : v.toFixed(3); }
+
+function renderRef() {
+  els.ref.replaceChildren();
+  if (state.like_id === null && !state.like) { els.ref.hidden = true; return; }
+  if (state.like_id !== null) {
+    const img = document.createElement("img");
+    img.src = `/api/images/${state.like_id}/thumb`;
+    els.ref.append(img, `ranked by similarity to image #${state.like_id} `);
+  } else {
+    if (localPhoto) { const img = document.createElement("img"); img.src = localPhoto; els.ref.append(img); }
+    els.ref.append(`ranked by similarity to your photo ${state.ref || ""} `);
+  }
+  const clear = document.createElement("button");
+  clear.type = "button"; clear.textContent = "× clear";
+  clear.addEventListener("click", () => search({ like_id: null, like: null, ref: null, offset: 0 }));
+  els.ref.append(clear);
+  els.ref.hidden = false;
+}
+
+function updateExports() {
+  for (const [fmtName, a] of Object.entries(els.exp)) a.href = "/api/export?" + queryParams(state, { format: fmtName });
+}
+
+// ---------------------------------------------------------------------------------- the virtual grid
+
+function cellW() { return parseFloat(getComputedStyle(document.documentElement).getPropertyValue("--cell-w")) || 150; }
+function cellH() { return parseFloat(getComputedStyle(document.documentElement).getPropertyValue("--cell-h")) || 232; }
+function cols() { return Math.max(1, Math.floor(els.grid.clientWidth / cellW())); }
+function gridTop() { return els.grid.getBoundingClientRect().top + window.scrollY; }
+
+function layout() {
+  if (!view) return;
+  els.grid.style.height = Math.ceil(view.total / cols()) * cellH() + "px";
+}
+
+function visibleRange() {
+  const c = cols(), h = cellH();
+  const top = window.scrollY - gridTop();
+  const firstRow = Math.max(0, Math.floor(top / h) - 1);
+  const lastRow = Math.floor((top + window.innerHeight) / h) + 1;
+  return [firstRow * c, Math.min(view.total, (lastRow + 1) * c)];
+}
+
+let drawQueued = false;
+function queueDraw() { if (!drawQueued) { drawQueued = true; requestAnimationFrame(() => { drawQueued = false; draw(); }); } }
+
+function draw() {
+  if (!view || !view.total) return;
+  const [from, to] = visibleRange();
+  const c = cols(), w = cellW(), h = cellH();
+  for (const [i, node] of view.nodes) if (i < from || i >= to) { node.remove(); view.nodes.delete(i); }
+  for (let i = from; i < to; i++) {
+    const page = Math.floor(i / PAGE);
+    const hits = view.pages.get(page);
+    const hit = hits ? hits[i - page * PAGE] : undefined;
+    let node = view.nodes.get(i);
+    if (node && node.dataset.filled === "0" && hit) { node.remove(); node = null; }
+    if (!node) {
+      node = hit ? card(hit, i) : skeleton();
+      node.style.transform = `translate(${(i % c) * w}px, ${Math.floor(i / c) * h}px)`;
+      els.grid.appendChild(node);
+      view.nodes.set(i, node);
+    }
+    if (!hits) loadPage(page);
+  }
+  rememberOffset(from);
+}
+
+function skeleton() {
+  const d = document.createElement("div");
+  d.className = "card skeleton"; d.dataset.filled = "0";
+  d.innerHTML = '<div class="pic"></div>';
+  return d;
+}
+
+function card(hit, i) {
+  const d = document.createElement("div");
+  d.className = "card" + (hit.id === state.sel ? " sel" : "");
+  d.dataset.filled = "1"; d.dataset.id = hit.id; d.dataset.rank = i + 1;
+  const pic = document.createElement("div"); pic.className = "pic";
+  const img = document.createElement("img");
+  img.className = "thumb"; img.decoding = "async"; img.alt = `image ${hit.id}`;
+  img.src = `/api/images/${hit.id}/thumb`;
+  pic.appendChild(img);
+  const meta = document.createElement("div"); meta.className = "meta";
+  const score = view.ranking === "similarity" ? hit.score.toFixed(3) : view.ranking === "confidence" ? hit.score.toFixed(2) : "";
+  meta.innerHTML = `<span>#${i + 1}</span><span class="score"></span>`;
+  meta.lastChild.textContent = score;
+  const m = document.createElement("div"); m.className = "m";
+  for (const lit of hit.matched) { const s = document.createElement("span"); s.textContent = lit; if (lit.startsWith("not ")) s.className = "neg"; m.appendChild(s); }
+  d.append(pic, meta, m);
+  d.title = hit.path;
+  d.addEventListener("click", () => { commit({ sel: hit.id }); markSelected(); openPanel(hit.id); });
+  return d;
+}
+
+function markSelected() { for (const n of view.nodes.values()) n.classList.toggle("sel", Number(n.dataset.id) === state.sel); }
+
+async function loadPage(page) {
+  if (view.pending.has(page) || view.pages.has(page)) return;
+  const v = view, gen = generation;
+  v.pending.add(page);
+  try {
+    const res = await api("/api/query?" + queryParams(state, { limit: PAGE, offset: page * PAGE, eval: "false" }));
+    if (gen !== generation || v !== view) return;
+    v.pages.set(page, res.hits);
+    if (v.pages.size > 60) { // keep memory bounded on very long scrolls
+      const [far] = [...v.pages.keys()].sort((a, b) => Math.abs(b - page) - Math.abs(a - page));
+      v.pages.delete(far);
+    }
+    queueDraw();
+  } catch (err) {
+    if (gen === generation) showError(err);
+  } finally {
+    v.pending.delete(page);
+  }
+}
+
+let offsetTimer = 0;
+function rememberOffset(from) {
+  clearTimeout(offsetTimer);
+  offsetTimer = setTimeout(() => {
+    const first = Math.max(0, Math.floor(from / cols()) + 1) * cols();
+    const offset = window.scrollY <= gridTop() ? 0 : Math.min(first, Math.max(0, view.total - 1));
+    if (offset !== state.offset) commit({ offset }, false);
+  }, 300);
+}
+
+window.addEventListener("scroll", queueDraw, { passive: true });
+window.addEventListener("resize", () => { if (!view) return; layout(); for (const n of view.nodes.values()) n.remove(); view.nodes.clear(); queueDraw(); });
+
+// ---------------------------------------------------------------------------------- the face panel
+
+function openPanelFromState() { if (state.sel !== null) openPanel(state.sel); else els.panel.hidden = true; }
+
+async function openPanel(id) {
+  let info;
+  try {
+    info = await api(`/api/images/${id}?` + new URLSearchParams(state.q.trim() ? { q: state.q } : {}));
+  } catch (err) { showError(err); return; }
+  const p = els.panel;
+  p.replaceChildren();
+  const top = document.createElement("div"); top.className = "top";
+  const title = document.createElement("strong"); title.textContent = `image #${info.id}`;
+  const more = document.createElement("button"); more.className = "primary more"; more.type = "button";
+  more.textContent = "More like this";
+  more.title = "rank the images that match the current expression by similarity to this one";
+  more.addEventListener("click", () => search({ like_id: info.id, like: null, ref: null, offset: 0, sel: null }));
+  const close = document.createElement("button"); close.type = "button"; close.textContent = "×"; close.title = "close";
+  close.addEventListener("click", () => { els.panel.hidden = true; commit({ sel: null }); markSelected(); });
+  top.append(title, more, close);
+  const img = document.createElement("img"); img.className = "full"; img.src = `/api/images/${info.id}/full`; img.alt = "";
+  const path = document.createElement("div"); path.className = "path"; path.textContent = info.path;
+  const matched = document.createElement("div");
+  if (info.matched.length) matched.textContent = "matches: " + info.matched.join(", ");
+  const table = document.createElement("table"); table.className = "probs";
+  const head = document.createElement("tr");
+  head.innerHTML = "<th>attribute</th><th>probability (| threshold)</th><th></th>" + (info.labels ? "<th>truth</th>" : "");
+  table.appendChild(head);
+  for (const name of Object.keys(info.attributes)) {
+    const prob = info.attributes[name], thr = info.thresholds[name];
+    const tr = document.createElement("tr");
+    if (prob >= thr) tr.className = "on";
+    tr.innerHTML = '<td class="name"></td><td><div class="track"><div class="fill"></div><div class="tick"></div></div></td><td class="val"></td>';
+    tr.children[0].textContent = name;
+    tr.querySelector(".fill").style.width = (100 * prob).toFixed(1) + "%";
+    tr.querySelector(".tick").style.left = (100 * thr).toFixed(1) + "%";
+    tr.children[2].textContent = prob.toFixed(3);
+    if (info.labels) {
+      const td = document.createElement("td");
+      const yes = info.labels[name];
+      td.className = "truth " + (yes ? "yes" : "no");
+      td.textContent = yes === undefined ? "" : yes ? "✓ yes" : "no";
+      tr.appendChild(td);
+    }
+    table.appendChild(tr);
+  }
+  p.append(top, img, path, matched, table);
+  p.hidden = false;
+}
+
+// ---------------------------------------------------------------------------------- search by photo
+
+async function searchByPhoto(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  if (state.q.trim()) form.append("q", state.q);
+  form.append("limit", String(PAGE));
+  els.count.textContent = `embedding ${file.name}…`;
+  let res;
+  const gen = ++generation;
+  try {
+    res = await api("/api/similar", { method: "POST", body: form });
+  } catch (err) { if (gen === generation) { showError(err); els.count.textContent = ""; } return; }
+  if (gen !== generation) return;
+  if (localPhoto) URL.revokeObjectURL(localPhoto);
+  localPhoto = URL.createObjectURL(file);
+  clearError();
+  commit({ like: res.reference.embedding, ref: res.reference.name, like_id: null, offset: 0, sel: null });
+  showResult(res, 0);
+  els.panel.hidden = true;
+}
+
+els.photo.addEventListener("change", () => { searchByPhoto(els.photo.files[0]); els.photo.value = ""; });
+let dragDepth = 0;
+window.addEventListener("dragenter", (ev) => { if ([...ev.dataTransfer.types].includes("Files")) { dragDepth++; els.drop.hidden = false; } });
+window.addEventListener("dragleave", () => { dragDepth = Math.max(0, dragDepth - 1); if (!dragDepth) els.drop.hidden = true; });
+window.addEventListener("dragover", (ev) => ev.preventDefault());
+window.addEventListener("drop", (ev) => {
+  ev.preventDefault(); dragDepth = 0; els.drop.hidden = true;
+  const file = [...(ev.dataTransfer.files || [])].find((f) => f.type.startsWith("image/")) || ev.dataTransfer.files[0];
+  searchByPhoto(file);
+});
+
+// ---------------------------------------------------------------------------------- start
+
+window.addEventListener("popstate", () => {
+  const next = readState();
+  els.expr.value = next.q;
+  if (viewKey(next) === (view && view.key)) { state = next; openPanelFromState(); markSelected(); return; }
+  search(next, false);
+});
+
+(async function start() {
+  els.expr.value = state.q;
+  try {
+    const res = await api("/api/attributes");
+    attributes = res.attributes;
+    lowerNames = new Map(attributes.map((a) => [a.name.toLowerCase(), a.name]));
+  } catch (err) { showError(err); }
+  renderChips();
+  search({}, false);
+})();
