@@ -370,6 +370,10 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     def model_page() -> Response:
         return _page("model.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # -- JSON API --------------------------------------------------------------------------------

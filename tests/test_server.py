@@ -1,0 +1,514 @@
+"""`facefind serve`'s JSON API, through FastAPI's TestClient, against a small real index.
+
+The index is built by the indexer from synthetic faces with a fresh mobilenet_v3_small (see
+helpers.tiny_checkpoint) whose checkpoint also carries a training history and validation metrics.
+Checked: /api/query equals `facefind query --json` (with --eval's block) and a brute-force count;
+paging; "more like this"; attributes, image details, thumbnails made once and cached, files only by
+catalog id; bad expressions, uploads (indexed face first, broken images with predict's reason,
+413, bombs, nothing kept); tokens and Host checks; a new snapshot picked up without a restart;
+exports; that no endpoint changes the index and no response carries a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
+from test_reader import _png_header_only
+from retrieval.cli import app as cli_app
+
+ROOT = Path(__file__).resolve().parents[1]
+N_FACES = 40
+HISTORY = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.72 - 0.08 * e,
+            "val": {"mean_accuracy": 0.6 + 0.05 * e, "macro_f1": 0.2 + 0.04 * e}} for e in (1, 2, 3)]
+
+
+@dataclass(frozen=True)
+class Built:
+    root: Path
+    images: list[Path]
+    model: Path
+    index: Path
+    attributes: list[str]
+    thresholds: dict[str, float]
+    ids: dict[str, int]                 # path -> catalog id
+    probs: dict[str, dict[str, float]]  # path -> attribute -> stored probability
+    labels: dict[str, dict[str, bool]]  # path -> attribute -> ground truth
+
+
+def build_index(base: Path, n: int = N_FACES, seed: int = 5) -> Built:
+    """Synthetic faces -> a calibrated tiny checkpoint (with history and metrics) -> `facefind index`."""
+    from db.catalog import Catalog
+    from indexer.pipeline import index_folder
+    from trainer.celeba import read_attributes
+    from trainer.checkpoint import load_model, save_checkpoint
+    from trainer.synth import synthesize
+
+    root = base / "celeba"
+    synthesize(root, n=n, seed=seed)
+    ann = read_attributes(root / "list_attr_celeba.txt")
+    images = sorted((root / "img_align_celeba").glob("*.jpg"))
+    path = tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
+    model, meta = load_model(path)
+    meta.history = HISTORY
+    meta.epoch, meta.best_epoch = 3, 3
+    meta.val_metrics = {"mean_accuracy": 0.75, "macro_f1": 0.32, "per_attribute": {
+        a: {"accuracy": 0.5 + i / 100, "f1": 0.3, "average_precision": 0.4, "support": 5, "threshold": 0.5}
+        for i, a in enumerate(ann.attributes)}}
+    save_checkpoint(path, model, meta)
+    report = index_folder(root / "img_align_celeba", path, base / "index", device="cpu", workers=0)
+    assert report.indexed == n and report.labelled == n
+    with Catalog.open(base / "index", create=False) as catalog:
+        record = catalog.latest_model()
+        preds = catalog.load_predictions(record.id)
+    probs = {p: dict(zip(record.attributes, row.tolist())) for p, row in zip(preds.paths, preds.probs)}
+    labels = {str(root / "img_align_celeba" / name): dict(zip(ann.attributes, (row > 0).tolist()))
+              for name, row in zip(ann.names, ann.labels)}
+    return Built(root, images, path, base / "index", ann.attributes,
+                 dict(zip(record.attributes, record.thresholds)),
+                 dict(zip(preds.paths, preds.ids.tolist())), probs, labels)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_index(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def client(built: Built, tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("thumbs"))
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+        yield c
+
+
+def cli_json(*args: str | Path) -> dict:
+    result = CliRunner().invoke(cli_app, [str(a) for a in args] + ["--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def one_line_error(response, status: int, expected: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert expected in body["error"], body
+    assert "\n" not in body["error"] and "Traceback" not in response.text
+    return body
+
+
+def _truth(b: Built, path: str, expr: str) -> bool:
+    """The test expressions, evaluated by hand on the stored probabilities."""
+    p, t = b.probs[path], b.thresholds
+    on = {a: p[a] >= t[a] for a in b.attributes}
+    return {"Eyeglasses or not Male": on["Eyeglasses"] or not on["Male"],
+            "Smiling and not Young": on["Smiling"] and not on["Young"],
+            "Male": on["Male"]}[expr]
+
+
+# -- query ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [
+    {"q": "Eyeglasses or not Male", "limit": 7, "offset": 2},
+    {"q": "Smiling and not Young", "limit": 1000},
+    {"limit": 5, "offset": 3},
+    {"q": "Male", "like_id": 3, "limit": 6},
+])
+def test_query_is_the_cli_json(client, built: Built, params: dict) -> None:
+    got = ok(client.get("/api/query", params=params))
+    args = ["query"] + ([params["q"]] if "q" in params else [])
+    for key in ("limit", "offset", "like_id"):
+        if key in params:
+            args += [f"--{key.replace('_', '-')}", str(params[key])]
+    args += ["--index", str(built.index)] + (["--eval"] if "q" in params else [])
+    assert got == cli_json(*args)
+    if "q" in params:
+        assert set(got["quality"]) >= {"precision_at_k", "recall", "base_rate"}
+
+
+def test_query_counts_and_pages_agree_with_brute_force(client, built: Built) -> None:
+    expr = "Eyeglasses or not Male"
+    everything = ok(client.get("/api/query", params={"q": expr, "limit": 1000}))
+    expected = {p for p in built.probs if _truth(built, p, expr)}
+    assert 0 < len(expected) < N_FACES, "the expression should split the faces"
+    assert everything["total"] == len(expected) and {h["path"] for h in everything["hits"]} == expected
+    pages = []
+    for offset in range(0, everything["total"], 4):
+        page = ok(client.get("/api/query", params={"q": expr, "limit": 4, "offset": offset, "eval": "false"}))
+        assert "quality" not in page and page["offset"] == offset
+        pages += page["hits"]
+    assert [h["id"] for h in pages] == [h["id"] for h in everything["hits"]]
+    assert "engine;dur=" in client.get("/api/query", params={"q": expr}).headers["server-timing"]
+
+
+def test_more_like_this_ranks_the_face_first_and_keeps_the_filter(client, built: Built) -> None:
+    expr = "Eyeglasses or not Male"
+    matching = [p for p in built.probs if _truth(built, p, expr)]
+    target = built.ids[matching[len(matching) // 2]]
+    out = ok(client.get("/api/query", params={"q": expr, "like_id": target, "limit": 100}))
+    assert out["ranking"] == "similarity" and out["hits"][0]["id"] == target
+    assert out["hits"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert {h["path"] for h in out["hits"]} == set(matching)
+    one_line_error(client.get("/api/query", params={"like_id": 99999}), 404, "no image with id 99999")
+
+
+@pytest.mark.parametrize("expr, position, words", [
+    ("Eyeglases and Male", 0, "did you mean Eyeglasses"),
+    ("Male and", 8, "expected"),
+    ("Smiling > 2", 10, "not a probability"),
+    ("Male and (Young", 15, ")"),
+])
+def test_a_bad_expression_is_400_with_its_position(client, expr: str, position: int, words: str) -> None:
+    body = one_line_error(client.get("/api/query", params={"q": expr}), 400, words)
+    assert body["position"] == position and body["expression"] == expr
+
+
+def test_bad_parameters_are_one_line_400s(client) -> None:
+    for params in ({"limit": -1}, {"limit": 10**6}, {"offset": "x"}, {"like": "%%%"}, {"like": "AAAA"},
+                   {"like": "AAAA", "like_id": 1}):
+        body = client.get("/api/query", params=params)
+        assert body.status_code == 400 and set(body.json()) >= {"error"}, (params, body.text)
+
+
+# -- attributes, images, files ------------------------------------------------------------------
+
+
+def test_attributes_have_thresholds_and_rates(client, built: Built) -> None:
+    out = ok(client.get("/api/attributes"))
+    assert [a["name"] for a in out["attributes"]] == built.attributes and out["has_labels"]
+    for a in out["attributes"]:
+        name = a["name"]
+        assert a["threshold"] == pytest.approx(built.thresholds[name])
+        assert a["positive_rate"] == pytest.approx(
+            np.mean([p[name] >= np.float32(built.thresholds[name]) for p in built.probs.values()]))
+        assert a["label_rate"] == pytest.approx(np.mean([lab[name] for lab in built.labels.values()]))
+
+
+def test_image_details(client, built: Built) -> None:
+    path = str(built.images[4])
+    image_id = built.ids[path]
+    out = ok(client.get(f"/api/images/{image_id}", params={"q": "Male or not Male"}))
+    assert out["path"] == path and out["attributes"] == pytest.approx(built.probs[path], abs=0)
+    assert out["labels"] == built.labels[path]
+    male = built.probs[path]["Male"] >= built.thresholds["Male"]
+    assert out["matched"] == (["Male"] if male else ["not Male"])
+    assert set(out["present"]) == {a for a in built.attributes if built.probs[path][a] >= built.thresholds[a]}
+
+
+def test_thumbnails_are_made_once_and_cached(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from retrieval.web import thumbs
+
+    made = []
+    real = thumbs.make_thumbnail
+    monkeypatch.setattr(thumbs, "make_thumbnail", lambda *a: made.append(a) or real(*a))
+    image_id = built.ids[str(built.images[7])]
+    first = client.get(f"/api/images/{image_id}/thumb")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert "max-age" in first.headers["cache-control"] and first.headers["etag"]
+    with Image.open(io.BytesIO(first.content)) as img:
+        assert max(img.size) == thumbs.THUMB_SIZE and img.format == "JPEG"
+    second = client.get(f"/api/images/{image_id}/thumb")
+    assert second.content == first.content and len(made) == 1
+    again = client.get(f"/api/images/{image_id}/thumb", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and not again.content and len(made) == 1
+    cached = list(client.app.state.thumbs.folder.rglob("*.jpg"))
+    assert any(p.read_bytes() == first.content for p in cached)
+
+
+def test_a_changed_file_gets_a_new_thumbnail(client, built: Built, tmp_path: Path) -> None:
+    from retrieval.web.thumbs import ThumbnailCache
+
+    src = tmp_path / "face.jpg"
+    shutil.copy(built.images[0], src)
+    cache = ThumbnailCache(tmp_path / "thumbs")
+    before = cache.get(str(src))
+    assert cache.get(str(src)).etag == before.etag
+    shutil.copy(built.images[1], src)
+    os.utime(src, ns=(1, 1))
+    assert cache.get(str(src)).etag != before.etag
+
+
+def test_full_image_is_the_catalogued_file(client, built: Built) -> None:
+    path = built.images[2]
+    got = client.get(f"/api/images/{built.ids[str(path)]}/full")
+    assert got.status_code == 200 and got.content == path.read_bytes()
+    assert got.headers["content-type"] == "image/jpeg" and got.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("url", [
+    "/api/images/../../etc/passwd/full",
+    "/api/images/..%2f..%2f..%2fetc%2fpasswd/full",
+    "/api/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd/thumb",
+    "/api/images/%2Fetc%2Fpasswd/full",
+    "/api/images//etc/passwd/full",
+    "/api/images/1%2f..%2f..%2fetc%2fpasswd/full",
+    "/api/images/99999/full",
+    "/api/images/-1/thumb",
+    "/api/images/0x1/full",
+    "/api/images/1.0/full",
+    "/api/images/%EF%BC%91/full",  # a full-width digit one
+    "/api/images/99999",
+    "/static/../../../etc/passwd",
+    "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+])
+def test_files_only_by_catalog_id(client, url: str) -> None:
+    got = client.get(url)
+    assert got.status_code == 404, (url, got.status_code, got.text[:200])
+    assert b"root:" not in got.content and got.json()["error"]
+
+
+def test_a_catalogued_file_that_is_gone_is_404(built: Built, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    index = tmp_path / "index"
+    shutil.copytree(built.index, index)
+    moved = tmp_path / "gone.jpg"
+    os.replace(built.images[5], moved)
+    try:
+        with TestClient(create_app(index), base_url="http://127.0.0.1") as c:
+            image_id = built.ids[str(built.images[5])]
+            one_line_error(c.get(f"/api/images/{image_id}/full"), 404, "file is gone")
+            one_line_error(c.get(f"/api/images/{image_id}/thumb"), 404, "file is gone")
+    finally:
+        os.replace(moved, built.images[5])
+
+
+# -- uploads -----------------------------------------------------------------------------------
+
+
+def test_an_uploaded_indexed_face_comes_back_first(client, built: Built) -> None:
+    path = built.images[11]
+    out = ok(client.post("/api/similar", files={"file": ("me.jpg", path.read_bytes(), "image/jpeg")},
+                         data={"limit": "5"}))
+    assert out["ranking"] == "similarity" and out["hits"][0]["path"] == str(path)
+    assert out["hits"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert out["reference"]["name"] == "me.jpg"
+    # the returned embedding pages the same search through /api/query
+    again = ok(client.get("/api/query", params={"like": out["reference"]["embedding"], "limit": 5}))
+    assert [h["id"] for h in again["hits"]] == [h["id"] for h in out["hits"]]
+    # a filter is kept: a face that fails it is not returned
+    male = built.probs[str(path)]["Male"] >= built.thresholds["Male"]
+    where = "not Male" if male else "Male"
+    filtered = ok(client.post("/api/similar", files={"file": ("me.jpg", path.read_bytes())}, data={"q": where}))
+    assert filtered["hits"] and all(h["path"] != str(path) for h in filtered["hits"])
+    assert filtered["expression"] == where
+
+
+def test_a_broken_upload_gets_predicts_reason(client, built: Built, tmp_path: Path) -> None:
+    cases = {"notes.jpg": b"hello, this is not a picture\n" * 10,
+             "cut.jpg": built.images[0].read_bytes()[:300],
+             "empty.png": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        result = CliRunner().invoke(cli_app, ["predict", str(tmp_path / name), "--model", str(built.model),
+                                              "--device", "cpu"])
+        assert result.exit_code == 1
+        reason = result.stderr.strip().splitlines()[-1].split(f"{tmp_path / name}: ", 1)[1]
+        body = one_line_error(client.post("/api/similar", files={"file": (name, data)}), 400, reason)
+        assert body["error"] == f"cannot read image {name}: {reason}"
+
+
+def test_uploads_are_capped_bomb_guarded_and_never_kept(client, built: Built, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from PIL import Image
+
+    from retrieval.web.app import MAX_UPLOAD
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    big = b"\xff\xd8" + b"\0" * (MAX_UPLOAD + 10)
+    one_line_error(client.post("/api/similar", files={"file": ("big.jpg", big)}), 413, "20 MB")
+
+    def chunks():  # no Content-Length: the cap is counted while reading
+        for _ in range(22):
+            yield b"\0" * (1 << 20)
+
+    got = client.post("/api/similar", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert got.status_code == 413 and "20 MB" in got.json()["error"]
+    # a PNG that claims 20,000 x 20,000 pixels in a few bytes
+    bomb = _png_header_only(20_000, 20_000)
+    one_line_error(client.post("/api/similar", files={"file": ("bomb.png", bomb)}), 400,
+                   "decompression bomb (400000000 pixels)")
+    # a large upload (spooled to disk by the form parser) leaves nothing behind
+    noise = np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 2 << 20
+    got = client.post("/api/similar", files={"file": ("noise.png", buf.getvalue())}, data={"detect_face": "false"})
+    assert got.status_code == 200, got.text
+    assert list(spool.iterdir()) == []
+    assert client.get("/api/info").status_code == 200  # still serving
+
+
+# -- safety -----------------------------------------------------------------------------------
+
+
+def _index_state(index: Path) -> dict[str, str]:
+    return {str(p.relative_to(index)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(index.rglob("*")) if p.is_file() and "thumbs" not in p.parts}
+
+
+def test_no_endpoint_changes_the_index(client, built: Built) -> None:
+    before = _index_state(built.index)
+    image_id = built.ids[str(built.images[0])]
+    for url in ("/", "/model", "/api/attributes", "/api/query?q=Male", f"/api/query?like_id={image_id}",
+                f"/api/images/{image_id}", f"/api/images/{image_id}/thumb", f"/api/images/{image_id}/full",
+                "/api/info", "/api/model", "/api/export?format=json", "/openapi.json"):
+        assert client.get(url).status_code == 200, url
+    client.post("/api/similar", files={"file": ("a.jpg", built.images[0].read_bytes())})
+    for method in ("PUT", "DELETE", "PATCH"):
+        got = client.request(method, f"/api/images/{image_id}")
+        assert got.status_code == 405 and got.json()["error"]
+    assert _index_state(built.index) == before
+
+
+def test_a_bug_is_a_500_without_traceback_and_the_server_keeps_serving(client, monkeypatch) -> None:
+    from retrieval.engine import Engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals /etc/shadow")
+
+    monkeypatch.setattr(Engine, "query", broken)
+    got = client.get("/api/query", params={"q": "Male"})
+    assert got.status_code == 500 and "Traceback" not in got.text and "shadow" not in got.text
+    assert got.json()["error"].startswith("internal error")
+    monkeypatch.undo()
+    assert client.get("/api/query", params={"q": "Male"}).status_code == 200
+
+
+def test_token_is_required_on_every_request(built: Built) -> None:
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    token = "s3cret-token-42"
+    with TestClient(create_app(built.index, token=token), base_url="http://203.0.113.5:8000") as c:
+        for url in ("/", "/api/query?q=Male", "/api/images/1/thumb", "/docs", "/openapi.json", "/static/app.js",
+                    "/api/query?q=Male&token=wrong"):
+            got = c.get(url)
+            assert got.status_code == 401 and "token" in got.json()["error"], url
+        assert c.get("/api/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert c.get("/api/info", headers={"Authorization": "Bearer nope"}).status_code == 401
+        first = c.get(f"/?token={token}")
+        assert first.status_code == 200 and "HttpOnly" in first.headers["set-cookie"]
+        assert c.get("/api/images/1/thumb").status_code == 200  # the cookie now carries it
+
+
+def test_without_token_only_loopback_hosts_are_answered(client) -> None:
+    for host in ("evil.example", "evil.example:8000", "192.168.1.4", "127.0.0.1.evil.example"):
+        got = client.get("/api/info", headers={"Host": host})
+        assert got.status_code == 403 and "--token" in got.json()["error"], host
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert client.get("/api/info", headers={"Host": host}).status_code == 200, host
+
+
+def test_cli_refuses_a_public_bind_without_a_token(built: Built) -> None:
+    for args in (["--host", "0.0.0.0"], ["--host", "192.168.1.4"], ["--host", "0.0.0.0", "--token", "short"]):
+        result = CliRunner().invoke(cli_app, ["serve", "--index", str(built.index), *args])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 1 and len(lines) == 1 and "--token" in lines[0], result.stderr
+
+
+# -- live reload, exports, info ---------------------------------------------------------------
+
+
+def test_a_new_snapshot_generation_is_served_without_restart(built: Built, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from db.catalog import Catalog, IndexedImage
+    from db.snapshot import sync_snapshot
+    from retrieval.web.app import create_app
+
+    index = tmp_path / "index"
+    shutil.copytree(built.index, index)
+    extra = tmp_path / "new.jpg"
+    shutil.copy(built.images[0], extra)
+    with TestClient(create_app(index, check_every=0.0), base_url="http://127.0.0.1") as c:
+        assert ok(c.get("/api/info"))["n_indexed"] == N_FACES
+        with Catalog.open(index) as catalog:
+            model = catalog.latest_model()
+            catalog.write_batch(model.id, [IndexedImage(str(extra), 1, 1.0, 178, 218,
+                                                        np.full(len(built.attributes), 0.99, np.float32),
+                                                        np.ones(model.embedding_dim, np.float32))])
+            sync_snapshot(catalog, index)  # what `facefind index` does when it finishes
+        assert ok(c.get("/api/info"))["n_indexed"] == N_FACES + 1
+        hits = ok(c.get("/api/query", params={"q": "Male > 0.98"}))["hits"]
+        assert [h["path"] for h in hits] == [str(extra)]
+
+
+def test_export_streams_every_match(client, built: Built) -> None:
+    import csv
+
+    expr = "Eyeglasses or not Male"
+    everything = cli_json("query", expr, "--index", built.index, "--limit", "1000")
+    got = client.get("/api/export", params={"q": expr, "format": "csv"})
+    assert got.status_code == 200 and "attachment" in got.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(got.text)))
+    assert [int(r["id"]) for r in rows] == [h["id"] for h in everything["hits"]]
+    assert float(rows[0]["Male"]) == everything["hits"][0]["attributes"]["Male"]
+    paths = client.get("/api/export", params={"q": expr, "format": "paths"}).text.splitlines()
+    assert paths == [h["path"] for h in everything["hits"]]
+    as_json = client.get("/api/export", params={"q": expr, "format": "json"}).json()
+    assert as_json == everything
+    assert client.get("/api/export", params={"format": "xml"}).status_code == 400
+
+
+def test_export_pages_through_the_engine(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval.web import app as web
+
+    monkeypatch.setattr(web, "EXPORT_PAGE", 3)
+    paths = client.get("/api/export", params={"format": "paths", "like_id": 2}).text.splitlines()
+    assert paths == [h["path"] for h in cli_json("query", "--like-id", "2", "--index", built.index,
+                                                 "--limit", "1000")["hits"]]
+
+
+def test_info_model_page_and_docs(client, built: Built) -> None:
+    info = ok(client.get("/api/info"))
+    assert info["n_indexed"] == N_FACES and info["model"]["arch"] == "mobilenet_v3_small"
+    assert info["has_labels"] and not info["token_required"]
+    model = ok(client.get("/api/model"))
+    assert [h["epoch"] for h in model["history"]] == [1, 2, 3]
+    assert model["history"][2]["val"]["macro_f1"] == pytest.approx(HISTORY[2]["val"]["macro_f1"])
+    assert set(model["val_metrics"]["per_attribute"]) == set(built.attributes)
+    assert client.get("/docs").status_code == 200
+    spec = ok(client.get("/openapi.json"))
+    assert {"/api/query", "/api/similar", "/api/export", "/api/images/{image_id}/thumb"} <= set(spec["paths"])
+    page = client.get("/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in "".join(p.read_text() for p in (ROOT / "retrieval/web/static").iterdir()
+                                 if p.suffix in (".html", ".css")).replace("http://www.w3.org", "")
+
+
+def test_query_command_never_imports_the_server(built: Built) -> None:
+    probe = ("import sys\nfrom retrieval.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('HEAVY', [m for m in ('fastapi', 'uvicorn', 'starlette', 'multipart') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", probe, "query", "Male", "--index", str(built.index)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
