@@ -1,0 +1,289 @@
+"""The search page in a real browser: Playwright drives the system Chromium against a real
+`facefind serve` subprocess on a free port, and checks what a person would look at.
+
+Chromium is launched from its binary (never `playwright install`); the tests skip, saying so,
+only where no Chromium binary exists (CI installs one, see .ci/run). The page's own
+Content-Security-Policy forbids eval, which Playwright's wait_for_function needs, so the test
+contexts bypass CSP; the header itself is checked in test_server.py.
+
+Also here, because it needs a real server process: 8 concurrent clients making mixed (partly
+hostile) requests get only the statuses they should, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+
+from test_server import Built, build_index
+
+N_FACES = 40
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_index(tmp_path_factory.mktemp("browser"), n=N_FACES, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(built: Built):
+    from retrieval.web.bench import Served
+
+    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(built.index),
+            "--port", "0", "--device", "cpu"]
+    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
+        yield served
+
+
+def api(server, path: str, **params) -> dict:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("GET", path + ("?" + urlencode(params) if params else ""))
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200, body
+    return body
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from retrieval.web.bench import CHROMIUM_ARGS, chromium_binary
+
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no Chromium binary (/usr/bin/chromium or chromium on PATH): "
+                    "apt-get install -y --no-install-recommends chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -e '.[dev]' (never `playwright install`)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    context.set_default_timeout(30_000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda err: errors.append(str(err)))
+    pg.server_url = server.url  # type: ignore[attr-defined]
+    yield pg
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def wait_count(page, total: int) -> None:
+    page.wait_for_function("(t) => document.getElementById('count').textContent === t",
+                           arg=f"{total} of {N_FACES} images match")
+
+
+_SHOWN_JS = """([text, ids]) => {
+  if (document.getElementById('count').textContent !== text) return false;
+  const shown = [...document.querySelectorAll('.card[data-id]')]
+    .sort((a, b) => a.dataset.rank - b.dataset.rank).map((c) => Number(c.dataset.id));
+  return shown.length >= Math.min(ids.length, 8) && shown.every((id, i) => id === ids[i]);
+}"""
+
+
+def wait_results(page, want: dict) -> None:
+    """Until the page shows ``want``'s count and its hits in rank order (counts alone can tie)."""
+    page.wait_for_function(_SHOWN_JS, arg=[f"{want['total']} of {N_FACES} images match",
+                                           [h["id"] for h in want["hits"]]])
+
+
+def wait_thumbnails(page, n: int) -> None:
+    page.wait_for_function("(n) => { const im = [...document.querySelectorAll('img.thumb')];"
+                           " return im.length >= n && im.slice(0, n).every((i) => i.complete && i.naturalWidth > 0); }",
+                           arg=n)
+
+
+def expected(server, q: str | None = None, **params) -> dict:
+    return api(server, "/api/query", **({"q": q} if q else {}), limit=1000, eval="false", **params)
+
+
+# -- as a person would ------------------------------------------------------------------------
+
+
+def test_a_typed_query_shows_its_count_and_thumbnails(page, server) -> None:
+    expr = "Eyeglasses or not Male"
+    want = expected(server, expr)
+    assert 0 < want["total"] < N_FACES
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.fill("#expr", expr)
+    page.press("#expr", "Enter")
+    wait_results(page, want)
+    wait_thumbnails(page, min(want["total"], 10))
+    assert parse_qs(urlsplit(page.url).query)["q"] == [expr]
+    first = page.locator(".card[data-rank='1']")
+    assert first.locator(".m span").all_inner_texts() == want["hits"][0]["matched"]
+
+
+def test_autocomplete_completes_attribute_names(page) -> None:
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.click("#expr")
+    page.keyboard.type("Male and eyegl")
+    page.wait_for_selector("#suggest:not([hidden]) li")
+    assert page.locator("#suggest li").first.inner_text() == "Eyeglasses"
+    page.keyboard.press("Tab")
+    assert page.input_value("#expr") == "Male and Eyeglasses"
+
+
+def test_a_chip_click_changes_the_expression_and_the_results(page, server) -> None:
+    page.goto(page.server_url + "?" + urlencode({"q": "Male"}))
+    wait_results(page, expected(server, "Male"))
+    assert "require" in page.get_attribute(".chip[data-name='Male']", "class")
+    chip = page.locator(".chip[data-name='Smiling']")
+    for expr in ("Male and Smiling", "Male and not Smiling", "Male"):
+        chip.click()
+        want = expected(server, expr)
+        page.wait_for_function("(e) => document.getElementById('expr').value === e", arg=expr)
+        wait_results(page, want)
+    assert "ignore" in chip.get_attribute("class")
+    page.fill("#expr", "Young and not Bald")  # typing updates the chips
+    page.wait_for_function("() => document.querySelector(\".chip[data-name='Bald']\").classList.contains('exclude')")
+    assert "require" in page.get_attribute(".chip[data-name='Young']", "class")
+
+
+def test_a_face_opens_its_panel_and_more_like_this_ranks_it_first(page, server, built: Built) -> None:
+    expr = "Eyeglasses or not Male"
+    want = expected(server, expr)
+    page.goto(page.server_url + "?" + urlencode({"q": expr}))
+    wait_results(page, want)
+    target = want["hits"][min(3, want["total"] - 1)]["id"]
+    page.click(f".card[data-id='{target}']")
+    page.wait_for_selector("#panel:not([hidden]) .probs")
+    rows = page.locator("#panel .probs tr:has(td)")
+    assert rows.count() == len(built.attributes)
+    path = next(p for p, i in built.ids.items() if i == target)
+    truth = page.locator("#panel .probs td.truth").all_inner_texts()
+    assert truth == ["✓ yes" if built.labels[path][a] else "no" for a in built.attributes]
+    page.click("#panel button.more")
+    page.wait_for_function("() => new URLSearchParams(location.search).get('like_id') !== null")
+    similar = expected(server, expr, like_id=target)
+    assert similar["hits"][0]["id"] == target
+    wait_results(page, similar)
+    assert page.input_value("#expr") == expr  # the filter is kept
+
+
+def test_an_uploaded_indexed_face_comes_back_first(page, built: Built) -> None:
+    photo = built.images[9]
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.set_input_files("#photo", str(photo))
+    page.wait_for_selector("#ref:not([hidden])", timeout=120_000)  # the first upload loads torch + the model
+    page.wait_for_function("(t) => { const c = document.querySelector(\".card[data-rank='1']\");"
+                           " return c && Number(c.dataset.id) === t; }", arg=built.ids[str(photo)])
+    assert "like" in parse_qs(urlsplit(page.url).query)
+    # dropping a photo onto the page does the same
+    other = built.images[17]
+    data = base64.b64encode(other.read_bytes()).decode()
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: 'image/jpeg' }));
+        window.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", [data, other.name])
+    page.wait_for_function("(t) => { const c = document.querySelector(\".card[data-rank='1']\");"
+                           " return c && Number(c.dataset.id) === t; }", arg=built.ids[str(other)])
+    assert other.name in page.inner_text("#ref")
+
+
+def test_a_typo_shows_did_you_mean_with_a_caret(page, server) -> None:
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.fill("#expr", "Male and Eyeglases")
+    page.press("#expr", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    text = page.inner_text("#error")
+    assert "did you mean Eyeglasses" in text
+    assert page.inner_text("#error pre").splitlines()[1] == " " * len("Male and ") + "^"
+    page.click("#error button.fix")
+    wait_results(page, expected(server, "Male and Eyeglasses"))
+    assert page.input_value("#expr") == "Male and Eyeglasses" and page.is_hidden("#error")
+
+
+def test_the_back_button_restores_the_previous_query(page, server) -> None:
+    page.goto(page.server_url + "?" + urlencode({"q": "Male"}))
+    male, smiling = expected(server, "Male"), expected(server, "Smiling")
+    assert [h["id"] for h in male["hits"]] != [h["id"] for h in smiling["hits"]]
+    wait_results(page, male)
+    page.fill("#expr", "Smiling")
+    page.press("#expr", "Enter")
+    wait_results(page, smiling)
+    page.go_back()
+    wait_results(page, male)
+    assert page.input_value("#expr") == "Male" and parse_qs(urlsplit(page.url).query)["q"] == ["Male"]
+    page.go_forward()
+    wait_results(page, smiling)
+    assert page.input_value("#expr") == "Smiling"
+
+
+def test_a_shared_link_restores_the_state(page, server) -> None:
+    want = expected(server, "Smiling", like_id=5)
+    page.goto(page.server_url + "?" + urlencode({"q": "Smiling", "like_id": 5, "sel": want["hits"][0]["id"]}))
+    wait_results(page, want)
+    page.wait_for_selector("#panel:not([hidden]) .probs")
+    assert "image #5" in page.inner_text("#ref")
+
+
+def test_export_buttons_download_the_matches(page, server) -> None:
+    page.goto(page.server_url + "?" + urlencode({"q": "Male"}))
+    wait_results(page, expected(server, "Male"))
+    with page.expect_download() as info:
+        page.click("#exp-paths")
+    lines = Path(info.value.path()).read_text().splitlines()
+    assert lines == [h["path"] for h in expected(server, "Male")["hits"]]
+
+
+def test_the_model_page_draws_metrics_and_curves(page, built: Built) -> None:
+    page.goto(page.server_url + "model")
+    page.wait_for_selector(".metric-grid .name")
+    assert sorted(page.locator(".metric-grid .name").all_inner_texts()) == sorted(built.attributes)
+    assert page.locator(".metric-grid .hbar").count() == 3 * len(built.attributes)
+    assert page.locator("#curves svg polyline").count() >= 4  # 2 loss curves + accuracy + F1
+
+
+def test_screenshot(page, server, tmp_path: Path) -> None:
+    """The README's screenshot (saved to $FACEFIND_SCREENSHOT when set)."""
+    expr = os.environ.get("FACEFIND_SCREENSHOT_QUERY", "Smiling and not Male")
+    want = expected(server, expr)
+    page.goto(page.server_url + "?" + urlencode({"q": expr}))
+    wait_results(page, want)
+    wait_thumbnails(page, min(want["total"], 10))
+    if want["hits"]:
+        page.click(".card[data-rank='1']")
+        page.wait_for_selector("#panel:not([hidden]) .probs")
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("FACEFIND_SCREENSHOT"):
+        shutil.copy(shot, os.environ["FACEFIND_SCREENSHOT"])
+
+
+# -- a real server under concurrent, partly hostile load -----------------------------------------
+
+
+def test_concurrent_clients_get_no_errors(server, built: Built) -> None:
+    from retrieval.web.bench import load_run, mixed_requests
+
+    ids = sorted(built.ids.values())
+    result = load_run(server, mixed_requests(ids, ["Male", "Smiling and not Young", "Eyeglasses or Bald"]),
+                      clients=8, requests=25)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["server_alive"] and api(server, "/api/info")["n_indexed"] == N_FACES
