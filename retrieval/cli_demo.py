@@ -59,6 +59,7 @@ def demo(
         f"facefind predict {report.similar_to} --model {report.model}",
         f"facefind evaluate {report.model} {report.faces} --split test",
         f"{env} facefind info",
+        f"facefind serve --index {report.index}   # then open the URL it prints",
     ):
         out.print(f"  {line}", markup=False, highlight=False)
 

@@ -122,8 +122,10 @@ def _show(result: dict[str, Any]) -> None:
                f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['requests_per_s']:.0f} req/s")
     page = result.get("browser")
     if page:
-        typer.echo(f"Chromium: navigation -> 60 thumbnails painted: cold {page['cold_ms']:.0f} ms, "
-                   f"warm {page['warm_ms']:.0f} ms")
+        typer.echo(f"Chromium ({page['count']}): navigation -> 60 thumbnails painted: cold {page['cold_ms']:.0f} ms, "
+                   f"warm {page['warm_ms']:.0f} ms; jump to the middle -> 60 painted {page['jump_to_middle_ms']:.0f} ms; "
+                   f"scrolling: frame p50 {page['scroll_frame_p50_ms']:.1f} ms, p99 {page['scroll_frame_p99_ms']:.1f} ms, "
+                   f"at most {page['max_cards_in_dom']} cards in the DOM")
     elif result.get("browser_skipped"):
         typer.echo(f"Chromium: skipped ({result['browser_skipped']})")
 

@@ -32,6 +32,7 @@ def test_demo_runs_end_to_end_then_reuses_everything(tmp_path: Path) -> None:
         assert f'query "{expr}"' in result.stdout
     assert "of 200 images match" in result.stdout
     assert "facefind query" in result.stdout  # the commands to go further
+    assert "facefind serve --index" in " ".join(result.stdout.strip().splitlines()[-3:])  # last: the web page
     assert (folder / "model.pt").is_file() and (folder / "index" / "catalog.db").is_file()
 
     similar = folder / "similar.html"
