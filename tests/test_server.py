@@ -185,7 +185,7 @@ def test_a_bad_expression_is_400_with_its_position(client, expr: str, position: 
 
 def test_bad_parameters_are_one_line_400s(client) -> None:
     for params in ({"limit": -1}, {"limit": 10**6}, {"offset": "x"}, {"like": "%%%"}, {"like": "AAAA"},
-                   {"like": "AAAA", "like_id": 1}):
+                   {"like": "AAAA", "like_id": 1}, {"like_id": 10**30}, {"like_id": -3}):
         body = client.get("/api/query", params=params)
         assert body.status_code == 400 and set(body.json()) >= {"error"}, (params, body.text)
 

@@ -404,7 +404,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         q: Annotated[str | None, Query(description='Expression, e.g. "Eyeglasses and not Male"; empty: all')] = None,
         limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = 60,
         offset: Annotated[int, Query(ge=0)] = 0,
-        like_id: Annotated[int | None, Query(description="Rank by similarity to this indexed image")] = None,
+        like_id: Annotated[int | None, Query(ge=0, le=2**62, description="Rank by similarity to this indexed image")] = None,
         like: Annotated[str | None, Query(description="Rank by similarity to this embedding (from /api/similar)")] = None,
         eval: Annotated[bool, Query(description="Add the quality block when the index holds labels")] = True,
     ) -> Response:
@@ -539,7 +539,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     def export(
         q: Annotated[str | None, Query()] = None,
         format: Annotated[str, Query(pattern="^(csv|json|paths)$")] = "csv",
-        like_id: Annotated[int | None, Query()] = None,
+        like_id: Annotated[int | None, Query(ge=0, le=2**62)] = None,
         like: Annotated[str | None, Query()] = None,
     ) -> Response:
         eng = source.current().engine  # held for the whole export: one consistent generation
