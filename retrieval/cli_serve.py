@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer

@@ -3,7 +3,7 @@
 Every endpoint is a thin wrapper around the library calls the CLI makes (``Engine.query``,
 ``Result.to_dict``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
 checkpoint), so the page and ``facefind query --json`` can never disagree. JSON is serialised
-once with the stdlib (no per-field encoder walk) and each query answer carries a
+once by orjson (no per-field encoder walk) and each query answer carries a
 ``Server-Timing: engine;dur=MS`` header with the engine's own time.
 
 Safety (see ``Guard``): with no token only loopback Host headers are accepted (a web page
@@ -406,7 +406,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         offset: Annotated[int, Query(ge=0)] = 0,
         like_id: Annotated[int | None, Query(ge=0, le=2**62, description="Rank by similarity to this indexed image")] = None,
         like: Annotated[str | None, Query(description="Rank by similarity to this embedding (from /api/similar)")] = None,
-        eval: Annotated[bool, Query(description="Add the quality block when the index holds labels")] = True,
+        with_quality: Annotated[bool, Query(alias="eval", description="Add `--eval`'s quality block when the "
+                                            "index holds labels")] = True,
     ) -> Response:
         live = source.current()
         eng = live.engine
@@ -417,7 +418,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         result = _run_query(eng, _expr(q), limit=limit, offset=offset, like=ref, like_id=like_id)
         took = time.perf_counter() - start
         out = result.to_dict()
-        if eval:
+        if with_quality:
             quality = live.quality(result)
             if quality is not None:
                 out["quality"] = quality.to_dict()
