@@ -261,7 +261,7 @@ async function search(next, push = true) {
   const start = Math.floor(candidate.offset / PAGE) * PAGE;
   let first;
   try {
-    first = await api("/api/query?" + queryParams(candidate, { limit: PAGE, offset: start }));
+    first = await api("/api/query?" + queryParams(candidate, { limit: PAGE, offset: start, eval: "false" }));
   } catch (err) {
     if (gen !== generation) return;
     showError(err);
@@ -272,7 +272,26 @@ async function search(next, push = true) {
   commit(next, push);
   showResult(first, start);
   openPanelFromState();
+  loadQuality(gen, start);
 }
+
+// The quality block (precision against the labels) costs the server a pass over every label:
+// it is asked for after the grid is on screen, never in its way.
+async function loadQuality(gen, start) {
+  if (!state.q.trim()) return;
+  try {
+    const res = await api("/api/query?" + queryParams(state, { limit: PAGE, offset: start }));
+    if (gen === generation) showQuality(res.quality);
+  } catch (err) { /* the grid already shows any error */ }
+}
+
+function showQuality(q) {
+  els.quality.textContent = q ? `against the labels: ${q.relevant} of these ${q.k} truly match · ` +
+    `precision ${fmt(q.precision_all)}, recall ${fmt(q.recall)} over all matches (base rate ${fmt(q.base_rate)})` : "";
+  relayout();
+}
+
+function relayout() { if (view) { layout(); queueDraw(); } }  // something above the grid changed height
 
 function showResult(first, start) {
   view = { key: viewKey(state), total: first.total, n: first.n_indexed, ranking: first.ranking,
@@ -280,9 +299,7 @@ function showResult(first, start) {
   els.expr.value = state.q;
   renderChips();
   els.count.textContent = `${first.total.toLocaleString()} of ${first.n_indexed.toLocaleString()} images match`;
-  const q = first.quality;
-  els.quality.textContent = q ? `against the labels: ${q.relevant} of the first ${q.k} truly match · ` +
-    `precision ${fmt(q.precision_all)}, recall ${fmt(q.recall)} over all matches (base rate ${fmt(q.base_rate)})` : "";
+  showQuality(first.quality);
   renderRef();
   updateExports();
   els.empty.hidden = first.total > 0;
@@ -323,14 +340,25 @@ function updateExports() {
 
 // ---------------------------------------------------------------------------------- the virtual grid
 
-function cellW() { return parseFloat(getComputedStyle(document.documentElement).getPropertyValue("--cell-w")) || 150; }
-function cellH() { return parseFloat(getComputedStyle(document.documentElement).getPropertyValue("--cell-h")) || 232; }
-function cols() { return Math.max(1, Math.floor(els.grid.clientWidth / cellW())); }
-function gridTop() { return els.grid.getBoundingClientRect().top + window.scrollY; }
+// Geometry is read from the DOM only on layout (new result, resize), never per scrolled frame.
+const geo = { w: 150, h: 232, cols: 1, top: 0 };
+function measure() {
+  const css = getComputedStyle(document.documentElement);
+  geo.w = parseFloat(css.getPropertyValue("--cell-w")) || 150;
+  geo.h = parseFloat(css.getPropertyValue("--cell-h")) || 232;
+  geo.cols = Math.max(1, Math.floor(els.grid.clientWidth / geo.w));
+  geo.top = els.grid.getBoundingClientRect().top + window.scrollY;
+}
+function cellW() { return geo.w; }
+function cellH() { return geo.h; }
+function cols() { return geo.cols; }
+function gridTop() { return geo.top; }
 
 function layout() {
   if (!view) return;
+  measure();
   els.grid.style.height = Math.ceil(view.total / cols()) * cellH() + "px";
+  measure();
 }
 
 function visibleRange() {
@@ -348,13 +376,13 @@ function draw() {
   if (!view || !view.total) return;
   const [from, to] = visibleRange();
   const c = cols(), w = cellW(), h = cellH();
-  for (const [i, node] of view.nodes) if (i < from || i >= to) { node.remove(); view.nodes.delete(i); }
+  for (const [i, node] of view.nodes) if (i < from || i >= to) { drop(node); view.nodes.delete(i); }
   for (let i = from; i < to; i++) {
     const page = Math.floor(i / PAGE);
     const hits = view.pages.get(page);
     const hit = hits ? hits[i - page * PAGE] : undefined;
     let node = view.nodes.get(i);
-    if (node && node.dataset.filled === "0" && hit) { node.remove(); node = null; }
+    if (node && node.dataset.filled === "0" && hit) { drop(node); node = null; }
     if (!node) {
       node = hit ? card(hit, i) : skeleton();
       node.style.transform = `translate(${(i % c) * w}px, ${Math.floor(i / c) * h}px)`;
@@ -364,6 +392,12 @@ function draw() {
     if (!hits) loadPage(page);
   }
   rememberOffset(from);
+}
+
+function drop(node) {
+  const img = node.querySelector("img");
+  if (img && !img.complete) img.src = "";  // stop fetching what scrolled away
+  node.remove();
 }
 
 function skeleton() {
@@ -427,7 +461,7 @@ function rememberOffset(from) {
 }
 
 window.addEventListener("scroll", queueDraw, { passive: true });
-window.addEventListener("resize", () => { if (!view) return; layout(); for (const n of view.nodes.values()) n.remove(); view.nodes.clear(); queueDraw(); });
+window.addEventListener("resize", () => { if (!view) return; layout(); for (const n of view.nodes.values()) drop(n); view.nodes.clear(); queueDraw(); });
 
 // ---------------------------------------------------------------------------------- the face panel
 
@@ -524,11 +558,13 @@ window.addEventListener("popstate", () => {
 
 (async function start() {
   els.expr.value = state.q;
+  const first = search({}, false);  // the first page and the chips' data load side by side
   try {
     const res = await api("/api/attributes");
     attributes = res.attributes;
     lowerNames = new Map(attributes.map((a) => [a.name.toLowerCase(), a.name]));
   } catch (err) { showError(err); }
+  await first;
   renderChips();
-  search({}, false);
+  relayout();
 })();
