@@ -152,22 +152,35 @@ def _ms(samples: Sequence[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(samples, dtype=np.float64) * 1e3, q)), 3)
 
 
-def latency(served: Served, paths: Sequence[str], repeats: int) -> dict[str, float]:
+def latency(served: Served, kinds: dict[str, Sequence[str]], repeats: int) -> dict[str, dict[str, float]]:
+    """Per kind of request: engine and wall-clock percentiles over ``repeats`` GETs.
+
+    The kinds take turns (one request of each, round after round), so that every kind sees the
+    same machine: on a shared 2-core box the load swings by 10x within a minute.
+    """
     conn = http.client.HTTPConnection(served.host, served.port, timeout=60)
-    for path in paths[:5]:  # warm: per-attribute log-odds rows, first connections
-        timed_get(conn, path)
-    walls, engines = [], []
+    for paths in kinds.values():  # warm: per-attribute log-odds rows, the connection
+        for path in paths[:3]:
+            timed_get(conn, path)
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    engines: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(repeats):
-        status, wall, engine, body = timed_get(conn, paths[i % len(paths)])
-        if status != 200 or engine is None:
-            raise RuntimeError(f"GET {paths[i % len(paths)]} -> {status}: {body[:200]!r}")
-        walls.append(wall)
-        engines.append(engine)
+        for kind, paths in kinds.items():
+            path = paths[i % len(paths)]
+            status, wall, engine, body = timed_get(conn, path)
+            if status != 200 or engine is None:
+                raise RuntimeError(f"GET {path} -> {status}: {body[:200]!r}")
+            walls[kind].append(wall)
+            engines[kind].append(engine)
     conn.close()
-    overhead = np.asarray(walls) - np.asarray(engines)
-    return {"engine_p50_ms": _ms(engines, 50), "engine_p99_ms": _ms(engines, 99),
-            "http_p50_ms": _ms(walls, 50), "http_p99_ms": _ms(walls, 99),
-            "overhead_p50_ms": _ms(overhead, 50), "overhead_p99_ms": _ms(overhead, 99), "requests": repeats}
+    out = {}
+    for kind in kinds:
+        overhead = np.asarray(walls[kind]) - np.asarray(engines[kind])
+        out[kind] = {"engine_p50_ms": _ms(engines[kind], 50), "engine_p99_ms": _ms(engines[kind], 99),
+                     "http_p50_ms": _ms(walls[kind], 50), "http_p99_ms": _ms(walls[kind], 99),
+                     "overhead_p50_ms": _ms(overhead, 50), "overhead_p99_ms": _ms(overhead, 99),
+                     "requests": repeats}
+    return out
 
 
 def mixed_requests(ids: Sequence[int], expressions: Sequence[str]) -> list[tuple[str, int]]:
@@ -309,18 +322,15 @@ def run_serve_bench(n: int = 202_599, repeats: int = 200, clients: int = 8, requ
             rng = np.random.default_rng(seed)
             ids = [int(i) for i in rng.integers(1, n + 1, 64)]
             plain = ["/api/query?" + urlencode({"q": e, "limit": PAGE, "eval": "false"}) for e in EXPRESSIONS]
-            rows = {
-                "query (filter + rank)": latency(served, plain, repeats),
-                "query + quality block": latency(
-                    served, ["/api/query?" + urlencode({"q": e, "limit": PAGE}) for e in EXPRESSIONS], repeats),
-                "query with like_id": latency(
-                    served, ["/api/query?" + urlencode({"q": e, "limit": PAGE, "like_id": ids[i % len(ids)],
-                                                         "eval": "false"})
-                             for i, e in enumerate(list(EXPRESSIONS) * 8)], repeats),
-                "like_id, no filter": latency(
-                    served, ["/api/query?" + urlencode({"limit": PAGE, "like_id": i, "eval": "false"}) for i in ids],
-                    repeats),
-            }
+            rows = latency(served, {
+                "query (filter + rank)": plain,
+                "query + quality block": ["/api/query?" + urlencode({"q": e, "limit": PAGE}) for e in EXPRESSIONS],
+                "query with like_id": ["/api/query?" + urlencode({"q": e, "limit": PAGE, "like_id": ids[i % len(ids)],
+                                                                   "eval": "false"})
+                                       for i, e in enumerate(list(EXPRESSIONS) * 8)],
+                "like_id, no filter": ["/api/query?" + urlencode({"limit": PAGE, "like_id": i, "eval": "false"})
+                                       for i in ids],
+            }, repeats)
             totals = {e: json.loads(timed_get(http.client.HTTPConnection(served.host, served.port),
                                               "/api/query?" + urlencode({"q": e, "limit": 0}))[3])["total"]
                       for e in EXPRESSIONS}
