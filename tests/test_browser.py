@@ -202,6 +202,16 @@ def test_an_uploaded_indexed_face_comes_back_first(page, built: Built) -> None:
     assert other.name in page.inner_text("#ref")
 
 
+def test_the_threshold_set_selector(page, server) -> None:
+    page.goto(page.server_url + "?" + urlencode({"q": "Male"}))
+    wait_results(page, expected(server, "Male"))
+    page.select_option("#thr", "accuracy")
+    strict = expected(server, "Male", thresholds="accuracy")
+    assert strict["total"] < expected(server, "Male")["total"]
+    wait_results(page, strict)
+    assert parse_qs(urlsplit(page.url).query)["thresholds"] == ["accuracy"]
+
+
 def test_a_typo_shows_did_you_mean_with_a_caret(page, server) -> None:
     page.goto(page.server_url)
     wait_count(page, N_FACES)

@@ -62,6 +62,10 @@ def build_index(base: Path, n: int = N_FACES, seed: int = 5) -> Built:
     images = sorted((root / "img_align_celeba").glob("*.jpg"))
     path = tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
     model, meta = load_model(path)
+    meta.threshold_sets = {"accuracy": list(meta.thresholds),  # two sets that differ, as training keeps
+                           "f1": [max(0.0, t - 0.05) for t in meta.thresholds]}
+    meta.threshold_stats = {name: {m: [0.5] * len(ann.attributes) for m in ("precision", "recall", "f1")}
+                            for name in meta.threshold_sets}
     meta.history = HISTORY
     meta.epoch, meta.best_epoch = 3, 3
     meta.val_metrics = {"mean_accuracy": 0.75, "macro_f1": 0.32, "per_attribute": {
@@ -144,6 +148,24 @@ def test_query_is_the_cli_json(client, built: Built, params: dict) -> None:
     assert got == cli_json(*args)
     if "q" in params:
         assert set(got["quality"]) >= {"precision_at_k", "recall", "base_rate"}
+
+
+def test_threshold_sets_are_those_of_the_cli(client, built: Built) -> None:
+    """`?thresholds=` is `query --thresholds`: the two sets give different answers, each the CLI's."""
+    answers = {}
+    for name in ("accuracy", "f1"):
+        got = ok(client.get("/api/query", params={"q": "Male", "thresholds": name, "limit": 100}))
+        assert got == cli_json("query", "Male", "--thresholds", name, "--index", built.index,
+                               "--limit", "100", "--eval")
+        assert got["thresholds"] == name
+        answers[name] = got["total"]
+        image = ok(client.get(f"/api/images/{got['hits'][0]['id']}", params={"q": "Male", "thresholds": name}))
+        assert image["threshold_set"] == name and image["matched"] == ["Male"]
+    assert answers["f1"] > answers["accuracy"]
+    sets = ok(client.get("/api/attributes"))
+    assert set(sets["threshold_sets"]) == {"accuracy", "f1"}
+    assert all(a["thresholds"]["f1"] < a["thresholds"]["accuracy"] for a in sets["attributes"])
+    one_line_error(client.get("/api/query", params={"q": "Male", "thresholds": "recall"}), 400, "threshold set")
 
 
 def test_query_counts_and_pages_agree_with_brute_force(client, built: Built) -> None:

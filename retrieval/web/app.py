@@ -393,8 +393,11 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         label_rates = labels.matrix.mean(axis=0) if labels is not None else None
         return json_response({
             "n_indexed": len(eng), "has_labels": labels is not None,
+            "default_thresholds": eng.default_thresholds, "threshold_sets": sorted(eng.threshold_sets),
             "attributes": [
-                {"name": name, "threshold": float(eng.thresholds[k]), "positive_rate": float(rates[k]),
+                {"name": name, "threshold": float(eng.thresholds[k]),
+                 "thresholds": {s: float(t[k]) for s, t in eng.threshold_sets.items()},
+                 "positive_rate": float(rates[k]),
                  "label_rate": float(label_rates[k]) if label_rates is not None else None}
                 for k, name in enumerate(eng.attributes)],
         })
@@ -408,6 +411,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         like: Annotated[str | None, Query(description="Rank by similarity to this embedding (from /api/similar)")] = None,
         with_quality: Annotated[bool, Query(alias="eval", description="Add `--eval`'s quality block when the "
                                             "index holds labels")] = True,
+        thresholds: Annotated[str | None, Query(description="Threshold set bare names use: f1 | accuracy "
+                                                "(default: the index's), as `query --thresholds`")] = None,
     ) -> Response:
         live = source.current()
         eng = live.engine
@@ -415,7 +420,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
             raise ApiError(400, "give like or like_id, not both")
         ref = _reference(like, eng.emb.shape[1])
         start = time.perf_counter()
-        result = _run_query(eng, _expr(q), limit=limit, offset=offset, like=ref, like_id=like_id)
+        result = _run_query(eng, _expr(q), limit=limit, offset=offset, like=ref, like_id=like_id,
+                            thresholds=thresholds)
         took = time.perf_counter() - start
         out = result.to_dict()
         if with_quality:
@@ -430,12 +436,14 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         q: Annotated[str | None, Form()] = None,
         limit: Annotated[int, Form(ge=0, le=MAX_LIMIT)] = 60,
         detect_face: Annotated[str, Form(description="auto | true | false, as `similar --detect-face`")] = "auto",
+        thresholds: Annotated[str | None, Form(description="f1 | accuracy (default: the index's)")] = None,
     ) -> Response:
         live = source.current()
         eng = live.engine
         expr = _expr(q)
         if expr is not None:
             eng.parse(expr)  # a typo fails before the model loads
+        eng.threshold_set(thresholds)  # so does an unknown threshold set
         choice = {"auto": None, "true": True, "false": False}.get(detect_face.lower(), "bad")
         if choice == "bad":
             raise ApiError(400, "detect_face must be auto, true or false")
@@ -449,24 +457,28 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         vec, box = embedder.embed(live, data, name, choice)  # type: ignore[arg-type]
         del data
         start = time.perf_counter()
-        result = _run_query(eng, expr, limit=limit, offset=0, like=vec, like_id=None)
+        result = _run_query(eng, expr, limit=limit, offset=0, like=vec, like_id=None, thresholds=thresholds)
         took = time.perf_counter() - start
         out = result.to_dict()
         out["reference"] = {"name": name, "embedding": encode_reference(vec), "face_box": box}
         return json_response(out, headers=_timing(took))
 
     @app.get("/api/images/{image_id}", summary="One image: path, probabilities, matched literals, labels")
-    def image(image_id: str, q: Annotated[str | None, Query()] = None) -> Response:
+    def image(image_id: str, q: Annotated[str | None, Query()] = None,
+              thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
+              ) -> Response:
         live = source.current()
         eng = live.engine
         node = eng.parse(q) if _expr(q) is not None else None
+        used = eng.threshold_set(thresholds)
         try:
-            hit = eng.describe(_parse_id(image_id), node)
+            hit = eng.describe(_parse_id(image_id), node, used)
         except CatalogError:
             raise ApiError(404, f"no image with id {image_id} in the index") from None
         out = hit.to_dict()
         del out["score"]
-        out["thresholds"] = dict(zip(eng.attributes, eng.thresholds.tolist()))
+        out["threshold_set"] = used
+        out["thresholds"] = dict(zip(eng.attributes, eng.threshold_sets[used].tolist()))
         out["present"] = [a for a, p in hit.attributes.items() if p >= out["thresholds"][a]]
         labels = live.labels
         out["labels"] = labels.of(hit.id) if labels is not None else None
@@ -542,18 +554,20 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         format: Annotated[str, Query(pattern="^(csv|json|paths)$")] = "csv",
         like_id: Annotated[int | None, Query(ge=0, le=2**62)] = None,
         like: Annotated[str | None, Query()] = None,
+        thresholds: Annotated[str | None, Query(description="Threshold set bare names use: f1 | accuracy "
+                                                "(default: the index's), as `query --thresholds`")] = None,
     ) -> Response:
         eng = source.current().engine  # held for the whole export: one consistent generation
         if like is not None and like_id is not None:
             raise ApiError(400, "give like or like_id, not both")
         ref = _reference(like, eng.emb.shape[1])
         expr = _expr(q)
-        first = _run_query(eng, expr, limit=EXPORT_PAGE, offset=0, like=ref, like_id=like_id)
+        first = _run_query(eng, expr, limit=EXPORT_PAGE, offset=0, like=ref, like_id=like_id, thresholds=thresholds)
         media = {"csv": "text/csv; charset=utf-8", "json": "application/json",
                  "paths": "text/plain; charset=utf-8"}[format]
         name = "facefind-export." + {"csv": "csv", "json": "json", "paths": "txt"}[format]
         return StreamingResponse(
-            _export_chunks(eng, first, format, expr, ref, like_id), media_type=media,
+            _export_chunks(eng, first, format, expr, ref, like_id, first.thresholds), media_type=media,
             headers={"Content-Disposition": f'attachment; filename="{name}"',
                      "X-Total-Count": str(first.total)})
 
@@ -569,9 +583,9 @@ def live_cache(live: Live, key: str, make: Callable[[], Any]) -> Any:
 
 
 def _run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, like: np.ndarray | None,
-               like_id: int | None) -> Result:
+               like_id: int | None, thresholds: str | None = None) -> Result:
     try:
-        return eng.query(expr, limit=limit, offset=offset, like=like, like_id=like_id)
+        return eng.query(expr, limit=limit, offset=offset, like=like, like_id=like_id, thresholds=thresholds)
     except CatalogError as err:
         if like_id is not None and "not in the index" in str(err):
             raise ApiError(404, f"no image with id {like_id} in the index (like_id)") from None
@@ -579,7 +593,7 @@ def _run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, like: 
 
 
 def _export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, like: np.ndarray | None,
-                   like_id: int | None) -> Iterator[bytes]:
+                   like_id: int | None, thresholds: str | None) -> Iterator[bytes]:
     """The export body, one page of hits at a time (the engine is asked again for each page)."""
     names = list(eng.attributes)
     if fmt == "csv":
@@ -608,7 +622,8 @@ def _export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, like:
         offset += len(page.hits)
         if offset >= first.total or not page.hits:
             break
-        page = eng.query(expr, limit=EXPORT_PAGE, offset=offset, like=like, like_id=like_id)
+        page = eng.query(expr, limit=EXPORT_PAGE, offset=offset, like=like, like_id=like_id,
+                         thresholds=thresholds)
     if fmt == "json":
         yield b"]}\n"
 

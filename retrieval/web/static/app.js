@@ -7,7 +7,7 @@
 const PAGE = 60;
 const $ = (id) => document.getElementById(id);
 const els = {
-  expr: $("expr"), suggest: $("suggest"), go: $("go"), photo: $("photo"), error: $("error"),
+  expr: $("expr"), suggest: $("suggest"), go: $("go"), thr: $("thr"), photo: $("photo"), error: $("error"),
   chips: $("chips"), count: $("count"), ref: $("ref"), quality: $("quality"), grid: $("grid"),
   empty: $("empty"), panel: $("panel"), drop: $("drop"),
   exp: { csv: $("exp-csv"), json: $("exp-json"), paths: $("exp-paths") },
@@ -32,6 +32,7 @@ function readState() {
     ref: p.get("ref") || null,
     offset: Math.max(0, Number(p.get("offset")) || 0),
     sel: /^\d+$/.test(p.get("sel") || "") ? Number(p.get("sel")) : null,
+    th: p.get("thresholds") || null,
   };
 }
 
@@ -42,6 +43,7 @@ function stateURL(s) {
   if (s.like) { p.set("like", s.like); if (s.ref) p.set("ref", s.ref); }
   if (s.offset) p.set("offset", String(s.offset));
   if (s.sel !== null) p.set("sel", String(s.sel));
+  if (s.th) p.set("thresholds", s.th);
   const qs = p.toString();
   return location.pathname + (qs ? "?" + qs : "");
 }
@@ -59,6 +61,7 @@ function queryParams(s, extra = {}) {
   if (s.q.trim()) p.set("q", s.q);
   if (s.like_id !== null) p.set("like_id", String(s.like_id));
   else if (s.like) p.set("like", s.like);
+  if (s.th) p.set("thresholds", s.th);
   for (const [k, v] of Object.entries(extra)) p.set(k, String(v));
   return p;
 }
@@ -214,6 +217,7 @@ function scheduleTyping() {
 els.expr.addEventListener("input", () => { updateSuggest(); scheduleTyping(); });
 els.expr.addEventListener("blur", () => setTimeout(hideSuggest, 100));
 els.go.addEventListener("click", () => search({ q: els.expr.value, offset: 0, sel: null }));
+els.thr.addEventListener("change", () => search({ th: els.thr.value || null, offset: 0 }));
 
 // ---------------------------------------------------------------------------------- errors
 
@@ -253,7 +257,7 @@ function clearError() { els.error.hidden = true; els.error.replaceChildren(); el
 
 // ---------------------------------------------------------------------------------- querying
 
-function viewKey(s) { return JSON.stringify([s.q.trim(), s.like_id, s.like]); }
+function viewKey(s) { return JSON.stringify([s.q.trim(), s.like_id, s.like, s.th]); }
 
 async function search(next, push = true) {
   const candidate = { ...state, ...next };
@@ -470,7 +474,8 @@ function openPanelFromState() { if (state.sel !== null) openPanel(state.sel); el
 async function openPanel(id) {
   let info;
   try {
-    info = await api(`/api/images/${id}?` + new URLSearchParams(state.q.trim() ? { q: state.q } : {}));
+    info = await api(`/api/images/${id}?` + new URLSearchParams({ ...(state.q.trim() ? { q: state.q } : {}),
+                                                                     ...(state.th ? { thresholds: state.th } : {}) }));
   } catch (err) { showError(err); return; }
   const p = els.panel;
   p.replaceChildren();
@@ -520,6 +525,7 @@ async function searchByPhoto(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   if (state.q.trim()) form.append("q", state.q);
+  if (state.th) form.append("thresholds", state.th);
   form.append("limit", String(PAGE));
   els.count.textContent = `embedding ${file.name}…`;
   let res;
@@ -552,6 +558,7 @@ window.addEventListener("drop", (ev) => {
 window.addEventListener("popstate", () => {
   const next = readState();
   els.expr.value = next.q;
+  els.thr.value = next.th || "";
   if (viewKey(next) === (view && view.key)) { state = next; openPanelFromState(); markSelected(); return; }
   search(next, false);
 });
@@ -563,6 +570,14 @@ window.addEventListener("popstate", () => {
     const res = await api("/api/attributes");
     attributes = res.attributes;
     lowerNames = new Map(attributes.map((a) => [a.name.toLowerCase(), a.name]));
+    els.thr.replaceChildren(...res.threshold_sets.map((name) => {
+      const o = document.createElement("option");
+      o.value = name === res.default_thresholds ? "" : name;
+      o.textContent = `${name} thresholds` + (name === res.default_thresholds ? " (default)" : "");
+      return o;
+    }));
+    els.thr.value = state.th && res.threshold_sets.includes(state.th) ? state.th : "";
+    els.thr.hidden = res.threshold_sets.length < 2;
   } catch (err) { showError(err); }
   await first;
   renderChips();
