@@ -284,12 +284,12 @@ class Embedder:
 
     def embed(self, live: Live, data: bytes, name: str, detect_face: bool | None) -> tuple[np.ndarray, list[int] | None]:
         """(unit embedding, face box or None) of an uploaded photo; ImageError with predict's reason."""
-        from indexer.reader import Unreadable, load_rgb
+        from trainer.decode import Unreadable, decode_rgb
 
         if live.opened is None:
             raise FacefindError("this server has no model to embed photos with (an in-memory index)")
         try:
-            rgb = load_rgb(data)
+            rgb = decode_rgb(data)
         except Unreadable as err:  # the reason `facefind predict` gives for the same bytes
             raise ImageError(f"cannot read image {name}: {err}") from None
         with self._lock:

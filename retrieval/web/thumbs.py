@@ -96,10 +96,10 @@ def make_thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
     """A JPEG of the image at ``path`` shrunk to fit ``size`` pixels; SourceGone when unreadable."""
     from PIL import Image
 
-    from indexer.reader import Unreadable, load_rgb
+    from trainer.decode import Unreadable, decode_rgb
 
     try:
-        rgb = load_rgb(path)
+        rgb = decode_rgb(path)
     except Unreadable as err:
         raise SourceGone(f"cannot read the image ({err})") from None
     img = Image.fromarray(rgb)
