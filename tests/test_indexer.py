@@ -537,11 +537,19 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
                              arch="mobilenet_v3_small", img_size=64, workers=0)
     assert result["indexed"] == 24
     assert 8_000 < result["mean_jpeg_bytes"] < 16_000  # CelebA-like files, ~12 KB
-    assert result["images_per_second"] > 0 and result["baseline_images_per_second"] > 0
-    assert result["speedup"] == pytest.approx(result["images_per_second"] / result["baseline_images_per_second"], rel=0.02)
+    same, study = result["baselines"]["same_settings"], result["baselines"]["study_style"]
+    # Same settings means facefind's batch, precision, layout and workers: only the pipeline differs.
+    for key in ("batch_size", "precision", "memory_format", "workers"):
+        assert same[key] == result[key], key
+    assert (study["batch_size"], study["precision"], study["memory_format"]) == (64, "fp32", "contiguous")
+    assert result["images_per_second"] > 0 and same["images_per_second"] > 0 and study["images_per_second"] > 0
+    assert result["speedup"] == same["speedup"]
+    assert same["speedup"] == pytest.approx(result["images_per_second"] / same["images_per_second"], rel=0.02)
+    assert study["speedup"] == pytest.approx(result["images_per_second"] / study["images_per_second"], rel=0.02)
     assert set(result["stage_images_per_second"]) == {"decode", "infer", "write"}
-    with sqlite3.connect(tmp_path / "bench" / "naive.db") as conn:
-        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (24,)
+    for name in ("same_settings", "study_style"):  # each baseline really wrote every image
+        with sqlite3.connect(tmp_path / "bench" / f"naive-{name}.db") as conn:
+            assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (24,)
 
 
 _QUERY_PROBE = """

@@ -321,13 +321,19 @@ def test_real_sample_without_test_images(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- bench
 
 
-def test_train_bench_reports_both_pipelines() -> None:
+def test_train_bench_reports_facefind_beside_both_baselines() -> None:
     from trainer.bench_train import run_train_bench
 
     result = run_train_bench(arch="mobilenet_v3_small", n=80, img_size=32, batch_size=8, steps=2, warmup=1,
                              device="cpu", workers=0)
-    assert [row["name"] for row in result["rows"]] == ["facefind", "baseline"]
-    assert result["images_per_second"] > 0 and result["baseline_images_per_second"] > 0
-    assert result["speedup"] == pytest.approx(result["images_per_second"] / result["baseline_images_per_second"],
-                                              rel=0.02)
-    assert result["rows"][1]["batch_size"] == 64 and result["rows"][1]["precision"] == "fp32"
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["facefind", "same_settings", "study_style"]
+    assert all(row["images_per_s"] > 0 and row["steps"] == 2 for row in rows.values())
+    same, study = result["baselines"]["same_settings"], result["baselines"]["study_style"]
+    # The same-settings row differs from facefind in the input pipeline only.
+    differs = {k for k in rows["facefind"] if rows["facefind"][k] != same[k]}
+    assert differs <= {"name", "pipeline", "images_per_s", "epoch_seconds"}, differs
+    assert (study["batch_size"], study["precision"], study["sync"]) == (64, "fp32", "every step")
+    # The headline is the ratio over the same-settings row, and each baseline carries its own.
+    assert result["speedup"] == pytest.approx(result["images_per_second"] / same["images_per_s"], rel=0.02)
+    assert study["speedup"] == pytest.approx(result["images_per_second"] / study["images_per_s"], rel=0.02)

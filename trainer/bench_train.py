@@ -1,22 +1,30 @@
-"""Training throughput: facefind's pipeline against a study-like baseline, on the same data, in one run.
+"""Training throughput: facefind's pipeline against two baselines, on the same data, in one run.
 
-    facefind   decoded uint8 cache (on the GPU when it fits), augmentation on the device,
-               channels_last, bf16 autocast on CUDA, AdamW, the real ``train_one_epoch``
-    baseline   what the study did: a torch DataLoader whose workers open each JPEG with PIL,
-               resize, flip and normalise it, fp32, batch 64, Adam
+    facefind       decoded uint8 cache (on the GPU when it fits), augmentation on the device,
+                   channels_last, bf16 autocast on CUDA, AdamW, the real ``train_one_epoch``
+    same_settings  facefind's own ``train_one_epoch`` (same batch, precision, memory layout,
+                   optimizer, augmentation and sync policy) fed by a DataLoader whose workers decode
+                   every batch from the files with the cache's own decoder: the one thing changed
+                   is "decode once into a cache" against "decode every step"
+    study_style    what the study's code did: DataLoader workers open each JPEG with PIL, resize,
+                   flip and normalise it; fp32, contiguous layout, batch 64, Adam, ``loss.item()``
+                   every step
 
-Both train the same architecture at the same input size for the same number of timed steps
-(after warm-up steps that are not timed). Cache building is timed separately: it is paid once
-per dataset and size, not per epoch.
+Every loader gets the same worker count (``workers``, default every available CPU) and is
+started before the warm-up steps, so no timed step pays for spawning workers. Each row trains the
+same architecture at the same input size for the same number of timed steps, after warm-up steps
+that are not timed. Cache building is timed separately: it is paid once per dataset and size, not
+per epoch. The headline ``speedup`` is over ``same_settings``; ``baselines`` holds every ratio.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +37,21 @@ from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
 log = logging.getLogger(__name__)
 
 CELEBA_TRAIN_IMAGES = 162_770  # one epoch of the official train split
+BASELINES = ("same_settings", "study_style")
 
 
 @dataclass(frozen=True)
 class BenchRow:
+    """One pipeline's settings and its measured rate."""
+
     name: str
     pipeline: str
     batch_size: int
     precision: str
+    memory_format: str
+    optimizer: str
+    workers: int  # decoder processes per step (facefind: the threads that built the cache once)
+    sync: str  # when the loss is read back from the device
     steps: int
     images_per_s: float
 
@@ -44,6 +59,9 @@ class BenchRow:
     def epoch_seconds(self) -> float:
         """Time for one epoch of CelebA's official train split at this rate."""
         return CELEBA_TRAIN_IMAGES / self.images_per_s if self.images_per_s > 0 else float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self), images_per_s=round(self.images_per_s, 1), epoch_seconds=round(self.epoch_seconds, 1))
 
 
 @dataclass
@@ -56,20 +74,32 @@ class TrainBenchResult:
     cache_reused: bool
     rows: list[BenchRow] = field(default_factory=list)
 
-    @property
-    def speedup(self) -> float | None:
-        """facefind images/s over the baseline's, when both ran."""
+    def ratio(self, baseline: str) -> float | None:
+        """facefind images/s over ``baseline``'s, when both ran."""
         rates = {r.name: r.images_per_s for r in self.rows}
-        if "facefind" in rates and rates.get("baseline"):
-            return rates["facefind"] / rates["baseline"]
+        if "facefind" in rates and rates.get(baseline):
+            return rates["facefind"] / rates[baseline]
         return None
 
+    @property
+    def speedup(self) -> float | None:
+        """The headline: facefind over the same-settings baseline (only the input pipeline differs)."""
+        return self.ratio("same_settings")
+
     def to_json(self) -> dict[str, Any]:
+        rows = {r.name: r for r in self.rows}
+        facefind = rows.get("facefind")
+        baselines = {}
+        for name in BASELINES:
+            if name in rows:
+                ratio = self.ratio(name)
+                baselines[name] = dict(rows[name].to_json(), speedup=None if ratio is None else round(ratio, 2))
         return {
             "arch": self.arch, "img_size": list(self.img_size), "device": self.device, "images": self.images,
             "cache_seconds": round(self.cache_seconds, 2), "cache_reused": self.cache_reused,
-            "rows": [dict(vars(r), images_per_s=round(r.images_per_s, 1), epoch_seconds=round(r.epoch_seconds, 1))
-                     for r in self.rows],
+            "rows": [r.to_json() for r in self.rows],
+            "images_per_second": None if facefind is None else round(facefind.images_per_s, 1),
+            "baselines": baselines,
             "speedup": None if self.speedup is None else round(self.speedup, 2),
         }
 
@@ -89,11 +119,12 @@ def run_train_bench(
     n: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure training images/s of facefind's pipeline and (``baseline``) the study-like one.
+    """Measure training images/s of facefind's pipeline and (``baseline``) of both baselines.
 
     ``data`` is a CelebA-format folder; without it, ``n`` synthetic faces are drawn into a
-    temporary folder (with its own cache) that is removed afterwards. Returns
-    ``TrainBenchResult.to_json()`` plus ``images_per_second`` / ``baseline_images_per_second``.
+    temporary folder (with its own cache) that is removed afterwards. ``baseline_batch_size`` is
+    the study-style row's batch; the same-settings row uses ``batch_size``. Returns
+    ``TrainBenchResult.to_json()``.
     """
     if data is None:
         import tempfile
@@ -107,11 +138,7 @@ def run_train_bench(
                                    Path(tmp) / "cache", baseline, baseline_batch_size, n, progress)
     result = _measure(Path(data), arch, img_size, batch_size, steps, warmup, device, workers, cache_dir, baseline,
                       baseline_batch_size, progress)
-    out = result.to_json()
-    rates = {row["name"]: row["images_per_s"] for row in out["rows"]}
-    out["images_per_second"] = rates.get("facefind")
-    out["baseline_images_per_second"] = rates.get("baseline")
-    return out
+    return result.to_json()
 
 
 def _measure(
@@ -128,13 +155,9 @@ def _measure(
     baseline_batch_size: int,
     progress: Callable[[str], None] | None,
 ) -> TrainBenchResult:
-    from trainer.fit import (
-        FitConfig,
-        make_optimizer,
-        make_scheduler,
-        prepare_data,
-        train_one_epoch,
-    )
+    from trainer.celeba import load_celeba
+    from trainer.data import _default_workers
+    from trainer.fit import FitConfig, prepare_data
 
     say = progress or (lambda message: None)
     dev = resolve_device(device)
@@ -148,39 +171,91 @@ def _measure(
     rows = np.concatenate([train_data.rows["train"], train_data.rows["val"]])
     result = TrainBenchResult(arch, cfg.img_size, describe_device(dev), len(rows), cache_seconds,
                               cache_reused=not train_data.cache.built)
-
-    say(f"facefind: {arch}, batch {batch_size}, {steps} steps")
-    torch.manual_seed(0)
-    model = create_model(arch, len(train_data.attributes)).to(dev, memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps)
-    criterion = nn.BCEWithLogitsLoss()
-    generator = torch.Generator().manual_seed(0)
-    size = min(batch_size, len(rows))
-
-    def batches(count: int) -> list[np.ndarray]:
-        return [rows[torch.randint(len(rows), (size,), generator=generator).numpy()] for _ in range(count)]
-
-    kwargs = dict(batch_size=size, generator=generator, device=dev, augment=True)
-    train_one_epoch(model, train_data, optimizer, scheduler, criterion, batches=batches(warmup), **kwargs)
-    stats = train_one_epoch(model, train_data, optimizer, scheduler, criterion, batches=batches(steps), **kwargs)
+    n_workers = workers if workers is not None else _default_workers()
     precision = "bf16 autocast" if dev.type == "cuda" else "fp32"
-    result.rows.append(BenchRow("facefind", "uint8 cache + on-device augmentation, channels_last", size,
-                                precision, steps, stats.images_per_s))
-    del model, optimizer, train_data
+    size = min(batch_size, len(rows))
+    plan = _plan(rows, size, warmup + steps)  # the same row batches for facefind and same_settings
+
+    say(f"facefind: {arch}, batch {size}, {steps} steps")
+    rate = _facefind_rate(cfg, train_data, plan, warmup, dev)
+    result.rows.append(BenchRow("facefind", "uint8 cache + on-device augmentation", size, precision,
+                                "channels_last", cfg.optimizer, n_workers, "per report", steps, rate))
+    if not baseline:
+        return result
+    dataset = load_celeba(data)
+    paths = dataset.paths
+    say(f"same settings: decode every batch in {n_workers} DataLoader workers, batch {size}, {steps} steps")
+    images = _DecodedPerStep(paths, cfg.img_size, plan, n_workers, dev)
+    rate = _facefind_rate(cfg, dataclasses.replace(train_data, images=images), plan, warmup, dev)
+    result.rows.append(BenchRow("same_settings", "DataLoader decodes every step + facefind's step", size, precision,
+                                "channels_last", cfg.optimizer, n_workers, "per report", steps, rate))
+    del train_data, images
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    if baseline:
-        say(f"baseline: PIL DataLoader, fp32, batch {baseline_batch_size}, {steps} steps")
-        from trainer.celeba import load_celeba
-
-        ds = load_celeba(data)
-        rate = _baseline_rate(ds.paths, ds.labels, arch, cfg.img_size, baseline_batch_size, steps, warmup, dev,
-                              workers)
-        result.rows.append(BenchRow("baseline", "PIL DataLoader (the study's way)",
-                                    min(baseline_batch_size, len(ds)), "fp32", steps, rate))
+    study_size = min(baseline_batch_size, len(paths))  # drop_last with a bigger batch would yield nothing
+    say(f"study style: PIL DataLoader, fp32, batch {study_size}, {steps} steps")
+    rate = _study_rate(paths, dataset.labels, arch, cfg.img_size, study_size, steps, warmup, dev, n_workers)
+    result.rows.append(BenchRow("study_style", "PIL DataLoader (the study's way)", study_size, "fp32",
+                                "contiguous", "adam", n_workers, "every step", steps, rate))
     return result
+
+
+def _plan(rows: np.ndarray, size: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` batches of ``size`` rows drawn with replacement (a benchmark needs no epoch order)."""
+    if size < 2:
+        raise DatasetError("the benchmark needs at least 2 images")
+    generator = torch.Generator().manual_seed(seed)
+    return [rows[torch.randint(len(rows), (size,), generator=generator).numpy()] for _ in range(count)]
+
+
+def _facefind_rate(cfg: Any, data: Any, plan: list[np.ndarray], warmup: int, device: torch.device) -> float:
+    """Images/s of ``trainer.fit.train_one_epoch`` over ``plan[warmup:]``, after ``plan[:warmup]``."""
+    from trainer.fit import make_optimizer, make_scheduler, train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model(cfg.arch, len(data.attributes)).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(plan))
+    kwargs = dict(batch_size=len(plan[0]), generator=torch.Generator().manual_seed(0), device=device, augment=True)
+    criterion = nn.BCEWithLogitsLoss()
+    train_one_epoch(model, data, optimizer, scheduler, criterion, batches=plan[:warmup], **kwargs)
+    stats = train_one_epoch(model, data, optimizer, scheduler, criterion, batches=plan[warmup:], **kwargs)
+    return stats.images_per_s
+
+
+class _FileImages(torch.utils.data.Dataset):
+    """One file per item, decoded and resized by the cache builder's own function: uint8 (3, H, W)."""
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int]) -> None:
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from trainer.data import load_images
+
+        return load_images([self.paths[i]], self.size)[0]
+
+
+class _DecodedPerStep:
+    """``DeviceImages``' interface over files decoded anew for every batch by DataLoader workers.
+
+    The loader walks ``plan`` once; its workers start here, before any step, and keep prefetching
+    across the warm-up/timed boundary, as they would across the steps of a real epoch.
+    """
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], plan: list[np.ndarray], workers: int,
+                 device: torch.device) -> None:
+        self.device = device
+        loader = torch.utils.data.DataLoader(_FileImages(paths, size), batch_sampler=[b.tolist() for b in plan],
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        self._batches = iter(loader)
+
+    def batches(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for idx in batches:
+            yield idx, next(self._batches).to(self.device, non_blocking=True)
 
 
 class _PilDataset(torch.utils.data.Dataset):
@@ -205,42 +280,33 @@ class _PilDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, torch.from_numpy(self.labels[i].astype(np.float32))
 
 
-def _baseline_rate(
+def _study_rate(
     paths: Sequence[Path], labels: np.ndarray, arch: str, size: tuple[int, int], batch_size: int, steps: int,
-    warmup: int, device: torch.device, workers: int | None,
+    warmup: int, device: torch.device, workers: int,
 ) -> float:
-    """Images/s of the study-like loop (timed after ``warmup`` steps)."""
-    from trainer.data import _default_workers
-
-    batch_size = min(batch_size, len(paths))  # drop_last with a bigger batch would yield nothing
-    if batch_size < 2:
-        raise DatasetError("the baseline needs at least 2 images")
+    """Images/s of the study-like loop (timed after ``warmup`` steps; workers started before them)."""
+    plan = _plan(np.arange(len(paths)), batch_size, warmup + steps, seed=1)
     loader = torch.utils.data.DataLoader(
-        _PilDataset(paths, labels, size), batch_size=batch_size, shuffle=True, drop_last=True,
-        num_workers=workers if workers is not None else min(8, _default_workers()),
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        _PilDataset(paths, labels, size), batch_sampler=[b.tolist() for b in plan], num_workers=workers,
+        pin_memory=device.type == "cuda",
     )
     torch.manual_seed(0)
     model = create_model(arch, labels.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.BCEWithLogitsLoss()
     model.train()
-    done, seen, start = 0, 0, 0.0
-    while done < warmup + steps:
-        for x, y in loader:
-            if done == warmup:
-                synchronize(device)
-                start, seen = time.perf_counter(), 0
-            x, y = x.to(device), y.to(device)
-            logits, _ = model(x)
-            loss = criterion(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss.item()  # the usual per-step logging sync
-            done += 1
-            seen += len(x)
-            if done >= warmup + steps:
-                break
+    seen, start = 0, time.perf_counter()
+    for done, (x, y) in enumerate(loader):
+        if done == warmup:
+            synchronize(device)
+            start, seen = time.perf_counter(), 0
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the study's per-step logging sync
+        seen += len(x)
     synchronize(device)
     return seen / (time.perf_counter() - start)
