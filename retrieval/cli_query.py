@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------- rendering
 
 
-def _check_output(as_json: bool, paths: bool) -> None:
-    if as_json and paths:
-        raise FacefindError("give --json or --paths, not both")
+def _check_output(as_json: bool, paths: bool, csv: bool = False) -> None:
+    if as_json + paths + csv > 1:
+        raise FacefindError("give one of --json or --paths or --csv, not several")
 
 
 def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None, title: str | None,
-            quality: Quality | None) -> None:
-    """Print ``result`` as JSON, paths or a table (plus quality), and write the gallery if asked."""
+            quality: Quality | None, csv: bool = False) -> None:
+    """Print ``result`` as JSON, paths, CSV or a table (plus quality), and write the gallery if asked."""
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
@@ -49,6 +49,11 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         if quality is not None:
             out["quality"] = quality.to_dict()
         print_json(out)
+        return
+    if csv:
+        typer.echo(result.to_frame().to_csv(index=False), nl=False)
+        if quality is not None:
+            typer.echo(_quality_line(quality), err=True)
         return
     if paths:
         for h in result.hits:
@@ -104,6 +109,8 @@ def _quality_line(q: Quality) -> str:
 LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Hits to show (0: only count).")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many hits (paging).")]
 PathsOpt = Annotated[bool, typer.Option("--paths", help="Print only the hit paths, one per line (for piping).")]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the hits as CSV: rank, id, path, score, matched, "
+                                                     "then every attribute's probability.")]
 GalleryOpt = Annotated[
     Path | None,
     typer.Option("--gallery", help="Also write a self-contained HTML page of the hits.", show_default=False),
@@ -139,6 +146,7 @@ def query(
     offset: OffsetOpt = 0,
     as_json: JsonOpt = False,
     paths: PathsOpt = False,
+    csv: CsvOpt = False,
     gallery: GalleryOpt = None,
     evaluate: EvalOpt = False,
     thresholds: ThresholdsOpt = None,
@@ -147,7 +155,7 @@ def query(
     device: DeviceOpt = "auto",
 ) -> None:
     """Find indexed faces whose attributes satisfy EXPR, ranked by confidence or by similarity."""
-    _check_output(as_json, paths)
+    _check_output(as_json, paths, csv)
     if like is not None and like_id is not None:
         raise FacefindError("give --like IMAGE or --like-id ID, not both")
     with open_index(index_dir) as idx:
@@ -162,7 +170,7 @@ def query(
         quality = idx.quality(result) if evaluate else None
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
-    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality)
+    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality, csv=csv)
 
 
 def similar(
@@ -176,6 +184,7 @@ def similar(
     offset: OffsetOpt = 0,
     as_json: JsonOpt = False,
     paths: PathsOpt = False,
+    csv: CsvOpt = False,
     gallery: GalleryOpt = None,
     thresholds: ThresholdsOpt = None,
     detect_face: DetectFaceOpt = None,
@@ -183,7 +192,7 @@ def similar(
     device: DeviceOpt = "auto",
 ) -> None:
     """Find the indexed faces most similar to IMAGE (exact cosine), optionally only those matching --where."""
-    _check_output(as_json, paths)
+    _check_output(as_json, paths, csv)
     with open_index(index_dir) as idx:
         if where is not None:
             idx.engine.parse(where)
@@ -191,7 +200,7 @@ def similar(
         reference = idx.embed(image, detect_face, device)
         result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
-            quality=None)
+            quality=None, csv=csv)
 
 
 def register(app: typer.Typer) -> None:

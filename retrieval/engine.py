@@ -90,6 +90,20 @@ class Result:
                 "ranking": self.ranking, "offset": self.offset, "thresholds": self.thresholds,
                 "warnings": list(self.warnings), "hits": [h.to_dict() for h in self.hits]}
 
+    def to_frame(self) -> Any:
+        """The hits as a pandas DataFrame: rank, id, path, score, matched, then one column per attribute.
+
+        For analysis beyond the CLI (group by attribute, join with other tables); pandas is imported
+        here only, so queries that never ask for a frame do not pay for it.
+        """
+        import pandas as pd
+
+        columns = ["rank", "id", "path", "score", "matched"]
+        names = list(self.hits[0].attributes) if self.hits else []
+        rows = [[self.offset + i + 1, h.id, h.path, h.score, "; ".join(h.matched)]
+                + [h.attributes[a] for a in names] for i, h in enumerate(self.hits)]
+        return pd.DataFrame(rows, columns=columns + names)
+
 
 @dataclass(frozen=True)
 class Quality:

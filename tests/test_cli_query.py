@@ -139,6 +139,26 @@ def test_json_and_paths_are_exclusive(built: Built) -> None:
     one_line_error(run("query", "Male", "--index", built.index, "--json", "--paths"), "--json or --paths")
 
 
+def test_query_csv_is_the_json_hits_as_a_table(built: Built) -> None:
+    import csv
+    import io
+
+    args = ("query", "Male and not Eyeglasses", "--index", built.index, "--limit", "7", "--offset", "1")
+    hits = ok_json(*args)["hits"]
+    result = run(*args, "--csv")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == len(hits) > 0
+    assert list(rows[0]) == ["rank", "id", "path", "score", "matched", *built.attributes]
+    for rank, (row, hit) in enumerate(zip(rows, hits), start=2):
+        assert (int(row["rank"]), int(row["id"]), row["path"]) == (rank, hit["id"], hit["path"])
+        assert float(row["score"]) == pytest.approx(hit["score"], abs=1e-9)
+        assert row["matched"].split("; ") == hit["matched"]
+        for name in built.attributes:  # the stored probabilities, not a re-computation
+            assert float(row[name]) == pytest.approx(built.probs[hit["path"]][name], abs=1e-6)
+    one_line_error(run(*args, "--csv", "--json"), "--json or --paths or --csv")
+
+
 def test_gallery_page(built: Built, tmp_path: Path) -> None:
     page = tmp_path / "q.html"
     result = run("query", "Male & !Eyeglasses", "--index", built.index, "--limit", "5", "--gallery", page)
@@ -231,7 +251,7 @@ try:
     app(sys.argv[1:])
 except SystemExit as err:
     code = err.code
-heavy = [m for m in ("torch", "torchvision", "cv2", "dlib", "sqlalchemy") if m in sys.modules]
+heavy = [m for m in ("torch", "torchvision", "cv2", "dlib", "sqlalchemy", "pandas") if m in sys.modules]
 print("PROBE " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
 
