@@ -74,3 +74,21 @@ IndexOpt = Annotated[
         show_default=False,
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch. Default: $OMP_NUM_THREADS when set, else one per CPU that other "
+             "processes leave idle (busy cores make extra threads 10-100x slower).",
+        show_default=False,
+    ),
+]
+
+
+def use_threads(threads: int | None) -> None:
+    """Apply ``--threads`` before any device is resolved, so the automatic choice never overrides it."""
+    if threads is not None:
+        from trainer.device import set_threads
+
+        set_threads(threads)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from retrieval.cli_common import DeviceOpt, guard
+from retrieval.cli_common import DeviceOpt, ThreadsOpt, guard, use_threads
 
 
 def demo(
@@ -18,6 +18,7 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Synthetic faces to make (at least 200).")] = 2000,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs for the demo model.")] = 20,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run everything on synthetic faces: make them, train a small CNN, index, query, write galleries.
 
@@ -25,6 +26,7 @@ def demo(
     """
     from retrieval.demo import DEMO_QUERIES, run_demo
 
+    use_threads(threads)
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),

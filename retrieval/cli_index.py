@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from db.errors import FacefindError
+from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 
 def index(
@@ -31,6 +32,7 @@ def index(
         typer.Option("--workers", min=0, help="Decoding processes (0: decode in this process). Default: one per CPU core.",
                      show_default=False),
     ] = None,
+    threads: ThreadsOpt = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also index images in subfolders.")] = False,
     detect_faces: Annotated[
         bool, typer.Option("--detect-faces", help="Align photos' largest face onto CelebA's template first (aligned CelebA crops pass as they are).")
@@ -67,6 +69,7 @@ def index(
                        f"in {done.seconds:.1f} s; index: {done.index_dir}")
         return
     shard_k_n = parse_shard(shard) if shard is not None else None
+    use_threads(threads)
     crop = _face_cropper() if detect_faces else None
     console = Console(stderr=True)
     with Progress(

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.errors import FacefindError
-from retrieval.cli_common import DeviceOpt, JsonOpt, guard, print_json
+from retrieval.cli_common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 if TYPE_CHECKING:
     from trainer.evaluate import EvalReport
@@ -79,6 +79,7 @@ def train(
     subset: SubsetOpt = None,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint to write (default: "
                    "~/.facefind/models/<arch>-<size>.pt). History and resume state go beside it.",
@@ -95,6 +96,7 @@ def train(
     """Train the attribute CNN: train split to learn, val to pick the epoch and thresholds, test to report."""
     from trainer.fit import FitConfig, fit
 
+    use_threads(threads)
     config = FitConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, dropout=dropout, embedding_dim=embedding_dim, img_size=img_size,
