@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.cli_common import DeviceOpt, JsonOpt, guard, print_json
+from retrieval.cli_common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 bench_app = typer.Typer(
     help="Speed benchmarks (query, index, train, catalog), each beside a baseline in the same run.",
@@ -73,6 +73,7 @@ def bench_index(
     arch: Annotated[str, typer.Option("--arch", help="Backbone to time (freshly initialised).")] = "resnet50",
     img_size: Annotated[int | None, typer.Option("--img-size", help="Square model input side (default: native 218x178).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decoder processes (default: the CPUs available).")] = None,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """End-to-end `facefind index` images/s vs. the study's pipeline (PIL DataLoader, one INSERT per image).
@@ -83,6 +84,7 @@ def bench_index(
     """
     from indexer.bench_index import run_index_bench
 
+    use_threads(threads)
     result = run_index_bench(n=n, out=out, device=device, batch_size=batch_size, arch=arch, img_size=img_size,
                              workers=workers)
     if as_json:
@@ -108,6 +110,7 @@ def bench_train(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per pipeline.")] = 20,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Training images/s of facefind's pipeline vs. the same step fed by a decoding DataLoader, and vs. the study's loop.
@@ -116,6 +119,7 @@ def bench_train(
     """
     from trainer.bench_train import run_train_bench
 
+    use_threads(threads)
     result = run_train_bench(data=data, arch=arch, n=n, img_size=img_size, batch_size=batch_size, steps=steps,
                              device=device, workers=workers)
     if as_json:
@@ -130,12 +134,14 @@ def bench_train(
 def _show_rows(title: str, rows: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], rate: str,
                settings: tuple[str, ...]) -> None:
     """One line per pipeline: its settings, images/s, and facefind's speed-up over it."""
-    table = Table("pipeline", *(s.replace("_", " ") for s in settings), "images/s", "facefind is", title=title)
+    headers = {"batch_size": "batch", "memory_format": "layout"}
+    table = Table("pipeline", *(headers.get(s, s) for s in settings), "images/s", "facefind is", title=title)
     for row in rows:
         ratio = baselines.get(row["name"], {}).get("speedup")
-        table.add_row(row["name"], *(_fmt(row[s]) for s in settings), _fmt(row[rate]),
+        table.add_row(row["name"], *(str(row[s]) for s in settings), f"{row[rate]:,.1f}",
                       "-" if ratio is None else f"{ratio:.2f}x")
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 110)).print(table)  # a pipe gets every column whole
 
 
 @bench_app.command("catalog")
