@@ -141,7 +141,7 @@ def _show_rows(title: str, rows: list[dict[str, Any]], baselines: dict[str, dict
         table.add_row(row["name"], *(str(row[s]) for s in settings), f"{row[rate]:,.1f}",
                       "-" if ratio is None else f"{ratio:.2f}x")
     console = Console()
-    Console(width=max(console.width, 110)).print(table)  # a pipe gets every column whole
+    Console(width=max(console.width, 130)).print(table)  # a pipe gets every column whole
 
 
 @bench_app.command("catalog")

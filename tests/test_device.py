@@ -36,19 +36,22 @@ def test_busy_cpus_counts_the_non_idle_share_of_each_allowed_cpu(monkeypatch: py
     samples = iter([{0: (100, 50), 1: (100, 90)},    # (total, idle) jiffies
                     {0: (200, 60), 1: (200, 190)}])  # cpu0 90% busy, cpu1 idle
     monkeypatch.setattr(device, "_cpu_times", lambda allowed: next(samples))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(device.time, "sleep", lambda s: None)
     assert device.busy_cpus() == pytest.approx(0.9)
 
 
-def test_cpu_times_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_times_reads_this_machine() -> None:
     import os
 
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat here")
     allowed = os.sched_getaffinity(0)
     times = device._cpu_times(allowed)
-    assert set(times) == allowed
+    assert set(times) <= allowed  # a virtualised /proc/stat may number CPUs differently
     assert all(total >= idle >= 0 for total, idle in times.values())
+    busy = device.busy_cpus(0.05)
+    assert busy is not None and 0.0 <= busy <= len(allowed) + 1e-9
 
 
 def test_automatic_choice_leaves_busy_cores_alone_and_holds(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:

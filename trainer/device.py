@@ -45,6 +45,8 @@ def busy_cpus(seconds: float = 0.15) -> float | None:
     try:
         allowed = os.sched_getaffinity(0)
         first = _cpu_times(allowed)
+        if not first:  # a virtualised /proc/stat that numbers CPUs differently
+            raise ValueError("no allowed CPU in /proc/stat")
         time.sleep(seconds)
         second = _cpu_times(allowed)
     except (AttributeError, OSError, ValueError):
