@@ -63,6 +63,10 @@ def bench_query(
     typer.echo(f"speed-up over the baseline: {result['speedup']:.0f}x")
 
 
+RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Rounds in which the pipelines take turns; "
+                                                              "each row reports its median (steadier on a busy machine).")]
+
+
 @bench_app.command("index")
 @guard
 def bench_index(
@@ -74,6 +78,7 @@ def bench_index(
     img_size: Annotated[int | None, typer.Option("--img-size", help="Square model input side (default: native 218x178).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decoder processes (default: the CPUs available).")] = None,
     threads: ThreadsOpt = None,
+    repeats: RepeatsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """End-to-end `facefind index` images/s vs. the study's pipeline (PIL DataLoader, one INSERT per image).
@@ -86,7 +91,7 @@ def bench_index(
 
     use_threads(threads)
     result = run_index_bench(n=n, out=out, device=device, batch_size=batch_size, arch=arch, img_size=img_size,
-                             workers=workers)
+                             workers=workers, repeats=repeats)
     if as_json:
         print_json(result)
         return
@@ -111,6 +116,7 @@ def bench_train(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per pipeline.")] = 20,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    repeats: RepeatsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Training images/s of facefind's pipeline vs. the same step fed by a decoding DataLoader, and vs. the study's loop.
@@ -121,7 +127,7 @@ def bench_train(
 
     use_threads(threads)
     result = run_train_bench(data=data, arch=arch, n=n, img_size=img_size, batch_size=batch_size, steps=steps,
-                             device=device, workers=workers)
+                             device=device, workers=workers, repeats=repeats)
     if as_json:
         print_json(result)
         return

@@ -534,8 +534,8 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
     from indexer.bench_index import run_index_bench
 
     result = run_index_bench(n=24, out=tmp_path / "bench", device="cpu", batch_size=8,
-                             arch="mobilenet_v3_small", img_size=64, workers=0)
-    assert result["indexed"] == 24
+                             arch="mobilenet_v3_small", img_size=64, workers=0, repeats=2)
+    assert result["indexed"] == 24 and len(result["runs"]) == 2
     assert 8_000 < result["mean_jpeg_bytes"] < 16_000  # CelebA-like files, ~12 KB
     same, study = result["baselines"]["same_settings"], result["baselines"]["study_style"]
     # Same settings means facefind's batch, precision, layout and workers: only the pipeline differs.
@@ -546,6 +546,7 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
     assert result["speedup"] == same["speedup"]
     assert same["speedup"] == pytest.approx(result["images_per_second"] / same["images_per_second"], rel=0.02)
     assert study["speedup"] == pytest.approx(result["images_per_second"] / study["images_per_second"], rel=0.02)
+    assert len(same["runs"]) == len(study["runs"]) == 2
     assert set(result["stage_images_per_second"]) == {"decode", "infer", "write"}
     for name in ("same_settings", "study_style"):  # each baseline really wrote every image
         with sqlite3.connect(tmp_path / "bench" / f"naive-{name}.db") as conn:

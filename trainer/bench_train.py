@@ -53,7 +53,8 @@ class BenchRow:
     workers: int  # decoder processes per step (facefind: the threads that built the cache once)
     sync: str  # when the loss is read back from the device
     steps: int
-    images_per_s: float
+    images_per_s: float  # the median over rounds
+    runs: tuple[float, ...] = ()  # images/s of each round
 
     @property
     def epoch_seconds(self) -> float:
@@ -118,12 +119,14 @@ def run_train_bench(
     baseline_batch_size: int = 64,
     n: int = 512,
     progress: Callable[[str], None] | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Measure training images/s of facefind's pipeline and (``baseline``) of both baselines.
 
     ``data`` is a CelebA-format folder; without it, ``n`` synthetic faces are drawn into a
     temporary folder (with its own cache) that is removed afterwards. ``baseline_batch_size`` is
-    the study-style row's batch; the same-settings row uses ``batch_size``. Returns
+    the study-style row's batch; the same-settings row uses ``batch_size``. With ``repeats`` > 1
+    the rows take turns that many times and each reports its median. Returns
     ``TrainBenchResult.to_json()``.
     """
     if data is None:
@@ -135,9 +138,11 @@ def run_train_bench(
             (progress or (lambda message: None))(f"drawing {n:,} synthetic faces")
             synthesize(Path(tmp) / "faces", n=n, seed=0)
             return run_train_bench(Path(tmp) / "faces", arch, img_size, batch_size, steps, warmup, device, workers,
-                                   Path(tmp) / "cache", baseline, baseline_batch_size, n, progress)
+                                   Path(tmp) / "cache", baseline, baseline_batch_size, n, progress, repeats)
+    if repeats < 1:
+        raise DatasetError(f"--repeats must be at least 1, got {repeats}")
     result = _measure(Path(data), arch, img_size, batch_size, steps, warmup, device, workers, cache_dir, baseline,
-                      baseline_batch_size, progress)
+                      baseline_batch_size, progress, repeats)
     return result.to_json()
 
 
@@ -154,6 +159,7 @@ def _measure(
     baseline: bool,
     baseline_batch_size: int,
     progress: Callable[[str], None] | None,
+    repeats: int,
 ) -> TrainBenchResult:
     from trainer.celeba import load_celeba
     from trainer.data import _default_workers
@@ -176,28 +182,35 @@ def _measure(
     size = min(batch_size, len(rows))
     plan = _plan(rows, size, warmup + steps)  # the same row batches for facefind and same_settings
 
-    say(f"facefind: {arch}, batch {size}, {steps} steps")
-    rate = _facefind_rate(cfg, train_data, plan, warmup, dev)
-    result.rows.append(BenchRow("facefind", "uint8 cache + on-device augmentation", size, precision,
-                                "channels_last", cfg.optimizer, n_workers, "per report", steps, rate))
-    if not baseline:
-        return result
-    dataset = load_celeba(data)
-    paths = dataset.paths
-    say(f"same settings: decode every batch in {n_workers} DataLoader workers, batch {size}, {steps} steps")
-    images = _DecodedPerStep(paths, cfg.img_size, plan, n_workers, dev)
-    rate = _facefind_rate(cfg, dataclasses.replace(train_data, images=images), plan, warmup, dev)
-    result.rows.append(BenchRow("same_settings", "DataLoader decodes every step + facefind's step", size, precision,
-                                "channels_last", cfg.optimizer, n_workers, "per report", steps, rate))
-    del train_data, images
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-    study_size = min(baseline_batch_size, len(paths))  # drop_last with a bigger batch would yield nothing
-    say(f"study style: PIL DataLoader, fp32, batch {study_size}, {steps} steps")
-    rate = _study_rate(paths, dataset.labels, arch, cfg.img_size, study_size, steps, warmup, dev, n_workers)
-    result.rows.append(BenchRow("study_style", "PIL DataLoader (the study's way)", study_size, "fp32",
-                                "contiguous", "adam", n_workers, "every step", steps, rate))
+    facefind = BenchRow("facefind", "uint8 cache + on-device augmentation", size, precision, "channels_last",
+                        cfg.optimizer, n_workers, "per report", steps, 0.0)
+    measures: list[tuple[BenchRow, Callable[[], float]]] = [
+        (facefind, lambda: _facefind_rate(cfg, train_data, plan, warmup, dev))]
+    if baseline:
+        dataset = load_celeba(data)
+        paths = dataset.paths
+        study_size = min(baseline_batch_size, len(paths))  # drop_last with a bigger batch would yield nothing
+        same = dataclasses.replace(facefind, name="same_settings",
+                                   pipeline="DataLoader decodes every step + facefind's step")
+        study = BenchRow("study_style", "PIL DataLoader (the study's way)", study_size, "fp32", "contiguous", "adam",
+                         n_workers, "every step", steps, 0.0)
+        measures += [
+            (same, lambda: _facefind_rate(cfg, dataclasses.replace(
+                train_data, images=_DecodedPerStep(paths, cfg.img_size, plan, n_workers, dev)), plan, warmup, dev)),
+            (study, lambda: _study_rate(paths, dataset.labels, arch, cfg.img_size, study_size, steps, warmup, dev,
+                                        n_workers)),
+        ]
+    runs: dict[str, list[float]] = {row.name: [] for row, _ in measures}
+    for i in range(repeats):  # rows take turns, so a change in the machine's load hits each alike
+        for row, measure in measures:
+            say(f"round {i + 1}/{repeats}: {row.name}, batch {row.batch_size}, {steps} steps")
+            runs[row.name].append(measure())
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    for row, _ in measures:
+        rates = runs[row.name]
+        result.rows.append(dataclasses.replace(row, images_per_s=float(np.median(rates)),
+                                               runs=tuple(round(r, 1) for r in rates)))
     return result
 
 
