@@ -93,7 +93,7 @@ def test_cuda_inference_is_bf16_and_agrees_with_the_cpu(faces: Path, tmp_path: P
 
     from trainer.celeba import read_attributes
     from trainer.checkpoint import load_model
-    from trainer.data import load_images
+    from trainer.decode import decode_paths
     from trainer.device import autocast
     from trainer.model import preprocess
     from trainer.predict import infer
@@ -101,7 +101,7 @@ def test_cuda_inference_is_bf16_and_agrees_with_the_cpu(faces: Path, tmp_path: P
     images = sorted((faces / "img_align_celeba").glob("*.jpg"))
     path = tiny_checkpoint(tmp_path / "m.pt", read_attributes(faces / "list_attr_celeba.txt").attributes,
                            calibrate=images[:48])
-    pixels = load_images(images, (64, 64))
+    pixels = torch.from_numpy(decode_paths(images, (64, 64)))
     cpu_model, meta = load_model(path, "cpu")
     gpu_model, _ = load_model(path, "cuda")
     dev = torch.device("cuda")

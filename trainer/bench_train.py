@@ -247,9 +247,9 @@ class _FileImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from trainer.data import load_images
+        from trainer.decode import decode_paths
 
-        return load_images([self.paths[i]], self.size)[0]
+        return torch.from_numpy(decode_paths([self.paths[i]], self.size)[0])
 
 
 class _DecodedPerStep:
