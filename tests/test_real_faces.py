@@ -61,6 +61,9 @@ def test_top50_precision_beats_the_base_rate(real_index: Path, attribute: str) -
     base, precision = quality["base_rate"], quality["precision_at_k"]
     print(f"{attribute}: precision@50 {precision:.2f}, base rate {base:.2f}")
     assert quality["n_labelled"] == 780
-    # "Clearly above chance": at least half-way from the base rate to perfect, and 0.25 above it
-    # for the rare attributes.
-    assert precision >= min(base + 0.25, (1 + base) / 2), quality
+    # "Clearly above chance": at least half-way from the base rate to the best precision any ranking
+    # could reach at this k (a rare attribute has fewer positives than hits: 23 faces with glasses
+    # cap precision@50 at 0.46), and 0.25 above the base rate where that is the smaller step.
+    positives = round(base * quality["n_labelled"])
+    ceiling = min(1.0, positives / quality["k"])
+    assert precision >= min(base + 0.25, (ceiling + base) / 2), quality
