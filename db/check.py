@@ -10,11 +10,12 @@ runs are bookkeeping. ``check_index`` looks at all three:
   runs       runs marked 'running' whose process is gone (a kill -9, a power cut)
   models     each checkpoint file present and still matching its recorded sha256
   snapshots  per model with predictions: present, readable, built from this catalog and model,
-             at the catalog's stamp, with the catalog's ids; the FAISS file holding exactly them;
-             staging leftovers of a writer that was killed mid-save
+             at the catalog's stamp, with the catalog's ids; its vector store (and approximate
+             index, when it has one) present, of the right shape, and byte for byte what was
+             published (CRC-32s in the manifest); staging leftovers of a writer killed mid-save
   files      indexed files that no longer exist on disk
 
-``repair=True`` rebuilds snapshots and FAISS files, marks dead runs interrupted, removes staging
+``repair=True`` rebuilds snapshots (vector files included), marks dead runs interrupted, removes staging
 leftovers and rows that point at nothing. It never deletes an image's row: files gone from disk
 are forgotten only with ``prune=True`` (or ``facefind index DIR --prune``). A problem makes the
 index unhealthy (exit 1); a warning does not.
@@ -23,7 +24,6 @@ index unhealthy (exit 1); a warning does not.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -345,9 +345,7 @@ def _checkpoint(model: ModelRecord, is_current: bool, found: _Collector) -> None
 
 def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bool, indexing: bool,
               found: _Collector) -> dict[str, Any]:
-    """Compare a model's live snapshot and FAISS file with the catalog; return what was seen."""
-    from db.vectors import index_ids, load_index
-
+    """Compare a model's live snapshot and vector files with the catalog; return what was seen."""
     mdir = snapshots.model_dir(folder, model.id)
     what = f"the snapshot of model {model.id}"
     fix = "`facefind check --repair` rebuilds it"
@@ -365,7 +363,13 @@ def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bo
     try:
         snap, manifest = snapshots._load(mdir)
     except CatalogError as err:
-        found.problem("snapshot_damaged", f"{what} cannot be read ({_first_line(err)}): {fix}", repairable=True)
+        gen = mdir / (snapshots._current_name(mdir) or "")
+        if (gen / snapshots.MANIFEST).is_file() and not (gen / snapshots.VECTORS).is_file():
+            found.problem("vectors", f"{what} ({gen.name}): its vector file {snapshots.VECTORS} is missing: "
+                          f"{fix}", repairable=True)
+        else:
+            found.problem("snapshot_damaged", f"{what} cannot be read ({_first_line(err)}): {fix}",
+                          repairable=True)
         return seen
     seen.update(stamp=snap.stamp, count=len(snap), folder=str(snap.folder))
     foreign = [name for name, ok in (("catalog", manifest.get("catalog_id") == catalog.catalog_id),
@@ -388,24 +392,40 @@ def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bo
                          f"{what} is out of step with the catalog (stamp {snap.stamp}, {len(snap):,} images; "
                          f"catalog: stamp {stamp}, {ids.shape[0]:,} predictions): {fix}"
                          + ("" if is_current else " (queries of this model also do)"), repairable=True)
-    vectors = snap.folder / snapshots.VECTORS
-    problem = None
-    if not vectors.exists():
-        problem = f"its FAISS file {vectors.name} is missing"
-    else:
-        try:
-            index = load_index(vectors)
-            held = index_ids(index)
-            seen["vectors"] = int(index.ntotal)
-            if index.ntotal != len(snap) or not np.array_equal(held, np.asarray(snap.ids)):
-                problem = f"its FAISS file holds {index.ntotal:,} vectors for {len(snap):,} images (or other ids)"
-            elif index.d != model.embedding_dim:
-                problem = f"its FAISS file has dimension {index.d}, the model {model.embedding_dim}"
-        except (RuntimeError, AttributeError) as err:
-            problem = f"its FAISS file is damaged ({_first_line(err)})"
+    problem = _vector_problem(snap, manifest, model)
     if problem is not None:
         found.problem("vectors", f"{what} ({snap.folder.name}): {problem}: {fix}", repairable=True)
+    else:
+        seen["vectors"] = len(snap)
     return seen
+
+
+def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: ModelRecord) -> str | None:
+    """What is wrong with a loaded generation's vector files, or None. The flat store's shape was
+    checked by loading it; here its bytes are checked against the manifest's CRC-32, and the
+    approximate index (when the manifest names one) is read and sized."""
+    from db.vectors import file_crc32, open_approx
+
+    assert snap.folder is not None
+    info = manifest.get("vectors") or {}
+    if snap.emb.shape[1] != model.embedding_dim:
+        return f"its vector file has dimension {snap.emb.shape[1]}, the model {model.embedding_dim}"
+    if file_crc32(snap.folder / snapshots.VECTORS) != info.get("crc32"):
+        return f"its vector file {snapshots.VECTORS} is damaged (its CRC-32 differs from the manifest's)"
+    if not info.get("approximate"):
+        return None
+    path = snap.folder / snapshots.APPROX
+    if not path.is_file():
+        return f"its approximate index {path.name} is missing"
+    if file_crc32(path) != info.get("approx_crc32"):
+        return f"its approximate index {path.name} is damaged (its CRC-32 differs from the manifest's)"
+    try:
+        index = open_approx(path)
+    except RuntimeError as err:
+        return f"its approximate index {path.name} cannot be read ({_first_line(err)})"
+    if index.ntotal != len(snap) or index.d != snap.emb.shape[1]:
+        return f"its approximate index holds {index.ntotal:,} vectors of dimension {index.d} for {len(snap):,}"
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -520,10 +540,10 @@ def _remove_leftovers(catalog: Catalog, folder: Path) -> list[str]:
 
 
 def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[Finding]]:
-    """Write a fresh snapshot (and FAISS file) of every model with predictions whose snapshot is not
-    exactly in step; a rebuild is forced rather than trusting a manifest that may be wrong."""
-    from db.vectors import build_index, index_ids, load_index, save_index
-
+    """Write a fresh snapshot (vector files included) of every model with predictions whose
+    snapshot is not exactly in step; a rebuild is forced rather than trusting a manifest that may
+    be wrong. The embeddings live only in the vector store, so a damaged one is rebuilt from the
+    catalog, like any other part of the snapshot."""
     done, failed = [], []
     with catalog._read() as conn:
         counts = dict(conn.execute(
@@ -533,35 +553,18 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
             continue
         probe = CheckReport(index_dir=str(folder), catalog="")
         _snapshot(catalog, folder, m, True, False, _Collector(probe))
-        kinds = {f.kind for f in probe.problems}
-        if not kinds:
+        if not probe.problems:
             continue
         try:
-            if kinds == {"vectors"}:  # the arrays are right: only the FAISS file needs writing
-                snap = snapshots.load_snapshot(folder, m.id)
-                index = build_index(snap.ids, np.asarray(snap.emb, np.float32), _factory(snap.folder))
-                save_index(index, snap.folder / snapshots.VECTORS)
-                done.append(f"rebuilt the FAISS file of model {m.id} ({len(snap):,} vectors)")
-                continue
-            mdir = snapshots.model_dir(folder, m.id)
             stamp, preds = catalog.export(m.id)
-            gen = snapshots.write_snapshot(folder, m, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
-                                           catalog_id=catalog.catalog_id, factory=_factory(mdir, current=True))
-            if not np.array_equal(index_ids(load_index(gen / snapshots.VECTORS)), preds.ids):
-                raise CatalogError(f"the FAISS file written in {gen} does not hold the snapshot's ids")
+            snapshots.write_snapshot(folder, m, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
+                                     catalog_id=catalog.catalog_id)
+            snap = snapshots.load_snapshot(folder, m.id)
+            if not np.array_equal(np.asarray(snap.ids), preds.ids):
+                raise CatalogError(f"the snapshot written in {snap.folder} does not hold the catalog's ids")
             snapshots._record_published(folder, catalog)
             done.append(f"rebuilt the snapshot of model {m.id} ({len(preds.ids):,} images, stamp {stamp})")
-        except (CatalogError, OSError, RuntimeError) as err:
+        except (CatalogError, OSError, RuntimeError, ValueError) as err:
             failed.append(Finding("repair_failed", f"could not rebuild the snapshot of model {m.id}: "
                                   f"{_first_line(err)}"))
     return done, failed
-
-
-def _factory(path: Path, *, current: bool = False) -> str:
-    """The FAISS factory recorded in a generation's manifest (``current``: the live one's), else Flat."""
-    try:
-        if current:
-            path = path / (snapshots._current_name(path) or "")
-        return str(json.loads((path / snapshots.MANIFEST).read_text(encoding="utf-8")).get("factory") or "Flat")
-    except (OSError, ValueError, AttributeError):
-        return "Flat"

@@ -10,14 +10,16 @@ Layout under the index folder (one folder per model, one immutable generation pe
     <index>/model-<id>/.lock                serialises snapshot writers (flock; readers never lock)
     <index>/model-<id>/gen-<stamp>/         (gen-<stamp>-<n> when that stamp was written before)
         manifest.json   model_id, stamp, count, attributes, thresholds, embedding_dim, arch,
-                        checkpoint, sha256, catalog_id, factory, threshold_set (the set bare
-                        names use), threshold_sets, threshold_stats (written last)
+                        checkpoint, sha256, checkpoint_stat, catalog_id, vectors, threshold_set
+                        (the set bare names use), threshold_sets, threshold_stats (written last)
         ids.npy         int64 (N,)        catalog image ids, ascending
         probs.npy       float32 (K, N)    attribute probabilities, column-major for fast filtering
-        emb.npy         float16 (N, D)    L2-normalised embeddings (cosine = inner product)
         paths.bin       UTF-8 paths, concatenated; paths_offsets.npy int64 (N+1,) their bounds
                         (read lazily: opening a snapshot never decodes 200k strings)
-        vectors.faiss   FAISS index of emb with ids (see db/vectors.py)
+        vectors.faiss   the embeddings, once: L2-normalised float16 rows in a FAISS flat store that
+                        the engine memory-maps and searches; ``Snapshot.emb`` maps the same bytes
+        ann.faiss       only from ``db.vectors.APPROX_MIN`` rows on: an IVF-PQ index over them
+                        (see db/vectors.py)
 
 Readers open CURRENT once and then only immutable files, so a reader never sees a half-written
 generation while an indexer writes the next one. A writer builds the generation in a hidden
@@ -50,12 +52,13 @@ from db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the embeddings live only in vectors.faiss (format 1 also had emb.npy)
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 VECTORS = "vectors.faiss"
 PUBLISHED = "PUBLISHED"  # <index>/PUBLISHED: which server catalog the snapshots come from
-_ARRAYS = ("ids.npy", "probs.npy", "emb.npy", "paths_offsets.npy")
+APPROX = "ann.faiss"
+_ARRAYS = ("ids.npy", "probs.npy", "paths_offsets.npy")
 _LOAD_ATTEMPTS = 3  # a generation deleted between reading CURRENT and opening it: read CURRENT again
 
 
@@ -136,6 +139,10 @@ class Snapshot:
     threshold_set: str = "accuracy"
     threshold_sets: dict[str, np.ndarray] = field(default_factory=dict)
     threshold_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    checkpoint: str | None = None  # the model file the predictions came from, and its sha256,
+    sha256: str | None = None      # so embedding a reference image needs no catalog
+    checkpoint_stat: tuple[int, int] | None = None  # (size, mtime_ns) when that sha256 was verified
+    approximate: str | None = None  # factory of the generation's ann.faiss (None: exact only)
 
     def __post_init__(self) -> None:
         if not self.threshold_sets:  # built without sets (older manifests, tests): the one it has
@@ -201,9 +208,31 @@ def _writer_lock(folder: Path) -> Iterator[bool]:
 
 
 def _normalized_fp16(emb: np.ndarray) -> np.ndarray:
-    from db.vectors import normalize
+    from db.vectors import stored_fp16
 
-    return normalize(emb).astype(np.float16)
+    return stored_fp16(emb)
+
+
+def _checkpoint_stat(checkpoint: str | None, sha256: str | None) -> list[int] | None:
+    """``[size, mtime_ns]`` of the checkpoint file when its bytes hash to ``sha256``, else None.
+
+    Hashed once per published generation, so that a query can trust a file whose size and mtime
+    are unchanged instead of hashing it again (``retrieval.index.index_checkpoint``).
+    """
+    from db.files import file_sha256
+
+    if not checkpoint or not sha256:
+        return None
+    try:
+        st = os.stat(checkpoint)
+        if file_sha256(checkpoint) != sha256:
+            return None
+        after = os.stat(checkpoint)
+    except OSError:
+        return None
+    if (st.st_size, st.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return None  # written to while we hashed it
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -219,24 +248,25 @@ def write_snapshot(
     emb: np.ndarray,
     *,
     catalog_id: str | None = None,
-    factory: str = "Flat",
+    approx_min: int | None = None,
 ) -> Path:
     """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
 
     ``model`` is a ``db.catalog.ModelRecord`` (or anything with its fields: id, sha256, arch,
     attributes, thresholds, embedding_dim, checkpoint). ``probs`` is (N, K) float32 as the
-    catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id.
+    catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id. From
+    ``approx_min`` rows on (default ``db.vectors.APPROX_MIN``) an approximate index is built too.
     """
     folder = model_dir(index_dir, model.id)
     with _writer_lock(folder):
-        return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, factory)
+        return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, approx_min)
 
 
 def _write_locked(
     folder: Path, model: Any, stamp: int, ids: np.ndarray, paths: Sequence[str], probs: np.ndarray,
-    emb: np.ndarray, catalog_id: str | None, factory: str,
+    emb: np.ndarray, catalog_id: str | None, approx_min: int | None = None,
 ) -> Path:
-    from db.vectors import build_index, normalize, save_index
+    from db import vectors
 
     t0 = time.perf_counter()
     ids = np.asarray(ids, dtype=np.int64)
@@ -250,14 +280,15 @@ def _write_locked(
         ids, probs, emb, paths = ids[order], probs[order], emb[order], [paths[i] for i in order.tolist()]
         if np.any(ids[1:] == ids[:-1]):
             raise ValueError("image ids repeat")
-    # One float32 working copy: normalised, rounded to the stored float16, and renormalised in place
-    # for FAISS, so a FAISS index rebuilt later from emb.npy is identical to this one.
-    work = normalize(emb)
-    emb16 = work.astype(np.float16)
-    work[...] = emb16
-    index = build_index(ids, work, factory, in_place=True)
-    del work
+    emb16 = vectors.stored_fp16(emb)
+    approx_min = vectors.APPROX_MIN if approx_min is None else approx_min
+    approx, approx_s, factory = None, 0.0, vectors.approx_factory(n, d)
+    if n and n >= approx_min:
+        t_approx = time.perf_counter()
+        approx = vectors.build_approx(emb16, factory)
+        approx_s = time.perf_counter() - t_approx
     path_list = PathList.from_list(paths)
+    stat = _checkpoint_stat(model.checkpoint, model.sha256)
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -268,13 +299,16 @@ def _write_locked(
         arrays = {
             "ids.npy": ids,
             "probs.npy": np.ascontiguousarray(probs.T),
-            "emb.npy": emb16,
             "paths_offsets.npy": path_list._offsets,
         }
         for name, arr in arrays.items():
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
-        save_index(index, staging / VECTORS)
+        vector_info: dict[str, Any] = {"file": VECTORS, "crc32": vectors.write_flat(staging / VECTORS, emb16)}
+        if approx is not None:
+            vector_info.update(approximate=factory, approx_file=APPROX,
+                               approx_crc32=vectors.write_approx(staging / APPROX, approx),
+                               approx_build_s=round(approx_s, 3))
         default_set, sets, stats = model_threshold_sets(model)
         manifest = {
             "format": FORMAT,
@@ -287,8 +321,9 @@ def _write_locked(
             "arch": model.arch,
             "checkpoint": model.checkpoint,
             "sha256": model.sha256,
+            "checkpoint_stat": stat,
             "catalog_id": catalog_id,
-            "factory": factory,
+            "vectors": vector_info,
             "created": time.time(),
         }
         manifest.update(threshold_set=default_set, threshold_sets=sets, threshold_stats=stats)
@@ -362,12 +397,19 @@ def _load(folder: Path) -> tuple[Snapshot, dict[str, Any]]:
 
 
 def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
+    from db.vectors import flat_view
+
     try:
         manifest = json.loads((gen / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')}, this facefind reads {FORMAT}")
         n, k, d = int(manifest["count"]), len(manifest["attributes"]), int(manifest["embedding_dim"])
         mode = "r" if n else None  # an empty file cannot be memory-mapped
-        ids, probs, emb, offsets = (np.load(gen / a, mmap_mode=mode, allow_pickle=False) for a in _ARRAYS)
+        ids, probs, offsets = (np.load(gen / a, mmap_mode=mode, allow_pickle=False) for a in _ARRAYS)
+        emb = flat_view(gen / VECTORS, n, d)
         blob: np.ndarray | bytes = np.memmap(gen / "paths.bin", dtype=np.uint8, mode="r") if offsets[-1] else b""
+        stat = manifest.get("checkpoint_stat")
+        vector_info = manifest.get("vectors") or {}
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
@@ -390,6 +432,10 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         paths=PathList(blob, offsets),
         folder=gen,
         **_manifest_sets(manifest),
+        checkpoint=manifest.get("checkpoint"),
+        sha256=manifest.get("sha256"),
+        checkpoint_stat=(int(stat[0]), int(stat[1])) if stat else None,
+        approximate=vector_info.get("approximate"),
     )
     return snap, manifest
 
@@ -425,7 +471,7 @@ def sync_snapshot(
     index_dir: str | os.PathLike[str],
     model_id: int | None = None,
     *,
-    factory: str = "Flat",
+    approx_min: int | None = None,
     reuse_while_indexing: bool = True,
 ) -> Snapshot:
     """The model's snapshot, in step with the catalog: the live one when current, else rebuilt.
@@ -468,7 +514,7 @@ def sync_snapshot(
         if locked:
             try:
                 _write_locked(folder, model, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
-                              catalog.catalog_id, factory)
+                              catalog.catalog_id, approx_min)
                 _record_published(Path(index_dir), catalog)
                 return _load(folder)[0]
             except CatalogError as err:
@@ -481,7 +527,7 @@ def sync_snapshot(
             thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
             probs=np.ascontiguousarray(preds.probs.T),
             emb=_normalized_fp16(preds.emb) if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
-            paths=list(preds.paths), folder=None,
+            paths=list(preds.paths), folder=None, checkpoint=model.checkpoint, sha256=model.sha256,
             **_manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
         )
 
@@ -596,38 +642,6 @@ def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stam
     return snap if _matches(manifest, catalog.catalog_id, model.sha256, wanted) else None
 
 
-def load_vectors(snapshot: Snapshot) -> Any:
-    """The snapshot's FAISS index (memory-mapped); rebuilt from ``snapshot.emb`` when the file is
-    missing, damaged or does not hold exactly the snapshot's ids (and saved again when possible)."""
-    from db.vectors import build_index, index_ids, load_index, save_index
-
-    factory = "Flat"
-    if snapshot.folder is not None:
-        path = snapshot.folder / VECTORS
-        try:
-            factory = json.loads((snapshot.folder / MANIFEST).read_text(encoding="utf-8")).get("factory", "Flat")
-        except (OSError, ValueError):
-            pass
-        if path.exists():
-            try:
-                index = load_index(path)
-                if (index.ntotal == len(snapshot) and index.d == snapshot.emb.shape[1]
-                        and np.array_equal(index_ids(index), snapshot.ids)):
-                    return index
-                log.warning("%s does not match its snapshot; rebuilding it", path)
-            except (RuntimeError, AttributeError) as err:
-                log.warning("%s is damaged (%s); rebuilding it", path, str(err).splitlines()[0] if str(err) else err)
-        else:
-            log.warning("%s is missing; rebuilding it", path)
-    index = build_index(snapshot.ids, snapshot.emb, factory)
-    if snapshot.folder is not None:
-        try:
-            save_index(index, snapshot.folder / VECTORS)
-        except OSError as err:
-            log.warning("cannot save %s (%s); using it from memory", snapshot.folder / VECTORS, err)
-    return index
-
-
 def snapshot_info(index_dir: str | os.PathLike[str], model_id: int) -> dict[str, Any]:
     """What ``facefind info`` shows about a model's snapshot: stamp, counts, folder, bytes on disk."""
     folder = model_dir(index_dir, model_id)
@@ -639,8 +653,8 @@ def snapshot_info(index_dir: str | os.PathLike[str], model_id: int) -> dict[str,
         "folder": str(snap.folder),
         "stamp": snap.stamp,
         "count": len(snap),
-        "vectors": len(snap) if (snap.folder / VECTORS).exists() else 0,
-        "factory": manifest.get("factory", "Flat"),
+        "vectors": len(snap),
+        "approximate": (manifest.get("vectors") or {}).get("approximate"),
         "disk_bytes": folder_bytes(folder),
     }
 

@@ -1,21 +1,28 @@
-"""The FAISS vector store: L2-normalised embeddings keyed by catalog image id (cosine = inner product).
+"""The snapshot's vector store: the one file the engine searches, and the approximate index above it.
 
-The store is derived from the catalog and can always be rebuilt (``db.snapshot.load_vectors``
-does so when the file is missing or damaged). Exact search (``"Flat"``) is the default and is
-right at CelebA scale (202,599 x 512: ~20 ms per unfiltered query on 2 CPU cores, ~2 ms with a
-selective attribute filter). ``factory`` accepts any FAISS factory string for an approximate index
-on collections far larger than CelebA, e.g. ``"HNSW32"`` or ``"IVF4096,Flat"``; note that graph
-indexes lose recall under selective filters (see DESIGN.md), so filtered queries there are best
-answered exactly over the filtered subset.
+Each snapshot generation holds its embeddings once, in ``vectors.faiss``: a FAISS
+``IndexScalarQuantizer`` (``QT_fp16``, inner product) whose codes are the L2-normalised float16
+embeddings in snapshot row order, so FAISS labels are row positions (``ids.npy`` maps them to
+image ids). The codes are the last ``N * D * 2`` bytes of the file, so the same file serves
+
+  * the engine, which opens it with ``IO_FLAG_MMAP_IFC`` (no copy, no build: ~0.1 ms at 202,599),
+  * ``Snapshot.emb``, a numpy memory map of those bytes (``flat_view``; no FAISS import needed).
+
+Exact flat search is the default. Above ``APPROX_MIN`` vectors a generation also carries
+``ann.faiss``, an IVF-PQ index (``approx_factory``) over the same rows, built at publish time: it
+proposes candidates that the engine re-scores exactly from the flat store (see retrieval/engine.py).
+Figures behind the choices are in docs/SCALING.md ("Vector search").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import zlib
 from pathlib import Path
+from typing import Any
 
-import faiss
 import numpy as np
 
 from db.files import atomic_replace
@@ -25,14 +32,25 @@ log = logging.getLogger(__name__)
 # FAISS 1.15 only uses BLAS for query batches of at least 128,000 vectors, which makes a batch of a
 # few hundred queries ~6x slower than it needs to be; BLAS wins from about 20 queries on.
 BLAS_THRESHOLD = 20
-# Vectors used to train a factory that needs training (IVF, PQ): enough for a few thousand lists.
-MAX_TRAIN = 100_000
+# Collections from this size on also get an approximate index at publish time (docs/SCALING.md:
+# an exact fp16 scan of 1M x 512 takes ~100-150 ms on 2 cores, the IVF-PQ path a few ms).
+APPROX_MIN = 1_000_000
+# Vectors used to train the approximate index (k-means for the lists, PQ codebooks).
+MAX_TRAIN = 64 * 1024
+DEFAULT_NPROBE = 32
+RERANK = 200  # candidates the approximate index proposes per query, re-scored exactly
+
+_HEADER = np.dtype([("fourcc", "S4"), ("d", "<i4"), ("ntotal", "<i8")])  # FAISS's index header
+_FOURCC = b"IxSQ"
 
 
-def configure_faiss() -> None:
-    """Apply facefind's FAISS settings (idempotent; called by every function here)."""
+def configure_faiss() -> Any:
+    """Import FAISS with facefind's settings applied (idempotent) and return the module."""
+    import faiss
+
     if faiss.cvar.distance_compute_blas_threshold != BLAS_THRESHOLD:
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+    return faiss
 
 
 def normalize(emb: np.ndarray, *, copy: bool = True) -> np.ndarray:
@@ -44,128 +62,141 @@ def normalize(emb: np.ndarray, *, copy: bool = True) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {x.shape}")
     if x.size:
-        faiss.normalize_L2(x)  # multithreaded, and 40x faster than np.linalg.norm here
+        configure_faiss().normalize_L2(x)  # multithreaded, and 40x faster than np.linalg.norm here
     return x
 
 
-def build_index(
-    ids: np.ndarray, emb: np.ndarray, factory: str = "Flat", *, seed: int = 0, in_place: bool = False
-) -> faiss.Index:
-    """An ``IndexIDMap2`` over ``factory`` (inner product) holding the normalised ``emb`` with ``ids``.
+def stored_fp16(emb: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """The float16 rows the store keeps for raw embeddings ``emb``: normalised, then rounded
+    (in chunks, so a large collection never needs a whole float32 copy)."""
+    emb = np.asarray(emb)
+    out = np.empty(emb.shape, dtype=np.float16)
+    for start in range(0, emb.shape[0], chunk):
+        out[start:start + chunk] = normalize(emb[start:start + chunk])
+    return out
 
-    Factories that need training are trained on up to ``MAX_TRAIN`` vectors sampled with ``seed``.
-    ``in_place`` lets a float32 ``emb`` be normalised where it is, saving a copy (400 MB at CelebA size).
-    """
-    configure_faiss()
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    x = normalize(emb, copy=not in_place)
-    if ids.shape != (x.shape[0],):
-        raise ValueError(f"{ids.shape[0]} ids for {x.shape[0]} embeddings")
-    if "IDMap" in factory:
-        raise ValueError(f"factory {factory!r}: give the index type only, the id map is added here")
-    index = faiss.index_factory(x.shape[1], f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        if len(x) == 0:
-            raise ValueError(f"factory {factory!r} needs training vectors, got none")
-        rng = np.random.default_rng(seed)
-        sample = x if len(x) <= MAX_TRAIN else x[rng.choice(len(x), MAX_TRAIN, replace=False)]
-        index.train(sample)
-    if len(x):
-        index.add_with_ids(x, ids)
-    _tune(index)
+
+# ------------------------------------------------------------------------------- the flat store
+
+
+def flat_index(emb16: np.ndarray) -> Any:
+    """An in-memory fp16 inner-product index whose codes are exactly the rows of ``emb16``."""
+    faiss = configure_faiss()
+    emb16 = np.ascontiguousarray(emb16, dtype=np.float16)
+    n, d = emb16.shape
+    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    codes = emb16.view(np.uint8).reshape(-1)
+    index.codes.resize(codes.size)
+    if codes.size:
+        faiss.memcpy(index.codes.data(), faiss.swig_ptr(codes), codes.size)
+    index.ntotal = n
     return index
 
 
-def _tune(index: faiss.Index) -> None:
-    """Search-time defaults that give approximate indexes useful recall."""
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = max(inner.hnsw.efSearch, 128)
-    elif isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = max(inner.nprobe, 32)
+def write_flat(path: str | os.PathLike[str], emb16: np.ndarray) -> int:
+    """Write the flat store of ``emb16`` to ``path`` atomically; return the file's CRC-32."""
+    index = flat_index(emb16)
+    atomic_replace(path, lambda tmp: configure_faiss().write_index(index, os.fspath(tmp)))
+    return file_crc32(path)
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The ids stored in an ``IndexIDMap``/``IndexIDMap2``, in insertion order."""
-    return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+def flat_view(path: str | os.PathLike[str], n: int, d: int) -> np.ndarray:
+    """The float16 (n, d) rows of a flat store, memory-mapped from the file (no FAISS import).
 
-
-def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> Path:
-    """Write ``index`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir.
-
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    ValueError when the file is not a flat store of exactly that shape (a damaged or foreign file).
     """
-    atomic_replace(path, lambda tmp: faiss.write_index(index, os.fspath(tmp)))
-    return path
+    path = Path(path)
+    nbytes = n * d * 2
+    size = path.stat().st_size
+    if size < _HEADER.itemsize + nbytes + 8:
+        raise ValueError(f"{path.name} has {size:,} bytes, too few for {n:,} x {d} float16 vectors")
+    head = np.fromfile(path, dtype=_HEADER, count=1)[0]
+    tail = np.fromfile(path, dtype="<u8", count=1, offset=size - nbytes - 8)[0]
+    if head["fourcc"] != _FOURCC or int(head["d"]) != d or int(head["ntotal"]) != n or int(tail) != nbytes:
+        raise ValueError(f"{path.name} is not a float16 store of {n:,} x {d} vectors "
+                         f"(header {head['fourcc']!r}, d={int(head['d'])}, ntotal={int(head['ntotal'])})")
+    if n == 0:
+        return np.zeros((0, d), dtype=np.float16)
+    return np.memmap(path, dtype=np.float16, mode="r", offset=size - nbytes, shape=(n, d))
 
 
-def load_index(path: str | os.PathLike[str], *, mmap: bool = True) -> faiss.Index:
-    """Read an index written by ``save_index``.
+def open_flat(path: str | os.PathLike[str]) -> Any:
+    """The flat store as a FAISS index whose codes stay in the file (memory-mapped, read-only)."""
+    faiss = configure_faiss()
+    return faiss.read_index(os.fspath(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
 
-    With ``mmap`` a flat index's vectors are mapped from the file instead of copied (~50 ms instead
-    of ~1.3 s at 202,599 x 512); the file must then stay unmodified, which ``save_index`` and
-    the snapshot layout guarantee (files are replaced, never rewritten in place).
-    """
-    configure_faiss()
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        index = faiss.read_index(os.fspath(path), flags)
-    except RuntimeError:
-        if not mmap:
-            raise
-        index = faiss.read_index(os.fspath(path))  # index types that cannot be mapped
-    _tune(index)
+
+def file_crc32(path: str | os.PathLike[str], chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file (~1 GB/s): recorded in the manifest so `check` can prove the bytes intact."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+# ---------------------------------------------------------------------------- the approximate index
+
+
+def approx_factory(n: int, d: int) -> str:
+    """The approximate index for ``n`` vectors of dimension ``d``: IVF with ~sqrt(n) lists (a
+    power of two, at least 64) and 8-bit PQ codes of ``d / 8`` bytes. Candidates are re-scored from
+    the flat store, so the codes only have to rank the right ones into the top ``RERANK``."""
+    nlist = 2 ** max(6, round(math.log2(max(n, 1) ** 0.5)))
+    m = max(1, d // 8)
+    while d % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def build_approx(emb16: np.ndarray, factory: str | None = None, *, seed: int = 0) -> Any:
+    """Train and fill the approximate index over the rows of ``emb16`` (labels = row positions)."""
+    faiss = configure_faiss()
+    n, d = emb16.shape
+    factory = factory or approx_factory(n, d)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, min(n, MAX_TRAIN), replace=False))
+    index.train(np.asarray(emb16[pick], dtype=np.float32))
+    for start in range(0, n, 65_536):
+        index.add(np.asarray(emb16[start:start + 65_536], dtype=np.float32))
+    set_nprobe(index, DEFAULT_NPROBE)
     return index
 
 
-def id_bitmap(allowed_ids: np.ndarray) -> np.ndarray:
-    """A little-endian bitmap with bit ``id`` set for each allowed id (FAISS ``IDSelectorBitmap``)."""
-    allowed_ids = np.asarray(allowed_ids, dtype=np.int64)
-    if len(allowed_ids) == 0:
-        return np.zeros(1, dtype=np.uint8)
-    if allowed_ids.min() < 0:
-        raise ValueError("ids must be non-negative")
-    bits = np.zeros(int(allowed_ids.max()) + 1, dtype=bool)
-    bits[allowed_ids] = True
-    return np.packbits(bits, bitorder="little")
+def write_approx(path: str | os.PathLike[str], index: Any) -> int:
+    """Write an approximate index atomically; return the file's CRC-32."""
+    atomic_replace(path, lambda tmp: configure_faiss().write_index(index, os.fspath(tmp)))
+    return file_crc32(path)
 
 
-def search(
-    index: faiss.Index,
-    queries: np.ndarray,
-    k: int,
-    allowed_ids: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest stored vectors to each query by cosine similarity.
+def open_approx(path: str | os.PathLike[str]) -> Any:
+    """Read an approximate index written by ``write_approx``."""
+    index = configure_faiss().read_index(os.fspath(path))
+    set_nprobe(index, DEFAULT_NPROBE)
+    return index
 
-    Returns ``(scores float32 (Q, k), ids int64 (Q, k))``, best first; when fewer than ``k``
-    vectors qualify the rest is padded with score ``-inf`` and id ``-1``. ``allowed_ids``
-    restricts the search to those image ids (a FAISS ``IDSelectorBitmap``, evaluated inside the
-    scan; exact for a flat index).
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """Set the IVF lists visited per query (more: slower, higher recall)."""
+    configure_faiss().extract_index_ivf(index).nprobe = int(nprobe)
+
+
+def approx_candidates(index: Any, q: np.ndarray, k: int, *, nprobe: int | None = None,
+                      allowed: np.ndarray | None = None) -> np.ndarray:
+    """Row positions of up to ``k`` approximate neighbours of the float32 unit vector ``q``.
+
+    ``allowed`` (a bool mask over rows) is applied inside the IVF scan with ``IDSelectorBitmap``,
+    so every candidate passes the filter.
     """
-    configure_faiss()
-    q = normalize(np.atleast_2d(queries))
-    if q.shape[1] != index.d:
-        raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")
-    k = int(k)
-    if k <= 0 or index.ntotal == 0:
-        return np.full((q.shape[0], max(k, 0)), -np.inf, np.float32), np.full((q.shape[0], max(k, 0)), -1, np.int64)
-    params = None
-    if allowed_ids is not None:
-        bitmap = id_bitmap(allowed_ids)
-        # Keep ``bitmap`` and ``selector`` referenced until the search returns: FAISS holds raw pointers.
-        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-        params = _params_for(index, selector)
-    scores, ids = index.search(q, k, params=params)
-    scores[ids < 0] = -np.inf
-    return scores, ids
-
-
-def _params_for(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
-    """Search parameters of the right subclass, carrying the selector and the index's own tuning."""
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
-    if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
-    return faiss.SearchParameters(sel=selector)
+    faiss = configure_faiss()
+    ivf = faiss.extract_index_ivf(index)
+    bitmap = None
+    params = faiss.SearchParametersIVF(nprobe=int(nprobe or ivf.nprobe))
+    if allowed is not None:
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        params.sel = selector  # ``bitmap`` and ``selector`` stay referenced until the search returns
+    _, lab = index.search(np.ascontiguousarray(q, dtype=np.float32).reshape(1, -1), int(k), params=params)
+    lab = lab[0]
+    return lab[lab >= 0]

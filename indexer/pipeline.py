@@ -551,12 +551,10 @@ def _finish_quietly(catalog: Catalog, run_id: int, status: str) -> None:
 
 
 def _sync(catalog: Catalog, index_dir: Path, model_id: int) -> Any:
-    """Bring the sidecar files and the FAISS file of ``model_id`` in step with the catalog.
+    """Bring the snapshot of ``model_id`` (sidecar arrays and vector store) in step with the catalog.
 
-    Both are rebuilt when missing, damaged or stale, so a run that indexes nothing still repairs them.
+    It is rebuilt when missing, damaged or stale, so a run that indexes nothing still repairs it.
     """
-    from db.snapshot import load_vectors, sync_snapshot
+    from db.snapshot import sync_snapshot
 
-    snap = sync_snapshot(catalog, index_dir, model_id, reuse_while_indexing=False)  # our run is 'running'
-    load_vectors(snap)
-    return snap
+    return sync_snapshot(catalog, index_dir, model_id, reuse_while_indexing=False)  # our run is 'running'

@@ -4,11 +4,15 @@
 ``facefind query``, ``facefind similar``, the HTML gallery and any later web page.
 
 Ranking
-  * with a reference (``like`` embedding or ``like_id``): exact cosine similarity over the
-    filtered subset. Embeddings are stored L2-normalised in float16; a FAISS scalar-quantizer
-    index over those same float16 codes computes the inner products without a float32 copy
-    (a selective filter goes through ``IDSelectorBitmap``; a wide one searches everything and
-    drops non-matches, widening k until the top is provably exact). Score = cosine in [-1, 1].
+  * with a reference (``like`` embedding or ``like_id``): cosine similarity over the filtered
+    subset, searched in the snapshot's own vector store (``db.vectors``): the float16 flat file,
+    memory-mapped by FAISS, so no process ever builds an index to answer. Exact by default (a
+    selective filter goes through ``IDSelectorBitmap``; a wide one searches everything and drops
+    non-matches, widening k until the top is provably exact). Where the snapshot also carries an
+    approximate index (large collections), an unfiltered query or a filter that keeps more than
+    ``EXACT_SUBSET`` images takes candidates from it (the filter applied inside the IVF scan) and
+    re-scores them exactly from the flat store; ``exact=True`` forces the exact scan, and
+    ``Result.search`` says which ran. Score = cosine in [-1, 1].
   * without: by how robustly the image satisfies the expression, in log-odds. A literal's margin
     is ``logit(p) - logit(threshold)`` (for ``<``/``<=`` the sign flips; bare names use the
     threshold set of the query), ``not`` negates, ``and``
@@ -51,6 +55,7 @@ WEAK_F1 = 0.2           # a bare name whose val F1 (at the set in use) is below 
 PARSED_KEPT = 64        # parsed expressions an engine keeps
 THRESHOLD_SETS = ("accuracy", "f1")  # the objectives training calibrates for (trainer.metrics)
 BITMAP_FRACTION = 0.10  # filtered similarity search uses a FAISS bitmap below this match fraction
+EXACT_SUBSET = 100_000  # a filter keeping at most this many images is scanned exactly (docs/SCALING.md)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,8 @@ class Hit:
 @dataclass(frozen=True)
 class Result:
     """One page of a query: ``total`` images match out of ``n_indexed``; ``hits`` are ranks
-    ``offset + 1`` .. ``offset + len(hits)``. ``ranking`` is 'similarity', 'confidence' or 'id'."""
+    ``offset + 1`` .. ``offset + len(hits)``. ``ranking`` is 'similarity', 'confidence' or 'id';
+    ``search`` is 'exact' or 'approximate' for a similarity ranking, else None."""
 
     total: int
     n_indexed: int
@@ -83,12 +89,14 @@ class Result:
     node: Node | None = None
     thresholds: str | None = None   # the threshold set bare names used ("f1", "accuracy")
     warnings: tuple[str, ...] = ()  # one line each, e.g. an attribute the model barely learned
+    search: str | None = None       # 'exact' or 'approximate' for a similarity ranking
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``facefind query --json``."""
         return {"expression": self.expression, "total": self.total, "n_indexed": self.n_indexed,
-                "ranking": self.ranking, "offset": self.offset, "thresholds": self.thresholds,
-                "warnings": list(self.warnings), "hits": [h.to_dict() for h in self.hits]}
+                "ranking": self.ranking, "search": self.search, "offset": self.offset,
+                "thresholds": self.thresholds, "warnings": list(self.warnings),
+                "hits": [h.to_dict() for h in self.hits]}
 
     def to_frame(self) -> Any:
         """The hits as a pandas DataFrame: rank, id, path, score, matched, then one column per attribute.
@@ -220,7 +228,8 @@ class Engine:
         self._logit_rows: list[np.ndarray | None] = [None] * k
         self._id_order = np.arange(n) if ascending else np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_order]
-        self._vectors: Any = None  # faiss index over emb, built on the first similarity query
+        self._vectors: Any = None  # the flat store as a FAISS index, opened on the first similarity query
+        self._approx: Any = None   # the approximate index, when the snapshot has one (False: unusable)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -336,16 +345,21 @@ class Engine:
 
     def query(self, expr: str | Node | None = None, *, limit: int = 20, offset: int = 0,
               like: np.ndarray | None = None, like_id: int | None = None,
-              thresholds: str | None = None) -> Result:
+              thresholds: str | None = None, exact: bool = False, nprobe: int | None = None) -> Result:
         """Filter by ``expr`` (text, an already parsed ``Node``, or None: everything) and return
         one ranked page.
 
         ``like`` (an embedding from the index's model) or ``like_id`` (an indexed image) ranks by
         cosine similarity; otherwise by attribute confidence. ``limit=0`` only counts.
         ``thresholds`` names the set bare names use ("f1", "accuracy"; None: the index default).
+        ``exact`` forces an exact similarity scan where an approximate index exists; ``nprobe``
+        sets the IVF lists it visits (default ``db.vectors.DEFAULT_NPROBE``: more is slower and
+        closer).
         """
         if limit < 0 or offset < 0:
             raise FacefindError(f"--limit and --offset must be >= 0 (got {limit}, {offset})")
+        if nprobe is not None and nprobe < 1:
+            raise FacefindError(f"--nprobe must be >= 1 (got {nprobe})")
         if like is not None and like_id is not None:
             raise ValueError("give either like or like_id, not both")
         node = self.parse(expr) if isinstance(expr, str) else expr
@@ -357,9 +371,11 @@ class Engine:
         need = min(offset + limit, total)
         if like_id is not None:
             like = self.embedding_of(like_id)
+        search = None
         if like is not None:
             ranking = "similarity"
-            top, scores = self._similar(self._reference(like), mask, total, need)
+            top, scores, search = self._similar(self._reference(like), mask, total, need,
+                                                exact=exact, nprobe=nprobe)
         elif node is not None:
             ranking = "confidence"
             conf = self.confidence(node, idx, used)
@@ -373,7 +389,7 @@ class Engine:
         warnings = tuple(self.weak_attributes(node, used)) if node is not None else ()
         return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores, used),
                       expression=text, ranking=ranking, offset=offset, node=node, thresholds=used,
-                      warnings=warnings)
+                      warnings=warnings, search=search)
 
     def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray, thresholds: str) -> list[Hit]:
         sub = self.probs[:, top]  # (K, L)
@@ -403,26 +419,74 @@ class Engine:
         return q / norm
 
     def _vector_index(self) -> Any:
-        """A FAISS inner-product index over the float16 embeddings, built once (codes = fp16)."""
+        """The snapshot's flat store as a FAISS index: memory-mapped from its file (nothing is
+        built or copied), or wrapped around ``emb`` for a snapshot that lives only in memory."""
         if self._vectors is None:
-            import faiss  # only similarity queries pay for the import
+            from db import vectors
+            from db.snapshot import VECTORS
 
-            n, d = self.emb.shape
-            codes = np.ascontiguousarray(self.emb, dtype=np.float16).view(np.uint8).reshape(-1)
-            index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16,
-                                               faiss.METRIC_INNER_PRODUCT)
-            index.is_trained = True
-            index.codes.resize(codes.size)
-            faiss.memcpy(index.codes.data(), faiss.swig_ptr(codes), codes.size)
-            index.ntotal = n
-            self._vectors = index
+            folder = self.snapshot.folder
+            if folder is None:
+                self._vectors = vectors.flat_index(self.emb)
+            else:
+                try:
+                    self._vectors = vectors.open_flat(folder / VECTORS)
+                except RuntimeError as err:
+                    raise CatalogError(f"the vector file {folder / VECTORS} cannot be read "
+                                       f"({str(err).strip().splitlines()[0] if str(err).strip() else err}): "
+                                       "run `facefind check --repair`") from None
         return self._vectors
 
-    def _similar(self, q: np.ndarray, mask: np.ndarray | None, total: int,
-                 need: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top ``need`` positions by cosine among ``mask`` (ties by id)."""
+    def _approx_index(self) -> Any:
+        """The snapshot's approximate index, or None when it has none (or it cannot be read:
+        then every query is answered exactly, with a warning, until `check --repair`)."""
+        if self._approx is None:
+            self._approx = False
+            folder = self.snapshot.folder
+            if self.snapshot.approximate and folder is not None:
+                from db import vectors
+                from db.snapshot import APPROX
+
+                try:
+                    self._approx = vectors.open_approx(folder / APPROX)
+                except (RuntimeError, OSError) as err:
+                    log.warning("the approximate index %s cannot be read (%s): searching exactly; "
+                                "`facefind check --repair` rebuilds it", folder / APPROX, err)
+        return self._approx or None
+
+    def _similar(self, q: np.ndarray, mask: np.ndarray | None, total: int, need: int, *,
+                 exact: bool = False, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """Top ``need`` positions by cosine among ``mask`` (ties by id), and 'exact' or
+        'approximate': the approximate index serves wide searches unless ``exact``."""
         if need == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), "exact"
+        approx = None if exact else self._approx_index()
+        if approx is not None and (mask is None or total > EXACT_SUBSET):
+            found = self._similar_approx(approx, q, mask, need, nprobe)
+            if found is not None:
+                return found[0], found[1], "approximate"
+        top, sims = self._similar_exact(q, mask, total, need)
+        return top, sims, "exact"
+
+    def _similar_approx(self, index: Any, q: np.ndarray, mask: np.ndarray | None, need: int,
+                        nprobe: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Candidates from the approximate index (only rows passing ``mask``), re-scored exactly
+        from the flat store; None when the visited lists held fewer than ``need`` matches."""
+        from db import vectors
+
+        with _faiss_threads(vectors.configure_faiss(), 1):
+            cand = vectors.approx_candidates(index, q, max(vectors.RERANK, 2 * need), nprobe=nprobe,
+                                             allowed=mask)
+        if cand.shape[0] < need:
+            return None
+        cand = np.sort(cand)  # in file order: the gather below reads the memory map forwards
+        sims = np.asarray(self.emb[cand], dtype=np.float32) @ q
+        order = top_order(sims, self.ids[cand], need)
+        return cand[order], sims[order]
+
+    def _similar_exact(self, q: np.ndarray, mask: np.ndarray | None, total: int,
+                       need: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``need`` positions by cosine among ``mask`` (ties by id)."""
         import faiss
 
         index = self._vector_index()

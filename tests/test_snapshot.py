@@ -16,7 +16,7 @@ from db import snapshot as snapshots
 from db import vectors
 from db.catalog import Catalog, IndexedImage
 from db.errors import CatalogError
-from db.snapshot import PathList, load_snapshot, load_vectors, sync_snapshot, write_snapshot
+from db.snapshot import PathList, load_snapshot, sync_snapshot, write_snapshot
 
 K, D = 4, 8
 NAMES = ["Male", "Smiling", "Eyeglasses", "5_o_Clock_Shadow"]
@@ -128,14 +128,14 @@ def test_sync_rebuilds_for_a_recreated_catalog_with_the_same_stamp(tmp_path: Pat
     other.close()
 
 
-@pytest.mark.parametrize("damage", ["truncate emb", "delete ids", "garbage manifest", "empty CURRENT"])
+@pytest.mark.parametrize("damage", ["truncate vectors", "delete ids", "garbage manifest", "empty CURRENT"])
 def test_damaged_snapshot_is_refused_then_rebuilt(index_dir: Path, catalog: Catalog, model: int, damage: str) -> None:
     snap = sync_snapshot(catalog, index_dir, model)
     gen = snap.folder
     del snap
-    if damage == "truncate emb":
-        data = (gen / "emb.npy").read_bytes()
-        (gen / "emb.npy").write_bytes(data[: len(data) // 2])
+    if damage == "truncate vectors":
+        data = (gen / "vectors.faiss").read_bytes()
+        (gen / "vectors.faiss").write_bytes(data[: len(data) // 2])
     elif damage == "delete ids":
         (gen / "ids.npy").unlink()
     elif damage == "garbage manifest":
@@ -205,25 +205,62 @@ def test_load_retries_when_its_generation_vanishes(index_dir: Path, catalog: Cat
     assert len(calls) == 2 and calls[0] != calls[1] and len(snap) == 31
 
 
-def test_faiss_file_deleted_or_damaged_is_rebuilt(index_dir: Path, catalog: Catalog, model: int) -> None:
+def test_the_vector_file_is_the_only_copy_of_the_embeddings(index_dir: Path, catalog: Catalog, model: int) -> None:
+    """Snapshot.emb maps the codes of the FAISS file the engine searches: one store, no emb.npy."""
+    snap = sync_snapshot(catalog, index_dir, model)
+    assert sorted(p.name for p in snap.folder.iterdir()) == [
+        "ids.npy", "manifest.json", "paths.bin", "paths_offsets.npy", "probs.npy", "vectors.faiss"]
+    assert isinstance(snap.emb, np.memmap) and Path(snap.emb.filename) == (snap.folder / "vectors.faiss").resolve()
+    _, preds = catalog.export(model)
+    raw = np.asarray(preds.emb, np.float32)
+    np.testing.assert_array_equal(snap.emb, (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float16))
+    index = vectors.open_flat(snap.folder / "vectors.faiss")
+    q = np.asarray(snap.emb[3:4], np.float32)
+    scores, rows = index.search(q, 30)
+    want = np.asarray(snap.emb, np.float32) @ q[0]
+    np.testing.assert_allclose(scores[0], np.sort(want)[::-1], rtol=1e-5, atol=1e-6)
+    assert rows[0, 0] == 3
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "truncate", "other shape"])
+def test_a_deleted_or_damaged_vector_file_is_refused_then_rebuilt(
+        index_dir: Path, catalog: Catalog, model: int, damage: str) -> None:
     snap = sync_snapshot(catalog, index_dir, model)
     path = snap.folder / "vectors.faiss"
-    query = np.asarray(snap.emb[:2], np.float32)
-    want = vectors.search(load_vectors(snap), query, 5)
-    for damage in ("delete", "garbage", "truncate"):
-        if damage == "delete":
-            path.unlink()
-        elif damage == "garbage":
-            path.write_bytes(b"\x00garbage" * 50)
-        else:
-            path.write_bytes(path.read_bytes()[:200])
-        index = load_vectors(snap)
-        assert index.ntotal == len(snap) and path.exists()
-        got = vectors.search(index, query, 5)
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-        # The rebuilt file is a valid index again.
-        assert vectors.load_index(path).ntotal == len(snap)
+    want = np.array(snap.emb)
+    if damage == "delete":
+        path.unlink()
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 2000)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        vectors.write_flat(path, want[:20])
+    del snap
+    with pytest.raises(CatalogError, match="check --repair|incomplete|damaged"):
+        load_snapshot(index_dir, model)
+    fixed = sync_snapshot(catalog, index_dir, model)
+    np.testing.assert_array_equal(fixed.emb, want)
+    assert vectors.open_flat(fixed.folder / "vectors.faiss").ntotal == 30
+
+
+def test_snapshot_carries_the_checkpoint_identity(index_dir: Path, catalog: Catalog, tmp_path: Path) -> None:
+    """The manifest names the checkpoint, its sha256 and the (size, mtime) at which that sha256
+    held, so a query can verify the file without the catalog or a hash."""
+    from db.files import file_sha256
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights" * 100)
+    mid = catalog.register_model(file_sha256(ckpt), "resnet18", NAMES, [0.5] * K, D, str(ckpt))
+    catalog.write_batch(mid, rows_for(["/faces/a.jpg", "/faces/b.jpg"]))
+    snap = sync_snapshot(catalog, index_dir, mid)
+    st = ckpt.stat()
+    assert (snap.checkpoint, snap.sha256) == (str(ckpt), file_sha256(ckpt))
+    assert snap.checkpoint_stat == (st.st_size, st.st_mtime_ns)
+    assert load_snapshot(index_dir, mid).checkpoint_stat == snap.checkpoint_stat
+    liar = catalog.register_model("0" * 64, "resnet18", NAMES, [0.5] * K, D, str(ckpt))  # sha256 does not match
+    catalog.write_batch(liar, rows_for(["/faces/a.jpg"]))
+    assert sync_snapshot(catalog, index_dir, liar).checkpoint_stat is None
 
 
 def test_read_only_index_falls_back_to_an_in_memory_snapshot(index_dir: Path, catalog: Catalog, model: int,
@@ -235,7 +272,7 @@ def test_read_only_index_falls_back_to_an_in_memory_snapshot(index_dir: Path, ca
     snap = sync_snapshot(catalog, index_dir, model)
     assert snap.folder is None and len(snap) == 30 and snap.stamp == catalog.stamp(model)
     assert snap.probs.shape == (K, 30) and snap.emb.dtype == np.float16
-    assert load_vectors(snap).ntotal == 30
+    assert vectors.flat_index(snap.emb).ntotal == 30
 
 
 def test_empty_model_and_no_model(index_dir: Path, catalog: Catalog) -> None:
@@ -245,7 +282,7 @@ def test_empty_model_and_no_model(index_dir: Path, catalog: Catalog) -> None:
     snap = sync_snapshot(catalog, index_dir, empty)
     assert len(snap) == 0 and snap.probs.shape == (K, 0) and snap.emb.shape == (0, D)
     assert load_snapshot(index_dir, empty).paths.tolist() == []
-    assert load_vectors(snap).ntotal == 0
+    assert vectors.open_flat(snap.folder / "vectors.faiss").ntotal == 0
     info = snapshots.snapshot_info(index_dir, empty)
     assert info["count"] == 0 and info["stamp"] == 0
 
