@@ -367,6 +367,8 @@ def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bo
         if (gen / snapshots.MANIFEST).is_file() and not (gen / snapshots.VECTORS).is_file():
             found.problem("vectors", f"{what} ({gen.name}): its vector file {snapshots.VECTORS} is missing: "
                           f"{fix}", repairable=True)
+        elif snapshots.VECTORS in str(err):
+            found.problem("vectors", f"{what} ({gen.name}): {_first_line(err)}: {fix}", repairable=True)
         else:
             found.problem("snapshot_damaged", f"{what} cannot be read ({_first_line(err)}): {fix}",
                           repairable=True)
@@ -426,6 +428,18 @@ def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: M
     if index.ntotal != len(snap) or index.d != snap.emb.shape[1]:
         return f"its approximate index holds {index.ntotal:,} vectors of dimension {index.d} for {len(snap):,}"
     return None
+
+
+def _had_approximate(folder: Path, model_id: int) -> bool:
+    """Whether the live generation's manifest names an approximate index (readable or not)."""
+    import json
+
+    mdir = snapshots.model_dir(folder, model_id)
+    try:
+        manifest = json.loads((mdir / (snapshots._current_name(mdir) or "") / snapshots.MANIFEST).read_text("utf-8"))
+        return bool((manifest.get("vectors") or {}).get("approximate"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _first_line(err: BaseException) -> str:
@@ -557,8 +571,10 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
             continue
         try:
             stamp, preds = catalog.export(m.id)
+            # A generation that carried an approximate index gets one again, whatever its size.
             snapshots.write_snapshot(folder, m, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
-                                     catalog_id=catalog.catalog_id)
+                                     catalog_id=catalog.catalog_id,
+                                     approx_min=0 if _had_approximate(folder, m.id) else None)
             snap = snapshots.load_snapshot(folder, m.id)
             if not np.array_equal(np.asarray(snap.ids), preds.ids):
                 raise CatalogError(f"the snapshot written in {snap.folder} does not hold the catalog's ids")

@@ -283,7 +283,7 @@ def _write_locked(
     emb16 = vectors.stored_fp16(emb)
     approx_min = vectors.APPROX_MIN if approx_min is None else approx_min
     approx, approx_s, factory = None, 0.0, vectors.approx_factory(n, d)
-    if n and n >= approx_min:
+    if n >= max(approx_min, vectors.APPROX_FLOOR):
         t_approx = time.perf_counter()
         approx = vectors.build_approx(emb16, factory)
         approx_s = time.perf_counter() - t_approx

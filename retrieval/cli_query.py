@@ -121,6 +121,15 @@ ThresholdsOpt = Annotated[
                  "an attribute, the default) or accuracy (the CelebA metric's; rare attributes rarely pass).",
                  show_default=False),
 ]
+ExactOpt = Annotated[
+    bool,
+    typer.Option("--exact", help="Rank by an exact scan even where the index has an approximate one (large indexes)."),
+]
+NprobeOpt = Annotated[
+    int | None,
+    typer.Option("--nprobe", min=1, show_default=False,
+                 help="Approximate search only: IVF lists to visit (default 32; more is slower and closer to exact)."),
+]
 EvalOpt = Annotated[
     bool,
     typer.Option("--eval", help="Report precision@k and the base rate against the index's ground-truth labels."),
@@ -153,6 +162,8 @@ def query(
     detect_face: DetectFaceOpt = None,
     index_dir: IndexOpt = None,
     device: DeviceOpt = "auto",
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
 ) -> None:
     """Find indexed faces whose attributes satisfy EXPR, ranked by confidence or by similarity."""
     _check_output(as_json, paths, csv)
@@ -166,7 +177,7 @@ def query(
         idx.engine.threshold_set(thresholds)
         reference = idx.embed(like, detect_face, device) if like is not None else None
         result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
-                                  thresholds=thresholds)
+                                  thresholds=thresholds, exact=exact, nprobe=nprobe)
         quality = idx.quality(result) if evaluate else None
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
@@ -190,15 +201,19 @@ def similar(
     detect_face: DetectFaceOpt = None,
     index_dir: IndexOpt = None,
     device: DeviceOpt = "auto",
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
 ) -> None:
-    """Find the indexed faces most similar to IMAGE (exact cosine), optionally only those matching --where."""
+    """Find the indexed faces most similar to IMAGE (cosine; exact unless the index is large enough
+    to carry an approximate index), optionally only those matching --where."""
     _check_output(as_json, paths, csv)
     with open_index(index_dir) as idx:
         if where is not None:
             idx.engine.parse(where)
         idx.engine.threshold_set(thresholds)
         reference = idx.embed(image, detect_face, device)
-        result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds)
+        result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds,
+                                  exact=exact, nprobe=nprobe)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
             quality=None, csv=csv)
 

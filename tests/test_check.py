@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from db.catalog import Catalog, IndexedImage
-from db.snapshot import load_snapshot, load_vectors, sync_snapshot
+from db.snapshot import load_snapshot, sync_snapshot, write_snapshot
 from retrieval.cli import app
 
 K, D, N = 3, 8, 12
@@ -52,7 +52,7 @@ def built(tmp_path: Path) -> dict[str, Any]:
         run = catalog.start_run(mid, pics)
         catalog.write_batch(mid, rows(files))
         catalog.finish_run(run, "finished", {"indexed": N})
-        load_vectors(sync_snapshot(catalog, idx, mid))
+        sync_snapshot(catalog, idx, mid)
     return {"idx": idx, "pics": pics, "files": files, "ckpt": ckpt, "model": mid}
 
 
@@ -77,14 +77,16 @@ def sql(idx: Path, *statements: str) -> list[tuple]:
 
 
 def snapshot_matches_catalog(idx: Path) -> None:
-    from db.vectors import index_ids, load_index
+    from db.vectors import open_flat
 
     with Catalog.open(idx, create=False) as catalog:
         stamp, preds = catalog.export(1)
     snap = load_snapshot(idx, 1)
     assert snap.stamp == stamp
     np.testing.assert_array_equal(snap.ids, preds.ids)
-    np.testing.assert_array_equal(index_ids(load_index(snap.folder / "vectors.faiss")), preds.ids)
+    raw = np.asarray(preds.emb, np.float32)
+    np.testing.assert_array_equal(snap.emb, (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float16))
+    assert open_flat(snap.folder / "vectors.faiss").ntotal == len(preds.ids)
 
 
 def test_a_healthy_index_passes(built: dict) -> None:
@@ -114,11 +116,12 @@ def _delete_faiss(b: dict) -> None:
     (_gen(b) / "vectors.faiss").unlink()
 
 
-def _faiss_with_other_ids(b: dict) -> None:
-    from db.vectors import build_index, save_index
+def _faiss_with_other_vectors(b: dict) -> None:
+    """Same shape, other rows (rows swapped): only the manifest's CRC-32 can tell."""
+    from db.vectors import write_flat
 
     snap = load_snapshot(b["idx"], 1)
-    save_index(build_index(snap.ids + 100, np.asarray(snap.emb, np.float32)), snap.folder / "vectors.faiss")
+    write_flat(snap.folder / "vectors.faiss", np.array(snap.emb)[::-1])
 
 
 def _garbage_faiss(b: dict) -> None:
@@ -156,9 +159,9 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], set[str]]] = {
     "snapshot deleted": (_delete_snapshot, {"snapshot_missing"}),
     "snapshot stale": (_stale_snapshot, {"snapshot_stale"}),
     "faiss deleted": (_delete_faiss, {"vectors"}),
-    "faiss holds other ids": (_faiss_with_other_ids, {"vectors"}),
+    "faiss holds other vectors": (_faiss_with_other_vectors, {"vectors"}),
     "faiss garbage": (_garbage_faiss, {"vectors"}),
-    "sidecar ids rewritten": (_other_ids, {"snapshot_inconsistent", "vectors"}),  # FAISS no longer matches
+    "sidecar ids rewritten": (_other_ids, {"snapshot_inconsistent"}),
     "manifest garbage": (_garbage_manifest, {"snapshot_damaged"}),
     "manifest of another catalog": (_foreign_manifest, {"snapshot_foreign"}),
     "run left running": (_dead_run, {"dead_runs"}),
@@ -252,10 +255,10 @@ def test_an_older_model_only_warns(built: dict, tmp_path: Path) -> None:
         rng = np.random.default_rng(1)
         catalog.write_batch(m2, [IndexedImage(str(p), 1, 1.0, 20, 24, rng.random(1, dtype=np.float32),
                                               rng.standard_normal(4, dtype=np.float32)) for p in built["files"][:5]])
-        load_vectors(sync_snapshot(catalog, built["idx"], m2))
+        sync_snapshot(catalog, built["idx"], m2)
         catalog.prune([built["files"][11]])  # both models lose it: model 1's snapshot is now stale
         built["files"][11].unlink()
-        load_vectors(sync_snapshot(catalog, built["idx"], m2))
+        sync_snapshot(catalog, built["idx"], m2)
     built["ckpt"].unlink()
     code, report = run_check(built["idx"])
     assert code == 0, report
@@ -342,3 +345,29 @@ def test_every_damaged_page_gives_a_result_or_one_line(built: dict) -> None:
                 assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
             outcomes.add((args[0], result.exit_code))
     assert ("check", 1) in outcomes and ("query", 1) in outcomes
+
+
+@pytest.mark.parametrize("damage", ["garbage", "delete"])
+def test_a_damaged_or_missing_approximate_index_is_found_and_rebuilt(tmp_path: Path, damage: str) -> None:
+    from db.check import check_index
+
+    idx, n = tmp_path / "index", 1200
+    rng = np.random.default_rng(2)
+    with Catalog.open(idx) as catalog:
+        mid = catalog.register_model("a" * 64, "tiny", NAMES, [0.5] * K, D, None)
+        catalog.write_batch(mid, [IndexedImage(f"/faces/{i:05d}.jpg", 1, 1.0, 20, 24, rng.random(K, dtype=np.float32),
+                                               rng.standard_normal(D, dtype=np.float32)) for i in range(n)])
+        stamp, preds = catalog.export(mid)
+        gen = write_snapshot(idx, catalog.get_model(mid), stamp, preds.ids, preds.paths, preds.probs, preds.emb,
+                             catalog_id=catalog.catalog_id, approx_min=n)
+    assert check_index(idx, check_files=False).healthy
+    if damage == "garbage":
+        (gen / "ann.faiss").write_bytes(b"\0garbage" * 64)
+    else:
+        (gen / "ann.faiss").unlink()
+    report = check_index(idx, check_files=False)
+    assert [f.kind for f in report.problems] == ["vectors"] and "ann.faiss" in report.problems[0].message
+    report = check_index(idx, repair=True, check_files=False)
+    assert report.healthy and report.repaired, report.to_dict()
+    snap = load_snapshot(idx, mid)
+    assert snap.folder != gen and snap.approximate and (snap.folder / "ann.faiss").is_file()

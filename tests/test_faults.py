@@ -93,9 +93,9 @@ HOOKS = textwrap.dedent('''
             app(sys.argv[2:], prog_name="facefind")
         else:
             from db.catalog import Catalog
-            from db.snapshot import load_vectors, sync_snapshot
+            from db.snapshot import sync_snapshot
             with Catalog.open(sys.argv[2]) as catalog:
-                load_vectors(sync_snapshot(catalog, sys.argv[2], reuse_while_indexing=False))
+                sync_snapshot(catalog, sys.argv[2], reuse_while_indexing=False)
             print("synced")
 ''')
 
@@ -185,12 +185,12 @@ def reap(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backend: Any = None) -> Any:
     """Every readable image once, with one prediction; failures listed; no run left running;
-    the snapshot and its FAISS file hold exactly the catalog's predictions. Returns them.
+    the snapshot and its vector file hold exactly the catalog's predictions. Returns them.
 
     ``backend`` (tests/pg.py) names the catalog; default: the index folder's SQLite file."""
     from db.catalog import Catalog
     from db.snapshot import load_snapshot
-    from db.vectors import index_ids, load_index
+    from db.vectors import open_flat, stored_fp16
     from pg import Backend
 
     backend = backend or Backend("sqlite", None)
@@ -212,7 +212,8 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backe
     np.testing.assert_array_equal(snap.ids, preds.ids)
     assert list(snap.paths) == preds.paths
     np.testing.assert_allclose(snap.probs.T, preds.probs, atol=1e-6)
-    np.testing.assert_array_equal(index_ids(load_index(snap.folder / "vectors.faiss")), preds.ids)
+    np.testing.assert_array_equal(snap.emb, stored_fp16(preds.emb))
+    assert open_flat(snap.folder / "vectors.faiss").ntotal == len(preds.ids)
     return preds
 
 
@@ -318,7 +319,7 @@ def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, 
             assert any("dead runs interrupted" in line for line in report["repaired"])
 
     # The last batches commit, then the process dies while writing the snapshot's embeddings.
-    proc = start_index(hooks, folder, idx, None, backend.env(hooks_env(tmp_path, "emb.npy")), log)
+    proc = start_index(hooks, folder, idx, None, backend.env(hooks_env(tmp_path, "vectors.faiss")), log)
     assert reap(proc) == -signal.SIGKILL, log.read_text()
     kills += 1
     assert committed() == n
@@ -335,14 +336,14 @@ def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, 
     assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))
 
 
-SAVE_STAGES = ["ids.npy", "probs.npy", "emb.npy", "paths_offsets.npy", "paths.bin", "vectors.faiss",
+SAVE_STAGES = ["ids.npy", "probs.npy", "paths_offsets.npy", "paths.bin", "vectors.faiss",
                "manifest.json", "CURRENT", "gc"]
 
 
 def _fake_catalog(idx: Path, n: int, k: int = 4, d: int = 32) -> Any:
     """A catalog of ``n`` random predictions (no model, no files) with a synced snapshot."""
     from db.catalog import Catalog, IndexedImage
-    from db.snapshot import load_vectors, sync_snapshot
+    from db.snapshot import sync_snapshot
 
     rng = np.random.default_rng(0)
     catalog = Catalog.open(idx)
@@ -351,13 +352,13 @@ def _fake_catalog(idx: Path, n: int, k: int = 4, d: int = 32) -> Any:
         catalog.write_batch(mid, [IndexedImage(f"/faces/{i:06d}.jpg", 1, 1.0, 20, 24, rng.random(k, dtype=np.float32),
                                                rng.standard_normal(d, dtype=np.float32))
                                   for i in range(start, min(n, start + 5000))])
-    load_vectors(sync_snapshot(catalog, idx, mid))
+    sync_snapshot(catalog, idx, mid)
     return catalog
 
 
 def _assert_consistent_snapshot(idx: Path, expect: set[int]) -> None:
     """What a reader gets now: a whole snapshot of one of the ``expect`` sizes, queryable."""
-    from db.snapshot import load_snapshot, load_vectors
+    from db.snapshot import load_snapshot
     from retrieval.engine import Engine
 
     snap = load_snapshot(idx, 1)
@@ -365,8 +366,10 @@ def _assert_consistent_snapshot(idx: Path, expect: set[int]) -> None:
     assert n in expect
     assert snap.probs.shape == (4, n) and snap.emb.shape == (n, 32) and len(snap.paths) == n
     assert np.all(np.diff(snap.ids) > 0) and snap.paths[n - 1]
-    assert load_vectors(snap).ntotal == n
-    assert Engine(snap).query("Male and not Smiling", limit=3).total <= n
+    engine = Engine(snap)
+    assert engine.query("Male and not Smiling", limit=3).total <= n
+    probe = int(snap.ids[n // 2])  # searchable: an indexed image is its own nearest neighbour
+    assert engine.query(None, like_id=probe, limit=3).hits[0].id == probe
 
 
 @pytest.mark.parametrize("stage", SAVE_STAGES)
@@ -402,7 +405,7 @@ SYNC_LOOP = textwrap.dedent('''
     import sys
     import numpy as np
     from db.catalog import Catalog, IndexedImage
-    from db.snapshot import load_vectors, sync_snapshot
+    from db.snapshot import sync_snapshot
     idx = sys.argv[1]
     rng = np.random.default_rng(int(sys.argv[2]))
     with Catalog.open(idx) as catalog:
@@ -410,7 +413,7 @@ SYNC_LOOP = textwrap.dedent('''
             catalog.write_batch(1, [IndexedImage(f"/faces/{sys.argv[2]}-{b}-{i}.jpg", 1, 1.0, 20, 24,
                                                  rng.random(4, dtype=np.float32),
                                                  rng.standard_normal(32, dtype=np.float32)) for i in range(100)])
-            load_vectors(sync_snapshot(catalog, idx, 1, reuse_while_indexing=False))
+            sync_snapshot(catalog, idx, 1, reuse_while_indexing=False)
             print(b, flush=True)
 ''')
 
