@@ -34,6 +34,7 @@ Snapshots are identified by the catalog's ``catalog_id``, the model's sha256 and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -565,7 +566,7 @@ def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
             conn.execute("BEGIN")
             catalog_id = conn.execute("SELECT value FROM meta WHERE key = 'catalog_id'").fetchone()
             model = conn.execute(
-                "SELECT id, sha256, generation FROM models AS m WHERE EXISTS "
+                "SELECT id, sha256, generation, checkpoint FROM models AS m WHERE EXISTS "
                 "(SELECT 1 FROM predictions AS p WHERE p.model_id = m.id) ORDER BY id DESC LIMIT 1"
             ).fetchone()
     except sqlite3.Error:
@@ -574,12 +575,20 @@ def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
         conn.close()
     if catalog_id is None or model is None:
         return None
-    model_id, sha256, stamp = model
+    model_id, sha256, stamp, checkpoint = model
     try:
         snap, manifest = _load(model_dir(index_dir, model_id))
     except CatalogError:
         return None
-    return snap if _matches(manifest, catalog_id[0], sha256, stamp) else None
+    return _with_checkpoint(snap, checkpoint) if _matches(manifest, catalog_id[0], sha256, stamp) else None
+
+
+def _with_checkpoint(snap: Snapshot, checkpoint: str | None) -> Snapshot:
+    """``snap`` naming the catalog's current path of its checkpoint: the same weights may have been
+    registered again from another file since the snapshot was written (its stat is then unknown)."""
+    if checkpoint == snap.checkpoint:
+        return snap
+    return dataclasses.replace(snap, checkpoint=checkpoint, checkpoint_stat=None)
 
 
 def _url_key(url: str) -> str:
@@ -639,7 +648,9 @@ def _try_current(folder: Path, catalog: Any, model: Any, stamp: int, *, any_stam
         log.debug("snapshot not usable: %s", err)
         return None
     wanted = manifest.get("stamp") if any_stamp else stamp
-    return snap if _matches(manifest, catalog.catalog_id, model.sha256, wanted) else None
+    if not _matches(manifest, catalog.catalog_id, model.sha256, wanted):
+        return None
+    return _with_checkpoint(snap, model.checkpoint)
 
 
 def snapshot_info(index_dir: str | os.PathLike[str], model_id: int) -> dict[str, Any]:

@@ -181,8 +181,9 @@ def top_order(scores: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
 class Engine:
     """Answers queries over one in-memory (or memory-mapped) ``Snapshot``.
 
-    Construction is cheap (validation only); log-odds rows and the similarity index are built on
-    first use and kept, so a long-lived engine answers later queries from memory.
+    Construction is cheap (validation only); log-odds rows are computed on first use and the
+    snapshot's vector files are opened (memory-mapped, never rebuilt) on the first similarity query,
+    and kept, so a long-lived engine answers later queries from memory.
     """
 
     def __init__(self, snapshot: Snapshot) -> None:
