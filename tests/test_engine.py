@@ -324,6 +324,13 @@ def test_bench_runs_small_and_the_baseline_agrees() -> None:
     for row in out["expressions"]:
         assert row["baseline_same_total"], row
         assert row["baseline_same_top"], row
+        for name in ("same_settings", "numpy_brute_force"):  # independent implementations agree
+            assert row[f"{name}_same_total"] and row[f"{name}_same_top"], (name, row)
+    assert set(out["baselines"]) == {"study_style", "same_settings", "numpy_brute_force"}
+    for key in ("recall_at_10", "approx_p50_ms", "exact_p50_ms", "bytes_per_vector", "build_s", "first_like_ms"):
+        assert key in out
+    assert out["approximate"] is None and out["vector_search"]["unfiltered"]["search"] == "exact"
+    assert out["recall_at_10"] == 1.0 and out["bytes_per_vector"] >= 2 * 16  # fp16 rows, exact below the cut-over
     json.dumps(out)
 
 
