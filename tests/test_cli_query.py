@@ -190,6 +190,10 @@ def test_similar_returns_an_indexed_image_first(built: Built) -> None:
     out = ok_json("similar", image, "--index", built.index, "--limit", "5", "--device", "cpu")
     hits = out["hits"]
     assert out["ranking"] == "similarity" and out["total"] == N_FACES
+    assert out["search"] == "exact"  # a small index carries no approximate one
+    forced = ok_json("similar", image, "--index", built.index, "--limit", "5", "--device", "cpu", "--exact",
+                     "--nprobe", "4")
+    assert [h["id"] for h in forced["hits"]] == [h["id"] for h in hits]
     assert hits[0]["path"] == os.path.abspath(image)
     assert hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert hits[1]["score"] < hits[0]["score"] - 1e-3
