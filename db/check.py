@@ -24,6 +24,7 @@ index unhealthy (exit 1); a warning does not.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -432,8 +433,6 @@ def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: M
 
 def _had_approximate(folder: Path, model_id: int) -> bool:
     """Whether the live generation's manifest names an approximate index (readable or not)."""
-    import json
-
     mdir = snapshots.model_dir(folder, model_id)
     try:
         manifest = json.loads((mdir / (snapshots._current_name(mdir) or "") / snapshots.MANIFEST).read_text("utf-8"))

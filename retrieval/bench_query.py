@@ -386,7 +386,6 @@ def run_query_bench(n: int = 202_599, k: int = 40, d: int = 512, seed: int = 0,
         "expressions": details,
     }
     study.conn.close()
-    del engine, study, ordered, brute, baselines
     out.update(run_vector_bench(snap, approx_min=approx_min, queries=vector_queries, repeats=repeats,
                                 seed=seed, nprobe=nprobe))
     return out
