@@ -223,8 +223,9 @@ def test_new_model_adds_predictions_and_rebuild(
 def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: Path) -> None:
     import faiss
 
+    from db.catalog import Catalog
     from db.snapshot import load_snapshot
-    from db.vectors import index_ids
+    from db.vectors import stored_fp16
 
     idx = tmp_path / "index"
     index(faces, idx, "--model", model)
@@ -233,9 +234,11 @@ def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: P
     vectors.unlink()
     assert info(idx)["vectors"] == 0  # info reports the loss
     assert index(faces, idx)["indexed"] == 0
-    rebuilt = faiss.read_index(str(load_snapshot(idx, 1).folder / "vectors.faiss"))
+    snap = load_snapshot(idx, 1)
+    rebuilt = faiss.read_index(str(snap.folder / "vectors.faiss"))
     assert rebuilt.ntotal == N_FACES
-    np.testing.assert_array_equal(index_ids(rebuilt), load_snapshot(idx, 1).ids)
+    with Catalog.open(idx, create=False) as catalog:
+        np.testing.assert_array_equal(snap.emb, stored_fp16(catalog.export(1)[1].emb))
     assert info(idx)["vectors"] == N_FACES
 
 
@@ -479,7 +482,7 @@ def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated
     and every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
     from db.catalog import Catalog
     from db.snapshot import load_snapshot
-    from db.vectors import index_ids, load_index
+    from db.vectors import open_flat, stored_fp16
     from trainer.synth import synthesize
 
     n = 480
@@ -523,9 +526,8 @@ def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated
     np.testing.assert_array_equal(snap.ids, preds.ids)
     assert list(snap.paths) == preds.paths
     np.testing.assert_allclose(snap.probs.T, preds.probs, atol=1e-6)
-    vectors = load_index(snap.folder / "vectors.faiss")
-    assert vectors.ntotal == n
-    np.testing.assert_array_equal(np.sort(index_ids(vectors)), preds.ids)
+    assert open_flat(snap.folder / "vectors.faiss").ntotal == n
+    np.testing.assert_array_equal(snap.emb, stored_fp16(preds.emb))
     assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))
 
 
