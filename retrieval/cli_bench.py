@@ -46,7 +46,7 @@ def bench_query(
         "--approx-min", min=0, show_default=False,
         help="Build the approximate index from this many images on (default: the indexer's cut-over, 1,000,000).")] = None,
     nprobe: Annotated[int | None, typer.Option("--nprobe", min=1, show_default=False,
-                                               help="IVF lists visited by approximate queries (default 32).")] = None,
+                                               help="IVF lists visited by approximate queries (default 128).")] = None,
     queries: Annotated[int, typer.Option("--queries", min=1, help="Reference faces for the vector-search figures.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:

@@ -128,7 +128,7 @@ ExactOpt = Annotated[
 NprobeOpt = Annotated[
     int | None,
     typer.Option("--nprobe", min=1, show_default=False,
-                 help="Approximate search only: IVF lists to visit (default 32; more is slower and closer to exact)."),
+                 help="Approximate search only: IVF lists to visit (default 128; more is slower and closer to exact)."),
 ]
 EvalOpt = Annotated[
     bool,
