@@ -214,28 +214,6 @@ def _normalized_fp16(emb: np.ndarray) -> np.ndarray:
     return stored_fp16(emb)
 
 
-def _checkpoint_stat(checkpoint: str | None, sha256: str | None) -> list[int] | None:
-    """``[size, mtime_ns]`` of the checkpoint file when its bytes hash to ``sha256``, else None.
-
-    Hashed once per published generation, so that a query can trust a file whose size and mtime
-    are unchanged instead of hashing it again (``retrieval.index.index_checkpoint``).
-    """
-    from db.files import file_sha256
-
-    if not checkpoint or not sha256:
-        return None
-    try:
-        st = os.stat(checkpoint)
-        if file_sha256(checkpoint) != sha256:
-            return None
-        after = os.stat(checkpoint)
-    except OSError:
-        return None
-    if (st.st_size, st.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        return None  # written to while we hashed it
-    return [int(st.st_size), int(st.st_mtime_ns)]
-
-
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -289,7 +267,9 @@ def _write_locked(
         approx = vectors.build_approx(emb16, factory)
         approx_s = time.perf_counter() - t_approx
     path_list = PathList.from_list(paths)
-    stat = _checkpoint_stat(model.checkpoint, model.sha256)
+    # Hashing the checkpoint here would read it a second time per index run (the run reads it once);
+    # a caller that has verified it passes ``checkpoint_stat`` on the model record instead.
+    stat = getattr(model, "checkpoint_stat", None)
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -245,8 +246,8 @@ def test_a_deleted_or_damaged_vector_file_is_refused_then_rebuilt(
 
 
 def test_snapshot_carries_the_checkpoint_identity(index_dir: Path, catalog: Catalog, tmp_path: Path) -> None:
-    """The manifest names the checkpoint, its sha256 and the (size, mtime) at which that sha256
-    held, so a query can verify the file without the catalog or a hash."""
+    """The manifest names the checkpoint and its sha256, so a query can verify the file without
+    the catalog; a verified (size, mtime_ns) given by the writer's caller is kept too."""
     from db.files import file_sha256
 
     ckpt = tmp_path / "model.pt"
@@ -254,13 +255,16 @@ def test_snapshot_carries_the_checkpoint_identity(index_dir: Path, catalog: Cata
     mid = catalog.register_model(file_sha256(ckpt), "resnet18", NAMES, [0.5] * K, D, str(ckpt))
     catalog.write_batch(mid, rows_for(["/faces/a.jpg", "/faces/b.jpg"]))
     snap = sync_snapshot(catalog, index_dir, mid)
+    assert (snap.checkpoint, snap.sha256) == (str(ckpt), file_sha256(ckpt)) and snap.checkpoint_stat is None
+    stamp, preds = catalog.export(mid)
+    record = catalog.get_model(mid)
     st = ckpt.stat()
-    assert (snap.checkpoint, snap.sha256) == (str(ckpt), file_sha256(ckpt))
-    assert snap.checkpoint_stat == (st.st_size, st.st_mtime_ns)
-    assert load_snapshot(index_dir, mid).checkpoint_stat == snap.checkpoint_stat
-    liar = catalog.register_model("0" * 64, "resnet18", NAMES, [0.5] * K, D, str(ckpt))  # sha256 does not match
-    catalog.write_batch(liar, rows_for(["/faces/a.jpg"]))
-    assert sync_snapshot(catalog, index_dir, liar).checkpoint_stat is None
+    verified = SimpleNamespace(**{f: getattr(record, f) for f in ("id", "sha256", "arch", "attributes", "thresholds",
+                                                                   "embedding_dim", "checkpoint")},
+                               checkpoint_stat=[st.st_size, st.st_mtime_ns])
+    write_snapshot(index_dir, verified, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
+                   catalog_id=catalog.catalog_id)
+    assert load_snapshot(index_dir, mid).checkpoint_stat == (st.st_size, st.st_mtime_ns)
 
 
 def test_read_only_index_falls_back_to_an_in_memory_snapshot(index_dir: Path, catalog: Catalog, model: int,
@@ -329,3 +333,19 @@ def test_readers_never_fail_or_see_half_a_batch_while_a_process_writes(
     final = sync_snapshot(reader, index_dir, model)
     assert len(final) == 30 + 40 * 10
     reader.close()
+
+
+def test_index_checkpoint_hashes_only_when_the_recorded_stat_differs(tmp_path: Path) -> None:
+    from db.errors import ModelError
+    from retrieval.index import index_checkpoint
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    st = ckpt.stat()
+    # A matching stat is trusted without reading the file (a wrong sha256 is not noticed)...
+    assert index_checkpoint(str(ckpt), "0" * 64, (st.st_size, st.st_mtime_ns)) == ckpt
+    # ...any other stat makes it hash, and a wrong sha256 is refused with one line.
+    with pytest.raises(ModelError, match="has changed"):
+        index_checkpoint(str(ckpt), "0" * 64, (st.st_size + 1, st.st_mtime_ns))
+    with pytest.raises(ModelError, match="has changed"):
+        index_checkpoint(str(ckpt), "0" * 64, None)
