@@ -11,6 +11,8 @@ Tables (any SQLAlchemy URL; SQLite by default, tuned for one writer and many rea
     predictions  per (model, image): K float32 probabilities and a D float32 embedding as BLOBs
     label_sets   one row per distinct list of ground-truth attribute names
     labels       per image: uint8 0/1 values in the order of its label set
+    identities   per image (schema v2): the 128-D dlib identity descriptor of its largest face,
+                 float32 BLOB, NULL when ``index --identity`` found no face (looked, none there)
     failures     files that could not be indexed, with the reason (cleared when a file succeeds)
     runs         index runs: root, start/finish time, status, counts and stage timings
 
@@ -56,7 +58,8 @@ from db.paths import default_db_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+IDENTITY_DIM = 128  # dlib's face descriptor (trainer.identity.DIM; db imports nothing of ours)
 BUSY_TIMEOUT_S = 60.0
 PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 PAGE_SIZE = 16384
@@ -127,6 +130,16 @@ labels = sa.Table(
     sa.Column("values", sa.LargeBinary, nullable=False),
 )
 
+# Keyed by image, not by (model, image): who a face is does not depend on the attribute model, so
+# indexing with a second model keeps the descriptors, and a row per image that was looked at (NULL:
+# no face found) lets a re-run of ``index --identity`` skip files already described.
+identities = sa.Table(
+    "identities",
+    metadata,
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("descriptor", sa.LargeBinary),
+)
+
 failures_table = sa.Table(
     "failures",
     metadata,
@@ -166,6 +179,14 @@ runs = sa.Table(
 # tests/test_catalog.py checks that a catalog created at the old version and upgraded has the same
 # tables and columns as a new one.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """v2: the ``identities`` table (search by person)."""
+    metadata.create_all(conn, tables=[identities])
+
+
+MIGRATIONS[1] = _v1_to_v2
 
 
 def add_columns(conn: Connection, table: sa.Table, *names: str) -> None:
@@ -240,6 +261,8 @@ class IndexedImage:
     probs: np.ndarray       # float32 (K,)
     embedding: np.ndarray   # float32 (D,)
     labels: np.ndarray | None = None
+    described: bool = False               # True: identity was looked for (``index --identity``)
+    identity: np.ndarray | None = None    # float32 (128,) descriptor; None: no face (or not looked)
 
 
 @dataclass(frozen=True)
@@ -268,6 +291,8 @@ class Predictions(NamedTuple):
     paths: list[str]    # N
     probs: np.ndarray   # float32 (N, K)
     emb: np.ndarray     # float32 (N, D), as stored (not normalised)
+    identity: np.ndarray | None = None      # float32 (N, 128) descriptors (zeros where has_identity is False)
+    has_identity: np.ndarray | None = None  # bool (N,): which rows have a descriptor
 
 
 UNSTORABLE_REASON = "file name is not valid UTF-8: rename the file to index it"
@@ -711,13 +736,17 @@ class Catalog:
 
     # ----------------------------------------------------------------------------- writing
 
-    def known_files(self, model_id: int) -> dict[str, tuple[int, float]]:
-        """``{path: (size, mtime)}`` of images that already have a prediction from this model."""
+    def known_files(self, model_id: int, *, identity: bool = False) -> dict[str, tuple[int, float]]:
+        """``{path: (size, mtime)}`` of images that already have a prediction from this model
+        (``identity``: and whose face was already described, so ``index --identity`` over an index
+        built without it reads the rest again)."""
         query = (
             sa.select(images.c.path, images.c.size, images.c.mtime)
             .join(predictions, predictions.c.image_id == images.c.id)
             .where(predictions.c.model_id == model_id)
         )
+        if identity:
+            query = query.join(identities, identities.c.image_id == images.c.id)
         with self._read() as conn:
             return {path: (int(size), float(mtime)) for path, size, mtime in conn.execute(query)}
 
@@ -771,6 +800,15 @@ class Catalog:
                 )
             probs.append(p.tobytes())
             embs.append(e.tobytes())
+        described: dict[str, bytes | None] = {}
+        for path, r in by_path.items():
+            if r.identity is not None:
+                v = np.ascontiguousarray(r.identity, dtype=np.float32)
+                if v.shape != (IDENTITY_DIM,):
+                    raise ValueError(f"identity descriptor of shape {v.shape}, expected ({IDENTITY_DIM},)")
+                described[path] = v.tobytes()
+            elif r.described:
+                described[path] = None
         paths = list(by_path)
         with self._write() as conn:
             old = {
@@ -801,6 +839,10 @@ class Catalog:
                 ["probs", "embedding"],
                 [(model_id, ids[p], pb, eb) for p, pb, eb in zip(paths, probs, embs)],
             )
+            if changed:  # a descriptor of the old content describes someone else's face, perhaps
+                conn.execute(sa.delete(identities).where(identities.c.image_id.in_(changed)))
+            self._upsert_rows(conn, identities, ["image_id"], ["image_id", "descriptor"], ["descriptor"],
+                              [(ids[p], blob) for p, blob in described.items()])
             conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
             labelled = {ids[p]: r.labels for p, r in by_path.items() if r.labels is not None}
             if labelled:
@@ -900,6 +942,7 @@ class Catalog:
                     continue
                 self._bump(conn, self._drop_predictions(conn, ids, keep_model=None))
                 conn.execute(sa.delete(labels).where(labels.c.image_id.in_(ids)))
+                conn.execute(sa.delete(identities).where(identities.c.image_id.in_(ids)))
                 removed += conn.execute(sa.delete(images).where(images.c.id.in_(ids))).rowcount
         return removed
 
@@ -1013,9 +1056,38 @@ class Catalog:
                     at += len(chunk)
             finally:
                 cursor.close()
+            identity, has_identity = self._identities(conn, ids)
         if at != n:
             raise CatalogError("predictions changed while being read; try again")
-        return int(stamp), Predictions(ids, paths, probs, emb)
+        return int(stamp), Predictions(ids, paths, probs, emb, identity, has_identity)
+
+    @staticmethod
+    def _identities(conn: Connection, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Descriptors aligned with ascending ``ids``: float32 (N, 128) and a bool mask; (None,
+        None) when none of these images has one (an index built without ``--identity``)."""
+        rows = conn.execute(sa.select(identities.c.image_id, identities.c.descriptor)
+                            .where(identities.c.descriptor.is_not(None))).all()
+        if not rows:
+            return None, None
+        vectors = np.zeros((len(ids), IDENTITY_DIM), np.float32)
+        mask = np.zeros(len(ids), bool)
+        got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        at = np.searchsorted(ids, got)
+        for (image_id, blob), i in zip(rows, at):
+            if i < len(ids) and ids[i] == image_id:
+                vectors[i] = np.frombuffer(blob, np.float32)
+                mask[i] = True
+        if not mask.any():
+            return None, None
+        return vectors, mask
+
+    def identity_count(self) -> tuple[int, int]:
+        """``(described, with_face)``: images ``index --identity`` looked at, and those with a face."""
+        with self._read() as conn:
+            looked = int(conn.execute(sa.select(sa.func.count()).select_from(identities)).scalar() or 0)
+            found = int(conn.execute(sa.select(sa.func.count()).select_from(identities)
+                                     .where(identities.c.descriptor.is_not(None))).scalar() or 0)
+        return looked, found
 
     def labels_for(self, attribute_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ground truth for these attributes: ``(ids int64 (N,), uint8 0/1 (N, K))`` by id.
@@ -1053,6 +1125,8 @@ class Catalog:
                 int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar() or 0)
                 for t in (images, labels, failures_table)
             )
+            n_identities = int(conn.execute(sa.select(sa.func.count()).select_from(identities)
+                                            .where(identities.c.descriptor.is_not(None))).scalar() or 0)
             per_model = dict(conn.execute(
                 sa.select(predictions.c.model_id, sa.func.count()).group_by(predictions.c.model_id)
             ).all())
@@ -1064,6 +1138,7 @@ class Catalog:
             "images": n_images,
             "predictions": int(per_model.get(model_id, 0)) if model_id is not None else 0,
             "labels": n_labels,
+            "identities": n_identities,
             "failures": n_failures,
             "models": [
                 {"id": m.id, "sha256": m.sha256, "arch": m.arch, "checkpoint": m.checkpoint,
