@@ -31,7 +31,7 @@ from db.errors import CatalogError, DatasetError, ModelError
 from db.paths import default_index_dir
 from indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
 from indexer.reader import ImageReader
-from indexer.routing import Crop, DecodedBatch, on_device
+from indexer.routing import Crop, DecodedBatch, Identify, on_device
 from indexer.writer import CatalogWriter, WriteJob
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class IndexReport:
     device: str = "cpu"
     shard: str = ""  # "K/N" for a sharded run
     published: bool = True  # whether this run published the snapshot (sharded: only the last step does)
+    identity: dict[str, int] | None = None  # --identity: {"described": files looked at, "no_face": without one}
 
     @property
     def images_per_second(self) -> float:
@@ -96,6 +97,7 @@ class IndexReport:
             "device": self.device,
             "shard": self.shard or None,
             "published": self.published,
+            "identity": self.identity,
         }
 
 
@@ -112,6 +114,7 @@ def index_folder(
     crop: Crop | None = None,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
+    identify: Identify | None = None,
 ) -> IndexReport:
     """Index the images of ``folder`` into the index at ``index_dir`` with one model.
 
@@ -121,7 +124,9 @@ def index_folder(
     CelebA annotation files sit in or above ``folder``. Raises DatasetError (missing, unreadable
     or empty folder), ModelError (no or bad model), CatalogError (index not writable).
     ``shard=(K, N)`` indexes only shard K of N (see the module docstring); under torchrun the
-    shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK.
+    shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK. ``identify``
+    (``--identity``, see ``indexer.routing``) also stores each file's identity descriptor, in the
+    same transaction as its prediction; files indexed without one are read again.
     """
     from db.catalog import Catalog
     from indexer.runner import load_runner
@@ -161,7 +166,7 @@ def index_folder(
     try:
         t = time.perf_counter()
         known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
-        known = {} if rebuild or known_id is None else catalog.known_files(known_id)
+        known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identify is not None)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
         label_names, labels = _ground_truth(root, todo) if todo else (None, {})
@@ -169,7 +174,8 @@ def index_folder(
         log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
                  len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
 
-        with ImageReader(meta.img_size, batch_size, workers, crop=crop, gpu_jpeg=dev.type == "cuda") as reader:
+        with ImageReader(meta.img_size, batch_size, workers, crop=crop, gpu_jpeg=dev.type == "cuda",
+                         identify=identify) as reader:
             if todo:
                 reader.start()  # the decoders start up while the model loads
             t = time.perf_counter()
@@ -217,6 +223,7 @@ def index_folder(
             indexed=writer.written, unchanged=unchanged, failed=len(failures), failures=failures,
             pruned=pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
             device=describe_device(dev), shard=f"{k}/{n}" if n > 1 else "", published=n == 1,
+            identity=None if identify is None else {"described": writer.described, "no_face": writer.no_face},
         )
         catalog.finish_run(run_id, status, _counts(report), timings)
         if launched and status == "finished":
@@ -348,10 +355,14 @@ def _run(
     if progress is not None:
         progress(0, len(todo))
     batches: Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]
+    described: dict[str, Any] = {}  # --identity: descriptors by path, taken as their batch is written
+    decoded = reader.batches(todo)
+    if reader.identify is not None:
+        decoded = _keep_identities(decoded, described)
     if device.type == "cuda":
-        batches = _device_batches(reader.batches(todo), runner.img_size, device)
+        batches = _device_batches(decoded, runner.img_size, device)
     else:
-        batches = (on_device(b, runner.img_size, device) for b in reader.batches(todo))
+        batches = (on_device(b, runner.img_size, device) for b in decoded)
     try:
         while True:
             t = time.perf_counter()
@@ -363,7 +374,9 @@ def _run(
             t = time.perf_counter()
             probs, emb = runner(pixels)
             timings["infer"] += time.perf_counter() - t
-            writer.put(WriteJob(entries, sizes, probs, emb, bad))
+            identities = None if reader.identify is None else {
+                e.path: described.pop(e.path, None) for e in entries}
+            writer.put(WriteJob(entries, sizes, probs, emb, bad, identities))
             failures.extend(bad)
             done += len(entries) + len(bad)
             if progress is not None:
@@ -373,6 +386,14 @@ def _run(
         return "interrupted"
     finally:
         batches.close()  # stops a decode thread (GPU path) before the reader shuts down
+
+
+def _keep_identities(batches: Iterable[DecodedBatch], into: dict[str, Any]) -> Generator[DecodedBatch, None, None]:
+    """Pass ``batches`` through, collecting their identity descriptors by path into ``into`` (the
+    device path hands on only entries, pixels, sizes and failures)."""
+    for batch in batches:
+        into.update(batch.identities)
+        yield batch
 
 
 def _device_batches(

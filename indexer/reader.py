@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
 from indexer.discovery import Failure, FileEntry
-from indexer.routing import Crop, DecodedBatch, decode_files, empty_batch, merge_batches
+from indexer.routing import Crop, DecodedBatch, Identify, decode_files, empty_batch, merge_batches
 from trainer.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class ImageReader:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         crop: Crop | None = None,
+        identify: Identify | None = None,
         gpu_jpeg: bool = False,
         prefetch: int = 2,
     ) -> None:
@@ -102,6 +103,7 @@ class ImageReader:
         self.workers = available_cpus() if workers is None else max(0, workers)
         self.max_pixels = max_pixels
         self.crop = crop
+        self.identify = identify  # index --identity: describe each file's face in the workers
         self.gpu_jpeg = gpu_jpeg
         self.prefetch = max(1, prefetch)
         self._pool: ProcessPoolExecutor | None = None
@@ -149,7 +151,8 @@ class ImageReader:
         chunks = _chunks(list(files), self.batch_size)
         if self.workers == 0:
             for chunk in chunks:
-                yield from _nonempty(decode_files(chunk, self.size, self.max_pixels, self.crop, self.gpu_jpeg))
+                yield from _nonempty(decode_files(chunk, self.size, self.max_pixels, self.crop, self.gpu_jpeg,
+                                                      self.identify))
             return
         pending: deque[list[tuple[list[FileEntry], Future[list[DecodedBatch]], ProcessPoolExecutor]]] = deque()
         chunk_iter = iter(chunks)
@@ -173,7 +176,8 @@ class ImageReader:
             yield from _nonempty(merge_batches(pieces, self.size))
 
     def _submit(self, pool: ProcessPoolExecutor, piece: Sequence[FileEntry]) -> Future[list[DecodedBatch]]:
-        return pool.submit(decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg)
+        return pool.submit(decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg,
+                           self.identify)
 
     def _result(self, piece: list[FileEntry], fut: Future[list[DecodedBatch]],
                 pool: ProcessPoolExecutor) -> list[DecodedBatch]:

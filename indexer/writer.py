@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class WriteJob:
     probs: np.ndarray
     embeddings: np.ndarray
     failures: Sequence[Failure]
+    identities: Mapping[str, np.ndarray | None] | None = None  # path -> descriptor (``--identity``)
 
 
 class CatalogWriter:
@@ -59,6 +60,8 @@ class CatalogWriter:
         self.written = 0
         self.labelled = 0
         self.failed = 0
+        self.described = 0  # rows whose identity was looked for (--identity)
+        self.no_face = 0    # ... and had no detectable face (indexed by attributes only)
         self._error: BaseException | None = None
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, max_pending))
         self._thread: threading.Thread | None = None
@@ -110,10 +113,12 @@ class CatalogWriter:
         from db.catalog import IndexedImage
 
         start = time.perf_counter()
+        described = job.identities if job.identities is not None else {}
         rows = [
             IndexedImage(
                 path=e.path, size=e.size, mtime=e.mtime, width=int(wh[0]), height=int(wh[1]),
                 probs=job.probs[i], embedding=job.embeddings[i], labels=self.labels.get(e.path),
+                described=e.path in described, identity=described.get(e.path),
             )
             for i, (e, wh) in enumerate(zip(job.entries, job.sizes))
         ]
@@ -125,4 +130,6 @@ class CatalogWriter:
         self.written += len(rows)
         self.labelled += labelled
         self.failed += len(job.failures)
+        self.described += sum(1 for r in rows if r.described)
+        self.no_face += sum(1 for r in rows if r.described and r.identity is None)
         self.seconds += time.perf_counter() - start
