@@ -20,6 +20,10 @@ Layout under the index folder (one folder per model, one immutable generation pe
                         the engine memory-maps and searches; ``Snapshot.emb`` maps the same bytes
         ann.faiss       only from ``db.vectors.APPROX_MIN`` rows on: an IVF-PQ index over them
                         (see db/vectors.py)
+        identity.npy    float16 (N, 128)  dlib identity descriptors (``index --identity``; zeros
+                        where identity_mask is False), only when some row has one; the
+                        manifest's ``identity`` ({"count", "dim", "dtype"}) says so
+        identity_mask.npy  bool (N,)      which rows have a descriptor
 
 Readers open CURRENT once and then only immutable files, so a reader never sees a half-written
 generation while an indexer writes the next one. A writer builds the generation in a hidden
@@ -144,6 +148,11 @@ class Snapshot:
     sha256: str | None = None      # so embedding a reference image needs no catalog
     checkpoint_stat: tuple[int, int] | None = None  # (size, mtime_ns) when that sha256 was verified
     approximate: str | None = None  # factory of the generation's ann.faiss (None: exact only)
+    # dlib identity descriptors (``index --identity``), float16 (N, 128), and which rows have one;
+    # None when no image of the snapshot has one. float16 moves a distance by < 1e-3 (the
+    # same-person threshold is 0.6) and halves the memory.
+    identity: np.ndarray | None = None
+    has_identity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.threshold_sets:  # built without sets (older manifests, tests): the one it has
@@ -228,6 +237,8 @@ def write_snapshot(
     *,
     catalog_id: str | None = None,
     approx_min: int | None = None,
+    identity: np.ndarray | None = None,
+    has_identity: np.ndarray | None = None,
 ) -> Path:
     """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
 
@@ -235,15 +246,18 @@ def write_snapshot(
     attributes, thresholds, embedding_dim, checkpoint). ``probs`` is (N, K) float32 as the
     catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id. From
     ``approx_min`` rows on (default ``db.vectors.APPROX_MIN``) an approximate index is built too.
+    ``identity`` (N, 128) and ``has_identity`` (N,) bool: the rows' identity descriptors, if any.
     """
     folder = model_dir(index_dir, model.id)
     with _writer_lock(folder):
-        return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, approx_min)
+        return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, approx_min,
+                             identity, has_identity)
 
 
 def _write_locked(
     folder: Path, model: Any, stamp: int, ids: np.ndarray, paths: Sequence[str], probs: np.ndarray,
     emb: np.ndarray, catalog_id: str | None, approx_min: int | None = None,
+    identity: np.ndarray | None = None, has_identity: np.ndarray | None = None,
 ) -> Path:
     from db import vectors
 
@@ -257,6 +271,8 @@ def _write_locked(
     if n and not np.all(ids[1:] > ids[:-1]):  # the catalog exports in id order: usually a no-op
         order = np.argsort(ids, kind="stable")
         ids, probs, emb, paths = ids[order], probs[order], emb[order], [paths[i] for i in order.tolist()]
+        if identity is not None and has_identity is not None:
+            identity, has_identity = np.asarray(identity)[order], np.asarray(has_identity)[order]
         if np.any(ids[1:] == ids[:-1]):
             raise ValueError("image ids repeat")
     emb16 = vectors.stored_fp16(emb)
@@ -282,6 +298,9 @@ def _write_locked(
             "probs.npy": np.ascontiguousarray(probs.T),
             "paths_offsets.npy": path_list._offsets,
         }
+        ident = _identity_arrays(n, identity, has_identity)
+        if ident is not None:
+            arrays.update({"identity.npy": ident[0], "identity_mask.npy": ident[1]})
         for name, arr in arrays.items():
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
@@ -308,6 +327,8 @@ def _write_locked(
             "created": time.time(),
         }
         manifest.update(threshold_set=default_set, threshold_sets=sets, threshold_stats=stats)
+        if ident is not None:
+            manifest["identity"] = {"count": int(ident[1].sum()), "dim": int(ident[0].shape[1]), "dtype": "float16"}
         _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         fsync_dir(staging)
 
@@ -329,6 +350,20 @@ def _write_locked(
     _collect_garbage(folder, keep={name, previous})
     log.info("snapshot %s/%s: %d images in %.2f s", folder, name, n, time.perf_counter() - t0)
     return folder / name
+
+
+def _identity_arrays(n: int, identity: np.ndarray | None,
+                     has_identity: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored form of the identity descriptors: float16 (N, 128) and bool (N,), or None when
+    no row has one."""
+    if identity is None or has_identity is None:
+        return None
+    mask = np.asarray(has_identity, dtype=bool).reshape(n)
+    if not mask.any():
+        return None
+    vectors = np.asarray(identity, dtype=np.float32).reshape(n, -1).astype(np.float16)
+    vectors[~mask] = 0
+    return vectors, mask
 
 
 def _current_name(folder: Path) -> str | None:
@@ -389,6 +424,13 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         ids, probs, offsets = (np.load(gen / a, mmap_mode=mode, allow_pickle=False) for a in _ARRAYS)
         emb = flat_view(gen / VECTORS, n, d)
         blob: np.ndarray | bytes = np.memmap(gen / "paths.bin", dtype=np.uint8, mode="r") if offsets[-1] else b""
+        identity = has_identity = None
+        if manifest.get("identity"):
+            identity = np.load(gen / "identity.npy", mmap_mode=mode, allow_pickle=False)
+            has_identity = np.load(gen / "identity_mask.npy", mmap_mode=mode, allow_pickle=False)
+            if (identity.shape != (n, int(manifest["identity"]["dim"])) or identity.dtype != np.float16
+                    or has_identity.shape != (n,) or has_identity.dtype != np.bool_):
+                raise ValueError(f"identity arrays {identity.shape} {identity.dtype}, {has_identity.shape}")
         stat = manifest.get("checkpoint_stat")
         vector_info = manifest.get("vectors") or {}
     except FileNotFoundError:
@@ -417,6 +459,8 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         sha256=manifest.get("sha256"),
         checkpoint_stat=(int(stat[0]), int(stat[1])) if stat else None,
         approximate=vector_info.get("approximate"),
+        identity=identity,
+        has_identity=has_identity,
     )
     return snap, manifest
 
@@ -495,7 +539,7 @@ def sync_snapshot(
         if locked:
             try:
                 _write_locked(folder, model, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
-                              catalog.catalog_id, approx_min)
+                              catalog.catalog_id, approx_min, preds.identity, preds.has_identity)
                 _record_published(Path(index_dir), catalog)
                 return _load(folder)[0]
             except CatalogError as err:
@@ -503,6 +547,7 @@ def sync_snapshot(
         else:
             log.warning("cannot lock %s (read-only index?); using an in-memory snapshot", folder)
         default_set, sets, stats = model_threshold_sets(model)
+        ident = _identity_arrays(len(preds.ids), preds.identity, preds.has_identity)
         return Snapshot(
             model_id=model_id, stamp=stamp, attributes=list(model.attributes),
             thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
@@ -510,6 +555,7 @@ def sync_snapshot(
             emb=_normalized_fp16(preds.emb) if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
             paths=list(preds.paths), folder=None, checkpoint=model.checkpoint, sha256=model.sha256,
             **_manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
+            identity=None if ident is None else ident[0], has_identity=None if ident is None else ident[1],
         )
 
 
