@@ -3,7 +3,8 @@ confidence or by similarity to an image, print a table, JSON, paths or an HTML g
 
 The work is ``retrieval.engine.Engine.query`` over the index's memory-mapped snapshot. ``query``
 without ``--like`` never imports torch or cv2 (a test checks ``sys.modules``): the model is loaded
-only to embed a reference image, and then it is the index's own checkpoint.
+only to embed a reference image, and then it is the index's own checkpoint. ``--by person`` ranks
+by dlib identity descriptors (``index --identity``) instead of the model's embedding of look.
 """
 
 from __future__ import annotations
@@ -69,15 +70,17 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     where = f" (paths relative to {folder}{os.sep})" if folder else ""
     console.print(f"{result.total:,} of {result.n_indexed:,} images match{where}", highlight=False)
     if result.hits:
-        digits = 4 if result.ranking == "similarity" else 2
+        digits = {"similarity": 4, "person": 3}.get(result.ranking, 2)
+        header = {"id": "score", "person": "distance"}.get(result.ranking, result.ranking)
         table = Table()
         table.add_column("rank", justify="right")
-        table.add_column(result.ranking if result.ranking != "id" else "score", justify="right")
+        table.add_column(header, justify="right")
         table.add_column("path", overflow="fold")  # wrap long paths: never cut off the file name
         table.add_column("matched", overflow="fold")
         for i, h in enumerate(result.hits):
             shown = os.path.relpath(h.path, folder) if folder else h.path
-            table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", shown, ", ".join(h.matched))
+            same = ["same person"] if h.distance is not None and h.to_dict()["same_person"] else []
+            table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", shown, ", ".join(same + h.matched))
         console.print(table)
     if quality is not None:
         console.print(_quality_line(quality), highlight=False)
@@ -130,6 +133,12 @@ NprobeOpt = Annotated[
     typer.Option("--nprobe", min=1, show_default=False,
                  help="Approximate search only: IVF lists to visit (default 128; more is slower and closer to exact)."),
 ]
+ByOpt = Annotated[
+    str,
+    typer.Option("--by", help="look: rank by the attribute model's embedding (hair, make-up, expression); person: "
+                 "by identity (dlib face descriptors; needs `facefind index --identity`).",
+                 case_sensitive=False),
+]
 EvalOpt = Annotated[
     bool,
     typer.Option("--eval", help="Report precision@k and the base rate against the index's ground-truth labels."),
@@ -151,6 +160,7 @@ def query(
         int | None,
         typer.Option("--like-id", help="Rank the matches by similarity to this indexed image id.", show_default=False),
     ] = None,
+    by: ByOpt = "look",
     limit: LimitOpt = 20,
     offset: OffsetOpt = 0,
     as_json: JsonOpt = False,
@@ -169,15 +179,24 @@ def query(
     _check_output(as_json, paths, csv)
     if like is not None and like_id is not None:
         raise FacefindError("give --like IMAGE or --like-id ID, not both")
+    person = _by_person(by)
+    if person and like is None and like_id is None:
+        raise FacefindError("--by person ranks by likeness to a face: give --like IMAGE or --like-id ID")
     with open_index(index_dir) as idx:
         # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
         # the parsed tree, so the query below and --eval (result.node) do not parse it again.
         if expr is not None:
             idx.engine.parse(expr)
         idx.engine.threshold_set(thresholds)
-        reference = idx.embed(like, detect_face, device) if like is not None else None
-        result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
-                                  thresholds=thresholds, exact=exact, nprobe=nprobe)
+        if person:
+            idx.require_identity()
+            face = idx.describe(like) if like is not None else None
+            result = idx.engine.query(expr, limit=limit, offset=offset, person=face, person_id=like_id,
+                                      thresholds=thresholds)
+        else:
+            reference = idx.embed(like, detect_face, device) if like is not None else None
+            result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
+                                      thresholds=thresholds, exact=exact, nprobe=nprobe)
         quality = idx.quality(result) if evaluate else None
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
@@ -191,6 +210,7 @@ def similar(
         typer.Option("--where", help='Only images matching this expression, e.g. "Smiling and not Male".',
                      show_default=False),
     ] = None,
+    by: ByOpt = "look",
     limit: LimitOpt = 20,
     offset: OffsetOpt = 0,
     as_json: JsonOpt = False,
@@ -204,18 +224,33 @@ def similar(
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
 ) -> None:
-    """Find the indexed faces most similar to IMAGE (cosine; exact unless the index is large enough
-    to carry an approximate index), optionally only those matching --where."""
+    """Find the indexed faces most similar to IMAGE (cosine of look, exact unless the index is large
+    enough to carry an approximate index; or identity distance with --by person), optionally only
+    those matching --where."""
     _check_output(as_json, paths, csv)
+    person = _by_person(by)
     with open_index(index_dir) as idx:
         if where is not None:
             idx.engine.parse(where)
         idx.engine.threshold_set(thresholds)
-        reference = idx.embed(image, detect_face, device)
-        result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds,
-                                  exact=exact, nprobe=nprobe)
+        if person:
+            idx.require_identity()  # before any model loads
+            result = idx.engine.query(where, limit=limit, offset=offset, person=idx.describe(image),
+                                      thresholds=thresholds)
+        else:
+            reference = idx.embed(image, detect_face, device)
+            result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds,
+                                      exact=exact, nprobe=nprobe)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
             quality=None, csv=csv)
+
+
+def _by_person(by: str) -> bool:
+    """``--by``: True for person, False for look; a one-line error for anything else."""
+    choice = by.strip().lower()
+    if choice not in ("look", "person"):
+        raise FacefindError(f"--by must be look or person, not {by!r}")
+    return choice == "person"
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,9 @@ Ranking
     that makes the image match; it is >= 0 for every match (up to the strict ``>`` boundary), and
     one very confident attribute cannot hide a borderline one. Probabilities are clipped to
     [1e-6, 1 - 1e-6], so margins are bounded by about +-27.6.
+  * with an identity reference (``person``: a 128-D dlib descriptor, or ``person_id``): by exact
+    Euclidean distance between descriptors, ascending, over the filtered images that have one
+    (``index --identity``); score = distance, and ``same_person`` marks distances below 0.6.
   * with neither (no expression, no reference): every image, in id order, score 0.
 
 Threshold sets
@@ -56,6 +59,10 @@ PARSED_KEPT = 64        # parsed expressions an engine keeps
 THRESHOLD_SETS = ("accuracy", "f1")  # the objectives training calibrates for (trainer.metrics)
 BITMAP_FRACTION = 0.10  # filtered similarity search uses a FAISS bitmap below this match fraction
 EXACT_SUBSET = 100_000  # a filter keeping at most this many images is scanned exactly (docs/SCALING.md)
+SAME_PERSON = 0.6       # dlib's same-person distance (trainer.identity.SAME_PERSON; no trainer import here)
+IDENTITY_CHUNK = 65536  # rows converted to float32 at a time when ranking by person
+NO_IDENTITY = ("this index has no identity descriptors: run `facefind index FOLDER --identity` "
+               "to add them, then search with --by person")
 
 
 @dataclass(frozen=True)
@@ -68,17 +75,21 @@ class Hit:
     score: float
     attributes: dict[str, float]
     matched: list[str]
+    distance: float | None = None  # ranking by person: Euclidean distance between identity descriptors
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "score": self.score,
-                "attributes": self.attributes, "matched": self.matched}
+        out = {"id": self.id, "path": self.path, "score": self.score,
+               "attributes": self.attributes, "matched": self.matched}
+        if self.distance is not None:
+            out.update(distance=self.distance, same_person=self.distance < SAME_PERSON)
+        return out
 
 
 @dataclass(frozen=True)
 class Result:
     """One page of a query: ``total`` images match out of ``n_indexed``; ``hits`` are ranks
-    ``offset + 1`` .. ``offset + len(hits)``. ``ranking`` is 'similarity', 'confidence' or 'id';
-    ``search`` is 'exact' or 'approximate' for a similarity ranking, else None."""
+    ``offset + 1`` .. ``offset + len(hits)``. ``ranking`` is 'similarity', 'person', 'confidence'
+    or 'id'; ``search`` is 'exact' or 'approximate' for a similarity or person ranking, else None."""
 
     total: int
     n_indexed: int
@@ -231,6 +242,13 @@ class Engine:
         self._sorted_ids = ids[self._id_order]
         self._vectors: Any = None  # the flat store as a FAISS index, opened on the first similarity query
         self._approx: Any = None   # the approximate index, when the snapshot has one (False: unusable)
+        self.identity: np.ndarray | None = None      # float16 (N, 128) descriptors (index --identity)
+        self.has_identity: np.ndarray | None = None  # bool (N,)
+        if s.identity is not None and s.has_identity is not None:
+            if np.shape(s.identity)[0] != n or np.shape(s.has_identity) != (n,):
+                raise CatalogError("the index snapshot's identity arrays do not match its images: rebuild "
+                                   "it by running `facefind index` again")
+            self.identity, self.has_identity = s.identity, np.asarray(s.has_identity, dtype=bool)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -346,7 +364,8 @@ class Engine:
 
     def query(self, expr: str | Node | None = None, *, limit: int = 20, offset: int = 0,
               like: np.ndarray | None = None, like_id: int | None = None,
-              thresholds: str | None = None, exact: bool = False, nprobe: int | None = None) -> Result:
+              thresholds: str | None = None, exact: bool = False, nprobe: int | None = None,
+              person: np.ndarray | None = None, person_id: int | None = None) -> Result:
         """Filter by ``expr`` (text, an already parsed ``Node``, or None: everything) and return
         one ranked page.
 
@@ -355,25 +374,37 @@ class Engine:
         ``thresholds`` names the set bare names use ("f1", "accuracy"; None: the index default).
         ``exact`` forces an exact similarity scan where an approximate index exists; ``nprobe``
         sets the IVF lists it visits (default ``db.vectors.DEFAULT_NPROBE``: more is slower and
-        closer).
+        closer). ``person`` (a 128-D identity descriptor) or ``person_id`` ranks by identity
+        distance, always exactly, over the matches that have a descriptor (``total`` counts only those).
         """
         if limit < 0 or offset < 0:
             raise FacefindError(f"--limit and --offset must be >= 0 (got {limit}, {offset})")
         if nprobe is not None and nprobe < 1:
             raise FacefindError(f"--nprobe must be >= 1 (got {nprobe})")
-        if like is not None and like_id is not None:
-            raise ValueError("give either like or like_id, not both")
+        if sum(x is not None for x in (like, like_id, person, person_id)) > 1:
+            raise ValueError("give at most one of like, like_id, person, person_id")
+        if (person is not None or person_id is not None) and self.identity is None:
+            raise CatalogError(NO_IDENTITY)
         node = self.parse(expr) if isinstance(expr, str) else expr
         text = expr if isinstance(expr, str) or expr is None else str(expr)
         used = self.threshold_set(thresholds)
         mask = self.mask(node, used) if node is not None else None
         idx = np.flatnonzero(mask) if mask is not None else None
+        if person is not None or person_id is not None:
+            mask = self.has_identity if mask is None else mask & self.has_identity
+            idx = np.flatnonzero(mask)
         total = len(self) if idx is None else int(idx.shape[0])
         need = min(offset + limit, total)
+        distances = False
         if like_id is not None:
             like = self.embedding_of(like_id)
         search = None
-        if like is not None:
+        if person_id is not None:
+            person = self.identity_of(person_id)
+        if person is not None:
+            ranking, distances, search = "person", True, "exact"
+            top, scores = self._by_person(person, idx, need)
+        elif like is not None:
             ranking = "similarity"
             top, scores, search = self._similar(self._reference(like), mask, total, need,
                                                 exact=exact, nprobe=nprobe)
@@ -388,11 +419,12 @@ class Engine:
             scores = np.zeros(need, dtype=np.float32)
         top, scores = top[offset:], scores[offset:]
         warnings = tuple(self.weak_attributes(node, used)) if node is not None else ()
-        return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores, used),
+        return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores, used, distances),
                       expression=text, ranking=ranking, offset=offset, node=node, thresholds=used,
                       warnings=warnings, search=search)
 
-    def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray, thresholds: str) -> list[Hit]:
+    def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray, thresholds: str,
+              distances: bool = False) -> list[Hit]:
         sub = self.probs[:, top]  # (K, L)
         lits = literals(node) if node is not None else []
         cuts = self.threshold_sets[thresholds]
@@ -401,7 +433,8 @@ class Engine:
         return [
             Hit(id=int(self.ids[p]), path=self.snapshot.paths[p], score=float(scores[j]),
                 attributes=dict(zip(self.attributes, sub[:, j].tolist())),
-                matched=[text for text, ok in truth if ok[j]])
+                matched=[text for text, ok in truth if ok[j]],
+                distance=float(scores[j]) if distances else None)
             for j, p in enumerate(top.tolist())
         ]
 
@@ -515,6 +548,35 @@ class Engine:
             k *= 2
         order = top_order(sims, self.ids[cand], need)
         return cand[order], sims[order]
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def identity_of(self, image_id: int) -> np.ndarray:
+        """The stored identity descriptor of an indexed image (CatalogError when it has none)."""
+        if self.identity is None:
+            raise CatalogError(NO_IDENTITY)
+        pos, found = self.positions(np.array([image_id]))
+        if not found[0]:
+            raise CatalogError(f"image id {image_id} is not in the index: list ids with "
+                               "`facefind query EXPR --json`, or pass an image file instead")
+        if not self.has_identity[pos[0]]:
+            raise CatalogError(f"image {image_id} has no identity descriptor (no face was found in it): "
+                               "pass another image")
+        return np.asarray(self.identity[pos[0]], dtype=np.float32)
+
+    def _by_person(self, q: np.ndarray, idx: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``need`` positions among ``idx`` by Euclidean distance to descriptor ``q``
+        (ascending, ties by id), and their distances."""
+        q = np.asarray(q, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.identity.shape[1]:
+            raise ModelError(f"the identity descriptor has {q.shape[0]} dimensions, the index {self.identity.shape[1]}")
+        dist = np.empty(idx.shape[0], dtype=np.float32)
+        for start in range(0, idx.shape[0], IDENTITY_CHUNK):
+            rows = idx[start:start + IDENTITY_CHUNK]
+            diff = np.asarray(self.identity[rows], dtype=np.float32) - q
+            dist[start:start + rows.shape[0]] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        order = top_order(-dist, self.ids[idx], need)
+        return idx[order], dist[order]
 
     # -- quality against ground truth ---------------------------------------------------------
 

@@ -72,6 +72,24 @@ class OpenIndex:
                                    device)
         return predictor.embed(str(image), detect_face)
 
+    def require_identity(self) -> None:
+        """CatalogError saying to run ``index --identity`` when the index has no identity descriptors."""
+        from retrieval.engine import NO_IDENTITY
+
+        if self.engine.identity is None:
+            raise CatalogError(NO_IDENTITY)
+
+    def describe(self, image: Path) -> np.ndarray:
+        """The 128-D identity descriptor of the largest face in an image file (``trainer.faces``,
+        the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
+        from trainer.faces import faces_of
+
+        found = faces_of(load_image(str(image)), identity=True, limit=1)
+        if not found or found[0].identity is None:
+            raise ImageError(f"no face found in {image}: --by person needs a clearly visible face "
+                             "(use --by look to compare whole images)")
+        return found[0].identity
+
     def quality(self, result: Result) -> Quality:
         """Precision@k, precision/recall of all matches and the base rate, against the ground-truth
         labels stored in the catalog (CatalogError when the index holds none for the expression)."""
