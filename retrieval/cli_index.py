@@ -142,7 +142,7 @@ def _resume_command() -> str:
 
 def _identifier() -> Any:
     """The ``--identity`` hook (``trainer.identity``: dlib's descriptor), models checked up front."""
-    from indexer.reader import describe_face
+    from indexer.routing import describe_face
     from trainer.align import check_models
     from trainer.identity import check_model
 

@@ -82,9 +82,10 @@ class OpenIndex:
     def describe(self, image: Path) -> np.ndarray:
         """The 128-D identity descriptor of the largest face in an image file (``trainer.faces``,
         the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
+        from trainer.decode import read_rgb
         from trainer.faces import faces_of
 
-        found = faces_of(load_image(str(image)), identity=True, limit=1)
+        found = faces_of(read_rgb(image), identity=True, limit=1)
         if not found or found[0].identity is None:
             raise ImageError(f"no face found in {image}: --by person needs a clearly visible face "
                              "(use --by look to compare whole images)")
