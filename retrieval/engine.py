@@ -121,7 +121,10 @@ class Result:
         names = list(self.hits[0].attributes) if self.hits else []
         rows = [[self.offset + i + 1, h.id, h.path, h.score, "; ".join(h.matched)]
                 + [h.attributes[a] for a in names] for i, h in enumerate(self.hits)]
-        return pd.DataFrame(rows, columns=columns + names)
+        frame = pd.DataFrame(rows, columns=columns + names)
+        if self.ranking == "person":  # score is the identity distance
+            frame.insert(4, "same_person", [h.distance is not None and h.distance < SAME_PERSON for h in self.hits])
+        return frame
 
 
 @dataclass(frozen=True)
