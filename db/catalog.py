@@ -841,6 +841,10 @@ class Catalog:
             )
             if changed:  # a descriptor of the old content describes someone else's face, perhaps
                 conn.execute(sa.delete(identities).where(identities.c.image_id.in_(changed)))
+            if described:  # other models' snapshots carry these descriptors too: they are now stale
+                described_ids = [ids[p] for p in described]
+                touched |= set(conn.execute(sa.select(predictions.c.model_id)
+                                            .where(predictions.c.image_id.in_(described_ids)).distinct()).scalars())
             self._upsert_rows(conn, identities, ["image_id"], ["image_id", "descriptor"], ["descriptor"],
                               [(ids[p], blob) for p, blob in described.items()])
             conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))

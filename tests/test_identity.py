@@ -134,12 +134,19 @@ def test_descriptors_commit_with_their_prediction_and_follow_the_file(
     _, after = cat.export(model)
     assert after.paths == preds.paths and cat.identity_count() == (2, 1)
 
+    # Describing an image another model also predicted makes that model's snapshot stale.
+    other = cat.register_model("b" * 64, "r", NAMES, [0.5] * K, D, None)
+    cat.write_batch(other, [_row("/x/c.jpg", 6)])
+    before = cat.stamp(other)
+    cat.write_batch(model, [_row("/x/c.jpg", 3, described=True, identity=vb)])
+    assert cat.stamp(other) == before + 1 and cat.export(other)[1].has_identity.tolist() == [True]
+
     # A changed file loses its old descriptor unless the new run describes it; a pruned one too.
     cat.write_batch(model, [_row("/x/a.jpg", 5, mtime=2.0)])
-    assert cat.export(model)[1].identity is None
+    assert cat.export(model)[1].has_identity.tolist() == [False, False, True]
     cat.write_batch(model, [_row("/x/a.jpg", 5, mtime=3.0, described=True, identity=vb)])
     np.testing.assert_array_equal(cat.export(model)[1].identity[0], vb)
-    cat.prune(["/x/a.jpg", "/x/b.jpg"])
+    cat.prune(["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"])
     assert cat.identity_count() == (0, 0)
     cat.close()
 
