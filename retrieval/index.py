@@ -62,15 +62,19 @@ class OpenIndex:
 
     def embed(self, image: Path, detect_face: bool | None = None, device: str = "auto") -> np.ndarray:
         """Embed an image file with the index's own checkpoint and preprocessing (loads torch)."""
+        return open_predictor(self.checkpoint(), device).embed(str(image), detect_face)
+
+    def checkpoint(self) -> Path:
+        """The verified checkpoint file of the snapshot's model (ModelError when gone or changed).
+
+        The snapshot manifest names it; only a snapshot built in memory asks the catalog."""
         snap = self.engine.snapshot
-        if snap.sha256 is None:  # a snapshot built in memory by another caller: ask the catalog
+        if snap.sha256 is None:
             model = self.catalog.get_model(snap.model_id)
             checkpoint, sha256, stat = model.checkpoint, model.sha256, None
         else:
             checkpoint, sha256, stat = snap.checkpoint, snap.sha256, snap.checkpoint_stat
-        predictor = open_predictor(index_checkpoint(checkpoint, sha256, stat, what=f"model {snap.model_id}"),
-                                   device)
-        return predictor.embed(str(image), detect_face)
+        return index_checkpoint(checkpoint, sha256, stat, what=f"model {snap.model_id}")
 
     def require_identity(self) -> None:
         """CatalogError saying to run ``index --identity`` when the index has no identity descriptors."""

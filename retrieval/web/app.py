@@ -298,12 +298,13 @@ class Embedder:
         return pred.embedding, list(pred.face_box) if pred.face_box is not None else None
 
     def _load(self, live: Live) -> Any:
-        from retrieval.index import index_checkpoint, open_predictor
+        from retrieval.index import open_predictor
 
-        model = live.opened.catalog.get_model(live.engine.snapshot.model_id)
-        if self._predictor is None or self._sha != model.sha256:
-            self._predictor = open_predictor(index_checkpoint(model), self.device)
-            self._sha = model.sha256
+        path = live.opened.checkpoint()  # verified against the snapshot's sha256
+        sha = live.engine.snapshot.sha256 or str(path)
+        if self._predictor is None or self._sha != sha:
+            self._predictor = open_predictor(path, self.device)
+            self._sha = sha
         return self._predictor
 
 
