@@ -134,11 +134,13 @@ def test_a_typed_query_shows_its_count_and_thumbnails(page, server) -> None:
 def test_autocomplete_completes_attribute_names(page) -> None:
     page.goto(page.server_url)
     wait_count(page, N_FACES)
+    page.wait_for_selector(".chip[data-name='Eyeglasses']")  # the names the list completes have loaded
     page.click("#expr")
     page.keyboard.type("Male and eyegl")
     # The list follows each keystroke ("Ma" offers Male first): wait for the one for the last word.
-    page.wait_for_function("() => { const li = document.querySelector('#suggest:not([hidden]) li');"
-                           " return li !== null && li.innerText === 'Eyeglasses'; }")
+    from playwright.sync_api import expect
+
+    expect(page.locator("#suggest li").first).to_have_text("Eyeglasses")
     page.keyboard.press("Tab")
     assert page.input_value("#expr") == "Male and Eyeglasses"
 
