@@ -564,6 +564,12 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
     for m in catalog.models():
         if not counts.get(m.id):
             continue
+        if (hold := catalog.publish_hold(m.id)) is not None:
+            # A sharded build is filling the catalog: publishing now would serve only some shards.
+            failed.append(Finding("publish_held", f"model {m.id} is being indexed in {hold.get('shards', 'several')} "
+                                  "shards, so its snapshot was not rebuilt: run `facefind index FOLDER --finalize` "
+                                  "once every shard is done"))
+            continue
         probe = CheckReport(index_dir=str(folder), catalog="")
         _snapshot(catalog, folder, m, True, False, _Collector(probe))
         if not probe.problems:

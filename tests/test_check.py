@@ -371,3 +371,19 @@ def test_a_damaged_or_missing_approximate_index_is_found_and_rebuilt(tmp_path: P
     assert report.healthy and report.repaired, report.to_dict()
     snap = load_snapshot(idx, mid)
     assert snap.folder != gen and snap.approximate and (snap.folder / "ann.faiss").is_file()
+
+
+def test_repair_does_not_publish_a_sharded_build_in_progress(built: dict, tmp_path: Path) -> None:
+    # Shard 0 of 2 has written more rows; shard 1 has not finished: the snapshot must stay as it was.
+    extra = tmp_path / "pics" / "extra.jpg"
+    extra.write_bytes(b"jpeg")
+    with Catalog.open(built["idx"]) as catalog:
+        catalog.hold_publish(built["model"], {"shards": 2, "root": str(built["pics"])})
+        catalog.write_batch(built["model"], rows([extra], seed=1))
+    before = load_snapshot(built["idx"], built["model"])
+    code, report = run_check(built["idx"], "--repair")
+    assert code == 1
+    held = [f for f in report["problems"] if f["kind"] == "publish_held"]
+    assert len(held) == 1 and "--finalize" in held[0]["message"], report
+    after = load_snapshot(built["idx"], built["model"])
+    assert after.stamp == before.stamp and len(after.ids) == N
