@@ -102,7 +102,7 @@ def run_index_bench(
     ``out`` keeps the work folder (images, model, indexes); by default a temporary one is removed.
     """
     from indexer.pipeline import index_folder
-    from indexer.reader import available_cpus
+    from trainer.device import available_cpus
     from trainer.device import describe_device, resolve_device
 
     if repeats < 1:
@@ -246,7 +246,7 @@ def naive_pipeline(
     import torch
     from torch.utils.data import DataLoader
 
-    from indexer.reader import available_cpus
+    from trainer.device import available_cpus
     from trainer.checkpoint import load_model
     from trainer.device import autocast
 

@@ -100,7 +100,11 @@ class ImageReader:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.size = (int(size[0]), int(size[1]))
         self.batch_size = batch_size
-        self.workers = available_cpus() if workers is None else max(0, workers)
+        if workers is None:
+            from trainer.device import available_cpus  # torch-importing: kept out of the worker processes
+
+            workers = available_cpus()
+        self.workers = max(0, workers)
         self.max_pixels = max_pixels
         self.crop = crop
         self.identify = identify  # index --identity: describe each file's face in the workers
@@ -215,14 +219,6 @@ class ImageReader:
 
 def _ready() -> bool:
     return True
-
-
-def available_cpus() -> int:
-    """CPU cores this process may use (respects affinity / container limits where visible)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _nonempty(batches: Iterable[DecodedBatch]) -> Iterator[DecodedBatch]:

@@ -162,7 +162,7 @@ def _measure(
     repeats: int,
 ) -> TrainBenchResult:
     from trainer.celeba import load_celeba
-    from trainer.data import _default_workers
+    from trainer.device import available_cpus
     from trainer.fit import FitConfig, prepare_data
 
     say = progress or (lambda message: None)
@@ -177,7 +177,7 @@ def _measure(
     rows = np.concatenate([train_data.rows["train"], train_data.rows["val"]])
     result = TrainBenchResult(arch, cfg.img_size, describe_device(dev), len(rows), cache_seconds,
                               cache_reused=not train_data.cache.built)
-    n_workers = workers if workers is not None else _default_workers()
+    n_workers = workers if workers is not None else available_cpus()
     precision = "bf16 autocast" if dev.type == "cuda" else "fp32"
     size = min(batch_size, len(rows))
     plan = _plan(rows, size, warmup + steps)  # the same row batches for facefind and same_settings

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from db.errors import DatasetError, ImageError
+from trainer.device import available_cpus
 from db.paths import default_cache_dir
 from trainer.decode import decode_paths
 from trainer.model import normalize
@@ -85,13 +86,6 @@ def cache_key(root: Path, paths: Sequence[Path], img_size: Sequence[int]) -> str
         digest.update(str(path).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:24]
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def find_cache(
@@ -160,7 +154,7 @@ def build_cache(
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
         try:
-            _decode_into(out, paths, size, workers or _default_workers(), progress)
+            _decode_into(out, paths, size, workers or available_cpus(), progress)
         except ImageError as err:
             raise DatasetError(f"{err}: remove or replace that file (every image is needed to train)") from None
         out.flush()
