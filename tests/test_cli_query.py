@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,48 +23,16 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
+from helpers import Built, build_synthetic_index  # noqa: E402
 from test_predict import check_page  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40
 
 
-@dataclass(frozen=True)
-class Built:
-    root: Path
-    images: list[Path]
-    model: Path
-    index: Path
-    attributes: list[str]
-    thresholds: dict[str, float]
-    probs: dict[str, dict[str, float]]  # path -> attribute -> stored probability
-    labels: dict[str, dict[str, bool]]  # path -> attribute -> ground truth
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
-    from trainer.celeba import read_attributes
-    from trainer.synth import synthesize
-
-    base = tmp_path_factory.mktemp("query")
-    root = base / "celeba"
-    synthesize(root, n=N_FACES, seed=5)
-    ann = read_attributes(root / "list_attr_celeba.txt")
-    images = sorted((root / "img_align_celeba").glob("*.jpg"))
-    model = tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
-    report = index_folder(root / "img_align_celeba", model, base / "index", device="cpu", workers=0)
-    assert report.indexed == N_FACES and report.labelled == N_FACES
-    with Catalog.open(base / "index", create=False) as catalog:
-        record = catalog.latest_model()
-        preds = catalog.load_predictions(record.id)
-    probs = {p: dict(zip(record.attributes, row.tolist())) for p, row in zip(preds.paths, preds.probs)}
-    labels = {str(root / "img_align_celeba" / name): dict(zip(ann.attributes, (row > 0).tolist()))
-              for name, row in zip(ann.names, ann.labels)}
-    return Built(root, images, model, base / "index", ann.attributes,
-                 dict(zip(record.attributes, record.thresholds)), probs, labels)
+    return build_synthetic_index(tmp_path_factory.mktemp("query"), N_FACES)
 
 
 def run(*args: str | Path):

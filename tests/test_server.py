@@ -18,14 +18,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import Built, build_synthetic_index  # tests/ is on sys.path (prepend import mode)
 from test_reader import _png_header_only
 from retrieval.cli import app as cli_app
 
@@ -35,54 +35,26 @@ HISTORY = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.72 - 0.08 * e
             "val": {"mean_accuracy": 0.6 + 0.05 * e, "macro_f1": 0.2 + 0.04 * e}} for e in (1, 2, 3)]
 
 
-@dataclass(frozen=True)
-class Built:
-    root: Path
-    images: list[Path]
-    model: Path
-    index: Path
-    attributes: list[str]
-    thresholds: dict[str, float]
-    ids: dict[str, int]                 # path -> catalog id
-    probs: dict[str, dict[str, float]]  # path -> attribute -> stored probability
-    labels: dict[str, dict[str, bool]]  # path -> attribute -> ground truth
-
-
 def build_index(base: Path, n: int = N_FACES, seed: int = 5) -> Built:
     """Synthetic faces -> a calibrated tiny checkpoint (with history and metrics) -> `facefind index`."""
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
-    from trainer.celeba import read_attributes
-    from trainer.checkpoint import load_model, save_checkpoint
-    from trainer.synth import synthesize
+    return build_synthetic_index(base, n, seed, adjust=_with_history)
 
-    root = base / "celeba"
-    synthesize(root, n=n, seed=seed)
-    ann = read_attributes(root / "list_attr_celeba.txt")
-    images = sorted((root / "img_align_celeba").glob("*.jpg"))
-    path = tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
+
+def _with_history(path: Path, attributes: Sequence[str]) -> None:
+    """Give the checkpoint what training records: two threshold sets, their stats, history, metrics."""
+    from trainer.checkpoint import load_model, save_checkpoint
+
     model, meta = load_model(path)
     meta.threshold_sets = {"accuracy": list(meta.thresholds),  # two sets that differ, as training keeps
                            "f1": [max(0.0, t - 0.05) for t in meta.thresholds]}
-    meta.threshold_stats = {name: {m: [0.5] * len(ann.attributes) for m in ("precision", "recall", "f1")}
+    meta.threshold_stats = {name: {m: [0.5] * len(attributes) for m in ("precision", "recall", "f1")}
                             for name in meta.threshold_sets}
     meta.history = HISTORY
     meta.epoch, meta.best_epoch = 3, 3
     meta.val_metrics = {"mean_accuracy": 0.75, "macro_f1": 0.32, "per_attribute": {
         a: {"accuracy": 0.5 + i / 100, "f1": 0.3, "average_precision": 0.4, "support": 5, "threshold": 0.5}
-        for i, a in enumerate(ann.attributes)}}
+        for i, a in enumerate(attributes)}}
     save_checkpoint(path, model, meta)
-    report = index_folder(root / "img_align_celeba", path, base / "index", device="cpu", workers=0)
-    assert report.indexed == n and report.labelled == n
-    with Catalog.open(base / "index", create=False) as catalog:
-        record = catalog.latest_model()
-        preds = catalog.load_predictions(record.id)
-    probs = {p: dict(zip(record.attributes, row.tolist())) for p, row in zip(preds.paths, preds.probs)}
-    labels = {str(root / "img_align_celeba" / name): dict(zip(ann.attributes, (row > 0).tolist()))
-              for name, row in zip(ann.names, ann.labels)}
-    return Built(root, images, path, base / "index", ann.attributes,
-                 dict(zip(record.attributes, record.thresholds)),
-                 dict(zip(preds.paths, preds.ids.tolist())), probs, labels)
 
 
 @pytest.fixture(scope="module")
