@@ -102,13 +102,18 @@ def _detector() -> Any:
     return _dlib().get_frontal_face_detector()
 
 
-@functools.lru_cache(maxsize=1)
-def _predictor() -> Any:
-    path = model_file(LANDMARKS_MODEL)
+def load_model(name: str, constructor: str) -> Any:
+    """``dlib.<constructor>(model file)``; a missing or unreadable file is a one-line ModelError."""
+    path = model_file(name)
     try:
-        return _dlib().shape_predictor(str(path))
+        return getattr(_dlib(), constructor)(str(path))
     except RuntimeError as err:
         raise ModelError(f"cannot load {path} ({err}): pip install --force-reinstall face-recognition-models") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _predictor() -> Any:
+    return load_model(LANDMARKS_MODEL, "shape_predictor")
 
 
 def check_models() -> None:

@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from db.errors import ModelError
-from trainer.align import DESCRIPTOR_MODEL, _dlib, model_file
+from trainer.align import DESCRIPTOR_MODEL, _dlib, load_model
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +31,7 @@ CHIP_PADDING = 0.25
 
 @functools.lru_cache(maxsize=1)
 def _model() -> Any:
-    path = model_file(DESCRIPTOR_MODEL)
-    try:
-        return _dlib().face_recognition_model_v1(str(path))
-    except RuntimeError as err:
-        raise ModelError(f"cannot load {path} ({err}): pip install --force-reinstall face-recognition-models") from None
+    return load_model(DESCRIPTOR_MODEL, "face_recognition_model_v1")
 
 
 def check_model() -> None:
