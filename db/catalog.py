@@ -5,14 +5,18 @@ Tables (any SQLAlchemy URL; SQLite by default, tuned for one writer and many rea
     meta         key/value: schema version, a random catalog id (so a snapshot can tell that
                  the catalog it came from was replaced)
     images       one row per file: normalised absolute path (unique), size, mtime, width, height
+    faces        one row per index entry (schema v3): the file, the face's number in it (0 = the
+                 largest) and its box in the decoded image; no box: the whole file is the entry
+                 (a CelebA-style crop). Users, snapshots and FAISS refer to entries by face id
     models       one row per checkpoint (sha256 unique) with its attribute names, thresholds,
                  embedding size and a ``generation`` counter bumped by every transaction that
                  changes the model's predictions; snapshots compare it to know they are current
-    predictions  per (model, image): K float32 probabilities and a D float32 embedding as BLOBs
+    predictions  per (model, face): K float32 probabilities and a D float32 embedding as BLOBs
     label_sets   one row per distinct list of ground-truth attribute names
-    labels       per image: uint8 0/1 values in the order of its label set
-    identities   per image (schema v2): the 128-D dlib identity descriptor of its largest face,
-                 float32 BLOB, NULL when ``index --identity`` found no face (looked, none there)
+    labels       per image: uint8 0/1 values in the order of its label set (they describe a
+                 whole-file entry, so only faces without a box carry them into queries)
+    identities   per face: its 128-D dlib identity descriptor, float32 BLOB, NULL when
+                 ``index --identity`` found no face in a whole-file entry (looked, none there)
     failures     files that could not be indexed, with the reason (cleared when a file succeeds)
     runs         index runs: root, start/finish time, status, counts and stage timings
 
@@ -58,7 +62,7 @@ from db.paths import default_db_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 IDENTITY_DIM = 128  # dlib's face descriptor (trainer.identity.DIM; db imports nothing of ours)
 BUSY_TIMEOUT_S = 60.0
 PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
@@ -104,14 +108,32 @@ models = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# An entry of the index. A file indexed as it is (CelebA-style folders) has one face, number 0,
+# with no box; ``index --detect-faces`` gives a photo one face per detected face, largest first.
+# A changed file keeps the ids of the faces it still has by number; the rest are deleted.
+faces = sa.Table(
+    "faces",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("x", sa.Integer),  # the box in the decoded (EXIF-upright) image, pixels; NULL: whole file
+    sa.Column("y", sa.Integer),
+    sa.Column("w", sa.Integer),
+    sa.Column("h", sa.Integer),
+    sa.UniqueConstraint("image_id", "number", name="uq_faces_image_number"),
+    # Never reuse the id of a deleted face: ids are what snapshots, FAISS and users refer to.
+    sqlite_autoincrement=True,
+)
+
 predictions = sa.Table(
     "predictions",
     metadata,
     sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("face_id", sa.Integer, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("probs", sa.LargeBinary, nullable=False),
     sa.Column("embedding", sa.LargeBinary, nullable=False),
-    sa.Index("ix_predictions_image", "image_id"),
+    sa.Index("ix_predictions_face", "face_id"),
 )
 
 label_sets = sa.Table(
@@ -130,13 +152,13 @@ labels = sa.Table(
     sa.Column("values", sa.LargeBinary, nullable=False),
 )
 
-# Keyed by image, not by (model, image): who a face is does not depend on the attribute model, so
-# indexing with a second model keeps the descriptors, and a row per image that was looked at (NULL:
-# no face found) lets a re-run of ``index --identity`` skip files already described.
+# Keyed by face, not by (model, face): who a face is does not depend on the attribute model, so
+# indexing with a second model keeps the descriptors, and a row per face that was looked at (NULL:
+# no face found in a whole-file entry) lets a re-run of ``index --identity`` skip files already described.
 identities = sa.Table(
     "identities",
     metadata,
-    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("face_id", sa.Integer, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("descriptor", sa.LargeBinary),
 )
 
@@ -182,11 +204,56 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 
 def _v1_to_v2(conn: Connection) -> None:
-    """v2: the ``identities`` table (search by person)."""
-    metadata.create_all(conn, tables=[identities])
+    """v2: the ``identities`` table (search by person), keyed by image as it was in v2."""
+    v2 = sa.MetaData()
+    sa.Table("images", v2, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table("identities", v2,
+             sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("descriptor", sa.LargeBinary))
+    v2.create_all(conn, tables=[v2.tables["identities"]])
 
 
 MIGRATIONS[1] = _v1_to_v2
+
+
+def _v2_to_v3(conn: Connection) -> None:
+    """v3: the ``faces`` table; predictions and identities keyed by face. Every image becomes one
+    whole-file face with the image's own id, so the ids that users, snapshots and FAISS hold stay
+    valid, and faces' id sequence continues where images' is, so new files keep equal ids."""
+    metadata.create_all(conn, tables=[faces])
+    conn.exec_driver_sql("INSERT INTO faces (id, image_id, number) SELECT id, id, 0 FROM images")
+    _continue_sequence(conn, "faces", after="images")
+    # Copy, drop, recreate from the definitions above, copy back: SQLite cannot change a foreign key
+    # in place, and the copy leaves index and constraint names free for the new tables on PostgreSQL.
+    for table in (predictions, identities):
+        others = ", ".join(c.name for c in table.columns if c.name != "face_id")
+        conn.exec_driver_sql(f"CREATE TABLE v2_{table.name} AS SELECT * FROM {table.name}")
+        conn.exec_driver_sql(f"DROP TABLE {table.name}")
+        metadata.create_all(conn, tables=[table])
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({others}, face_id) "
+                             f"SELECT {others}, image_id FROM v2_{table.name}")
+        conn.exec_driver_sql(f"DROP TABLE v2_{table.name}")
+
+
+MIGRATIONS[2] = _v2_to_v3
+
+
+def _continue_sequence(conn: Connection, table: str, *, after: str) -> None:
+    """Make ``table``'s next autoincrement id follow ``after``'s (pruned ids included), for a step
+    that copied ids over explicitly (which never advances a PostgreSQL sequence)."""
+    if conn.dialect.name == "postgresql":
+        source = conn.exec_driver_sql(f"SELECT pg_get_serial_sequence('{after}', 'id')").scalar()
+        last, called = conn.exec_driver_sql(f"SELECT last_value, is_called FROM {source}").one()
+        conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {int(last)}, "
+                             f"{'true' if called else 'false'})")
+        return
+    seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (after,)).scalar()
+    if seq is None:
+        return
+    if conn.exec_driver_sql("SELECT 1 FROM sqlite_sequence WHERE name = ?", (table,)).first():
+        conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", (int(seq), table))
+    else:
+        conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, int(seq)))
 
 
 def add_columns(conn: Connection, table: sa.Table, *names: str) -> None:
@@ -244,13 +311,18 @@ class ModelRecord:
         return len(self.attributes)
 
 
+Box = tuple[int, int, int, int]  # x, y, width, height in the decoded image (trainer.align.Box)
+
+
 @dataclass
 class IndexedImage:
-    """One file's result from the indexer, ready for ``Catalog.write_batch``.
+    """One index entry from the indexer, ready for ``Catalog.write_batch``: a file as it is
+    (``face`` 0, no ``box``), or face number ``face`` of a photo, found at ``box``.
 
-    ``labels`` optionally carries the file's ground-truth attributes (any integer array where
-    ``> 0`` means present, so both CelebA's -1/1 and 0/1 work), in the order of the
-    ``label_names`` given to ``write_batch``.
+    A file's faces all travel in one batch (rows with the same path): the batch replaces every
+    face the file had. ``labels`` optionally carries the file's ground-truth attributes (any
+    integer array where ``> 0`` means present, so both CelebA's -1/1 and 0/1 work), in the order
+    of the ``label_names`` given to ``write_batch``.
     """
 
     path: str
@@ -263,6 +335,8 @@ class IndexedImage:
     labels: np.ndarray | None = None
     described: bool = False               # True: identity was looked for (``index --identity``)
     identity: np.ndarray | None = None    # float32 (128,) descriptor; None: no face (or not looked)
+    face: int = 0                         # the face's number in its file (0: the largest, or the file)
+    box: Box | None = None                # where it is; None: the entry is the whole file
 
 
 @dataclass(frozen=True)
@@ -285,14 +359,17 @@ class RunRecord:
 
 
 class Predictions(NamedTuple):
-    """One model's predictions, row ``i`` belonging to image ``ids[i]`` (ascending)."""
+    """One model's predictions, row ``i`` belonging to face ``ids[i]`` (ascending) of file ``paths[i]``."""
 
-    ids: np.ndarray     # int64 (N,)
+    ids: np.ndarray     # int64 (N,) face ids
     paths: list[str]    # N
     probs: np.ndarray   # float32 (N, K)
     emb: np.ndarray     # float32 (N, D), as stored (not normalised)
     identity: np.ndarray | None = None      # float32 (N, 128) descriptors (zeros where has_identity is False)
     has_identity: np.ndarray | None = None  # bool (N,): which rows have a descriptor
+    image_ids: np.ndarray | None = None     # int64 (N,): the file (images.id) of each face
+    faces: np.ndarray | None = None         # int32 (N,): the face's number in its file
+    boxes: np.ndarray | None = None         # int32 (N, 4) x, y, w, h; -1 where the entry is the whole file
 
 
 UNSTORABLE_REASON = "file name is not valid UTF-8: rename the file to index it"
@@ -742,11 +819,13 @@ class Catalog:
         built without it reads the rest again)."""
         query = (
             sa.select(images.c.path, images.c.size, images.c.mtime)
-            .join(predictions, predictions.c.image_id == images.c.id)
+            .join(faces, faces.c.image_id == images.c.id)
+            .join(predictions, predictions.c.face_id == faces.c.id)
             .where(predictions.c.model_id == model_id)
         )
-        if identity:
-            query = query.join(identities, identities.c.image_id == images.c.id)
+        if identity:  # a file's faces are written (and described) in one transaction: one tells
+            query = query.join(identities, identities.c.face_id == faces.c.id)
+        query = query.distinct()
         with self._read() as conn:
             return {path: (int(size), float(mtime)) for path, size, mtime in conn.execute(query)}
 
@@ -767,22 +846,26 @@ class Catalog:
     ) -> None:
         """Store one batch of indexer results atomically (one transaction).
 
-        Images are upserted by path (a changed file keeps its id; its size, mtime and dimensions
-        are updated, and predictions of *other* models for it are dropped since they describe the
-        old content), predictions upserted, failure rows for these paths deleted, labels stored
-        for rows that carry them, and the generation of every model whose predictions changed is
-        bumped. Committed batches survive a crash; an interrupted one leaves no trace.
+        Rows with the same path are the faces of one file (by ``face`` number; the same number
+        twice: the last row wins). Images are upserted by path (a changed file keeps its id; its
+        size, mtime and dimensions are updated, and predictions of *other* models for its faces
+        are dropped since they describe the old content). Each file's faces are replaced: faces
+        it still has keep their ids (by number) and get the new boxes, faces it no longer has are
+        deleted with their predictions and descriptors. Predictions are upserted, failure rows for
+        these paths deleted, labels stored for files that carry them, and the generation of every
+        model whose predictions changed is bumped. Committed batches survive a crash; an
+        interrupted one leaves no trace.
         """
         if not rows:
             return
         k, d = self._model_dims(model_id)
         now = time.time()
-        by_path: dict[str, IndexedImage] = {}
+        by_path: dict[str, dict[int, IndexedImage]] = {}
         unstorable = []
-        for r in rows:  # a path twice in one batch: the last one wins
+        for r in rows:
             path = normalize_path(r.path)
             if _storable(path):
-                by_path[path] = r
+                by_path.setdefault(path, {})[int(r.face)] = r
             else:
                 unstorable.append((path, UNSTORABLE_REASON))
         if unstorable:
@@ -790,26 +873,29 @@ class Catalog:
             self.record_failures(unstorable)
         if not by_path:
             return
-        probs, embs = [], []
-        for r in by_path.values():
+        entries = [(path, number, r) for path, found in by_path.items() for number, r in sorted(found.items())]
+        blobs = []
+        for path, number, r in entries:
             p = np.ascontiguousarray(r.probs, dtype=np.float32)
             e = np.ascontiguousarray(r.embedding, dtype=np.float32)
             if p.shape != (k,) or e.shape != (d,):
                 raise ValueError(
                     f"model {model_id} expects probs ({k},) and embedding ({d},), got {p.shape} and {e.shape}"
                 )
-            probs.append(p.tobytes())
-            embs.append(e.tobytes())
-        described: dict[str, bytes | None] = {}
-        for path, r in by_path.items():
+            if r.box is not None and len(r.box) != 4:
+                raise ValueError(f"a face box is (x, y, w, h), got {r.box!r}")
+            blobs.append((p.tobytes(), e.tobytes()))
+        described: dict[tuple[str, int], bytes | None] = {}
+        for path, number, r in entries:
             if r.identity is not None:
                 v = np.ascontiguousarray(r.identity, dtype=np.float32)
                 if v.shape != (IDENTITY_DIM,):
                     raise ValueError(f"identity descriptor of shape {v.shape}, expected ({IDENTITY_DIM},)")
-                described[path] = v.tobytes()
+                described[path, number] = v.tobytes()
             elif r.described:
-                described[path] = None
-        paths = list(by_path)
+                described[path, number] = None
+        files = {path: found[max(found)] for path, found in by_path.items()}  # size, mtime, dimensions
+        paths = list(files)
         with self._write() as conn:
             old = {
                 path: (iid, size, mtime)
@@ -820,44 +906,73 @@ class Catalog:
                 )
             }
             changed = [
-                old[p][0] for p, r in by_path.items()
+                old[p][0] for p, r in files.items()
                 if p in old and (old[p][1] != int(r.size) or old[p][2] != float(r.mtime))
             ]
             touched = {model_id}
             if changed:
-                touched |= self._drop_predictions(conn, changed, keep_model=model_id)
+                touched |= self._drop_predictions(conn, self._face_ids(conn, changed), keep_model=model_id)
             self._upsert_rows(
                 conn, images, ["path"], ["path", "size", "mtime", "width", "height", "added"],
                 ["size", "mtime", "width", "height"],
-                [(p, int(r.size), float(r.mtime), r.width, r.height, now) for p, r in by_path.items()],
+                [(p, int(r.size), float(r.mtime), r.width, r.height, now) for p, r in files.items()],
             )
             ids = dict(
                 conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(paths))).all()
             )
+            path_of = {image_id: path for path, image_id in ids.items()}
+            gone = [fid for fid, image_id, number in self._faces_of(conn, list(path_of))
+                    if number not in by_path[path_of[image_id]]]
+            if gone:  # faces the file no longer has (fewer faces found in its new content)
+                touched |= self._drop_predictions(conn, gone, keep_model=None)
+                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(gone)))
+                conn.execute(sa.delete(faces).where(faces.c.id.in_(gone)))
             self._upsert_rows(
-                conn, predictions, ["model_id", "image_id"], ["model_id", "image_id", "probs", "embedding"],
+                conn, faces, ["image_id", "number"], ["image_id", "number", "x", "y", "w", "h"],
+                ["x", "y", "w", "h"],
+                [(ids[path], number, *(r.box if r.box is not None else (None,) * 4)) for path, number, r in entries],
+            )
+            face_ids = {(path_of[image_id], number): fid
+                        for fid, image_id, number in self._faces_of(conn, list(path_of))}
+            self._upsert_rows(
+                conn, predictions, ["model_id", "face_id"], ["model_id", "face_id", "probs", "embedding"],
                 ["probs", "embedding"],
-                [(model_id, ids[p], pb, eb) for p, pb, eb in zip(paths, probs, embs)],
+                [(model_id, face_ids[path, number], pb, eb) for (path, number, _), (pb, eb) in zip(entries, blobs)],
             )
             if changed:  # a descriptor of the old content describes someone else's face, perhaps
-                conn.execute(sa.delete(identities).where(identities.c.image_id.in_(changed)))
+                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(self._face_ids(conn, changed))))
             if described:  # other models' snapshots carry these descriptors too: they are now stale
-                described_ids = [ids[p] for p in described]
+                described_ids = [face_ids[key] for key in described]
                 touched |= set(conn.execute(sa.select(predictions.c.model_id)
-                                            .where(predictions.c.image_id.in_(described_ids)).distinct()).scalars())
-            self._upsert_rows(conn, identities, ["image_id"], ["image_id", "descriptor"], ["descriptor"],
-                              [(ids[p], blob) for p, blob in described.items()])
+                                            .where(predictions.c.face_id.in_(described_ids)).distinct()).scalars())
+            self._upsert_rows(conn, identities, ["face_id"], ["face_id", "descriptor"], ["descriptor"],
+                              [(face_ids[key], blob) for key, blob in described.items()])
             conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
-            labelled = {ids[p]: r.labels for p, r in by_path.items() if r.labels is not None}
+            labelled = {ids[p]: r.labels for p, r in files.items() if r.labels is not None}
             if labelled:
                 if label_names is None:
                     raise ValueError("rows carry labels but write_batch got no label_names")
                 self._store_labels(conn, label_names, labelled)
             self._bump(conn, touched)
 
-    def _drop_predictions(self, conn: Connection, image_ids: list[int], keep_model: int | None) -> set[int]:
-        """Delete predictions of these images (except ``keep_model``'s); return the models hit."""
-        where = predictions.c.image_id.in_(image_ids)
+    @staticmethod
+    def _faces_of(conn: Connection, image_ids: list[int]) -> list[tuple[int, int, int]]:
+        """``(face id, image id, number)`` of every face of these images."""
+        rows: list[tuple[int, int, int]] = []
+        for start in range(0, len(image_ids), 10_000):
+            chunk = image_ids[start:start + 10_000]
+            rows += [(int(f), int(i), int(n)) for f, i, n in conn.execute(
+                sa.select(faces.c.id, faces.c.image_id, faces.c.number).where(faces.c.image_id.in_(chunk)))]
+        return rows
+
+    def _face_ids(self, conn: Connection, image_ids: list[int]) -> list[int]:
+        return [fid for fid, _, _ in self._faces_of(conn, image_ids)]
+
+    def _drop_predictions(self, conn: Connection, face_ids: list[int], keep_model: int | None) -> set[int]:
+        """Delete predictions of these faces (except ``keep_model``'s); return the models hit."""
+        if not face_ids:
+            return set()
+        where = predictions.c.face_id.in_(face_ids)
         if keep_model is not None:
             where = where & (predictions.c.model_id != keep_model)
         hit = set(conn.execute(sa.select(predictions.c.model_id).where(where).distinct()).scalars())
@@ -929,7 +1044,7 @@ class Catalog:
         return [FailureRecord(r.path, r.reason, float(r.at)) for r in rows]
 
     def prune(self, paths_missing: Iterable[str | os.PathLike[str]]) -> int:
-        """Forget files that no longer exist: their images, predictions, labels and failures.
+        """Forget files that no longer exist: their images, faces, predictions, labels and failures.
 
         Returns the number of images removed; models that lost predictions get a new generation.
         """
@@ -944,9 +1059,12 @@ class Catalog:
                 conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(chunk)))
                 if not ids:
                     continue
-                self._bump(conn, self._drop_predictions(conn, ids, keep_model=None))
+                face_ids = self._face_ids(conn, ids)
+                self._bump(conn, self._drop_predictions(conn, face_ids, keep_model=None))
                 conn.execute(sa.delete(labels).where(labels.c.image_id.in_(ids)))
-                conn.execute(sa.delete(identities).where(identities.c.image_id.in_(ids)))
+                if face_ids:
+                    conn.execute(sa.delete(identities).where(identities.c.face_id.in_(face_ids)))
+                    conn.execute(sa.delete(faces).where(faces.c.id.in_(face_ids)))
                 removed += conn.execute(sa.delete(images).where(images.c.id.in_(ids))).rowcount
         return removed
 
@@ -1024,10 +1142,12 @@ class Catalog:
         """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them."""
         k, d = self._model_dims(model_id)
         query = (
-            sa.select(predictions.c.image_id, images.c.path, predictions.c.probs, predictions.c.embedding)
-            .join(images, images.c.id == predictions.c.image_id)
+            sa.select(predictions.c.face_id, images.c.path, predictions.c.probs, predictions.c.embedding,
+                      faces.c.image_id, faces.c.number, faces.c.x, faces.c.y, faces.c.w, faces.c.h)
+            .join(faces, faces.c.id == predictions.c.face_id)
+            .join(images, images.c.id == faces.c.image_id)
             .where(predictions.c.model_id == model_id)
-            .order_by(predictions.c.image_id)
+            .order_by(predictions.c.face_id)
         )
         count = (sa.select(sa.func.count()).select_from(predictions)
                  .where(predictions.c.model_id == model_id))
@@ -1039,6 +1159,9 @@ class Catalog:
             ids = np.empty(n, dtype=np.int64)
             probs = np.empty((n, k), dtype=np.float32)
             emb = np.empty((n, d), dtype=np.float32)
+            image_ids = np.empty(n, dtype=np.int64)
+            numbers = np.empty(n, dtype=np.int32)
+            boxes = np.empty((n, 4), dtype=np.int32)
             paths: list[str] = []
             # The raw DBAPI cursor (same transaction) skips SQLAlchemy's per-row processing: 5x faster.
             compiled = query.compile(dialect=conn.dialect)
@@ -1051,9 +1174,12 @@ class Catalog:
                 while chunk := cursor.fetchmany(8192):
                     if at + len(chunk) > n:
                         raise CatalogError("predictions changed while being read; try again")
-                    cid, cpath, cprobs, cemb = zip(*chunk)
+                    cid, cpath, cprobs, cemb, cimage, cnumber, *cbox = zip(*chunk)
                     sl = slice(at, at + len(chunk))
                     ids[sl] = cid
+                    image_ids[sl] = cimage
+                    numbers[sl] = cnumber
+                    boxes[sl] = np.array([[-1 if v is None else v for v in col] for col in cbox], np.int64).T
                     paths.extend(cpath)
                     probs[sl] = np.frombuffer(b"".join(cprobs), dtype=np.float32).reshape(-1, k)
                     emb[sl] = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
@@ -1063,13 +1189,13 @@ class Catalog:
             identity, has_identity = self._identities(conn, ids)
         if at != n:
             raise CatalogError("predictions changed while being read; try again")
-        return int(stamp), Predictions(ids, paths, probs, emb, identity, has_identity)
+        return int(stamp), Predictions(ids, paths, probs, emb, identity, has_identity, image_ids, numbers, boxes)
 
     @staticmethod
     def _identities(conn: Connection, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Descriptors aligned with ascending ``ids``: float32 (N, 128) and a bool mask; (None,
-        None) when none of these images has one (an index built without ``--identity``)."""
-        rows = conn.execute(sa.select(identities.c.image_id, identities.c.descriptor)
+        """Descriptors aligned with ascending face ``ids``: float32 (N, 128) and a bool mask; (None,
+        None) when none of these faces has one (an index built without ``--identity``)."""
+        rows = conn.execute(sa.select(identities.c.face_id, identities.c.descriptor)
                             .where(identities.c.descriptor.is_not(None))).all()
         if not rows:
             return None, None
@@ -1077,8 +1203,8 @@ class Catalog:
         mask = np.zeros(len(ids), bool)
         got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         at = np.searchsorted(ids, got)
-        for (image_id, blob), i in zip(rows, at):
-            if i < len(ids) and ids[i] == image_id:
+        for (face_id, blob), i in zip(rows, at):
+            if i < len(ids) and ids[i] == face_id:
                 vectors[i] = np.frombuffer(blob, np.float32)
                 mask[i] = True
         if not mask.any():
@@ -1086,7 +1212,7 @@ class Catalog:
         return vectors, mask
 
     def identity_count(self) -> tuple[int, int]:
-        """``(described, with_face)``: images ``index --identity`` looked at, and those with a face."""
+        """``(described, with_face)``: entries ``index --identity`` looked at, and those with a face."""
         with self._read() as conn:
             looked = int(conn.execute(sa.select(sa.func.count()).select_from(identities)).scalar() or 0)
             found = int(conn.execute(sa.select(sa.func.count()).select_from(identities)
@@ -1094,40 +1220,44 @@ class Catalog:
         return looked, found
 
     def labels_for(self, attribute_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Ground truth for these attributes: ``(ids int64 (N,), uint8 0/1 (N, K))`` by id.
+        """Ground truth for these attributes: ``(face ids int64 (N,), uint8 0/1 (N, K))`` by face id.
 
-        Images whose label set lacks any of the names are left out.
+        A file's labels describe the file as one face, so only whole-file entries (no box) carry
+        them; images whose label set lacks any of the names are left out.
         """
         names = list(attribute_names)
         with self._read() as conn:
             sets = {r.id: list(r.names) for r in conn.execute(sa.select(label_sets))}
             rows = conn.execute(
-                sa.select(labels.c.image_id, labels.c.label_set_id, labels.c["values"]).order_by(labels.c.image_id)
+                sa.select(faces.c.id, labels.c.label_set_id, labels.c["values"])
+                .join(faces, faces.c.image_id == labels.c.image_id)
+                .where(faces.c.x.is_(None))
+                .order_by(faces.c.id)
             ).all()
         columns = {
             sid: np.array([have.index(n) for n in names], dtype=np.intp)
             for sid, have in sets.items() if all(n in have for n in names)
         }
         ids, out = [], []
-        for image_id, sid, blob in rows:
+        for face_id, sid, blob in rows:
             cols = columns.get(sid)
             if cols is not None:
-                ids.append(image_id)
+                ids.append(face_id)
                 out.append(np.frombuffer(blob, dtype=np.uint8)[cols])
         matrix = np.stack(out) if out else np.zeros((0, len(names)), np.uint8)
         return np.asarray(ids, dtype=np.int64), matrix
 
     def info(self, model_id: int | None = None) -> dict[str, Any]:
-        """Counts for ``facefind info``: images, predictions of the model (default: the newest
+        """Counts for ``facefind info``: images, faces (entries), predictions of the model (default: the newest
         with predictions), labels, failures, models, last run, catalog size on disk."""
         with self._read() as conn:
             if model_id is None:
                 model_id = conn.execute(sa.select(sa.func.max(predictions.c.model_id))).scalar() or conn.execute(
                     sa.select(sa.func.max(models.c.id))
                 ).scalar()
-            n_images, n_labels, n_failures = (
+            n_images, n_faces, n_labels, n_failures = (
                 int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar() or 0)
-                for t in (images, labels, failures_table)
+                for t in (images, faces, labels, failures_table)
             )
             n_identities = int(conn.execute(sa.select(sa.func.count()).select_from(identities)
                                             .where(identities.c.descriptor.is_not(None))).scalar() or 0)
@@ -1140,6 +1270,7 @@ class Catalog:
             "catalog": self._where(),
             "model_id": model_id,
             "images": n_images,
+            "faces": n_faces,
             "predictions": int(per_model.get(model_id, 0)) if model_id is not None else 0,
             "labels": n_labels,
             "identities": n_identities,

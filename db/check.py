@@ -42,7 +42,9 @@ from db import snapshot as snapshots
 from db.catalog import (
     Catalog,
     ModelRecord,
+    faces,
     failures_table,
+    identities,
     images,
     label_sets,
     labels,
@@ -230,10 +232,12 @@ def _catalog_integrity(catalog: Catalog, found: _Collector) -> bool:
 
 def _orphan_queries() -> dict[str, tuple[sa.Table, Any]]:
     """Rows that point at nothing, for every reference in the schema (any backend)."""
-    p, lb = predictions, labels
-    return {
-        "predictions without their image": (p, ~sa.exists().where(images.c.id == p.c.image_id)),
+    p, lb, f, i = predictions, labels, faces, identities
+    return {  # in this order, so that removing faces first leaves no new orphans behind
+        "faces without their image": (f, ~sa.exists().where(images.c.id == f.c.image_id)),
+        "predictions without their face": (p, ~sa.exists().where(faces.c.id == p.c.face_id)),
         "predictions without their model": (p, ~sa.exists().where(models.c.id == p.c.model_id)),
+        "identities without their face": (i, ~sa.exists().where(faces.c.id == i.c.face_id)),
         "labels without their image": (lb, ~sa.exists().where(images.c.id == lb.c.image_id)),
         "labels without their label set": (lb, ~sa.exists().where(label_sets.c.id == lb.c.label_set_id)),
     }
@@ -249,14 +253,14 @@ def _rows(catalog: Catalog, found: _Collector) -> None:
                     found.problem("orphans", f"{n:,} {what}: `facefind check --repair` removes them",
                                   repairable=True, count=n)
         dupes = conn.execute(
-            sa.select(predictions.c.model_id, predictions.c.image_id)
-            .group_by(predictions.c.model_id, predictions.c.image_id).having(sa.func.count() > 1)
+            sa.select(predictions.c.model_id, predictions.c.face_id)
+            .group_by(predictions.c.model_id, predictions.c.face_id).having(sa.func.count() > 1)
         ).all()
     if dupes:
         found.problem("duplicate_predictions",
-                      f"{len(dupes):,} (model, image) pairs have more than one prediction: the catalog's "
+                      f"{len(dupes):,} (model, face) pairs have more than one prediction: the catalog's "
                       "primary key is broken; rebuild the index into a new --index folder",
-                      count=len(dupes), examples=(f"model {m} image {i}" for m, i in dupes))
+                      count=len(dupes), examples=(f"model {m} face {i}" for m, i in dupes))
 
 
 def _paths(paths: dict[int, str], found: _Collector) -> None:
@@ -279,9 +283,10 @@ def _coverage(catalog: Catalog, paths: dict[int, str], failed: set[str], current
               found: _Collector) -> None:
     """Images no model has predicted (a problem) and images the newest model has not (a warning)."""
     with catalog._read() as conn:
-        some = set(conn.execute(sa.select(predictions.c.image_id).distinct()).scalars())
+        predicted = sa.select(faces.c.image_id).join(predictions, predictions.c.face_id == faces.c.id).distinct()
+        some = set(conn.execute(predicted).scalars())
         mine = set() if current is None else set(conn.execute(
-            sa.select(predictions.c.image_id).where(predictions.c.model_id == current.id)).scalars())
+            predicted.where(predictions.c.model_id == current.id)).scalars())
     bare = sorted(paths[i] for i in paths.keys() - some if paths[i] not in failed)
     if bare:
         found.problem("unpredicted_images",
@@ -353,8 +358,9 @@ def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bo
     stamp = catalog.stamp(model.id)
     with catalog._read() as conn:
         ids = np.fromiter(conn.execute(  # the rows Catalog.export gives a snapshot
-            sa.select(predictions.c.image_id).join(images, images.c.id == predictions.c.image_id)
-            .where(predictions.c.model_id == model.id).order_by(predictions.c.image_id)).scalars(), dtype=np.int64)
+            sa.select(predictions.c.face_id).join(faces, faces.c.id == predictions.c.face_id)
+            .join(images, images.c.id == faces.c.image_id)
+            .where(predictions.c.model_id == model.id).order_by(predictions.c.face_id)).scalars(), dtype=np.int64)
     seen: dict[str, Any] = {"stamp": None, "count": 0, "vectors": 0, "catalog_stamp": stamp,
                             "catalog_count": int(ids.shape[0])}
     if snapshots._current_name(mdir) is None:
@@ -579,7 +585,8 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
             # A generation that carried an approximate index gets one again, whatever its size.
             snapshots.write_snapshot(folder, m, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
                                      catalog_id=catalog.catalog_id,
-                                     approx_min=0 if _had_approximate(folder, m.id) else None)
+                                     approx_min=0 if _had_approximate(folder, m.id) else None,
+                                     **snapshots.entry_fields(preds))
             snap = snapshots.load_snapshot(folder, m.id)
             if not np.array_equal(np.asarray(snap.ids), preds.ids):
                 raise CatalogError(f"the snapshot written in {snap.folder} does not hold the catalog's ids")

@@ -12,7 +12,7 @@ Layout under the index folder (one folder per model, one immutable generation pe
         manifest.json   model_id, stamp, count, attributes, thresholds, embedding_dim, arch,
                         checkpoint, sha256, checkpoint_stat, catalog_id, vectors, threshold_set
                         (the set bare names use), threshold_sets, threshold_stats (written last)
-        ids.npy         int64 (N,)        catalog image ids, ascending
+        ids.npy         int64 (N,)        catalog face ids (index entries), ascending
         probs.npy       float32 (K, N)    attribute probabilities, column-major for fast filtering
         paths.bin       UTF-8 paths, concatenated; paths_offsets.npy int64 (N+1,) their bounds
                         (read lazily: opening a snapshot never decodes 200k strings)
@@ -24,6 +24,11 @@ Layout under the index folder (one folder per model, one immutable generation pe
                         where identity_mask is False), only when some row has one; the
                         manifest's ``identity`` ({"count", "dim", "dtype"}) says so
         identity_mask.npy  bool (N,)      which rows have a descriptor
+        image_ids.npy   int64 (N,)        only when some file has faces of its own (``index
+        face_numbers.npy int32 (N,)       --detect-faces`` on photos) or face ids differ from image
+        boxes.npy       int32 (N, 4)      ids: each entry's file, its face number, its box x, y, w, h
+                                          (-1: the whole file); the manifest's ``faces`` says so.
+                                          Without them each entry is a whole file, image id = id
 
 Readers open CURRENT once and then only immutable files, so a reader never sees a half-written
 generation while an indexer writes the next one. A writer builds the generation in a hidden
@@ -153,6 +158,12 @@ class Snapshot:
     # same-person threshold is 0.6) and halves the memory.
     identity: np.ndarray | None = None
     has_identity: np.ndarray | None = None
+    # Which file and face each entry is (``index --detect-faces``): int64 (N,) image ids, int32 (N,)
+    # face numbers, int32 (N, 4) boxes x, y, w, h (-1: the whole file). None: every entry is a
+    # whole file whose image id is its id.
+    image_ids: np.ndarray | None = None
+    face_numbers: np.ndarray | None = None
+    boxes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.threshold_sets:  # built without sets (older manifests, tests): the one it has
@@ -160,6 +171,20 @@ class Snapshot:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+    def face(self, i: int) -> tuple[int, tuple[int, int, int, int] | None]:
+        """Row ``i``'s face number in its file and its box (None: the entry is the whole file)."""
+        if self.boxes is None or self.face_numbers is None:
+            return 0, None
+        box = tuple(int(v) for v in self.boxes[i])
+        return int(self.face_numbers[i]), (None if box[2] < 0 else box)  # type: ignore[return-value]
+
+
+def entry_fields(preds: Any) -> dict[str, Any]:
+    """The per-entry arrays of a ``db.catalog.Predictions`` beyond ids, paths, probs and
+    embeddings, as ``write_snapshot`` keywords (so that no writer forgets one)."""
+    return {"identity": preds.identity, "has_identity": preds.has_identity,
+            "image_ids": preds.image_ids, "face_numbers": preds.faces, "boxes": preds.boxes}
 
 
 def model_threshold_sets(model: Any) -> tuple[str, dict[str, list[float]], dict[str, Any]]:
@@ -239,6 +264,9 @@ def write_snapshot(
     approx_min: int | None = None,
     identity: np.ndarray | None = None,
     has_identity: np.ndarray | None = None,
+    image_ids: np.ndarray | None = None,
+    face_numbers: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
 ) -> Path:
     """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
 
@@ -247,17 +275,19 @@ def write_snapshot(
     catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id. From
     ``approx_min`` rows on (default ``db.vectors.APPROX_MIN``) an approximate index is built too.
     ``identity`` (N, 128) and ``has_identity`` (N,) bool: the rows' identity descriptors, if any.
+    ``image_ids``, ``face_numbers``, ``boxes``: which file and face each row is (see ``Snapshot``).
     """
     folder = model_dir(index_dir, model.id)
     with _writer_lock(folder):
         return _write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, approx_min,
-                             identity, has_identity)
+                             identity, has_identity, image_ids, face_numbers, boxes)
 
 
 def _write_locked(
     folder: Path, model: Any, stamp: int, ids: np.ndarray, paths: Sequence[str], probs: np.ndarray,
     emb: np.ndarray, catalog_id: str | None, approx_min: int | None = None,
     identity: np.ndarray | None = None, has_identity: np.ndarray | None = None,
+    image_ids: np.ndarray | None = None, face_numbers: np.ndarray | None = None, boxes: np.ndarray | None = None,
 ) -> Path:
     from db import vectors
 
@@ -273,6 +303,8 @@ def _write_locked(
         ids, probs, emb, paths = ids[order], probs[order], emb[order], [paths[i] for i in order.tolist()]
         if identity is not None and has_identity is not None:
             identity, has_identity = np.asarray(identity)[order], np.asarray(has_identity)[order]
+        if image_ids is not None and face_numbers is not None and boxes is not None:
+            image_ids, face_numbers, boxes = (np.asarray(a)[order] for a in (image_ids, face_numbers, boxes))
         if np.any(ids[1:] == ids[:-1]):
             raise ValueError("image ids repeat")
     emb16 = vectors.stored_fp16(emb)
@@ -301,6 +333,9 @@ def _write_locked(
         ident = _identity_arrays(n, identity, has_identity)
         if ident is not None:
             arrays.update({"identity.npy": ident[0], "identity_mask.npy": ident[1]})
+        entries = _face_arrays(ids, image_ids, face_numbers, boxes)
+        if entries is not None:
+            arrays.update(zip(_FACE_FILES, entries))
         for name, arr in arrays.items():
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
@@ -329,6 +364,9 @@ def _write_locked(
         manifest.update(threshold_set=default_set, threshold_sets=sets, threshold_stats=stats)
         if ident is not None:
             manifest["identity"] = {"count": int(ident[1].sum()), "dim": int(ident[0].shape[1]), "dtype": "float16"}
+        if entries is not None:
+            manifest["faces"] = {"boxed": int((entries[2][:, 2] >= 0).sum()),
+                                 "files": int(np.unique(entries[0]).shape[0])}
         _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         fsync_dir(staging)
 
@@ -364,6 +402,24 @@ def _identity_arrays(n: int, identity: np.ndarray | None,
     vectors = np.asarray(identity, dtype=np.float32).reshape(n, -1).astype(np.float16)
     vectors[~mask] = 0
     return vectors, mask
+
+
+_FACE_FILES = ("image_ids.npy", "face_numbers.npy", "boxes.npy")
+
+
+def _face_arrays(ids: np.ndarray, image_ids: np.ndarray | None, face_numbers: np.ndarray | None,
+                 boxes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The stored form of which file and face each row is, or None when that says nothing the
+    ids do not (every row a whole file whose image id is its id: CelebA-style folders)."""
+    if image_ids is None or face_numbers is None or boxes is None:
+        return None
+    n = ids.shape[0]
+    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(n)
+    face_numbers = np.asarray(face_numbers, dtype=np.int32).reshape(n)
+    boxes = np.asarray(boxes, dtype=np.int32).reshape(n, 4)
+    if np.array_equal(image_ids, ids) and not face_numbers.any() and bool((boxes[:, 2] < 0).all()):
+        return None
+    return image_ids, face_numbers, boxes
 
 
 def _current_name(folder: Path) -> str | None:
@@ -431,6 +487,13 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
             if (identity.shape != (n, int(manifest["identity"]["dim"])) or identity.dtype != np.float16
                     or has_identity.shape != (n,) or has_identity.dtype != np.bool_):
                 raise ValueError(f"identity arrays {identity.shape} {identity.dtype}, {has_identity.shape}")
+        image_ids = face_numbers = boxes = None
+        if manifest.get("faces"):
+            image_ids, face_numbers, boxes = (np.load(gen / a, mmap_mode=mode, allow_pickle=False)
+                                              for a in _FACE_FILES)
+            if (image_ids.shape != (n,) or face_numbers.shape != (n,) or boxes.shape != (n, 4)
+                    or image_ids.dtype != np.int64 or face_numbers.dtype != np.int32 or boxes.dtype != np.int32):
+                raise ValueError(f"face arrays {image_ids.shape} {face_numbers.shape} {boxes.shape}")
         stat = manifest.get("checkpoint_stat")
         vector_info = manifest.get("vectors") or {}
     except FileNotFoundError:
@@ -461,6 +524,9 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         approximate=vector_info.get("approximate"),
         identity=identity,
         has_identity=has_identity,
+        image_ids=image_ids,
+        face_numbers=face_numbers,
+        boxes=boxes,
     )
     return snap, manifest
 
@@ -539,7 +605,7 @@ def sync_snapshot(
         if locked:
             try:
                 _write_locked(folder, model, stamp, preds.ids, preds.paths, preds.probs, preds.emb,
-                              catalog.catalog_id, approx_min, preds.identity, preds.has_identity)
+                              catalog.catalog_id, approx_min, **entry_fields(preds))
                 _record_published(Path(index_dir), catalog)
                 return _load(folder)[0]
             except CatalogError as err:
@@ -548,6 +614,7 @@ def sync_snapshot(
             log.warning("cannot lock %s (read-only index?); using an in-memory snapshot", folder)
         default_set, sets, stats = model_threshold_sets(model)
         ident = _identity_arrays(len(preds.ids), preds.identity, preds.has_identity)
+        entries = _face_arrays(np.asarray(preds.ids, np.int64), preds.image_ids, preds.faces, preds.boxes)
         return Snapshot(
             model_id=model_id, stamp=stamp, attributes=list(model.attributes),
             thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
@@ -556,6 +623,7 @@ def sync_snapshot(
             paths=list(preds.paths), folder=None, checkpoint=model.checkpoint, sha256=model.sha256,
             **_manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
             identity=None if ident is None else ident[0], has_identity=None if ident is None else ident[1],
+            **({} if entries is None else dict(zip(("image_ids", "face_numbers", "boxes"), entries))),
         )
 
 

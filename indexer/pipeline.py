@@ -31,7 +31,7 @@ from db.errors import CatalogError, DatasetError, ModelError
 from db.paths import default_index_dir
 from indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
 from indexer.reader import ImageReader
-from indexer.routing import Crop, DecodedBatch, Identify, on_device
+from indexer.routing import DecodedBatch, FaceFinder, Rows, on_device
 from indexer.writer import CatalogWriter, WriteJob
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ class IndexReport:
     device: str = "cpu"
     shard: str = ""  # "K/N" for a sharded run
     published: bool = True  # whether this run published the snapshot (sharded: only the last step does)
-    identity: dict[str, int] | None = None  # --identity: {"described": files looked at, "no_face": without one}
+    identity: dict[str, int] | None = None  # --identity: {"described": entries looked at, "no_face": without one}
+    faces: int | None = None  # index entries written (--detect-faces: one per face; else one per file)
 
     @property
     def images_per_second(self) -> float:
@@ -81,6 +82,7 @@ class IndexReport:
         """The JSON form ``facefind index --json`` prints."""
         return {
             "indexed": self.indexed,
+            "faces": self.faces if self.faces is not None else self.indexed,
             "unchanged": self.unchanged,
             "failed": self.failed,
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
@@ -111,10 +113,9 @@ def index_folder(
     recursive: bool = False,
     rebuild: bool = False,
     prune: bool = False,
-    crop: Crop | None = None,
+    faces: FaceFinder | None = None,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
-    identify: Identify | None = None,
 ) -> IndexReport:
     """Index the images of ``folder`` into the index at ``index_dir`` with one model.
 
@@ -124,9 +125,11 @@ def index_folder(
     CelebA annotation files sit in or above ``folder``. Raises DatasetError (missing, unreadable
     or empty folder), ModelError (no or bad model), CatalogError (index not writable).
     ``shard=(K, N)`` indexes only shard K of N (see the module docstring); under torchrun the
-    shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK. ``identify``
-    (``--identity``, see ``indexer.routing``) also stores each file's identity descriptor, in the
-    same transaction as its prediction; files indexed without one are read again.
+    shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK. ``faces`` (see
+    ``indexer.routing.FaceFinder``): with ``detect`` (``--detect-faces``) each face of a photo is
+    its own entry, all of a file's faces committed in one transaction; with ``identity``
+    (``--identity``) each entry's identity descriptor is stored beside its prediction, and files
+    indexed without one are read again.
     """
     from db.catalog import Catalog
     from indexer.runner import load_runner
@@ -166,7 +169,8 @@ def index_folder(
     try:
         t = time.perf_counter()
         known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
-        known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identify is not None)
+        identity = faces is not None and faces.identity
+        known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identity)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
         label_names, labels = _ground_truth(root, todo) if todo else (None, {})
@@ -174,8 +178,7 @@ def index_folder(
         log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
                  len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
 
-        with ImageReader(meta.img_size, batch_size, workers, crop=crop, gpu_jpeg=dev.type == "cuda",
-                         identify=identify) as reader:
+        with ImageReader(meta.img_size, batch_size, workers, faces=faces, gpu_jpeg=dev.type == "cuda") as reader:
             if todo:
                 reader.start()  # the decoders start up while the model loads
             t = time.perf_counter()
@@ -200,7 +203,7 @@ def index_folder(
             completed, ended = False, "failed"
             try:
                 if found.failures:
-                    writer.put(WriteJob([], [], np.zeros((0, 0)), np.zeros((0, 0)), found.failures))
+                    writer.put(WriteJob(Rows(), np.zeros((0, 0)), np.zeros((0, 0)), found.failures))
                 status = _run(todo, reader, runner, writer, dev, failures, timings, progress)
                 writer.close()  # commits what is queued, also after Ctrl-C
                 timings["write"] = writer.seconds
@@ -223,7 +226,8 @@ def index_folder(
             indexed=writer.written, unchanged=unchanged, failed=len(failures), failures=failures,
             pruned=pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
             device=describe_device(dev), shard=f"{k}/{n}" if n > 1 else "", published=n == 1,
-            identity=None if identify is None else {"described": writer.described, "no_face": writer.no_face},
+            identity={"described": writer.described, "no_face": writer.no_face} if identity else None,
+            faces=writer.faces,
         )
         catalog.finish_run(run_id, status, _counts(report), timings)
         if launched and status == "finished":
@@ -354,11 +358,8 @@ def _run(
     done = 0
     if progress is not None:
         progress(0, len(todo))
-    batches: Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]
-    described: dict[str, Any] = {}  # --identity: descriptors by path, taken as their batch is written
+    batches: Generator[tuple[Rows, Any, list[Failure]], None, None]
     decoded = reader.batches(todo)
-    if reader.identify is not None:
-        decoded = _keep_identities(decoded, described)
     if device.type == "cuda":
         batches = _device_batches(decoded, runner.img_size, device)
     else:
@@ -370,15 +371,13 @@ def _run(
             timings["read_decode"] += time.perf_counter() - t
             if item is None:
                 return "finished"
-            entries, pixels, sizes, bad = item
+            rows, pixels, bad = item
             t = time.perf_counter()
             probs, emb = runner(pixels)
             timings["infer"] += time.perf_counter() - t
-            identities = None if reader.identify is None else {
-                e.path: described.pop(e.path, None) for e in entries}
-            writer.put(WriteJob(entries, sizes, probs, emb, bad, identities))
+            writer.put(WriteJob(rows, probs, emb, bad))
             failures.extend(bad)
-            done += len(entries) + len(bad)
+            done += len({e.path for e in rows.entries}) + len(bad)
             if progress is not None:
                 progress(done, len(todo))
     except KeyboardInterrupt:
@@ -388,17 +387,9 @@ def _run(
         batches.close()  # stops a decode thread (GPU path) before the reader shuts down
 
 
-def _keep_identities(batches: Iterable[DecodedBatch], into: dict[str, Any]) -> Generator[DecodedBatch, None, None]:
-    """Pass ``batches`` through, collecting their identity descriptors by path into ``into`` (the
-    device path hands on only entries, pixels, sizes and failures)."""
-    for batch in batches:
-        into.update(batch.identities)
-        yield batch
-
-
 def _device_batches(
     batches: Iterable[DecodedBatch], size: tuple[int, int], device: torch.device
-) -> Generator[tuple[list[FileEntry], Any, list[tuple[int, int]], list[Failure]], None, None]:
+) -> Generator[tuple[Rows, Any, list[Failure]], None, None]:
     """``on_device`` each batch (nvJPEG for Jpegs) in a producer thread on its own CUDA stream,
     one batch ahead.
 
@@ -411,18 +402,18 @@ def _device_batches(
 
     def decode(batch: DecodedBatch) -> tuple[Any, ...]:
         with torch.cuda.stream(stream):
-            entries, pixels, sizes, failures = on_device(batch, size, device)
+            rows, pixels, failures = on_device(batch, size, device)
             ready = torch.cuda.Event()
             ready.record(stream)
-        return entries, pixels, sizes, failures, ready
+        return rows, pixels, failures, ready
 
     main = torch.cuda.current_stream(device)
     decoded = _threaded(map(decode, batches), depth=2)
     try:
-        for entries, pixels, sizes, bad, ready in decoded:
+        for rows, pixels, bad, ready in decoded:
             main.wait_event(ready)
             pixels.record_stream(main)  # its memory belongs to the side stream's allocator pool
-            yield entries, pixels, sizes, bad
+            yield rows, pixels, bad
     finally:
         decoded.close()
 

@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
 from indexer.discovery import Failure, FileEntry
-from indexer.routing import Crop, DecodedBatch, Identify, decode_files, empty_batch, merge_batches
+from indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
 from trainer.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ class ImageReader:
         batch_size: int = 256,
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        crop: Crop | None = None,
-        identify: Identify | None = None,
+        faces: FaceFinder | None = None,
         gpu_jpeg: bool = False,
         prefetch: int = 2,
     ) -> None:
@@ -106,8 +105,7 @@ class ImageReader:
             workers = available_cpus()
         self.workers = max(0, workers)
         self.max_pixels = max_pixels
-        self.crop = crop
-        self.identify = identify  # index --identity: describe each file's face in the workers
+        self.faces = faces  # --detect-faces / --identity: each file's entries, found in the workers
         self.gpu_jpeg = gpu_jpeg
         self.prefetch = max(1, prefetch)
         self._pool: ProcessPoolExecutor | None = None
@@ -155,8 +153,7 @@ class ImageReader:
         chunks = _chunks(list(files), self.batch_size)
         if self.workers == 0:
             for chunk in chunks:
-                yield from _nonempty(decode_files(chunk, self.size, self.max_pixels, self.crop, self.gpu_jpeg,
-                                                      self.identify))
+                yield from _nonempty(decode_files(chunk, self.size, self.max_pixels, self.faces, self.gpu_jpeg))
             return
         pending: deque[list[tuple[list[FileEntry], Future[list[DecodedBatch]], ProcessPoolExecutor]]] = deque()
         chunk_iter = iter(chunks)
@@ -180,8 +177,7 @@ class ImageReader:
             yield from _nonempty(merge_batches(pieces, self.size))
 
     def _submit(self, pool: ProcessPoolExecutor, piece: Sequence[FileEntry]) -> Future[list[DecodedBatch]]:
-        return pool.submit(decode_files, piece, self.size, self.max_pixels, self.crop, self.gpu_jpeg,
-                           self.identify)
+        return pool.submit(decode_files, piece, self.size, self.max_pixels, self.faces, self.gpu_jpeg)
 
     def _result(self, piece: list[FileEntry], fut: Future[list[DecodedBatch]],
                 pool: ProcessPoolExecutor) -> list[DecodedBatch]:

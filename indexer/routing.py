@@ -1,19 +1,21 @@
 """Device routing: which files the CPU decodes and which travel as JPEG bytes to nvJPEG.
 
 A worker process decodes one chunk of files with ``decode_files``. With ``gpu_jpeg`` a file that
-``trainer.decode.plain_jpeg`` accepts (and no face crop is asked for) is only read and kept
+``trainer.decode.plain_jpeg`` accepts (and no ``FaceFinder`` is asked for) is only read and kept
 encoded; every other file is decoded on the CPU by ``trainer.decode``. So a chunk becomes up to two
 ``DecodedBatch`` es, each carrying ONE payload:
 
     Pixels(array)   uint8 (n, 3, h, w), decoded on the CPU at the model's size
     Jpegs(data)     the files' bytes, to decode on the device (``on_device``)
 
-``on_device`` turns either into one uint8 tensor on the inference device. Face detection plugs in
-as ``crop``: a picklable callable RGB uint8 (H, W, 3) -> cropped array, or None when the image holds
-no face (recorded as a failure 'no face found'). ``identify`` (``index --identity``) is a picklable
-callable RGB -> 128-D identity descriptor or None (no face), run on the decoded image in the same
-worker so that its ~0.1 s per face overlaps the CNN; such files take the CPU path, and a file
-without a face is still indexed, with no descriptor (``DecodedBatch.identities``).
+A batch's ``rows`` say what each row of the payload is: face ``faces[i]`` (number, box) of file
+``entries[i]``. Without a ``FaceFinder`` every file is one row (face 0, no box). A ``FaceFinder``
+(``index --detect-faces`` / ``--identity``) runs in the worker on the decoded image: with
+``detect`` a photo becomes one row per face found, aligned onto CelebA's template (no face: the
+file is recorded as a failure 'no face found'), while an aligned CelebA crop stays one row; with
+``identity`` each row also gets its 128-D descriptor, computed there so that its ~0.1 s per face
+overlaps the CNN. A file's rows always travel in one batch, so the writer commits all of its
+faces in one transaction.
 """
 
 from __future__ import annotations
@@ -21,20 +23,43 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
 from indexer.discovery import Failure, FileEntry
+from trainer.align import MIN_FACE_PIXELS, Box  # dlib itself loads on first use, in the workers
 from trainer.decode import DEFAULT_MAX_PIXELS, Unreadable, decode_rgb, plain_jpeg, read_bytes, resize_chw
 
 if TYPE_CHECKING:
     import torch
 
+    from trainer.faces import FaceEntry
+
 log = logging.getLogger(__name__)
 
-Crop = Callable[[np.ndarray], "np.ndarray | None"]
-Identify = Callable[[np.ndarray], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class FaceFinder:
+    """What the reader's workers make of a decoded image: its index entries (picklable).
+
+    ``detect``: one entry per face at least ``min_size`` pixels wide, largest first, each aligned
+    the way CelebA's crops are; an image that already has CelebA's crop geometry is one entry, as
+    it is. Otherwise the whole image is one entry. ``identity``: each entry's 128-D dlib descriptor
+    (a whole-image entry: of its largest face; None when it has none).
+    """
+
+    detect: bool = False
+    identity: bool = False
+    min_size: int = MIN_FACE_PIXELS
+
+    def __call__(self, rgb: np.ndarray) -> list[FaceEntry]:
+        from trainer.faces import FaceEntry, faces_of
+
+        if self.detect:
+            return faces_of(rgb, identity=self.identity, min_size=self.min_size)
+        return [FaceEntry(0, None, rgb, describe_face(rgb) if self.identity else None)]
 
 
 @dataclass(frozen=True)
@@ -55,61 +80,99 @@ Payload = Union[Pixels, Jpegs]
 
 
 @dataclass
-class DecodedBatch:
-    """One batch out of the reader: ``entries[i]`` is image i of ``payload``; ``sizes[i]`` its
-    original (width, height) after EXIF orientation. ``failures`` are files of the same chunk that
-    could not be read. ``seconds`` is worker CPU time spent on the batch (summed over workers)."""
+class Rows:
+    """What the rows of a batch are: row i is face ``faces[i]`` = (number, box or None) of file
+    ``entries[i]``, whose decoded size (after EXIF orientation) is ``sizes[i]`` = (width, height).
+    ``identities[i]`` is its descriptor when identities were looked for (None: not looked for)."""
 
-    entries: list[FileEntry]
-    sizes: list[tuple[int, int]]
-    payload: Payload
-    failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
-    identities: dict[str, np.ndarray | None] = field(default_factory=dict)  # path -> descriptor (identify)
+    entries: list[FileEntry] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    faces: list[tuple[int, Box | None]] = field(default_factory=list)
+    identities: list[np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def add(self, entry: FileEntry, size: tuple[int, int], face: tuple[int, Box | None] = (0, None),
+            identity: np.ndarray | None = None, described: bool = False) -> None:
+        self.entries.append(entry)
+        self.sizes.append(size)
+        self.faces.append(face)
+        if described:
+            if self.identities is None:
+                self.identities = [None] * (len(self.entries) - 1)
+            self.identities.append(identity)
+
+    def take(self, rows: Sequence[int]) -> Rows:
+        """These rows, in this order."""
+        return Rows([self.entries[i] for i in rows], [self.sizes[i] for i in rows], [self.faces[i] for i in rows],
+                    None if self.identities is None else [self.identities[i] for i in rows])
+
+    @staticmethod
+    def join(parts: Sequence[Rows]) -> Rows:
+        """The rows of ``parts`` one after another (identities: looked for in all or in none)."""
+        looked = [p.identities for p in parts if p.entries]
+        return Rows([e for p in parts for e in p.entries], [s for p in parts for s in p.sizes],
+                    [f for p in parts for f in p.faces],
+                    [v for ids in looked for v in ids] if looked and all(i is not None for i in looked) else None)
+
+
+@dataclass
+class DecodedBatch:
+    """One batch out of the reader: ``rows`` say what each image of ``payload`` is; ``failures``
+    are files of the same chunk that could not be read (or hold no face). ``seconds`` is worker
+    CPU time spent on the batch (summed over workers)."""
+
+    rows: Rows
+    payload: Payload
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def entries(self) -> list[FileEntry]:
+        return self.rows.entries
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return self.rows.sizes
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
 
 def empty_batch(size: tuple[int, int], failures: Sequence[Failure] = ()) -> DecodedBatch:
     """A batch of no images (only ``failures``), shaped for ``size``."""
-    return DecodedBatch([], [], Pixels(np.zeros((0, 3, *size), np.uint8)), list(failures))
+    return DecodedBatch(Rows(), Pixels(np.zeros((0, 3, *size), np.uint8)), list(failures))
 
 
 def decode_files(
     entries: Sequence[FileEntry],
     size: tuple[int, int],
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    crop: Crop | None = None,
+    faces: FaceFinder | None = None,
     gpu_jpeg: bool = False,
-    identify: Identify | None = None,
 ) -> list[DecodedBatch]:
     """Decode one chunk: a Pixels batch (first, always, with the chunk's failures), then a Jpegs
     batch when ``gpu_jpeg`` routed files to the device. A bad file becomes a Failure; never raises."""
     start = time.process_time()
     cpu = empty_batch(size)
-    device = DecodedBatch([], [], Jpegs([]))
+    device = DecodedBatch(Rows(), Jpegs([]))
     arrays: list[np.ndarray] = []
     for entry in entries:
         try:
             data = read_bytes(entry.path)
-            if gpu_jpeg and crop is None and identify is None:
+            if gpu_jpeg and faces is None:
                 dims = plain_jpeg(data, max_pixels)
                 if dims is not None:
-                    device.entries.append(entry)
-                    device.sizes.append(dims)
+                    device.rows.add(entry, dims)
                     device.payload.data.append(data)  # type: ignore[union-attr]
                     continue
             rgb = decode_rgb(data, max_pixels)
             height, width = rgb.shape[:2]
-            if identify is not None:
-                cpu.identities[entry.path] = identify(rgb)
-            if crop is not None:
-                cropped = crop(rgb)
-                if cropped is None:
-                    raise Unreadable("no face found")
-                rgb = cropped
-            arrays.append(resize_chw(rgb, size))
+            found = faces(rgb) if faces is not None else None
+            if found is not None and not found:
+                raise Unreadable("no face found")
+            crops = [resize_chw(f.crop, size) for f in found] if found is not None else [resize_chw(rgb, size)]
         except Unreadable as err:
             cpu.failures.append(Failure(entry.path, str(err)))
             continue
@@ -120,8 +183,11 @@ def decode_files(
             log.debug("unexpected error decoding %s", entry.path, exc_info=True)
             cpu.failures.append(Failure(entry.path, f"cannot decode ({type(err).__name__}: {err})"[:200]))
             continue
-        cpu.entries.append(entry)
-        cpu.sizes.append((width, height))
+        arrays.extend(crops)
+        if found is None:
+            cpu.rows.add(entry, (width, height))
+        for f in found or ():
+            cpu.rows.add(entry, (width, height), (f.number, f.box), f.identity, described=faces.identity)
     if arrays:
         cpu.payload = Pixels(np.stack(arrays))
     cpu.seconds = time.process_time() - start
@@ -134,28 +200,26 @@ def merge_batches(parts: Sequence[DecodedBatch], size: tuple[int, int]) -> list[
     pixels = [p for p in parts if isinstance(p.payload, Pixels)]
     jpegs = [p for p in parts if isinstance(p.payload, Jpegs) and p.entries]
     cpu = empty_batch(size, [f for p in parts for f in p.failures])
-    cpu.entries = [e for p in pixels for e in p.entries]
-    cpu.sizes = [s for p in pixels for s in p.sizes]
+    cpu.rows = Rows.join([p.rows for p in pixels])
     arrays = [p.payload.array for p in pixels if p.entries]  # type: ignore[union-attr]
     if arrays:
         cpu.payload = Pixels(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
     cpu.seconds = sum(p.seconds for p in parts)
-    cpu.identities = {k: v for p in parts for k, v in p.identities.items()}
     if not jpegs:
         return [cpu]
-    device = DecodedBatch([e for p in jpegs for e in p.entries], [s for p in jpegs for s in p.sizes],
+    device = DecodedBatch(Rows.join([p.rows for p in jpegs]),
                           Jpegs([b for p in jpegs for b in p.payload.data]))  # type: ignore[union-attr]
     return [cpu, device]
 
 
 def on_device(
     batch: DecodedBatch, size: tuple[int, int], device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[list[FileEntry], torch.Tensor, list[tuple[int, int]], list[Failure]]:
+) -> tuple[Rows, torch.Tensor, list[Failure]]:
     """``batch``'s images as one uint8 (N, 3, h, w) tensor on ``device``.
 
     Pixels are copied over; Jpegs are decoded there (``trainer.decode.decode_jpegs_on_device``:
-    nvJPEG on CUDA, falling back to the CPU decoder per file). Returns (entries, pixels, sizes,
-    failures) in matching order; failures include the batch's own.
+    nvJPEG on CUDA, falling back to the CPU decoder per file). Returns (rows, pixels, failures)
+    in matching order; failures include the batch's own.
     """
     import torch
 
@@ -165,23 +229,15 @@ def on_device(
         pixels = torch.from_numpy(batch.payload.array)
         if device.type == "cuda":
             pixels = pixels.pin_memory().to(device, non_blocking=True)
-        return batch.entries, pixels, batch.sizes, batch.failures
+        return batch.rows, pixels, batch.failures
     ok, pixels, bad = decode_jpegs_on_device(batch.payload.data, size, device, max_pixels)
     failures = batch.failures + [Failure(batch.entries[i].path, reason) for i, reason in bad]
-    return [batch.entries[i] for i in ok], pixels, [batch.sizes[i] for i in ok], failures
-
-
-def crop_to_face(rgb: np.ndarray) -> np.ndarray | None:
-    """The ``--detect-faces`` crop: aligned CelebA-like crops pass unchanged, any other image is
-    cut to its largest face the way ``facefind predict`` does (None: no face found)."""
-    from trainer.faces import crop_face, looks_aligned
-
-    return rgb if looks_aligned(rgb) else crop_face(rgb)
+    return batch.rows.take(ok), pixels, failures
 
 
 def describe_face(rgb: np.ndarray) -> np.ndarray | None:
-    """The ``--identity`` hook: the 128-D dlib descriptor of the image's largest face (an aligned
-    CelebA crop: of the face in it), or None when no face is found. Picklable (module level)."""
+    """A whole-image entry's ``--identity`` descriptor: the 128-D dlib descriptor of the image's
+    largest face (an aligned CelebA crop: of the face in it), or None when no face is found."""
     from trainer.faces import faces_of
 
     found = faces_of(rgb, identity=True, limit=1)

@@ -14,11 +14,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from indexer.discovery import Failure, FileEntry
+from indexer.discovery import Failure
+from indexer.routing import Rows
 
 if TYPE_CHECKING:
     from db.catalog import Catalog
@@ -30,14 +31,13 @@ _STOP = object()
 
 @dataclass
 class WriteJob:
-    """One batch to commit: results (entries[i] -> probs[i], embeddings[i]) and failures."""
+    """One batch to commit: results (row i of ``rows`` -> probs[i], embeddings[i]) and failures.
+    A file's rows (its faces) are all in one job, so they commit together."""
 
-    entries: Sequence[FileEntry]
-    sizes: Sequence[tuple[int, int]]
+    rows: Rows
     probs: np.ndarray
     embeddings: np.ndarray
     failures: Sequence[Failure]
-    identities: Mapping[str, np.ndarray | None] | None = None  # path -> descriptor (``--identity``)
 
 
 class CatalogWriter:
@@ -57,7 +57,8 @@ class CatalogWriter:
         self.labels = labels or {}
         self.label_names = list(label_names) if label_names is not None else None
         self.seconds = 0.0  # time spent committing (off the critical path when background)
-        self.written = 0
+        self.written = 0  # files
+        self.faces = 0    # index entries (more than files where photos hold several faces)
         self.labelled = 0
         self.failed = 0
         self.described = 0  # rows whose identity was looked for (--identity)
@@ -113,21 +114,24 @@ class CatalogWriter:
         from db.catalog import IndexedImage
 
         start = time.perf_counter()
-        described = job.identities if job.identities is not None else {}
+        described = job.rows.identities
         rows = [
             IndexedImage(
                 path=e.path, size=e.size, mtime=e.mtime, width=int(wh[0]), height=int(wh[1]),
                 probs=job.probs[i], embedding=job.embeddings[i], labels=self.labels.get(e.path),
-                described=e.path in described, identity=described.get(e.path),
+                described=described is not None, identity=None if described is None else described[i],
+                face=int(face[0]), box=face[1],
             )
-            for i, (e, wh) in enumerate(zip(job.entries, job.sizes))
+            for i, (e, wh, face) in enumerate(zip(job.rows.entries, job.rows.sizes, job.rows.faces))
         ]
-        labelled = sum(1 for r in rows if r.labels is not None)
+        files = {r.path: r for r in rows}
+        labelled = sum(1 for r in files.values() if r.labels is not None)
         if rows:
             self.catalog.write_batch(self.model_id, rows, label_names=self.label_names if labelled else None)
         if job.failures:
             self.catalog.record_failures((f.path, f.reason) for f in job.failures)
-        self.written += len(rows)
+        self.written += len(files)
+        self.faces += len(rows)
         self.labelled += labelled
         self.failed += len(job.failures)
         self.described += sum(1 for r in rows if r.described)

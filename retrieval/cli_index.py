@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from db.errors import FacefindError
+from trainer.align import MIN_FACE_PIXELS  # numpy only: dlib loads on first use
 from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 
@@ -35,8 +36,13 @@ def index(
     threads: ThreadsOpt = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also index images in subfolders.")] = False,
     detect_faces: Annotated[
-        bool, typer.Option("--detect-faces", help="Align photos' largest face onto CelebA's template first (aligned CelebA crops pass as they are).")
+        bool, typer.Option("--detect-faces", help="Index every face of a photo (at least --min-face pixels wide) as its "
+                           "own entry, aligned onto CelebA's template; aligned CelebA crops stay one entry each, as "
+                           "they are. A photo with no face is listed as failed.")
     ] = False,
+    min_face: Annotated[
+        int, typer.Option("--min-face", min=1, help="With --detect-faces: ignore faces narrower than this, in pixels.")
+    ] = MIN_FACE_PIXELS,
     identity: Annotated[
         bool, typer.Option("--identity", help="Also store each image's face identity descriptor (dlib, ~0.1 s per "
                            "face per core) for `facefind similar --by person`. Files without a face are still "
@@ -75,8 +81,7 @@ def index(
         return
     shard_k_n = parse_shard(shard) if shard is not None else None
     use_threads(threads)
-    crop = _face_cropper() if detect_faces else None
-    identify = _identifier() if identity else None
+    faces = _face_finder(detect_faces, identity, min_face)
     console = Console(stderr=True)
     with Progress(
         TextColumn("index"), BarColumn(), MofNCompleteColumn(),
@@ -91,8 +96,8 @@ def index(
 
         report = index_folder(
             folder, model_path=model, index_dir=index_dir, batch_size=batch_size, device=device,
-            workers=workers, recursive=recursive, rebuild=rebuild, prune=prune, crop=crop, progress=progress,
-            shard=shard_k_n, identify=identify,
+            workers=workers, recursive=recursive, rebuild=rebuild, prune=prune, faces=faces, progress=progress,
+            shard=shard_k_n,
         )
     if as_json:
         print_json(report.to_dict())
@@ -109,7 +114,9 @@ def _print_report(report: Any) -> None:
     console = Console()
     t = report.timings
     console.print(
-        f"[bold]{report.indexed:,}[/bold] indexed, {report.unchanged:,} unchanged, {report.failed:,} failed"
+        f"[bold]{report.indexed:,}[/bold] indexed"
+        + (f" ({report.faces:,} faces)" if report.faces is not None and report.faces != report.indexed else "")
+        + f", {report.unchanged:,} unchanged, {report.failed:,} failed"
         + (f", {report.pruned:,} pruned" if report.pruned else "")
         + (f", {report.labelled:,} with ground-truth labels" if report.labelled else "")
         + f" in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s on {report.device})"
@@ -140,24 +147,20 @@ def _resume_command() -> str:
     return " ".join(["facefind", *(shlex.quote(a) for a in args)])
 
 
-def _identifier() -> Any:
-    """The ``--identity`` hook (``trainer.identity``: dlib's descriptor), models checked up front."""
-    from indexer.routing import describe_face
-    from trainer.align import check_models
-    from trainer.identity import check_model
-
-    check_models()
-    check_model()
-    return describe_face
-
-
-def _face_cropper() -> Any:
-    """The ``--detect-faces`` hook (``trainer.faces``: dlib, aligned like CelebA), models checked up front."""
-    from indexer.routing import crop_to_face
+def _face_finder(detect: bool, identity: bool, min_size: int) -> Any:
+    """The reader's ``FaceFinder`` for ``--detect-faces`` / ``--identity`` (None: neither), with
+    dlib's model files checked up front so that a missing one fails before any work."""
+    if not (detect or identity):
+        return None
+    from indexer.routing import FaceFinder
     from trainer.align import check_models
 
     check_models()
-    return crop_to_face
+    if identity:
+        from trainer.identity import check_model
+
+        check_model()
+    return FaceFinder(detect=detect, identity=identity, min_size=min_size)
 
 
 def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:

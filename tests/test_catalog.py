@@ -154,7 +154,7 @@ def test_failures_upsert_and_are_cleared_when_the_file_succeeds(catalog: Catalog
 def test_unique_constraints_make_duplicates_impossible(catalog: Catalog, model: int) -> None:
     catalog.write_batch(model, rows_for(["/x/a.jpg"]))
     image_id = int(catalog.load_predictions(model).ids[0])
-    insert = sa.text("INSERT INTO predictions (model_id, image_id, probs, embedding) VALUES (:m, :i, :b, :b)")
+    insert = sa.text("INSERT INTO predictions (model_id, face_id, probs, embedding) VALUES (:m, :i, :b, :b)")
     with catalog._writer.connect() as conn:
         with pytest.raises(sa.exc.IntegrityError):
             with conn.begin():
@@ -459,10 +459,10 @@ def test_catalogs_this_facefind_cannot_read_say_what_to_run(
         Catalog.open(tmp_path / "index")
 
 
-def _create_v1(url: str) -> None:
+def _v1_metadata() -> sa.MetaData:
     """The catalog schema exactly as facefind 0.1 (schema version 1) created it, frozen here on
-    purpose: it must never follow later edits of db/catalog.py, so that the test below proves a
-    real v1 catalog still opens after every future schema change."""
+    purpose: it must never follow later edits of db/catalog.py, so that the tests below prove a
+    real v1 (and v2) catalog still opens after every future schema change."""
     md = sa.MetaData()
     sa.Table("meta", md, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text, nullable=False))
     sa.Table("images", md, sa.Column("id", sa.Integer, primary_key=True),
@@ -494,6 +494,11 @@ def _create_v1(url: str) -> None:
              sa.Column("finished", sa.Float), sa.Column("status", sa.String(16), nullable=False),
              sa.Column("counts", sa.JSON), sa.Column("timings", sa.JSON), sa.Column("host", sa.String(255)),
              sa.Column("pid", sa.Integer), sqlite_autoincrement=True)
+    return md
+
+
+def _create_v1(url: str) -> None:
+    md = _v1_metadata()
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         md.create_all(conn)
@@ -501,6 +506,66 @@ def _create_v1(url: str) -> None:
                                                   {"key": "catalog_id", "value": "v1catalog"}])
         conn.execute(md.tables["images"].insert(), {"path": "/x/a.jpg", "size": 1, "mtime": 1.0, "added": 1.0})
     engine.dispose()
+
+
+def _create_v2(url: str) -> dict[str, np.ndarray]:
+    """A v2 catalog (v1 plus ``identities`` keyed by image, frozen like v1) holding one model's
+    predictions of three files, a descriptor for the first, and the id of a fourth, pruned file
+    used up; returns the stored probabilities by path."""
+    md = _v1_metadata()
+    sa.Table("identities", md,
+             sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+             sa.Column("descriptor", sa.LargeBinary))
+    t = md.tables
+    rng = np.random.default_rng(7)
+    probs = {p: rng.random(K, dtype=np.float32) for p in ("/x/a.jpg", "/x/b.jpg", "/x/c.jpg")}
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        md.create_all(conn)
+        conn.execute(t["meta"].insert(), [{"key": "schema_version", "value": "2"},
+                                          {"key": "catalog_id", "value": "v2catalog"}])
+        model = conn.execute(t["models"].insert().values(
+            sha256="a" * 64, arch="r", attributes=NAMES, thresholds=[0.5] * K, embedding_dim=D, created=1.0,
+            generation=3)).inserted_primary_key[0]
+        for path in [*probs, "/x/pruned.jpg"]:
+            image = conn.execute(t["images"].insert().values(path=path, size=1, mtime=1.0, added=1.0)
+                                 ).inserted_primary_key[0]
+            if path in probs:
+                conn.execute(t["predictions"].insert().values(model_id=model, image_id=image,
+                                                              probs=probs[path].tobytes(),
+                                                              embedding=np.ones(D, np.float32).tobytes()))
+        conn.execute(t["images"].delete().where(t["images"].c.path == "/x/pruned.jpg"))
+        conn.execute(t["identities"].insert(), [{"image_id": 1, "descriptor": np.full(128, 0.5, np.float32).tobytes()},
+                                                {"image_id": 2, "descriptor": None}])
+    engine.dispose()
+    return probs
+
+
+def test_a_v2_catalog_upgrades_to_one_face_per_file_keeping_ids(
+    catalog_backend, tmp_path: Path
+) -> None:
+    """v2 -> v3 turns every image into one whole-file face with the image's own id, moves
+    predictions and descriptors onto it, leaves the model's generation (so snapshots stay valid),
+    and continues the face ids after the images' (a pruned id included): a new file's face id is
+    its image id on both backends."""
+    url = catalog_backend.url_for(tmp_path / "index")
+    (tmp_path / "index").mkdir()
+    probs = _create_v2(url)
+    cat = Catalog(url)
+    stamp, preds = cat.export(1)
+    assert stamp == 3 and preds.ids.tolist() == [1, 2, 3] and preds.image_ids.tolist() == [1, 2, 3]
+    assert preds.paths == list(probs) and preds.faces.tolist() == [0, 0, 0] and (preds.boxes == -1).all()
+    for i, path in enumerate(probs):
+        np.testing.assert_array_equal(preds.probs[i], probs[path])
+    assert preds.has_identity.tolist() == [True, False, False] and preds.identity[0, 0] == 0.5
+    assert cat.identity_count() == (2, 1)
+    assert cat.known_files(1, identity=True) == {"/x/a.jpg": (1, 1.0), "/x/b.jpg": (1, 1.0)}
+    cat.write_batch(1, rows_for(["/x/new.jpg"]))
+    ids, paths = cat.export(1)[1].ids.tolist(), cat.export(1)[1].paths
+    assert dict(zip(paths, ids))["/x/new.jpg"] == 5  # after the pruned image's 4, as images.id is
+    with cat._reader.connect() as conn:
+        assert conn.execute(sa.text("SELECT id FROM images WHERE path = '/x/new.jpg'")).scalar() == 5
+    cat.close()
 
 
 def test_a_v1_catalog_opens_with_this_facefind(catalog_backend, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -517,3 +582,84 @@ def test_a_v1_catalog_opens_with_this_facefind(catalog_backend, tmp_path: Path, 
     assert _columns(old) == _columns(fresh)
     old.close()
     fresh.close()
+
+
+# ------------------------------------------------------------------------------------ faces
+
+
+def _faces(path: str, boxes: list[tuple[int, int, int, int]], seed: int = 0, size: int = 100,
+           mtime: float = 1.0, identity: bool = False) -> list[IndexedImage]:
+    rng = np.random.default_rng(seed)
+    return [IndexedImage(path, size, mtime, 640, 480, rng.random(K, dtype=np.float32),
+                         rng.standard_normal(D, dtype=np.float32), face=i, box=box, described=identity,
+                         identity=np.full(128, i, np.float32) if identity else None)
+            for i, box in enumerate(boxes)]
+
+
+def test_each_face_of_a_photo_is_an_entry_with_its_box(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, _faces("/p/group.jpg", [(10, 20, 60, 60), (200, 30, 40, 40)])
+                        + rows_for(["/p/crop.jpg"]))
+    stamp, preds = catalog.export(model)
+    assert preds.paths == ["/p/group.jpg", "/p/group.jpg", "/p/crop.jpg"]
+    assert preds.faces.tolist() == [0, 1, 0] and preds.image_ids[0] == preds.image_ids[1] != preds.image_ids[2]
+    assert preds.boxes.tolist() == [[10, 20, 60, 60], [200, 30, 40, 40], [-1, -1, -1, -1]]
+    assert len(set(preds.ids.tolist())) == 3
+    assert catalog.known_files(model) == {"/p/group.jpg": (100, 1.0), "/p/crop.jpg": (100, 1.0)}
+    info = catalog.info(model)
+    assert (info["images"], info["faces"], info["predictions"]) == (2, 3, 3)
+
+
+def test_a_changed_photo_replaces_all_of_its_faces(catalog: Catalog, model: int) -> None:
+    """Faces it still has keep their ids (by number) with new boxes and predictions; faces it no
+    longer has go, with their predictions, descriptors and other models' predictions; every
+    model that lost a prediction gets a new generation."""
+    other = catalog.register_model("b" * 64, "r", NAMES, [0.5] * K, D, None)
+    three = _faces("/p/g.jpg", [(0, 0, 50, 50), (60, 0, 40, 40), (120, 0, 35, 35)], identity=True)
+    catalog.write_batch(model, three)
+    catalog.write_batch(other, _faces("/p/g.jpg", [(0, 0, 50, 50), (60, 0, 40, 40), (120, 0, 35, 35)]))
+    before = catalog.export(model)[1]
+    other_stamp = catalog.stamp(other)
+    one = _faces("/p/g.jpg", [(5, 5, 52, 52)], seed=1, size=200, mtime=2.0, identity=True)
+    catalog.write_batch(model, one)
+    stamp, after = catalog.export(model)
+    assert after.ids.tolist() == before.ids[:1].tolist()  # face 0 keeps its id
+    assert after.boxes.tolist() == [[5, 5, 52, 52]]
+    np.testing.assert_array_equal(after.probs[0], one[0].probs)
+    assert after.has_identity.tolist() == [True] and catalog.identity_count() == (1, 1)
+    assert len(catalog.export(other)[1].ids) == 0  # the other model described the old content
+    assert catalog.stamp(other) > other_stamp
+    with catalog._reader.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
+
+
+def test_an_unchanged_photo_written_again_keeps_its_faces(catalog: Catalog, model: int) -> None:
+    rows = _faces("/p/g.jpg", [(0, 0, 50, 50), (60, 0, 40, 40)])
+    catalog.write_batch(model, rows)
+    first = catalog.export(model)[1]
+    catalog.write_batch(model, rows)
+    again = catalog.export(model)[1]
+    assert again.ids.tolist() == first.ids.tolist() and again.boxes.tolist() == first.boxes.tolist()
+
+
+def test_labels_describe_whole_file_entries_only(catalog: Catalog, model: int) -> None:
+    """Ground truth is per file: a CelebA crop's labels belong to its one entry; a photo's faces
+    (with boxes) are not what the file's labels describe."""
+    crop, photo = rows_for(["/d/000001.jpg"])[0], _faces("/d/000002.jpg", [(0, 0, 40, 40), (50, 0, 40, 40)])
+    crop.labels = np.array([1, -1, 1, -1, 1])
+    for r in photo:
+        r.labels = np.array([-1, -1, -1, -1, -1])
+    catalog.write_batch(model, [crop, *photo], label_names=NAMES)
+    ids, matrix = catalog.labels_for(NAMES)
+    preds = catalog.export(model)[1]
+    assert ids.tolist() == [int(preds.ids[preds.paths.index("/d/000001.jpg")])]
+    assert matrix.tolist() == [[1, 0, 1, 0, 1]]
+
+
+def test_prune_forgets_every_face_of_a_gone_file(catalog: Catalog, model: int) -> None:
+    catalog.write_batch(model, _faces("/p/g.jpg", [(0, 0, 50, 50), (60, 0, 40, 40)], identity=True)
+                        + rows_for(["/p/keep.jpg"]))
+    assert catalog.prune(["/p/g.jpg"]) == 1
+    assert catalog.export(model)[1].paths == ["/p/keep.jpg"]
+    with catalog._reader.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM identities")).scalar() == 0

@@ -151,7 +151,7 @@ def _dead_run(b: dict) -> None:
 
 
 def _orphan_prediction(b: dict) -> None:
-    sql(b["idx"], "INSERT INTO predictions (model_id, image_id, probs, embedding) "
+    sql(b["idx"], "INSERT INTO predictions (model_id, face_id, probs, embedding) "
         "SELECT model_id, 4242, probs, embedding FROM predictions LIMIT 1")
 
 

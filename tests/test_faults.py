@@ -195,8 +195,8 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backe
 
     backend = backend or Backend("sqlite", None)
     rows = backend.rows(idx, "SELECT path FROM images")
-    dupes = backend.scalar(idx, "SELECT count(*) FROM (SELECT image_id FROM predictions "
-                                "GROUP BY model_id, image_id HAVING count(*) > 1) AS d")
+    dupes = backend.scalar(idx, "SELECT count(*) FROM (SELECT face_id FROM predictions "
+                                "GROUP BY model_id, face_id HAVING count(*) > 1) AS d")
     assert backend.scalar(idx, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
     failures = {Path(p).name for (p,) in backend.rows(idx, "SELECT path FROM failures")}
     paths = [p for (p,) in rows]

@@ -4,7 +4,7 @@ ranks by them (issue 15 §3).
 Checked: the engine's person ranking against a brute-force oracle, with filters and rows that
 have no descriptor; the catalog writes a descriptor in its prediction's transaction (a failing
 batch leaves neither), drops it when the file changes or goes, and re-reads files indexed without
-one; a catalog from before the identities table upgrades on open; through the CLI on synthetic
+one (catalogs from before the identities table upgrade on open: tests/test_catalog.py); through the CLI on synthetic
 faces (which HOG detects) the index stores descriptors and refuses ``--by person`` in one line
 when it has none; and on the real CelebA sample (skipped without it) another photo of the same
 person ranks first among other people.
@@ -151,31 +151,6 @@ def test_descriptors_commit_with_their_prediction_and_follow_the_file(
     cat.close()
 
 
-def test_a_catalog_from_before_identities_upgrades_on_open(catalog_backend, tmp_path: Path) -> None:
-    """Schema v1 is today's schema without the identities table: a v1 catalog opens, keeps its
-    rows, and then stores descriptors."""
-    import sqlalchemy as sa
-
-    import db.catalog as dbc
-
-    cat = dbc.Catalog.open(tmp_path / "index")
-    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
-    cat.write_batch(model, [_row("/x/a.jpg", 1)])
-    with cat._writer.begin() as conn:  # as schema version 1 left it
-        conn.exec_driver_sql("DROP TABLE identities")
-        conn.execute(sa.update(dbc.meta_table).where(dbc.meta_table.c.key == "schema_version").values(value="1"))
-    cat.close()
-    old = dbc.Catalog.open(tmp_path / "index")
-    assert old.export(model)[1].paths == ["/x/a.jpg"]
-    with old._reader.connect() as conn:
-        assert sa.inspect(conn).has_table("identities")
-        assert conn.execute(sa.select(dbc.meta_table.c.value).where(
-            dbc.meta_table.c.key == "schema_version")).scalar() == str(dbc.SCHEMA_VERSION)
-    old.write_batch(model, [_row("/x/a.jpg", 1, described=True, identity=np.ones(128, np.float32))])
-    assert old.export(model)[1].has_identity.tolist() == [True]
-    old.close()
-
-
 # ---------------------------------------------------------------------------- CLI, synthetic faces
 
 
@@ -304,8 +279,9 @@ def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp
     rc, err = _stop_when(start(), idx, n + 1, signal.SIGKILL, log)
     assert rc == 0, err
     with sqlite3.connect(idx / "catalog.db") as db:
-        assert db.execute("SELECT count(*), count(DISTINCT image_id) FROM predictions").fetchone() == (n, n)
-        assert db.execute("SELECT count(*) FROM identities JOIN images ON images.id = image_id").fetchone() == (n,)
+        assert db.execute("SELECT count(*), count(DISTINCT image_id) FROM predictions "
+                          "JOIN faces ON faces.id = face_id").fetchone() == (n, n)
+        assert db.execute("SELECT count(*) FROM identities JOIN faces ON faces.id = face_id").fetchone() == (n,)
     with Catalog.open(idx) as catalog:
         preds = catalog.load_predictions(1)
     assert preds.has_identity.sum() >= n - 3  # HOG finds (nearly) every synthetic face

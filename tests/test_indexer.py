@@ -276,6 +276,7 @@ def test_write_failure_is_one_line_and_keeps_committed_work(
 def test_writer_commits_in_order_and_surfaces_errors() -> None:
     from db.errors import CatalogError
     from indexer.discovery import Failure, FileEntry
+    from indexer.routing import Rows
     from indexer.writer import CatalogWriter, WriteJob
 
     class FakeCatalog:
@@ -293,8 +294,8 @@ def test_writer_commits_in_order_and_surfaces_errors() -> None:
             self.failures.extend(items)  # type: ignore[arg-type]
 
     def job(*paths: str, failed: tuple[str, ...] = ()) -> WriteJob:
-        entries = [FileEntry(p, 1, 1.0) for p in paths]
-        return WriteJob(entries, [(1, 1)] * len(paths), np.zeros((len(paths), 2)), np.zeros((len(paths), 3)),
+        rows = Rows([FileEntry(p, 1, 1.0) for p in paths], [(1, 1)] * len(paths), [(0, None)] * len(paths))
+        return WriteJob(rows, np.zeros((len(paths), 2)), np.zeros((len(paths), 3)),
                         [Failure(f, "empty file") for f in failed])
 
     fake = FakeCatalog()

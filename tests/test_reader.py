@@ -332,8 +332,9 @@ def test_device_route_carries_plain_jpegs_as_bytes(tmp_path: Path) -> None:
     assert isinstance(cpu.payload, Pixels) and isinstance(device.payload, Jpegs)
     assert {Path(e.path).name for e in device.entries} == PLAIN
     assert cpu.failures == plain.failures and not device.failures
-    entries, pixels, sizes, failures = on_device(device, SIZE, torch.device("cpu"))
-    assert failures == [] and entries == device.entries and sizes == device.sizes
+    rows, pixels, failures = on_device(device, SIZE, torch.device("cpu"))
+    entries = rows.entries
+    assert failures == [] and entries == device.entries and rows.sizes == device.sizes
     assert pixels.shape == (len(entries), 3, *SIZE) and pixels.dtype == torch.uint8
     reference = {e.path: p for e, p in zip(plain.entries, plain.payload.array)}
     for entry, image in zip(entries, pixels.numpy()):
@@ -366,18 +367,24 @@ def test_nvjpeg_gives_the_cpu_pixels_within_the_stated_tolerance(tmp_path: Path)
                 assert diff <= DEVICE_TOLERANCE, (paths[i].name, size, diff)
 
 
-def crash_on_red(rgb: np.ndarray) -> np.ndarray:
-    """A 'face detector' that kills its process on pure red images, like a decoder segfault would."""
-    if (rgb[..., 0] == 255).all() and (rgb[..., 1] == 0).all():
-        os._exit(3)
-    return rgb
+class CrashOnRed:
+    """A 'face finder' that kills its process on pure red images, like a decoder segfault would."""
+
+    identity = False
+
+    def __call__(self, rgb: np.ndarray) -> list:
+        from trainer.faces import FaceEntry
+
+        if (rgb[..., 0] == 255).all() and (rgb[..., 1] == 0).all():
+            os._exit(3)
+        return [FaceEntry(0, None, rgb)]
 
 
 def test_a_crashing_decoder_costs_only_its_file(tmp_path: Path) -> None:
     for i in range(8):
         _face(i).save(tmp_path / f"{i}.png")
     Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "3.png")
-    with ImageReader(SIZE, batch_size=4, workers=2, crop=crash_on_red) as reader:
+    with ImageReader(SIZE, batch_size=4, workers=2, faces=CrashOnRed()) as reader:
         batches = list(reader.batches(discover(tmp_path).files))
     done = [Path(e.path).name for b in batches for e in b.entries]
     failed = [(Path(f.path).name, f.reason) for b in batches for f in b.failures]
