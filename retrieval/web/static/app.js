@@ -1,8 +1,9 @@
 // facefind search page: plain JavaScript, no build step, no external assets.
 // The whole state lives in the URL (?q=&like_id=&like=&ref=&by=&offset=&sel=), so links can be
 // shared and the back button works. by=person ranks "similar" by identity (dlib descriptors; only
-// offered when the index has them), by=look (the default) by the attribute model's embedding. The grid is virtual: only the rows near the viewport exist in the
-// DOM, and pages of PAGE hits are fetched by offset, so 150,000 matches scroll like 60.
+// offered when the index has them), by=look (the default) by the attribute model's embedding.
+// The grid is virtual: only the rows near the viewport exist in the DOM, and pages of PAGE hits
+// are fetched by offset, so 150,000 matches scroll like 60.
 "use strict";
 
 const PAGE = 60;
