@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from db.errors import CatalogError, FacefindError, ModelError
+from db.errors import CatalogError, FacefindError, ImageError, ModelError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,13 +87,12 @@ class OpenIndex:
         """The 128-D identity descriptor of the largest face in an image file (``trainer.faces``,
         the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
         from trainer.decode import read_rgb
-        from trainer.faces import faces_of
 
-        found = faces_of(read_rgb(image), identity=True, limit=1)
-        if not found or found[0].identity is None:
+        found = describe_rgb(read_rgb(image))
+        if found is None:
             raise ImageError(f"no face found in {image}: --by person needs a clearly visible face "
                              "(use --by look to compare whole images)")
-        return found[0].identity
+        return found
 
     def quality(self, result: Result) -> Quality:
         """Precision@k, precision/recall of all matches and the base rate, against the ground-truth
@@ -133,6 +132,15 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
         catalog.close()
         raise
     return OpenIndex(engine, folder, catalog)
+
+
+def describe_rgb(rgb: np.ndarray) -> np.ndarray | None:
+    """The 128-D identity descriptor of the largest face in a decoded RGB image, or None when it has
+    none: what ``describe`` computes for a file, for images that arrive as bytes (a web upload)."""
+    from trainer.faces import faces_of
+
+    found = faces_of(rgb, identity=True, limit=1)
+    return found[0].identity if found and found[0].identity is not None else None
 
 
 def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:

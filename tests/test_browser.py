@@ -6,6 +6,10 @@ only where no Chromium binary exists (CI installs one, see .ci/run). The page's 
 Content-Security-Policy forbids eval, which Playwright's wait_for_function needs, so the test
 contexts bypass CSP; the header itself is checked in test_server.py.
 
+Search by person runs against a second server over a small index built with identity
+descriptors (test_server.build_people_index); the main index has none, so the page hides the
+Look / Person switch there.
+
 Also here, because it needs a real server process: 8 concurrent clients making mixed (partly
 hostile) requests get only the statuses they should, and the server keeps serving.
 """
@@ -22,7 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from test_server import Built, build_index
+from test_server import Built, People, build_index, build_people_index
 
 N_FACES = 40
 VIEWPORT = {"width": 1280, "height": 900}
@@ -38,6 +42,21 @@ def server(built: Built):
     from retrieval.web.bench import Served
 
     args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(built.index),
+            "--port", "0", "--device", "cpu"]
+    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
+    return build_people_index(tmp_path_factory.mktemp("people"), built, same=3)
+
+
+@pytest.fixture(scope="module")
+def people_server(people: People):
+    from retrieval.web.bench import Served
+
+    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(people.index),
             "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
         yield served
@@ -145,6 +164,24 @@ def test_autocomplete_completes_attribute_names(page) -> None:
     assert page.input_value("#expr") == "Male and Eyeglasses"
 
 
+def test_autocomplete_suggests_once_the_names_arrive(page) -> None:
+    """Typing before /api/attributes has answered: the list appears when the names do, not at the
+    next keystroke."""
+    from playwright.sync_api import expect
+
+    held = []
+    page.route("**/api/attributes", lambda route: held.append(route))  # held until the word is typed
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.click("#expr")
+    page.keyboard.type("eyegl")
+    assert held and page.is_hidden("#suggest")
+    held[0].continue_()
+    expect(page.locator("#suggest li").first).to_have_text("Eyeglasses")
+    page.keyboard.press("Tab")
+    assert page.input_value("#expr") == "Eyeglasses"
+
+
 def test_a_chip_click_changes_the_expression_and_the_results(page, server) -> None:
     page.goto(page.server_url + "?" + urlencode({"q": "Male"}))
     wait_results(page, expected(server, "Male"))
@@ -169,6 +206,7 @@ def test_a_face_opens_its_panel_and_more_like_this_ranks_it_first(page, server, 
     target = want["hits"][min(3, want["total"] - 1)]["id"]
     page.click(f".card[data-id='{target}']")
     page.wait_for_selector("#panel:not([hidden]) .probs")
+    assert page.is_hidden("#by") and page.is_hidden("#panel .by")  # no identities in this index
     rows = page.locator("#panel .probs tr:has(td)")
     assert rows.count() == len(built.attributes)
     path = next(p for p, i in built.ids.items() if i == target)
@@ -203,6 +241,68 @@ def test_an_uploaded_indexed_face_comes_back_first(page, built: Built) -> None:
     page.wait_for_function("(t) => { const c = document.querySelector(\".card[data-rank='1']\");"
                            " return c && Number(c.dataset.id) === t; }", arg=built.ids[str(other)])
     assert other.name in page.inner_text("#ref")
+
+
+def _person_shown(pg, want: dict) -> None:
+    """Until ``pg`` shows ``want``'s hits in order, each card marked 'same person' exactly when
+    the API says so, with its distance."""
+    pg.wait_for_function(_SHOWN_JS, arg=[f"{want['total']} of {want['n_indexed']} images match",
+                                         [h["id"] for h in want["hits"]]])
+    same = {h["id"]: h["same_person"] for h in want["hits"]}
+    distance = {h["id"]: f"distance {h['distance']:.3f}" for h in want["hits"]}
+    cards = pg.evaluate("() => [...document.querySelectorAll('.card[data-id]')].map((c) => "
+                        "[Number(c.dataset.id), !!c.querySelector('.m .same'), c.querySelector('.score').textContent])")
+    assert cards and all(mark == same[i] and score == distance[i] for i, mark, score in cards), cards
+
+
+def test_person_ranks_by_identity_and_marks_the_same_person(browser, people_server, people: People,
+                                                             tmp_path: Path) -> None:
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    context.set_default_timeout(30_000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda err: errors.append(str(err)))
+    original, other = people.ids[str(people.original)], people.ids[str(people.other)]
+    look = api(people_server, "/api/query", like_id=original, limit=1000, eval="false")
+    person = api(people_server, "/api/query", like_id=original, by="person", limit=1000, eval="false")
+    assert [h["id"] for h in person["hits"][:2]] == [original, other]
+    assert [h["id"] for h in look["hits"]] != [h["id"] for h in person["hits"]]
+
+    pg.goto(people_server.url + "?" + urlencode({"like_id": original}))
+    pg.wait_for_function(_SHOWN_JS, arg=[f"{look['total']} of {look['n_indexed']} images match",
+                                         [h["id"] for h in look["hits"]]])
+    assert pg.locator(".card .same").count() == 0
+    assert pg.get_attribute("#by button[data-by='look']", "aria-pressed") == "true"
+    pg.click("#by button[data-by='person']")
+    _person_shown(pg, person)
+    assert pg.locator(".card .same").count() >= 2  # the face itself and its other photo
+    assert parse_qs(urlsplit(pg.url).query)["by"] == ["person"]
+    assert "identity distance" in pg.inner_text("#ref")
+    pg.go_back()  # the choice is history like the rest of the state
+    pg.wait_for_function(_SHOWN_JS, arg=[f"{look['total']} of {look['n_indexed']} images match",
+                                         [h["id"] for h in look["hits"]]])
+    assert "by" not in parse_qs(urlsplit(pg.url).query)
+
+    # the panel's switch, then a photo searched by person, then the same photo by look
+    pg.click(f".card[data-id='{other}']")
+    pg.wait_for_selector("#panel:not([hidden]) .by:not([hidden])")
+    pg.click("#panel .by button[data-by='person']")
+    _person_shown(pg, person)
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(people.original.read_bytes())
+    pg.set_input_files("#photo", str(photo))
+    pg.wait_for_function("() => new URLSearchParams(location.search).get('ref') === 'me.jpg'", timeout=120_000)
+    state = parse_qs(urlsplit(pg.url).query)
+    assert state["by"] == ["person"]
+    by_photo = api(people_server, "/api/query", like=state["like"][0], by="person", limit=1000, eval="false")
+    assert by_photo["hits"][0]["id"] == original
+    _person_shown(pg, by_photo)
+    pg.click("#by button[data-by='look']")  # the photo is searched again, by look this time
+    pg.wait_for_function("() => document.querySelector('.card .score') && "
+                         "!document.querySelector('.card .score').textContent.startsWith('distance')", timeout=120_000)
+    assert pg.locator(".card .same").count() == 0 and "by" not in parse_qs(urlsplit(pg.url).query)
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 def test_the_threshold_set_selector(page, server) -> None:

@@ -6,7 +6,10 @@ Checked: /api/query equals `facefind query --json` (with --eval's block) and a b
 paging; "more like this"; attributes, image details, thumbnails made once and cached, files only by
 catalog id; bad expressions, uploads (indexed face first, broken images with predict's reason,
 413, bombs, nothing kept); tokens and Host checks; a new snapshot picked up without a restart;
-exports; that no endpoint changes the index and no response carries a traceback.
+exports; that no endpoint changes the index and no response carries a traceback. By person
+(``by=person``, on a second small index built with ``--identity``): the same face in another photo
+ranks right after the face itself, as ``--by person --json`` ranks it, by id, upload and export, and
+every refusal (no descriptors, a faceless id or photo, a bad ``by``) is one line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +42,56 @@ HISTORY = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.72 - 0.08 * e
 def build_index(base: Path, n: int = N_FACES, seed: int = 5) -> Built:
     """Synthetic faces -> a calibrated tiny checkpoint (with history and metrics) -> `facefind index`."""
     return build_synthetic_index(base, n, seed, adjust=_with_history)
+
+
+@dataclass(frozen=True)
+class People:
+    """A small index built with identity descriptors (``index --identity``)."""
+
+    index: Path
+    ids: dict[str, int]  # path -> catalog id
+    original: Path       # a synthetic face (an aligned crop) ...
+    other: Path          # ... and the same face in another photo
+    faceless: Path       # an aligned-size image with no face: indexed, without a descriptor
+
+
+def another_photo(face: Path) -> bytes:
+    """``face`` in another photo: pasted onto a larger canvas of another colour (a PNG), so that it
+    is found by face detection, as in any photo, instead of being read as an aligned crop."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (420, 320), (40, 90, 160))
+    with Image.open(face) as img:
+        canvas.paste(img.convert("RGB"), (96, 40))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
+    """``n`` of ``b``'s faces, another photo of face ``same`` and a faceless image, indexed with
+    ``b``'s model and identity descriptors (the hook `facefind index --identity` uses)."""
+    from PIL import Image
+
+    from db.catalog import Catalog
+    from indexer.pipeline import index_folder
+    from indexer.routing import describe_face
+
+    folder = base / "photos"
+    folder.mkdir()
+    for path in b.images[:n]:
+        shutil.copy(path, folder / path.name)
+    original, other, faceless = folder / b.images[same].name, folder / "another-photo.png", folder / "faceless.jpg"
+    other.write_bytes(another_photo(original))
+    Image.new("RGB", (178, 218), (128, 128, 128)).save(faceless)
+    report = index_folder(folder, b.model, base / "index", device="cpu", workers=0, identify=describe_face)
+    assert report.indexed == n + 2 and report.identity["no_face"] >= 1
+    with Catalog.open(base / "index", create=False) as catalog:
+        preds = catalog.load_predictions(catalog.latest_model().id)
+    ids = dict(zip(preds.paths, preds.ids.tolist()))
+    described = dict(zip(preds.paths, preds.has_identity.tolist()))
+    assert described[str(original)] and described[str(other)] and not described[str(faceless)]
+    return People(base / "index", ids, original, other, faceless)
 
 
 def _with_history(path: Path, attributes: Sequence[str]) -> None:
@@ -69,6 +123,22 @@ def client(built: Built, tmp_path_factory: pytest.TempPathFactory):
     from retrieval.web.app import create_app
 
     app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("thumbs"))
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
+    return build_people_index(tmp_path_factory.mktemp("people"), built, same=10)
+
+
+@pytest.fixture(scope="module")
+def people_client(people: People, tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    app = create_app(people.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("people-thumbs"))
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         yield c
 
@@ -182,6 +252,94 @@ def test_bad_parameters_are_one_line_400s(client) -> None:
                    {"like": "AAAA", "like_id": 1}, {"like_id": 10**30}, {"like_id": -3}):
         body = client.get("/api/query", params=params)
         assert body.status_code == 400 and set(body.json()) >= {"error"}, (params, body.text)
+
+
+# -- by person ----------------------------------------------------------------------------------
+
+
+def test_by_person_ranks_the_same_face_in_another_photo_next(people_client, people: People) -> None:
+    original, other = people.ids[str(people.original)], people.ids[str(people.other)]
+    info = ok(people_client.get("/api/info"))
+    assert info["has_identity"] and info["identities"] == len(people.ids) - 1  # all but the faceless one
+    assert ok(people_client.get("/api/attributes"))["has_identity"] is True
+    out = ok(people_client.get("/api/query", params={"like_id": original, "by": "person", "limit": 100}))
+    assert out == cli_json("query", "--like-id", original, "--by", "person", "--limit", "100",
+                           "--index", people.index)
+    hits = out["hits"]
+    assert out["ranking"] == "person" and out["total"] == info["identities"]
+    assert [h["id"] for h in hits[:2]] == [original, other]  # the other photo above every other face
+    assert hits[0]["distance"] == 0.0 and hits[1]["distance"] < 0.3
+    assert hits[0]["same_person"] is True and hits[1]["same_person"] is True
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+    assert all(h["same_person"] == (h["distance"] < 0.6) for h in hits) and not all(h["same_person"] for h in hits)
+    look = ok(people_client.get("/api/query", params={"like_id": original, "limit": 100}))
+    assert look["ranking"] == "similarity" and "distance" not in look["hits"][0]
+    # the export streams the same ranking
+    paths = people_client.get("/api/export", params={"like_id": original, "by": "person", "format": "paths"})
+    assert paths.text.splitlines() == [h["path"] for h in hits]
+
+
+def test_an_upload_by_person_is_similar_by_person_and_pages_by_its_descriptor(people_client, people: People,
+                                                                              tmp_path: Path) -> None:
+    upload = tmp_path / "me.jpg"
+    shutil.copy(people.original, upload)
+    out = ok(people_client.post("/api/similar", files={"file": ("me.jpg", upload.read_bytes(), "image/jpeg")},
+                                data={"by": "person", "limit": "4"}))
+    reference = out.pop("reference")
+    assert out == cli_json("similar", upload, "--by", "person", "--limit", "4", "--index", people.index)
+    assert [h["path"] for h in out["hits"][:2]] == [str(people.original), str(people.other)]
+    assert reference["name"] == "me.jpg" and "embedding" not in reference
+    # the descriptor pages the same search (float32: the same distances) through /api/query
+    rest = ok(people_client.get("/api/query", params={"like": reference["descriptor"], "by": "person",
+                                                      "offset": 1, "limit": 3}))
+    assert rest["hits"] == out["hits"][1:]
+    # a filter is kept
+    thresholds = {a["name"]: a["threshold"] for a in ok(people_client.get("/api/attributes"))["attributes"]}
+    where = "not Male" if out["hits"][0]["attributes"]["Male"] >= thresholds["Male"] else "Male"
+    filtered = ok(people_client.post("/api/similar", files={"file": ("me.jpg", upload.read_bytes())},
+                                     data={"by": "person", "q": where}))
+    assert filtered["ranking"] == "person" and filtered["hits"]
+    assert all(h["matched"] == [where] and h["path"] != str(people.original) for h in filtered["hits"])
+
+
+def test_by_person_refusals_are_one_line(client, people_client, people: People, built: Built) -> None:
+    from retrieval.engine import NO_IDENTITY
+
+    face = built.images[0].read_bytes()
+    # an index built without --identity says what to run, before any photo is read
+    assert ok(client.get("/api/info"))["has_identity"] is False
+    assert ok(client.get("/api/attributes"))["has_identity"] is False
+    body = one_line_error(client.get("/api/query", params={"like_id": 1, "by": "person"}), 400, NO_IDENTITY)
+    assert body["error"] == NO_IDENTITY
+    one_line_error(client.post("/api/similar", files={"file": ("a.jpg", face)}, data={"by": "person"}),
+                   400, NO_IDENTITY)
+    one_line_error(client.get("/api/export", params={"like_id": 1, "by": "person"}), 400, NO_IDENTITY)
+    # a bad by, anywhere
+    for got in (people_client.get("/api/query", params={"like_id": 1, "by": "face"}),
+                people_client.post("/api/similar", files={"file": ("a.jpg", face)}, data={"by": "face"}),
+                people_client.get("/api/export", params={"like_id": 1, "by": "face"})):
+        one_line_error(got, 400, "by must be look or person, not 'face'")
+    # PERSON is person; no reference at all is a mistake, not a silent confidence ranking
+    original = people.ids[str(people.original)]
+    assert ok(people_client.get("/api/query", params={"like_id": original, "by": "PERSON"}))["ranking"] == "person"
+    one_line_error(people_client.get("/api/query", params={"q": "Male", "by": "person"}), 400, "give like_id")
+    # a face without a descriptor, an unknown id, a descriptor of the wrong size, a photo without a face
+    faceless = people.ids[str(people.faceless)]
+    one_line_error(people_client.get("/api/query", params={"like_id": faceless, "by": "person"}), 400,
+                   f"image {faceless} has no identity descriptor")
+    one_line_error(people_client.get("/api/query", params={"like_id": 99999, "by": "person"}), 404,
+                   "no image with id 99999")
+    look = ok(people_client.post("/api/similar", files={"file": ("a.jpg", face)}))["reference"]["embedding"]
+    one_line_error(people_client.get("/api/query", params={"like": look, "by": "person"}), 400,
+                   "the 'descriptor' that /api/similar returned with by=person")
+    blank = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (300, 300), (200, 200, 200)).save(blank, format="PNG")
+    one_line_error(people_client.post("/api/similar", files={"file": ("wall.png", blank.getvalue())},
+                                      data={"by": "person"}), 400, "no face found in wall.png")
+    one_line_error(people_client.post("/api/similar", files={"file": ("notes.jpg", b"not a picture" * 9)},
+                                      data={"by": "person"}), 400, "cannot read image notes.jpg")
 
 
 # -- attributes, images, files ------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Every endpoint is a thin wrapper around the library calls the CLI makes (``Engine.query``,
 ``Result.to_dict``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
-checkpoint), so the page and ``facefind query --json`` can never disagree. JSON is serialised
-once by orjson (no per-field encoder walk) and each query answer carries a
-``Server-Timing: engine;dur=MS`` header with the engine's own time.
+checkpoint, ``describe_rgb`` for identity), so the page and ``facefind query --json`` can never
+disagree. ``by=look|person`` is the CLI's ``--by``: rank by the model's embedding, or by dlib
+identity distance (an index built with ``index --identity``; hits then carry ``distance`` and
+``same_person``). JSON is serialised once by orjson (no per-field encoder walk) and each query
+answer carries a ``Server-Timing: engine;dur=MS`` header with the engine's own time.
 
 Safety (see ``Guard``): with no token only loopback Host headers are accepted (a web page
 elsewhere cannot DNS-rebind its way in); with a token every request must carry it (header,
@@ -40,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.errors import CatalogError, FacefindError, ImageError, QuerySyntaxError
+from retrieval.engine import NO_IDENTITY
 from retrieval.web.live import FixedIndex, Live, LiveIndex, Source
 from retrieval.web.thumbs import SourceGone, ThumbnailCache, default_cache_folder, identity
 
@@ -234,26 +237,62 @@ def _parse_id(raw: str) -> int:
     return int(raw)
 
 
-def _reference(raw: str | None, dim: int) -> np.ndarray | None:
-    """A ``like=`` reference: base64url of float16 values, as /api/similar returns it."""
+# What ``like=`` holds for each ``by``: the field of /api/similar's reference, and its dtype. An
+# identity descriptor travels as float32, so a person search paged through /api/query measures the
+# very distances (and same_person marks at 0.6) of its first page.
+_LIKE = {"look": ("embedding", "<f2"), "person": ("descriptor", "<f4")}
+
+
+def _reference(raw: str | None, dim: int, by: str = "look") -> np.ndarray | None:
+    """A ``like=`` reference: base64url of the values /api/similar returned (see ``_LIKE``)."""
     if not raw:
         return None
+    field, dtype = _LIKE[by]
+    size = np.dtype(dtype).itemsize
+    hint = f"pass the '{field}' that /api/similar returned" + (" with by=person" if by == "person" else "")
     try:
         data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
     except (binascii.Error, ValueError):
-        raise ApiError(400, "like= is not base64: pass the 'embedding' that /api/similar returned") from None
-    if len(data) != 2 * dim:
-        raise ApiError(400, f"like= holds {len(data) // 2} values but this index's embeddings have {dim}: "
-                       "pass the 'embedding' that /api/similar returned for this index")
-    vec = np.frombuffer(data, dtype="<f2").astype(np.float32)
+        raise ApiError(400, f"like= is not base64: {hint}") from None
+    if len(data) != size * dim:
+        what = "identity descriptors" if by == "person" else "embeddings"
+        raise ApiError(400, f"like= holds {len(data) / size:g} values but this index's {what} have {dim}: "
+                       f"{hint} for this index")
+    vec = np.frombuffer(data, dtype=dtype).astype(np.float32)
     if not np.all(np.isfinite(vec)):
         raise ApiError(400, "like= holds values that are not finite numbers")
     return vec
 
 
-def encode_reference(vec: np.ndarray) -> str:
-    """The inverse of ``_reference``: base64url (no padding) of the float16 values."""
-    return base64.urlsafe_b64encode(np.asarray(vec, dtype="<f2").tobytes()).decode().rstrip("=")
+def encode_reference(vec: np.ndarray, by: str = "look") -> str:
+    """The inverse of ``_reference``: base64url (no padding) of the values in ``by``'s dtype."""
+    return base64.urlsafe_b64encode(np.asarray(vec, dtype=_LIKE[by][1]).tobytes()).decode().rstrip("=")
+
+
+def _by(raw: str) -> str:
+    """``by=``: 'look' or 'person' (any case), as the CLI's ``--by``; a one-line 400 otherwise."""
+    choice = raw.strip().lower()
+    if choice not in _LIKE:
+        raise ApiError(400, f"by must be look or person, not {raw[:40]!r}")
+    return choice
+
+
+def _ranking(eng: Engine, by: str, like: str | None, like_id: int | None) -> dict[str, Any]:
+    """``Engine.query``'s reference arguments for ``by`` and a ``like``/``like_id`` reference."""
+    if like is not None and like_id is not None:
+        raise ApiError(400, "give like or like_id, not both")
+    if _by(by) == "look":
+        return {"like": _reference(like, eng.emb.shape[1]), "like_id": like_id}
+    if not like and like_id is None:
+        raise ApiError(400, "by=person ranks by likeness to a face: give like_id (an indexed image) or "
+                       "like (the 'descriptor' of a photo, from /api/similar with by=person)")
+    _require_identity(eng)
+    return {"person": _reference(like, eng.identity.shape[1], "person"), "person_id": like_id}
+
+
+def _require_identity(eng: Engine) -> None:
+    if eng.identity is None:
+        raise CatalogError(NO_IDENTITY)
 
 
 def _clean_name(name: str | None) -> str:
@@ -284,18 +323,26 @@ class Embedder:
 
     def embed(self, live: Live, data: bytes, name: str, detect_face: bool | None) -> tuple[np.ndarray, list[int] | None]:
         """(unit embedding, face box or None) of an uploaded photo; ImageError with predict's reason."""
-        from trainer.decode import Unreadable, decode_rgb
-
         if live.opened is None:
             raise FacefindError("this server has no model to embed photos with (an in-memory index)")
-        try:
-            rgb = decode_rgb(data)
-        except Unreadable as err:  # the reason `facefind predict` gives for the same bytes
-            raise ImageError(f"cannot read image {name}: {err}") from None
+        rgb = _decode(data, name)
         with self._lock:
             predictor = self._load(live)
             pred = predictor.predict_images([rgb], [name], detect_face)[0]
         return pred.embedding, list(pred.face_box) if pred.face_box is not None else None
+
+    def describe(self, data: bytes, name: str) -> np.ndarray:
+        """The identity descriptor of an uploaded photo's largest face (``describe_rgb``, what the
+        CLI's ``--by person`` computes; dlib, no torch); ImageError when no face is found."""
+        from retrieval.index import describe_rgb
+
+        rgb = _decode(data, name)
+        with self._lock:  # dlib's detector and models are shared: one photo at a time
+            found = describe_rgb(rgb)
+        if found is None:
+            raise ImageError(f"no face found in {name}: by=person needs a clearly visible face "
+                             "(rank by look to compare whole images)")
+        return found
 
     def _load(self, live: Live) -> Any:
         from retrieval.index import open_predictor
@@ -306,6 +353,16 @@ class Embedder:
             self._predictor = open_predictor(path, self.device)
             self._sha = sha
         return self._predictor
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    """An upload's RGB pixels, decoded as the indexer does; ImageError with predict's reason."""
+    from trainer.decode import Unreadable, decode_rgb
+
+    try:
+        return decode_rgb(data)
+    except Unreadable as err:  # the reason `facefind predict` gives for the same bytes
+        raise ImageError(f"cannot read image {name}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------ the app
@@ -393,7 +450,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         labels = live.labels
         label_rates = labels.matrix.mean(axis=0) if labels is not None else None
         return json_response({
-            "n_indexed": len(eng), "has_labels": labels is not None,
+            "n_indexed": len(eng), "has_labels": labels is not None, "has_identity": eng.identity is not None,
             "default_thresholds": eng.default_thresholds, "threshold_sets": sorted(eng.threshold_sets),
             "attributes": [
                 {"name": name, "threshold": float(eng.thresholds[k]),
@@ -413,6 +470,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         offset: Annotated[int, Query(ge=0)] = 0,
         like_id: Annotated[int | None, Query(ge=0, le=2**62, description="Rank by similarity to this indexed image")] = None,
         like: Annotated[str | None, Query(description="Rank by similarity to this embedding (from /api/similar)")] = None,
+        by: Annotated[str, Query(description="look: rank by the model's embedding; person: by identity "
+                                 "distance (needs `index --identity`), as `query --by`")] = "look",
         with_quality: Annotated[bool, Query(alias="eval", description="Add `--eval`'s quality block when the "
                                             "index holds labels")] = True,
         thresholds: Annotated[str | None, Query(description="Threshold set bare names use: f1 | accuracy "
@@ -420,12 +479,9 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     ) -> Response:
         live = source.current()
         eng = live.engine
-        if like is not None and like_id is not None:
-            raise ApiError(400, "give like or like_id, not both")
-        ref = _reference(like, eng.emb.shape[1])
+        ref = _ranking(eng, by, like, like_id)
         start = time.perf_counter()
-        result = _run_query(eng, _expr(q), limit=limit, offset=offset, like=ref, like_id=like_id,
-                            thresholds=thresholds)
+        result = _run_query(eng, _expr(q), limit=limit, offset=offset, thresholds=thresholds, **ref)
         took = time.perf_counter() - start
         out = result.to_dict()
         if with_quality:
@@ -441,9 +497,14 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         limit: Annotated[int, Form(ge=0, le=MAX_LIMIT)] = 60,
         detect_face: Annotated[str, Form(description="auto | true | false, as `similar --detect-face`")] = "auto",
         thresholds: Annotated[str | None, Form(description="f1 | accuracy (default: the index's)")] = None,
+        by: Annotated[str, Form(description="look | person, as `similar --by`: person ranks by identity "
+                                "distance to the photo's largest face (needs `index --identity`)")] = "look",
     ) -> Response:
         live = source.current()
         eng = live.engine
+        how = _by(by)
+        if how == "person":
+            _require_identity(eng)  # before anything is read or loaded
         expr = _expr(q)
         if expr is not None:
             eng.parse(expr)  # a typo fails before the model loads
@@ -458,13 +519,19 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
             file.file.close()
         if len(data) > MAX_UPLOAD:
             raise ApiError(413, _too_large(MAX_UPLOAD))
-        vec, box = embedder.embed(live, data, name, choice)  # type: ignore[arg-type]
+        if how == "person":
+            vec = embedder.describe(data, name)
+            ref = {"name": name, "descriptor": encode_reference(vec, "person")}
+        else:
+            vec, box = embedder.embed(live, data, name, choice)  # type: ignore[arg-type]
+            ref = {"name": name, "embedding": encode_reference(vec), "face_box": box}
         del data
         start = time.perf_counter()
-        result = _run_query(eng, expr, limit=limit, offset=0, like=vec, like_id=None, thresholds=thresholds)
+        result = _run_query(eng, expr, limit=limit, offset=0, thresholds=thresholds,
+                            **({"person": vec} if how == "person" else {"like": vec}))
         took = time.perf_counter() - start
         out = result.to_dict()
-        out["reference"] = {"name": name, "embedding": encode_reference(vec), "face_box": box}
+        out["reference"] = ref
         return json_response(out, headers=_timing(took))
 
     @app.get("/api/images/{image_id}", summary="One image: path, probabilities, matched literals, labels")
@@ -528,6 +595,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         out = source.describe()
         out.update({"n_indexed": len(eng), "attributes": len(eng.attributes),
                     "embedding_dim": int(eng.emb.shape[1]), "has_labels": live.labels is not None,
+                    "has_identity": eng.identity is not None,
+                    "identities": int(eng.has_identity.sum()) if eng.has_identity is not None else 0,
                     "token_required": token is not None, "thumbnails": str(thumbs.folder),
                     "max_upload_bytes": MAX_UPLOAD})
         if live.opened is not None:
@@ -560,18 +629,17 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         like: Annotated[str | None, Query()] = None,
         thresholds: Annotated[str | None, Query(description="Threshold set bare names use: f1 | accuracy "
                                                 "(default: the index's), as `query --thresholds`")] = None,
+        by: Annotated[str, Query(description="look | person, as /api/query")] = "look",
     ) -> Response:
         eng = source.current().engine  # held for the whole export: one consistent generation
-        if like is not None and like_id is not None:
-            raise ApiError(400, "give like or like_id, not both")
-        ref = _reference(like, eng.emb.shape[1])
+        ref = _ranking(eng, by, like, like_id)
         expr = _expr(q)
-        first = _run_query(eng, expr, limit=EXPORT_PAGE, offset=0, like=ref, like_id=like_id, thresholds=thresholds)
+        first = _run_query(eng, expr, limit=EXPORT_PAGE, offset=0, thresholds=thresholds, **ref)
         media = {"csv": "text/csv; charset=utf-8", "json": "application/json",
                  "paths": "text/plain; charset=utf-8"}[format]
         name = "facefind-export." + {"csv": "csv", "json": "json", "paths": "txt"}[format]
         return StreamingResponse(
-            _export_chunks(eng, first, format, expr, ref, like_id, first.thresholds), media_type=media,
+            _export_chunks(eng, first, format, expr, ref, first.thresholds), media_type=media,
             headers={"Content-Disposition": f'attachment; filename="{name}"',
                      "X-Total-Count": str(first.total)})
 
@@ -586,18 +654,20 @@ def live_cache(live: Live, key: str, make: Callable[[], Any]) -> Any:
     return store[key]
 
 
-def _run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, like: np.ndarray | None,
-               like_id: int | None, thresholds: str | None = None) -> Result:
+def _run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, thresholds: str | None = None,
+               **ref: Any) -> Result:
+    """``eng.query`` with a reference from ``_ranking`` (like, like_id, person, person_id)."""
     try:
-        return eng.query(expr, limit=limit, offset=offset, like=like, like_id=like_id, thresholds=thresholds)
+        return eng.query(expr, limit=limit, offset=offset, thresholds=thresholds, **ref)
     except CatalogError as err:
-        if like_id is not None and "not in the index" in str(err):
-            raise ApiError(404, f"no image with id {like_id} in the index (like_id)") from None
+        image_id = ref.get("like_id", ref.get("person_id"))
+        if image_id is not None and "not in the index" in str(err):
+            raise ApiError(404, f"no image with id {image_id} in the index (like_id)") from None
         raise
 
 
-def _export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, like: np.ndarray | None,
-                   like_id: int | None, thresholds: str | None) -> Iterator[bytes]:
+def _export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, ref: dict[str, Any],
+                   thresholds: str | None) -> Iterator[bytes]:
     """The export body, one page of hits at a time (the engine is asked again for each page)."""
     names = list(eng.attributes)
     if fmt == "csv":
@@ -626,8 +696,7 @@ def _export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, like:
         offset += len(page.hits)
         if offset >= first.total or not page.hits:
             break
-        page = eng.query(expr, limit=EXPORT_PAGE, offset=offset, like=like, like_id=like_id,
-                         thresholds=thresholds)
+        page = eng.query(expr, limit=EXPORT_PAGE, offset=offset, thresholds=thresholds, **ref)
     if fmt == "json":
         yield b"]}\n"
 

@@ -1,7 +1,9 @@
 // facefind search page: plain JavaScript, no build step, no external assets.
-// The whole state lives in the URL (?q=&like_id=&like=&ref=&offset=&sel=), so links can be shared
-// and the back button works. The grid is virtual: only the rows near the viewport exist in the
-// DOM, and pages of PAGE hits are fetched by offset, so 150,000 matches scroll like 60.
+// The whole state lives in the URL (?q=&like_id=&like=&ref=&by=&offset=&sel=), so links can be
+// shared and the back button works. by=person ranks "similar" by identity (dlib descriptors; only
+// offered when the index has them), by=look (the default) by the attribute model's embedding.
+// The grid is virtual: only the rows near the viewport exist in the DOM, and pages of PAGE hits
+// are fetched by offset, so 150,000 matches scroll like 60.
 "use strict";
 
 const PAGE = 60;
@@ -9,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const els = {
   expr: $("expr"), suggest: $("suggest"), go: $("go"), thr: $("thr"), photo: $("photo"), error: $("error"),
   chips: $("chips"), count: $("count"), ref: $("ref"), quality: $("quality"), grid: $("grid"),
-  empty: $("empty"), panel: $("panel"), drop: $("drop"),
+  empty: $("empty"), panel: $("panel"), drop: $("drop"), by: $("by"),
   exp: { csv: $("exp-csv"), json: $("exp-json"), paths: $("exp-paths") },
 };
 
@@ -19,6 +21,8 @@ let state = readState();
 let view = null;              // the current query: {key, total, n, ranking, pages: Map, pending: Set}
 let generation = 0;           // bumps with every new query; stale answers are dropped
 let localPhoto = null;        // object URL of the photo searched by, this session only
+let localFile = null;         // that photo itself, to search by it again with the other ranking
+let hasIdentity = false;      // the index has identity descriptors: offer Look / Person
 
 // ---------------------------------------------------------------------------------- state <-> URL
 
@@ -33,8 +37,11 @@ function readState() {
     offset: Math.max(0, Number(p.get("offset")) || 0),
     sel: /^\d+$/.test(p.get("sel") || "") ? Number(p.get("sel")) : null,
     th: p.get("thresholds") || null,
+    by: p.get("by") === "person" ? "person" : "look",
   };
 }
+
+function hasRef(s) { return s.like_id !== null || !!s.like; }
 
 function stateURL(s) {
   const p = new URLSearchParams();
@@ -44,6 +51,7 @@ function stateURL(s) {
   if (s.offset) p.set("offset", String(s.offset));
   if (s.sel !== null) p.set("sel", String(s.sel));
   if (s.th) p.set("thresholds", s.th);
+  if (s.by === "person") p.set("by", "person");
   const qs = p.toString();
   return location.pathname + (qs ? "?" + qs : "");
 }
@@ -62,6 +70,7 @@ function queryParams(s, extra = {}) {
   if (s.like_id !== null) p.set("like_id", String(s.like_id));
   else if (s.like) p.set("like", s.like);
   if (s.th) p.set("thresholds", s.th);
+  if (s.by === "person" && hasRef(s)) p.set("by", "person");
   for (const [k, v] of Object.entries(extra)) p.set(k, String(v));
   return p;
 }
@@ -257,7 +266,7 @@ function clearError() { els.error.hidden = true; els.error.replaceChildren(); el
 
 // ---------------------------------------------------------------------------------- querying
 
-function viewKey(s) { return JSON.stringify([s.q.trim(), s.like_id, s.like, s.th]); }
+function viewKey(s) { return JSON.stringify([s.q.trim(), s.like_id, s.like, s.th, hasRef(s) ? s.by : "look"]); }
 
 async function search(next, push = true) {
   const candidate = { ...state, ...next };
@@ -305,6 +314,7 @@ function showResult(first, start) {
   els.count.textContent = `${first.total.toLocaleString()} of ${first.n_indexed.toLocaleString()} images match`;
   showQuality(first.quality);
   renderRef();
+  renderBy();
   updateExports();
   els.empty.hidden = first.total > 0;
   els.grid.replaceChildren();
@@ -323,13 +333,15 @@ function fmt(v) { return v === null || v === undefined ? "n/a" : v.toFixed(3); }
 function renderRef() {
   els.ref.replaceChildren();
   if (state.like_id === null && !state.like) { els.ref.hidden = true; return; }
+  const how = view && view.ranking === "person"
+    ? "ranked by identity distance (under 0.6: same person) to" : "ranked by similarity to";
   if (state.like_id !== null) {
     const img = document.createElement("img");
     img.src = `/api/images/${state.like_id}/thumb`;
-    els.ref.append(img, `ranked by similarity to image #${state.like_id} `);
+    els.ref.append(img, `${how} image #${state.like_id} `);
   } else {
     if (localPhoto) { const img = document.createElement("img"); img.src = localPhoto; els.ref.append(img); }
-    els.ref.append(`ranked by similarity to your photo ${state.ref || ""} `);
+    els.ref.append(`${how} your photo ${state.ref || ""} `);
   }
   const clear = document.createElement("button");
   clear.type = "button"; clear.textContent = "× clear";
@@ -421,10 +433,16 @@ function card(hit, i) {
   img.src = `/api/images/${hit.id}/thumb`;
   pic.appendChild(img);
   const meta = document.createElement("div"); meta.className = "meta";
-  const score = view.ranking === "similarity" ? hit.score.toFixed(3) : view.ranking === "confidence" ? hit.score.toFixed(2) : "";
+  const score = view.ranking === "similarity" ? hit.score.toFixed(3) : view.ranking === "confidence" ? hit.score.toFixed(2)
+    : view.ranking === "person" ? `distance ${hit.distance.toFixed(3)}` : "";
   meta.innerHTML = `<span>#${i + 1}</span><span class="score"></span>`;
   meta.lastChild.textContent = score;
   const m = document.createElement("div"); m.className = "m";
+  if (hit.same_person) {
+    const same = document.createElement("span"); same.className = "same"; same.textContent = "✓ same person";
+    same.title = "identity distance under 0.6: dlib's same-person threshold";
+    m.appendChild(same);
+  }
   for (const lit of hit.matched) { const s = document.createElement("span"); s.textContent = lit; if (lit.startsWith("not ")) s.className = "neg"; m.appendChild(s); }
   d.append(pic, meta, m);
   d.title = hit.path;
@@ -482,12 +500,11 @@ async function openPanel(id) {
   const top = document.createElement("div"); top.className = "top";
   const title = document.createElement("strong"); title.textContent = `image #${info.id}`;
   const more = document.createElement("button"); more.className = "primary more"; more.type = "button";
-  more.textContent = "More like this";
   more.title = "rank the images that match the current expression by similarity to this one";
   more.addEventListener("click", () => search({ like_id: info.id, like: null, ref: null, offset: 0, sel: null }));
   const close = document.createElement("button"); close.type = "button"; close.textContent = "×"; close.title = "close";
   close.addEventListener("click", () => { els.panel.hidden = true; commit({ sel: null }); markSelected(); });
-  top.append(title, more, close);
+  top.append(title, more, makeBy(document.createElement("span")), close);
   const img = document.createElement("img"); img.className = "full"; img.src = `/api/images/${info.id}/full`; img.alt = "";
   const path = document.createElement("div"); path.className = "path"; path.textContent = info.path;
   const matched = document.createElement("div");
@@ -516,18 +533,62 @@ async function openPanel(id) {
   }
   p.append(top, img, path, matched, table);
   p.hidden = false;
+  renderBy();
+}
+
+// ---------------------------------------------------------------------------------- look / person
+
+// A Look | Person switch (one in the header beside the photo search, one beside "More like this"):
+// it re-ranks the current reference, and is the ranking the next "similar" search uses.
+function makeBy(el) {
+  el.className = "by"; el.setAttribute("role", "group"); el.setAttribute("aria-label", "similar by");
+  el.replaceChildren(...["look", "person"].map((by) => {
+    const b = document.createElement("button");
+    b.type = "button"; b.dataset.by = by; b.textContent = by === "look" ? "Look" : "Person";
+    b.title = by === "look" ? "similar faces: alike in look (hair, make-up, expression), by the attribute model"
+      : "similar faces: the same person, by identity (dlib face descriptors; a distance under 0.6 is marked)";
+    b.addEventListener("click", () => chooseBy(by));
+    return b;
+  }));
+  return el;
+}
+
+function renderBy() {
+  for (const el of document.querySelectorAll(".by")) {
+    el.hidden = !hasIdentity;
+    for (const b of el.children) {
+      const on = b.dataset.by === state.by;
+      b.classList.toggle("on", on); b.setAttribute("aria-pressed", String(on));
+    }
+  }
+  const more = els.panel.querySelector("button.more");
+  if (more) more.textContent = state.by === "person" ? "More of this person" : "More like this";
+}
+
+function chooseBy(by) {
+  if (by === state.by) return;
+  if (state.like_id !== null) { search({ by, offset: 0 }); return; }
+  if (state.like) {
+    if (localFile) { searchByPhoto(localFile, by); return; }
+    showError(new Error(`your photo is not kept across page loads: search by it again to rank by ${by}`));
+    return;
+  }
+  commit({ by });
+  renderBy();
 }
 
 // ---------------------------------------------------------------------------------- search by photo
 
-async function searchByPhoto(file) {
+async function searchByPhoto(file, by = state.by) {
   if (!file) return;
+  if (!hasIdentity) by = "look";
   const form = new FormData();
   form.append("file", file, file.name);
   if (state.q.trim()) form.append("q", state.q);
   if (state.th) form.append("thresholds", state.th);
   form.append("limit", String(PAGE));
-  els.count.textContent = `embedding ${file.name}…`;
+  form.append("by", by);
+  els.count.textContent = by === "person" ? `finding the face in ${file.name}…` : `embedding ${file.name}…`;
   let res;
   const gen = ++generation;
   try {
@@ -536,8 +597,10 @@ async function searchByPhoto(file) {
   if (gen !== generation) return;
   if (localPhoto) URL.revokeObjectURL(localPhoto);
   localPhoto = URL.createObjectURL(file);
+  localFile = file;
   clearError();
-  commit({ like: res.reference.embedding, ref: res.reference.name, like_id: null, offset: 0, sel: null });
+  commit({ like: by === "person" ? res.reference.descriptor : res.reference.embedding, ref: res.reference.name,
+           like_id: null, by, offset: 0, sel: null });
   showResult(res, 0);
   els.panel.hidden = true;
 }
@@ -559,12 +622,13 @@ window.addEventListener("popstate", () => {
   const next = readState();
   els.expr.value = next.q;
   els.thr.value = next.th || "";
-  if (viewKey(next) === (view && view.key)) { state = next; openPanelFromState(); markSelected(); return; }
+  if (viewKey(next) === (view && view.key)) { state = next; openPanelFromState(); markSelected(); renderBy(); return; }
   search(next, false);
 });
 
 (async function start() {
   els.expr.value = state.q;
+  makeBy(els.by);
   const first = search({}, false);  // the first page and the chips' data load side by side
   try {
     const res = await api("/api/attributes");
@@ -578,6 +642,14 @@ window.addEventListener("popstate", () => {
     }));
     els.thr.value = state.th && res.threshold_sets.includes(state.th) ? state.th : "";
     els.thr.hidden = res.threshold_sets.length < 2;
+    hasIdentity = !!res.has_identity;
+    if (!hasIdentity && state.by === "person") {  // a link from an index with identities
+      commit({ by: "look" }, false);
+      if (hasRef(state)) search({}, false);
+    }
+    renderBy();
+    // Typed before the names arrived: suggest for what is there now, not at the next keystroke.
+    if (document.activeElement === els.expr) updateSuggest();
   } catch (err) { showError(err); }
   await first;
   renderChips();
