@@ -55,11 +55,11 @@ class FaceFinder:
     min_size: int = MIN_FACE_PIXELS
 
     def __call__(self, rgb: np.ndarray) -> list[FaceEntry]:
-        from trainer.faces import FaceEntry, faces_of
+        from trainer.faces import FaceEntry, faces_of, identity_of
 
         if self.detect:
             return faces_of(rgb, identity=self.identity, min_size=self.min_size)
-        return [FaceEntry(0, None, rgb, describe_face(rgb) if self.identity else None)]
+        return [FaceEntry(0, None, rgb, identity_of(rgb) if self.identity else None)]
 
 
 @dataclass(frozen=True)
@@ -233,12 +233,3 @@ def on_device(
     ok, pixels, bad = decode_jpegs_on_device(batch.payload.data, size, device, max_pixels)
     failures = batch.failures + [Failure(batch.entries[i].path, reason) for i, reason in bad]
     return batch.rows.take(ok), pixels, failures
-
-
-def describe_face(rgb: np.ndarray) -> np.ndarray | None:
-    """A whole-image entry's ``--identity`` descriptor: the 128-D dlib descriptor of the image's
-    largest face (an aligned CelebA crop: of the face in it), or None when no face is found."""
-    from trainer.faces import faces_of
-
-    found = faces_of(rgb, identity=True, limit=1)
-    return found[0].identity if found else None

@@ -56,9 +56,9 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
-    if paths:
-        for h in result.hits:
-            typer.echo(h.path)
+    if paths:  # files, each once, in the rank of their best face (for piping into other tools)
+        for path in dict.fromkeys(h.path for h in result.hits):
+            typer.echo(path)
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
@@ -79,6 +79,8 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         table.add_column("matched", overflow="fold")
         for i, h in enumerate(result.hits):
             shown = os.path.relpath(h.path, folder) if folder else h.path
+            if h.box is not None:
+                shown += f"  [face {h.face}]"
             same = ["same person"] if h.distance is not None and h.to_dict()["same_person"] else []
             table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", shown, ", ".join(same + h.matched))
         console.print(table)
@@ -111,8 +113,9 @@ def _quality_line(q: Quality) -> str:
 
 LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Hits to show (0: only count).")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many hits (paging).")]
-PathsOpt = Annotated[bool, typer.Option("--paths", help="Print only the hit paths, one per line (for piping).")]
-CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the hits as CSV: rank, id, path, score, matched, "
+PathsOpt = Annotated[bool, typer.Option("--paths", help="Print only the hits' file paths, one per line, each file "
+                                                         "once (for piping).")]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the hits as CSV: rank, id, path, face, box, score, matched, "
                                                      "then every attribute's probability.")]
 GalleryOpt = Annotated[
     Path | None,

@@ -67,8 +67,9 @@ NO_IDENTITY = ("this index has no identity descriptors: run `facefind index FOLD
 
 @dataclass(frozen=True)
 class Hit:
-    """One ranked image: its catalog id, path, score, all K probabilities, and the expression's
-    literals it satisfies (``"Eyeglasses"``, ``"not Male"``, ``"Smiling > 0.9"``)."""
+    """One ranked face: its entry id, file path, score, all K probabilities, and the expression's
+    literals it satisfies (``"Eyeglasses"``, ``"not Male"``, ``"Smiling > 0.9"``). ``face`` is its
+    number in the file and ``box`` (x, y, w, h) where it is; None: the entry is the whole file."""
 
     id: int
     path: str
@@ -76,9 +77,12 @@ class Hit:
     attributes: dict[str, float]
     matched: list[str]
     distance: float | None = None  # ranking by person: Euclidean distance between identity descriptors
+    face: int = 0
+    box: tuple[int, int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"id": self.id, "path": self.path, "score": self.score,
+        out = {"id": self.id, "path": self.path, "face": self.face,
+               "box": None if self.box is None else list(self.box), "score": self.score,
                "attributes": self.attributes, "matched": self.matched}
         if self.distance is not None:
             out.update(distance=self.distance, same_person=self.distance < SAME_PERSON)
@@ -117,13 +121,14 @@ class Result:
         """
         import pandas as pd
 
-        columns = ["rank", "id", "path", "score", "matched"]
+        columns = ["rank", "id", "path", "face", "box", "score", "matched"]
         names = list(self.hits[0].attributes) if self.hits else []
-        rows = [[self.offset + i + 1, h.id, h.path, h.score, "; ".join(h.matched)]
+        rows = [[self.offset + i + 1, h.id, h.path, h.face, "" if h.box is None else " ".join(map(str, h.box)),
+                 h.score, "; ".join(h.matched)]
                 + [h.attributes[a] for a in names] for i, h in enumerate(self.hits)]
         frame = pd.DataFrame(rows, columns=columns + names)
         if self.ranking == "person":  # score is the identity distance
-            frame.insert(4, "same_person", [h.distance is not None and h.distance < SAME_PERSON for h in self.hits])
+            frame.insert(6, "same_person", [h.distance is not None and h.distance < SAME_PERSON for h in self.hits])
         return frame
 
 
@@ -437,8 +442,10 @@ class Engine:
             Hit(id=int(self.ids[p]), path=self.snapshot.paths[p], score=float(scores[j]),
                 attributes=dict(zip(self.attributes, sub[:, j].tolist())),
                 matched=[text for text, ok in truth if ok[j]],
-                distance=float(scores[j]) if distances else None)
+                distance=float(scores[j]) if distances else None,
+                face=face, box=box)
             for j, p in enumerate(top.tolist())
+            for face, box in [self.snapshot.face(p)]
         ]
 
     # -- similarity ----------------------------------------------------------------------------

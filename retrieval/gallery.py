@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 import os
 import re
@@ -45,20 +44,19 @@ color:#333}
 _NAME_RE = re.compile(r"^(?:not\s+)?([A-Za-z0-9_]+)")
 
 
-def thumbnail_data_uri(path: str | os.PathLike[str], size: int) -> str | None:
-    """A base64 JPEG data URI of the image shrunk to fit ``size`` pixels, or None if unreadable."""
-    from PIL import Image, ImageOps  # only galleries pay for Pillow
+def thumbnail_data_uri(path: str | os.PathLike[str], size: int,
+                       box: tuple[int, int, int, int] | None = None) -> str | None:
+    """A base64 JPEG data URI of the image (its face at ``box``, when given) shrunk to fit ``size``
+    pixels (``retrieval.thumbnail``, as the web page makes them), or None if unreadable."""
+    from retrieval.thumbnail import thumbnail_jpeg
+    from trainer.decode import Unreadable, decode_rgb
 
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        data = thumbnail_jpeg(decode_rgb(os.fspath(path), libjpeg=False), size, box)  # no torch on the query path
+    except Unreadable as err:
         log.debug("gallery: cannot read %s (%s); showing a placeholder", path, err)
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _chips(hit: Hit) -> str:
@@ -84,8 +82,9 @@ def _file_uri(path: str) -> str | None:
 
 
 def _card(rank: int, hit: Hit, size: int) -> str:
-    uri = thumbnail_data_uri(hit.path, size)
-    alt = html.escape(f"#{rank} {Path(hit.path).name}")
+    uri = thumbnail_data_uri(hit.path, size, hit.box)
+    face = f" [face {hit.face}]" if hit.box is not None else ""
+    alt = html.escape(f"#{rank} {Path(hit.path).name}{face}")
     picture = (f'<img src="{uri}" alt="{alt}">' if uri is not None
                else f'<div class="missing">image not found<br>{html.escape(Path(hit.path).name)}</div>')
     link = _file_uri(hit.path)
@@ -93,7 +92,7 @@ def _card(rank: int, hit: Hit, size: int) -> str:
         picture = f'<a href="{html.escape(link)}">{picture}</a>'
     return (f'<div class="card" data-id="{hit.id}">{picture}'
             f'<div class="meta"><span>#{rank}</span><span>{hit.score:.4f}</span></div>'
-            f'<div class="path">{html.escape(hit.path)}</div>{_chips(hit)}</div>')
+            f'<div class="path">{html.escape(hit.path + face)}</div>{_chips(hit)}</div>')
 
 
 def render_gallery(result: Result, *, title: str | None = None, thumbnail_size: int = 128) -> str:

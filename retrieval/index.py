@@ -87,8 +87,9 @@ class OpenIndex:
         """The 128-D identity descriptor of the largest face in an image file (``trainer.faces``,
         the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
         from trainer.decode import read_rgb
+        from trainer.faces import identity_of
 
-        found = describe_rgb(read_rgb(image))
+        found = identity_of(read_rgb(image))
         if found is None:
             raise ImageError(f"no face found in {image}: --by person needs a clearly visible face "
                              "(use --by look to compare whole images)")
@@ -132,15 +133,6 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
         catalog.close()
         raise
     return OpenIndex(engine, folder, catalog)
-
-
-def describe_rgb(rgb: np.ndarray) -> np.ndarray | None:
-    """The 128-D identity descriptor of the largest face in a decoded RGB image, or None when it has
-    none: what ``describe`` computes for a file, for images that arrive as bytes (a web upload)."""
-    from trainer.faces import faces_of
-
-    found = faces_of(rgb, identity=True, limit=1)
-    return found[0].identity if found and found[0].identity is not None else None
 
 
 def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:

@@ -663,3 +663,21 @@ def test_prune_forgets_every_face_of_a_gone_file(catalog: Catalog, model: int) -
     with catalog._reader.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM identities")).scalar() == 0
+
+
+def test_a_failed_batch_leaves_none_of_a_files_faces(catalog: Catalog, model: int, monkeypatch) -> None:
+    """Kill safety per face: the faces, predictions and descriptors of a batch commit together, so
+    a batch that fails after its faces were written leaves no face of its files behind."""
+    catalog.write_batch(model, rows_for(["/p/before.jpg"]))
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Catalog, "_bump", staticmethod(fail))  # the transaction's last step
+    with pytest.raises(RuntimeError, match="power cut"):
+        catalog.write_batch(model, _faces("/p/g.jpg", [(0, 0, 50, 50), (60, 0, 40, 40)], identity=True))
+    monkeypatch.undo()
+    assert catalog.export(model)[1].paths == ["/p/before.jpg"]
+    with catalog._reader.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == 1

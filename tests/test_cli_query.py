@@ -116,9 +116,10 @@ def test_query_csv_is_the_json_hits_as_a_table(built: Built) -> None:
     assert result.exit_code == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == len(hits) > 0
-    assert list(rows[0]) == ["rank", "id", "path", "score", "matched", *built.attributes]
+    assert list(rows[0]) == ["rank", "id", "path", "face", "box", "score", "matched", *built.attributes]
     for rank, (row, hit) in enumerate(zip(rows, hits), start=2):
         assert (int(row["rank"]), int(row["id"]), row["path"]) == (rank, hit["id"], hit["path"])
+        assert (int(row["face"]), row["box"], hit["face"], hit["box"]) == (0, "", 0, None)  # whole-file crops
         assert float(row["score"]) == pytest.approx(hit["score"], abs=1e-9)
         assert row["matched"].split("; ") == hit["matched"]
         for name in built.attributes:  # the stored probabilities, not a re-computation

@@ -153,7 +153,8 @@ def test_result_to_dict_is_json() -> None:
     engine = Engine(make_snapshot([[0.9, 0.1], [0.2, 0.8]]))
     data = json.loads(json.dumps(engine.query("A or B").to_dict()))
     assert data["total"] == 2
-    assert set(data["hits"][0]) == {"id", "path", "score", "attributes", "matched"}
+    assert set(data["hits"][0]) == {"id", "path", "face", "box", "score", "attributes", "matched"}
+    assert (data["hits"][0]["face"], data["hits"][0]["box"]) == (0, None)  # a snapshot without faces
 
 
 @settings(max_examples=150, deadline=None)

@@ -248,13 +248,13 @@ def test_by_person_ranks_the_same_persons_other_photo_first(tmp_path: Path) -> N
 def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp_path: Path) -> None:
     """A kill -9 mid-run under --identity, then a resumed run: every image has exactly one
     prediction and one identities row, and each stored descriptor is its own file's (nothing
-    shifted between rows), as ``describe_face`` computes it here."""
+    shifted between rows), as ``trainer.faces.identity_of`` computes it here."""
     import signal
     import sqlite3
     import subprocess
 
     from db.catalog import Catalog
-    from indexer.routing import describe_face
+    from trainer.faces import identity_of
     from test_indexer import ROOT, _stop_when
     from trainer.decode import read_rgb
     from trainer.synth import synthesize
@@ -286,7 +286,7 @@ def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp
         preds = catalog.load_predictions(1)
     assert preds.has_identity.sum() >= n - 3  # HOG finds (nearly) every synthetic face
     for path, has, stored in zip(preds.paths, preds.has_identity, preds.identity):
-        fresh = describe_face(read_rgb(path))
+        fresh = identity_of(read_rgb(path))
         assert has == (fresh is not None)
         if has:
             np.testing.assert_allclose(stored, fresh, atol=1e-5)

@@ -390,3 +390,34 @@ def test_a_crashing_decoder_costs_only_its_file(tmp_path: Path) -> None:
     failed = [(Path(f.path).name, f.reason) for b in batches for f in b.failures]
     assert failed == [("3.png", "decoder crashed on this file")]
     assert done == [f"{i}.png" for i in range(8) if i != 3]  # order kept around the crash
+
+
+class ThreeFaces:
+    """A 'face finder' that sees three faces in every image: crops of its left, middle and right."""
+
+    identity = True
+
+    def __call__(self, rgb: np.ndarray) -> list:
+        from trainer.faces import FaceEntry
+
+        w = rgb.shape[1] // 3
+        return [FaceEntry(i, (i * w, 0, w, rgb.shape[0]), rgb[:, i * w:(i + 1) * w], np.full(128, i, np.float32))
+                for i in range(3)]
+
+
+def test_a_files_faces_are_rows_of_one_batch(tmp_path: Path) -> None:
+    """Each face becomes a row (the file repeated, its number, box and descriptor beside it), and
+    a file's rows are never split between batches, whatever the workers: the writer commits all of
+    a file's faces in one transaction."""
+    for i in range(7):
+        _face(i).save(tmp_path / f"{i}.png")
+    with ImageReader(SIZE, batch_size=3, workers=2, faces=ThreeFaces()) as reader:
+        batches = list(reader.batches(discover(tmp_path).files))
+    assert [len(b) for b in batches] == [9, 9, 3]
+    for b in batches:
+        names = [Path(e.path).name for e in b.entries]
+        assert all(names[i:i + 3] == [names[i]] * 3 for i in range(0, len(names), 3))
+        assert [f[0] for f in b.rows.faces] == [0, 1, 2] * (len(b) // 3)
+        assert [int(v[0]) for v in b.rows.identities] == [0, 1, 2] * (len(b) // 3)
+        assert b.payload.array.shape == (len(b), 3, *SIZE)
+    assert sorted({Path(e.path).name for b in batches for e in b.entries}) == [f"{i}.png" for i in range(7)]

@@ -75,7 +75,7 @@ def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
 
     from db.catalog import Catalog
     from indexer.pipeline import index_folder
-    from indexer.routing import describe_face
+    from indexer.routing import FaceFinder
 
     folder = base / "photos"
     folder.mkdir()
@@ -84,7 +84,7 @@ def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
     original, other, faceless = folder / b.images[same].name, folder / "another-photo.png", folder / "faceless.jpg"
     other.write_bytes(another_photo(original))
     Image.new("RGB", (178, 218), (128, 128, 128)).save(faceless)
-    report = index_folder(folder, b.model, base / "index", device="cpu", workers=0, identify=describe_face)
+    report = index_folder(folder, b.model, base / "index", device="cpu", workers=0, faces=FaceFinder(identity=True))
     assert report.indexed == n + 2 and report.identity["no_face"] >= 1
     with Catalog.open(base / "index", create=False) as catalog:
         preds = catalog.load_predictions(catalog.latest_model().id)

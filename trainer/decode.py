@@ -101,10 +101,14 @@ def decode_paths(paths: Sequence[Path], size: Sequence[int]) -> np.ndarray:
     return out
 
 
-def decode_rgb(source: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One image file (a path, or its bytes) -> RGB uint8 (H, W, 3); raises Unreadable(reason)."""
+def decode_rgb(source: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, libjpeg: bool = True) -> np.ndarray:
+    """One image file (a path, or its bytes) -> RGB uint8 (H, W, 3); raises Unreadable(reason).
+
+    ``libjpeg=False`` decodes plain JPEGs with Pillow too (the same pixels, ~2x slower), for
+    callers that must not import torch (``facefind query --gallery``).
+    """
     data = read_bytes(source) if isinstance(source, str) else source
-    if plain_jpeg(data, max_pixels) is not None:
+    if libjpeg and plain_jpeg(data, max_pixels) is not None:
         chw = _libjpeg(data)
         if chw is not None:
             return chw.permute(1, 2, 0).numpy()

@@ -28,7 +28,7 @@ CELEBA_ASPECT = CELEBA_SIZE[1] / CELEBA_SIZE[0]  # width / height = 0.8165
 ASPECT_TOLERANCE = 0.015      # looks_aligned: relative aspect error (a 4:5 portrait is 2% off)
 ALIGNED_WIDTHS = (64, 360)    # looks_aligned: widths of CelebA crops and their rescaled copies
 
-__all__ = ["Face", "FaceEntry", "crop_face", "faces_of", "find_face", "looks_aligned", "require_face"]
+__all__ = ["Face", "FaceEntry", "crop_face", "faces_of", "find_face", "identity_of", "looks_aligned", "require_face"]
 
 
 def looks_aligned(image: np.ndarray | tuple[int, int]) -> bool:
@@ -97,3 +97,11 @@ def faces_of(rgb: np.ndarray, *, identity: bool = False, min_size: int = MIN_FAC
     faces = find_faces(rgb, min_size=min_size, limit=limit)
     vectors = ident.describe(rgb, [f.landmarks for f in faces]) if identity and faces else None
     return [FaceEntry(i, f.box, f.crop, None if vectors is None else vectors[i]) for i, f in enumerate(faces)]
+
+
+def identity_of(rgb: np.ndarray) -> np.ndarray | None:
+    """The 128-D identity descriptor of the largest face in a decoded image (an aligned CelebA
+    crop: of the face in it), or None when it has none. The one function behind a whole-image
+    entry's ``index --identity``, ``similar IMAGE --by person`` and the web page's person upload."""
+    found = faces_of(rgb, identity=True, limit=1)
+    return found[0].identity if found else None

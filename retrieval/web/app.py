@@ -2,7 +2,7 @@
 
 Every endpoint is a thin wrapper around the library calls the CLI makes (``Engine.query``,
 ``Result.to_dict``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
-checkpoint, ``describe_rgb`` for identity), so the page and ``facefind query --json`` can never
+checkpoint, ``trainer.faces.identity_of`` for identity), so the page and ``facefind query --json`` can never
 disagree. ``by=look|person`` is the CLI's ``--by``: rank by the model's embedding, or by dlib
 identity distance (an index built with ``index --identity``; hits then carry ``distance`` and
 ``same_person``). JSON is serialised once by orjson (no per-field encoder walk) and each query
@@ -332,13 +332,13 @@ class Embedder:
         return pred.embedding, list(pred.face_box) if pred.face_box is not None else None
 
     def describe(self, data: bytes, name: str) -> np.ndarray:
-        """The identity descriptor of an uploaded photo's largest face (``describe_rgb``, what the
+        """The identity descriptor of an uploaded photo's largest face (``trainer.faces.identity_of``, what the
         CLI's ``--by person`` computes; dlib, no torch); ImageError when no face is found."""
-        from retrieval.index import describe_rgb
+        from trainer.faces import identity_of
 
         rgb = _decode(data, name)
         with self._lock:  # dlib's detector and models are shared: one photo at a time
-            found = describe_rgb(rgb)
+            found = identity_of(rgb)
         if found is None:
             raise ImageError(f"no face found in {name}: by=person needs a clearly visible face "
                              "(rank by look to compare whole images)")
@@ -555,18 +555,22 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         out["labels"] = labels.of(hit.id) if labels is not None else None
         return json_response(out)
 
-    def _path_of(live: Live, image_id: str) -> str:
+    def _entry(live: Live, image_id: str) -> tuple[str, tuple[int, int, int, int] | None]:
+        """The file of an indexed id and its face's box (None: the entry is the whole file)."""
         eng = live.engine
         pos, found = eng.positions(np.array([_parse_id(image_id)]))
         if not found[0]:
             raise ApiError(404, f"no image with id {image_id} in the index")
-        return eng.snapshot.paths[int(pos[0])]
+        return eng.snapshot.paths[int(pos[0])], eng.snapshot.face(int(pos[0]))[1]
 
-    @app.get("/api/images/{image_id}/thumb", summary="A small JPEG of the image, made once and cached")
+    def _path_of(live: Live, image_id: str) -> str:
+        return _entry(live, image_id)[0]
+
+    @app.get("/api/images/{image_id}/thumb", summary="A small JPEG of the face (a photo's face: cut out), made once and cached")
     def thumb(image_id: str, request: Request) -> Response:
-        path = _path_of(source.current(), image_id)
+        path, box = _entry(source.current(), image_id)
         try:
-            t = thumbs.get(path)
+            t = thumbs.get(path, box)
         except SourceGone as err:
             raise ApiError(404, f"image {image_id} cannot be shown: {err}") from None
         etag = f'"{t.etag}"'

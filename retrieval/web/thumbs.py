@@ -1,9 +1,9 @@
-"""Thumbnails made once per image file and kept in a cache folder, keyed by the file's identity.
+"""Thumbnails made once per index entry and kept in a cache folder, keyed by the file's identity.
 
-The key hashes the catalogued path, size, modification time (ns) and inode, plus the thumbnail
-size: a file replaced in place gets a new thumbnail, an unchanged one is never re-encoded. The
-source is decoded with the indexer's reader (EXIF orientation, CMYK, alpha, 16-bit, bombs and
-oversized files refused), so a thumbnail shows what was indexed. Cache files are written to a
+The key hashes the catalogued path, size, modification time (ns) and inode, the face's box (a
+photo's faces each get their own) and the thumbnail size: a file replaced in place gets a new
+thumbnail, an unchanged one is never re-encoded. ``retrieval.thumbnail`` makes them (decoded as
+the indexer did, the face cut out), so a thumbnail shows what was indexed. Cache files are written to a
 temporary name and renamed; a cache folder that cannot be written leaves thumbnails made in
 memory on every request (slower, never wrong).
 """
@@ -11,7 +11,6 @@ memory on every request (slower, never wrong).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import stat
@@ -22,7 +21,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 THUMB_SIZE = 192     # longest side, pixels (CelebA's 178x218 faces become 157x192)
-JPEG_QUALITY = 82
 
 
 class SourceGone(Exception):
@@ -56,20 +54,23 @@ class ThumbnailCache:
         self.size = size
         self.writable = True
 
-    def key(self, path: str, st: os.stat_result) -> str:
+    def key(self, path: str, st: os.stat_result, box: tuple[int, int, int, int] | None = None) -> str:
         raw = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{self.size}"
+        if box is not None:
+            raw += "\0" + ",".join(map(str, box))
         return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
-    def get(self, path: str) -> Thumbnail:
+    def get(self, path: str, box: tuple[int, int, int, int] | None = None) -> Thumbnail:
+        """The thumbnail of the file at ``path`` (of its face at ``box``, when given)."""
         st = identity(path)
-        key = self.key(path, st)
+        key = self.key(path, st, box)
         cached = self.folder / key[:2] / f"{key}.jpg"
         try:
             if cached.stat().st_size > 0:
                 return Thumbnail(key, st.st_mtime, path=cached)
         except OSError:
             pass
-        data = make_thumbnail(path, self.size)
+        data = make_thumbnail(path, self.size, box)
         if self.writable and self._store(cached, data):
             return Thumbnail(key, st.st_mtime, path=cached)
         return Thumbnail(key, st.st_mtime, data=data)
@@ -92,21 +93,17 @@ class ThumbnailCache:
         return True
 
 
-def make_thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG of the image at ``path`` shrunk to fit ``size`` pixels; SourceGone when unreadable."""
-    from PIL import Image
-
+def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, int] | None = None) -> bytes:
+    """A JPEG of the image at ``path`` (its face at ``box``) shrunk to fit ``size`` pixels;
+    SourceGone when unreadable."""
+    from retrieval.thumbnail import thumbnail_jpeg
     from trainer.decode import Unreadable, decode_rgb
 
     try:
         rgb = decode_rgb(path)
     except Unreadable as err:
         raise SourceGone(f"cannot read the image ({err})") from None
-    img = Image.fromarray(rgb)
-    img.thumbnail((size, size), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-    return buf.getvalue()
+    return thumbnail_jpeg(rgb, size, box)
 
 
 def default_cache_folder(index_dir: Path | None) -> Path:
