@@ -347,6 +347,17 @@ class Engine:
             raise CatalogError(f"image id {image_id} is not in the index")
         return self._hits(node, pos, np.zeros(1, dtype=np.float32), self.threshold_set(thresholds))[0]
 
+    def same_file(self, face_id: int) -> list[tuple[int, int, tuple[int, int, int, int] | None]]:
+        """``(id, face number, box)`` of every entry of the file that entry ``face_id`` is a face of,
+        by face number (a whole-file entry: only itself). CatalogError when the id is not indexed."""
+        pos, found = self.positions(np.array([face_id]))
+        if not found[0]:
+            raise CatalogError(f"image id {face_id} is not in the index")
+        s = self.snapshot
+        rows = [int(pos[0])] if s.image_ids is None else np.flatnonzero(
+            np.asarray(s.image_ids) == s.image_ids[int(pos[0])]).tolist()
+        return sorted(((int(self.ids[r]), *s.face(r)) for r in rows), key=lambda entry: entry[1])
+
     def _logit_row(self, k: int) -> np.ndarray:
         row = self._logit_rows[k]
         if row is None:

@@ -202,3 +202,14 @@ def test_reindexing_a_changed_photo_replaces_all_of_its_faces(photos: dict, tmp_
     refused = run("query", "--index", index, "--like-id", gone)
     assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert f"id {gone} is not in the index" in refused.stderr
+
+
+def test_the_engine_lists_every_face_of_a_file(photos: dict) -> None:
+    from retrieval.index import open_index
+
+    files = _by_file(photos["hits"])
+    with open_index(photos["index"]) as idx:
+        for name in ("group.jpg", "pair.png", "crop.jpg"):
+            expected = sorted((h["id"], h["face"], None if h["box"] is None else tuple(h["box"])) for h in files[name])
+            for h in files[name]:
+                assert sorted(idx.engine.same_file(h["id"])) == expected
