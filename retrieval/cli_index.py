@@ -196,7 +196,9 @@ def _print_info(s: dict[str, Any]) -> None:
     size = (s.get("disk_bytes") or 0) + int(s["snapshot"].get("disk_bytes") or 0)
     console.print(f"[bold]{s['index']}[/bold]  ({size / 1e6:,.1f} MB on disk)")
     console.print(
-        f"{s['images']:,} images, {s['predictions']:,} predictions and {s['vectors']:,} vectors "
+        f"{s['images']:,} images"
+        + (f" ({s['faces']:,} faces)" if s.get("faces", s["images"]) != s["images"] else "")
+        + f", {s['predictions']:,} predictions and {s['vectors']:,} vectors "
         f"(model {s['model_id']}), {s['labels']:,} ground-truth labels, {s['failures']:,} failures"
     )
     if s["snapshot"].get("problem"):

@@ -208,6 +208,21 @@ def shard_catalog(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return "postgresql"
 
 
+# facefind, with each committed batch followed by a pause: under load the poll below (a catalog
+# open per look) could otherwise see the shard's 16th file only after it had committed them all.
+_SLOW_WRITER = (
+    "import runpy, sys, time\n"
+    "from indexer import writer\n"
+    "commit = writer.CatalogWriter._commit\n"
+    "def slow(self, job):\n"
+    "    commit(self, job)\n"
+    "    time.sleep(0.4)\n"
+    "writer.CatalogWriter._commit = slow\n"
+    "sys.argv = ['facefind', *sys.argv[1:]]\n"
+    "runpy.run_module('retrieval.cli', run_name='__main__')\n"
+)
+
+
 @pytest.mark.slow
 def test_shards_with_a_killed_one_index_every_file_once_like_one_process(
     model: Path, shard_catalog: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -230,7 +245,7 @@ def test_shards_with_a_killed_one_index_every_file_once_like_one_process(
     log = tmp_path / "shard1.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(sharded), "--shard", "1/2",
+            [sys.executable, "-c", _SLOW_WRITER, "index", str(folder), "--index", str(sharded), "--shard", "1/2",
              "--batch-size", "8", *common],
             cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     deadline = time.monotonic() + 120
