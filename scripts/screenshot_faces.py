@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
-import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="folder for the photos and index (default: a temporary one)")
     parser.add_argument("--chromium", help="the Chromium binary (default: /usr/bin/chromium or one on PATH)")
     args = parser.parse_args(argv)
-    np.random.seed(0)
     with tempfile.TemporaryDirectory(prefix="facefind-shot-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
