@@ -86,3 +86,79 @@ def build_synthetic_index(base: Path, n: int, seed: int = 5,
     return Built(root, images, model, base / "index", list(ann.attributes),
                  dict(zip(record.attributes, record.thresholds)),
                  dict(zip(preds.paths, preds.ids.tolist())), probs, labels)
+
+
+# -- group photos composed from synthetic faces (every face of a photo is its own entry) ---------
+
+# Where each synthetic face is pasted: (face, left, top, scale) on a light canvas.
+GROUP = [(0, 20, 40, 1.0), (1, 300, 60, 1.0), (2, 560, 30, 1.25)]
+PAIR = [(5, 30, 30, 1.0), (6, 260, 40, 1.0)]
+Layout = Sequence[tuple[int, int, int, float]]
+
+
+def compose(faces: Sequence[np.ndarray], layout: Layout, size: tuple[int, int], background: int = 235) -> np.ndarray:
+    """A (height, width) photo with ``faces[i]`` (178x218 crops) pasted at each layout position."""
+    from PIL import Image
+
+    photo = np.full((*size, 3), background, np.uint8)
+    for i, left, top, scale in layout:
+        face = Image.fromarray(faces[i])
+        if scale != 1.0:
+            face = face.resize((round(178 * scale), round(218 * scale)), Image.Resampling.LANCZOS)
+        arr = np.asarray(face)
+        photo[top:top + arr.shape[0], left:left + arr.shape[1]] = arr
+    return photo
+
+
+def regions(layout: Layout) -> list[tuple[int, int, int, int]]:
+    """The pasted regions (x, y, w, h) of ``layout``."""
+    return [(left, top, round(178 * scale), round(218 * scale)) for _, left, top, scale in layout]
+
+
+def inside(box: Sequence[int], region: tuple[int, int, int, int]) -> bool:
+    """Whether a detected box's centre lies in a pasted region."""
+    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+    x, y, w, h = region
+    return x <= cx <= x + w and y <= cy <= y + h
+
+
+@dataclass(frozen=True)
+class Photos:
+    """A folder of composed photos and a calibrated tiny model to index it with."""
+
+    base: Path
+    folder: Path
+    faces: list[np.ndarray]  # synthetic faces HOG finds, each alone
+    model: Path
+
+
+def detectable_faces(base: Path, n: int = 14, seed: int = 5) -> tuple[list[np.ndarray], Path]:
+    """Synthetic faces that dlib's HOG detector finds (each alone), and a tiny model calibrated on all."""
+    from PIL import Image
+
+    from trainer.align import find_faces
+    from trainer.celeba import read_attributes
+    from trainer.synth import synthesize
+
+    synthesize(base / "synth", n=n, seed=seed)
+    images = sorted((base / "synth" / "img_align_celeba").glob("*.jpg"))
+    drawn = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    faces = [f for f in drawn if len(find_faces(f, min_size=0)) == 1]
+    assert len(faces) >= 7, "HOG should detect most synthetic faces"
+    ann = read_attributes(base / "synth" / "list_attr_celeba.txt")
+    return faces, tiny_checkpoint(base / "model.pt", ann.attributes, calibrate=images)
+
+
+def compose_photos(base: Path) -> Photos:
+    """``base/photos``: a group photo of three faces (GROUP, 800x340 JPEG), a pair (PAIR, 520x300
+    PNG), a photo with no face, and an aligned 178x218 crop that is also the group's first face."""
+    from PIL import Image
+
+    faces, model = detectable_faces(base)
+    folder = base / "photos"
+    folder.mkdir()
+    Image.fromarray(compose(faces, GROUP, (340, 800))).save(folder / "group.jpg", quality=95)
+    Image.fromarray(compose(faces, PAIR, (300, 520))).save(folder / "pair.png")
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(folder / "empty.jpg")
+    Image.fromarray(faces[0]).save(folder / "crop.jpg", quality=95)
+    return Photos(base, folder, faces, model)

@@ -8,7 +8,9 @@ contexts bypass CSP; the header itself is checked in test_server.py.
 
 Search by person runs against a second server over a small index built with identity
 descriptors (test_server.build_people_index); the main index has none, so the page hides the
-Look / Person switch there.
+Look / Person switch there. The photo view (a face entry's panel shows the whole photo with a
+box over each of its faces) runs against a third server over composed group photos indexed one
+entry per face (test_server.build_photo_index).
 
 Also here, because it needs a real server process: 8 concurrent clients making mixed (partly
 hostile) requests get only the statuses they should, and the server keeps serving.
@@ -26,7 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from test_server import Built, People, build_index, build_people_index
+from test_server import Built, People, PhotoIndex, build_index, build_people_index, build_photo_index
 
 N_FACES = 40
 VIEWPORT = {"width": 1280, "height": 900}
@@ -58,6 +60,21 @@ def people_server(people: People):
 
     args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(people.index),
             "--port", "0", "--device", "cpu"]
+    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
+    return build_photo_index(tmp_path_factory.mktemp("group-photos"))
+
+
+@pytest.fixture(scope="module")
+def photo_server(photo_index: PhotoIndex):
+    from retrieval.web.bench import Served
+
+    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index",
+            str(photo_index.index), "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
         yield served
 
@@ -301,6 +318,74 @@ def test_person_ranks_by_identity_and_marks_the_same_person(browser, people_serv
     pg.wait_for_function("() => document.querySelector('.card .score') && "
                          "!document.querySelector('.card .score').textContent.startsWith('distance')", timeout=120_000)
     assert pg.locator(".card .same").count() == 0 and "by" not in parse_qs(urlsplit(pg.url).query)
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+_PHOTO_JS = """() => {
+  const img = document.querySelector('#panel .photo img.full');
+  if (!img) return null;
+  const r = img.getBoundingClientRect();
+  return { img: [r.x, r.y, r.width, r.height, img.naturalWidth, img.naturalHeight],
+           boxes: [...document.querySelectorAll('#panel .photo .facebox')].map((b) => {
+             const q = b.getBoundingClientRect();
+             return [Number(b.dataset.id), q.x, q.y, q.width, q.height, b.classList.contains('on')]; }) };
+}"""
+
+
+def _boxes_drawn(pg, faces: list[dict], selected: int) -> None:
+    """The panel shows the whole photo, shrunk to fit, with one box per face where the API's box
+    lands once scaled to the displayed photo, and only ``selected``'s box highlighted."""
+    pg.wait_for_function("(id) => { const on = document.querySelectorAll('#panel .facebox.on');"
+                         " return on.length === 1 && Number(on[0].dataset.id) === id; }", arg=selected)
+    shown = pg.evaluate(_PHOTO_JS)
+    x0, y0, width, height, natural_w, natural_h = shown["img"]
+    assert (natural_w, natural_h) == (800, 340) and width < 800  # the group photo, scaled down
+    sx, sy = width / natural_w, height / natural_h
+    boxes = {i: (x, y, w, h, on) for i, x, y, w, h, on in shown["boxes"]}
+    assert sorted(boxes) == sorted(f["id"] for f in faces)
+    for f in faces:
+        x, y, w, h = f["box"]
+        want = (x0 + x * sx, y0 + y * sy, w * sx, h * sy)
+        assert boxes[f["id"]][:4] == pytest.approx(want, abs=1.0), (f, boxes[f["id"]], want)
+        assert boxes[f["id"]][4] == (f["id"] == selected)
+    assert pg.inner_text("#panel .top strong") == f"image #{selected}"
+
+
+def test_a_face_shows_its_photo_with_a_box_on_every_face(browser, photo_server, photo_index: PhotoIndex) -> None:
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    context.set_default_timeout(30_000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda err: errors.append(str(err)))
+    n = len(photo_index.hits)
+    pg.goto(photo_server.url)
+    pg.wait_for_function(_SHOWN_JS, arg=[f"{n} of {n} images match", [h["id"] for h in photo_index.hits]])
+    labels = pg.evaluate("() => Object.fromEntries([...document.querySelectorAll('.card[data-id]')].map((c) => "
+                         "[c.dataset.id, c.querySelector('.face') ? c.querySelector('.face').textContent : null]))")
+    assert labels == {str(h["id"]): f"face {h['face']}" if h["box"] else None for h in photo_index.hits}
+
+    group = photo_index.of("group.jpg")
+    faces = [{"id": h["id"], "face": h["face"], "box": h["box"]} for h in group]
+    first, other = group[1]["id"], group[2]["id"]
+    pg.click(f".card[data-id='{first}']")
+    _boxes_drawn(pg, faces, first)
+    assert "face 1 of 3" in pg.inner_text("#panel .path")
+    pg.click(f"#panel .facebox[data-id='{other}']")  # another face of the photo opens its entry
+    _boxes_drawn(pg, faces, other)
+    assert parse_qs(urlsplit(pg.url).query)["sel"] == [str(other)]
+    assert pg.locator(".card.sel").get_attribute("data-id") == str(other)
+    pg.click("#panel button.more")  # and "more like this" searches by that face
+    pg.wait_for_function(_SHOWN_JS, arg=[f"{n} of {n} images match",
+                                         [h["id"] for h in api(photo_server, "/api/query", like_id=other,
+                                                               limit=100, eval="false")["hits"]]])
+    assert pg.locator(".card[data-rank='1']").get_attribute("data-id") == str(other)
+
+    [crop] = photo_index.of("crop.jpg")  # a whole-file entry: the file as before, no boxes
+    pg.goto(photo_server.url + "?" + urlencode({"sel": crop["id"]}))
+    pg.wait_for_selector("#panel:not([hidden]) .probs")
+    assert pg.locator("#panel > img.full").count() == 1 and pg.locator("#panel .facebox, #panel .photo").count() == 0
+    assert pg.locator("#panel .path .face").count() == 0
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
 

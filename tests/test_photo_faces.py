@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -24,11 +23,7 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
-
-# Where each synthetic face is pasted: (face, left, top, scale) on a light canvas.
-GROUP = [(0, 20, 40, 1.0), (1, 300, 60, 1.0), (2, 560, 30, 1.25)]
-PAIR = [(5, 30, 30, 1.0), (6, 260, 40, 1.0)]
+from helpers import GROUP, PAIR, compose, compose_photos, inside, regions  # noqa: E402
 
 
 def run(*args: str | Path):
@@ -41,54 +36,15 @@ def ok_json(*args: str | Path) -> dict:
     return json.loads(result.stdout)
 
 
-def _compose(faces: list[np.ndarray], layout: list[tuple[int, int, int, float]], size: tuple[int, int]) -> np.ndarray:
-    """A (height, width) photo with ``faces[i]`` pasted at each layout position, and the pasted regions."""
-    photo = np.full((*size, 3), 235, np.uint8)
-    for i, left, top, scale in layout:
-        face = Image.fromarray(faces[i])
-        if scale != 1.0:
-            face = face.resize((round(178 * scale), round(218 * scale)), Image.Resampling.LANCZOS)
-        arr = np.asarray(face)
-        photo[top:top + arr.shape[0], left:left + arr.shape[1]] = arr
-    return photo
-
-
-def _regions(layout: list[tuple[int, int, int, float]]) -> list[tuple[int, int, int, int]]:
-    return [(left, top, round(178 * scale), round(218 * scale)) for _, left, top, scale in layout]
-
-
-def _inside(box: list[int], region: tuple[int, int, int, int]) -> bool:
-    """Whether a detected box's centre lies in a pasted region."""
-    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
-    x, y, w, h = region
-    return x <= cx <= x + w and y <= cy <= y + h
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from trainer.align import find_faces
-    from trainer.celeba import read_attributes
-    from trainer.synth import synthesize
-
-    base = tmp_path_factory.mktemp("photos")
-    synthesize(base / "synth", n=14, seed=5)
-    drawn = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((base / "synth" / "img_align_celeba").glob("*.jpg"))]
-    faces = [f for f in drawn if len(find_faces(f, min_size=0)) == 1]
-    assert len(faces) >= 7, "HOG should detect most synthetic faces"
-    folder = base / "photos"
-    folder.mkdir()
-    Image.fromarray(_compose(faces, GROUP, (340, 800))).save(folder / "group.jpg", quality=95)
-    Image.fromarray(_compose(faces, PAIR, (300, 520))).save(folder / "pair.png")
-    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(folder / "empty.jpg")
-    Image.fromarray(faces[0]).save(folder / "crop.jpg", quality=95)  # also the group's first face
-    ann = read_attributes(base / "synth" / "list_attr_celeba.txt")
-    model = tiny_checkpoint(base / "model.pt", ann.attributes,
-                            calibrate=sorted((base / "synth" / "img_align_celeba").glob("*.jpg")))
+    made = compose_photos(tmp_path_factory.mktemp("photos"))
+    base, folder, model = made.base, made.folder, made.model
     index = base / "index"
     report = ok_json("index", folder, "--model", model, "--index", index, "--workers", "0",
                      "--detect-faces", "--identity")
     hits = ok_json("query", "--index", index, "--limit", "100")["hits"]
-    return {"base": base, "folder": folder, "faces": faces, "model": model, "index": index,
+    return {"base": base, "folder": folder, "faces": made.faces, "model": model, "index": index,
             "report": report, "hits": hits}
 
 
@@ -109,10 +65,10 @@ def test_each_face_is_an_entry_with_its_box_and_a_faceless_photo_fails(photos: d
     for name, layout in (("group.jpg", GROUP), ("pair.png", PAIR)):
         found = files[name]
         assert sorted(h["face"] for h in found) == list(range(len(layout)))
-        for region in _regions(layout):  # each pasted face is found exactly once
-            assert sum(_inside(h["box"], region) for h in found) == 1, (name, region, [h["box"] for h in found])
+        for region in regions(layout):  # each pasted face is found exactly once
+            assert sum(inside(h["box"], region) for h in found) == 1, (name, region, [h["box"] for h in found])
     largest = max(files["group.jpg"], key=lambda h: h["box"][2])
-    assert largest["face"] == 0 and _inside(largest["box"], _regions(GROUP)[2])  # numbered largest first
+    assert largest["face"] == 0 and inside(largest["box"], regions(GROUP)[2])  # numbered largest first
     [crop] = files["crop.jpg"]
     assert (crop["face"], crop["box"]) == (0, None)  # an aligned crop is itself, unboxed
     assert len({h["id"] for h in photos["hits"]}) == 6
@@ -134,7 +90,7 @@ def test_a_face_in_a_group_photo_is_found_by_person(photos: dict) -> None:
     out = ok_json("query", "--index", photos["index"], "--like-id", crop_id, "--by", "person", "--limit", "3")
     hits = out["hits"]
     assert hits[0]["id"] == crop_id
-    assert Path(hits[1]["path"]).name == "group.jpg" and _inside(hits[1]["box"], _regions(GROUP)[0])
+    assert Path(hits[1]["path"]).name == "group.jpg" and inside(hits[1]["box"], regions(GROUP)[0])
     assert hits[1]["same_person"] is True and hits[1]["distance"] < 0.3
     look = ok_json("query", "--index", photos["index"], "--like-id", hits[1]["id"], "--limit", "6")
     assert look["hits"][0]["id"] == hits[1]["id"] and look["hits"][0]["box"] == hits[1]["box"]
@@ -190,13 +146,13 @@ def test_reindexing_a_changed_photo_replaces_all_of_its_faces(photos: dict, tmp_
     ok_json("index", folder, *common)
     before = _by_file(ok_json("query", "--index", index, "--limit", "100")["hits"])["group.jpg"]
     one = [(1, 300, 60, 1.0)]  # the group photo, cropped down to one person
-    Image.fromarray(_compose(photos["faces"], one, (340, 800))).save(folder / "group.jpg", quality=95)
+    Image.fromarray(compose(photos["faces"], one, (340, 800))).save(folder / "group.jpg", quality=95)
     os.utime(folder / "group.jpg", (1e9, 1e9))
     report = ok_json("index", folder, *common)
     assert (report["indexed"], report["faces"], report["unchanged"]) == (1, 1, 2)
     hits = ok_json("query", "--index", index, "--limit", "100")["hits"]
     [after] = _by_file(hits)["group.jpg"]
-    assert len(hits) == 4 and _inside(after["box"], _regions(one)[0])
+    assert len(hits) == 4 and inside(after["box"], regions(one)[0])
     assert after["id"] == next(h["id"] for h in before if h["face"] == 0)  # face 0 keeps its id
     gone = max(h["id"] for h in before if h["face"] == 2)
     refused = run("query", "--index", index, "--like-id", gone)

@@ -9,7 +9,9 @@ catalog id; bad expressions, uploads (indexed face first, broken images with pre
 exports; that no endpoint changes the index and no response carries a traceback. By person
 (``by=person``, on a second small index built with ``--identity``): the same face in another photo
 ranks right after the face itself, as ``--by person --json`` ranks it, by id, upload and export, and
-every refusal (no descriptors, a faceless id or photo, a bad ``by``) is one line.
+every refusal (no descriptors, a faceless id or photo, a bad ``by``) is one line. The faces of a
+photo (a third index of composed group photos, ``index --detect-faces --identity``): hits carry the
+CLI's id/path/face/box, and an entry names every face of its file, which serves the whole file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import Built, build_synthetic_index  # tests/ is on sys.path (prepend import mode)
+# tests/ is on sys.path (prepend import mode)
+from helpers import GROUP, PAIR, Built, Photos, build_synthetic_index, compose_photos, inside, regions
 from test_reader import _png_header_only
 from retrieval.cli import app as cli_app
 
@@ -94,6 +97,30 @@ def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
     return People(base / "index", ids, original, other, faceless)
 
 
+@dataclass(frozen=True)
+class PhotoIndex:
+    """Composed group photos (helpers.compose_photos) indexed by `index --detect-faces --identity`."""
+
+    photos: Photos
+    index: Path
+    hits: list[dict]  # every entry, as `query --json` lists them
+
+    def of(self, name: str) -> list[dict]:
+        """The entries of the file ``name``, by face number."""
+        return sorted((h for h in self.hits if Path(h["path"]).name == name), key=lambda h: h["face"])
+
+
+def build_photo_index(base: Path) -> PhotoIndex:
+    """A group photo of three faces, a pair, a faceless photo and an aligned crop, indexed one entry
+    per face (6 entries) through the CLI."""
+    photos = compose_photos(base)
+    report = cli_json("index", photos.folder, "--model", photos.model, "--index", base / "index",
+                      "--workers", "0", "--detect-faces", "--identity")
+    assert (report["indexed"], report["faces"]) == (3, 6), report
+    hits = cli_json("query", "--index", base / "index", "--limit", "100")["hits"]
+    return PhotoIndex(photos, base / "index", hits)
+
+
 def _with_history(path: Path, attributes: Sequence[str]) -> None:
     """Give the checkpoint what training records: two threshold sets, their stats, history, metrics."""
     from trainer.checkpoint import load_model, save_checkpoint
@@ -139,6 +166,22 @@ def people_client(people: People, tmp_path_factory: pytest.TempPathFactory):
     from retrieval.web.app import create_app
 
     app = create_app(people.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("people-thumbs"))
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
+    return build_photo_index(tmp_path_factory.mktemp("group-photos"))
+
+
+@pytest.fixture(scope="module")
+def photo_client(photo_index: PhotoIndex, tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    app = create_app(photo_index.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("photo-thumbs"))
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         yield c
 
@@ -365,6 +408,8 @@ def test_image_details(client, built: Built) -> None:
     male = built.probs[path]["Male"] >= built.thresholds["Male"]
     assert out["matched"] == (["Male"] if male else ["not Male"])
     assert set(out["present"]) == {a for a in built.attributes if built.probs[path][a] >= built.thresholds[a]}
+    assert (out["face"], out["box"]) == (0, None)
+    assert out["faces"] == [{"id": image_id, "face": 0, "box": None}]  # a whole-file entry: only itself
 
 
 def test_thumbnails_are_made_once_and_cached(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -447,6 +492,40 @@ def test_a_catalogued_file_that_is_gone_is_404(built: Built, tmp_path: Path) -> 
             one_line_error(c.get(f"/api/images/{image_id}/thumb"), 404, "file is gone")
     finally:
         os.replace(moved, built.images[5])
+
+
+# -- the faces of a photo ----------------------------------------------------------------------
+
+
+def test_query_hits_of_faces_are_the_cli_json(photo_client, photo_index: PhotoIndex) -> None:
+    got = ok(photo_client.get("/api/query", params={"limit": 100}))
+    assert got["hits"] == photo_index.hits
+    assert {h["face"] for h in got["hits"]} == {0, 1, 2} and sum(h["box"] is None for h in got["hits"]) == 1
+
+
+def test_an_entry_lists_every_face_of_its_file(photo_client, photo_index: PhotoIndex) -> None:
+    """Each face of the group photo (and of the pair) names all the faces of its file, by face
+    number, with the boxes its hits carry; each box lies on one pasted face."""
+    for name, layout in (("group.jpg", GROUP), ("pair.png", PAIR)):
+        entries = photo_index.of(name)
+        faces = [{"id": h["id"], "face": h["face"], "box": h["box"]} for h in entries]
+        assert [f["face"] for f in faces] == list(range(len(layout)))
+        for region in regions(layout):
+            assert sum(inside(f["box"], region) for f in faces) == 1, (name, region, faces)
+        for h in entries:
+            out = ok(photo_client.get(f"/api/images/{h['id']}"))
+            assert (out["id"], out["path"], out["face"], out["box"]) == (h["id"], h["path"], h["face"], h["box"])
+            assert out["faces"] == faces
+    [crop] = photo_index.of("crop.jpg")
+    out = ok(photo_client.get(f"/api/images/{crop['id']}"))
+    assert out["box"] is None and out["faces"] == [{"id": crop["id"], "face": 0, "box": None}]
+    one_line_error(photo_client.get("/api/images/424242"), 404, "no image with id 424242")
+
+
+def test_every_face_of_a_photo_serves_the_whole_file(photo_client, photo_index: PhotoIndex) -> None:
+    group = photo_index.of("group.jpg")
+    files = {photo_client.get(f"/api/images/{h['id']}/full").content for h in group}
+    assert files == {(photo_index.photos.folder / "group.jpg").read_bytes()}
 
 
 # -- uploads -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`facefind serve`'s HTTP layer: a FastAPI app over one long-lived ``Engine``.
 
 Every endpoint is a thin wrapper around the library calls the CLI makes (``Engine.query``,
-``Result.to_dict``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
+``Result.to_dict``, ``Engine.same_file``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
 checkpoint, ``trainer.faces.identity_of`` for identity), so the page and ``facefind query --json`` can never
 disagree. ``by=look|person`` is the CLI's ``--by``: rank by the model's embedding, or by dlib
 identity distance (an index built with ``index --identity``; hits then carry ``distance`` and
@@ -534,7 +534,8 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         out["reference"] = ref
         return json_response(out, headers=_timing(took))
 
-    @app.get("/api/images/{image_id}", summary="One image: path, probabilities, matched literals, labels")
+    @app.get("/api/images/{image_id}", summary="One entry: path, face and box, probabilities, matched "
+             "literals, labels, and every face of the same file")
     def image(image_id: str, q: Annotated[str | None, Query()] = None,
               thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
               ) -> Response:
@@ -544,9 +545,12 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
         used = eng.threshold_set(thresholds)
         try:
             hit = eng.describe(_parse_id(image_id), node, used)
+            same = eng.same_file(hit.id)
         except CatalogError:
             raise ApiError(404, f"no image with id {image_id} in the index") from None
         out = hit.to_dict()
+        # The photo view: every face of this entry's file, by face number (a whole-file entry: itself).
+        out["faces"] = [{"id": i, "face": face, "box": None if box is None else list(box)} for i, face, box in same]
         del out["score"]
         out["threshold_set"] = used
         out["thresholds"] = dict(zip(eng.attributes, eng.threshold_sets[used].tolist()))

@@ -4,6 +4,9 @@
 // offered when the index has them), by=look (the default) by the attribute model's embedding.
 // The grid is virtual: only the rows near the viewport exist in the DOM, and pages of PAGE hits
 // are fetched by offset, so 150,000 matches scroll like 60.
+// An index built with --detect-faces has one entry per face of a photo: its card says which face,
+// and its panel shows the whole photo with a box over each face of the file, each box opening
+// that face's entry.
 "use strict";
 
 const PAGE = 60;
@@ -432,6 +435,7 @@ function card(hit, i) {
   img.className = "thumb"; img.decoding = "async"; img.alt = `image ${hit.id}`;
   img.src = `/api/images/${hit.id}/thumb`;
   pic.appendChild(img);
+  if (hit.box) pic.appendChild(faceLabel(hit.face));
   const meta = document.createElement("div"); meta.className = "meta";
   const score = view.ranking === "similarity" ? hit.score.toFixed(3) : view.ranking === "confidence" ? hit.score.toFixed(2)
     : view.ranking === "person" ? `distance ${hit.distance.toFixed(3)}` : "";
@@ -445,12 +449,19 @@ function card(hit, i) {
   }
   for (const lit of hit.matched) { const s = document.createElement("span"); s.textContent = lit; if (lit.startsWith("not ")) s.className = "neg"; m.appendChild(s); }
   d.append(pic, meta, m);
-  d.title = hit.path;
+  d.title = hit.box ? `${hit.path} (face ${hit.face})` : hit.path;
   d.addEventListener("click", () => { commit({ sel: hit.id }); markSelected(); openPanel(hit.id); });
   return d;
 }
 
-function markSelected() { for (const n of view.nodes.values()) n.classList.toggle("sel", Number(n.dataset.id) === state.sel); }
+// "face N": which face of its photo an entry is (0 = the largest), as `query --json` numbers them.
+function faceLabel(n) {
+  const s = document.createElement("span"); s.className = "face"; s.textContent = `face ${n}`;
+  s.title = "one face of a photo (0 = the largest)";
+  return s;
+}
+
+function markSelected() { if (!view) return; for (const n of view.nodes.values()) n.classList.toggle("sel", Number(n.dataset.id) === state.sel); }
 
 async function loadPage(page) {
   if (view.pending.has(page) || view.pages.has(page)) return;
@@ -489,12 +500,16 @@ window.addEventListener("resize", () => { if (!view) return; layout(); for (cons
 
 function openPanelFromState() { if (state.sel !== null) openPanel(state.sel); else els.panel.hidden = true; }
 
+let panelSeq = 0;  // bumps with every panel opened; a slower answer for an earlier one is dropped
+
 async function openPanel(id) {
+  const seq = ++panelSeq;
   let info;
   try {
     info = await api(`/api/images/${id}?` + new URLSearchParams({ ...(state.q.trim() ? { q: state.q } : {}),
                                                                      ...(state.th ? { thresholds: state.th } : {}) }));
-  } catch (err) { showError(err); return; }
+  } catch (err) { if (seq === panelSeq) showError(err); return; }
+  if (seq !== panelSeq) return;
   const p = els.panel;
   p.replaceChildren();
   const top = document.createElement("div"); top.className = "top";
@@ -505,8 +520,11 @@ async function openPanel(id) {
   const close = document.createElement("button"); close.type = "button"; close.textContent = "×"; close.title = "close";
   close.addEventListener("click", () => { els.panel.hidden = true; commit({ sel: null }); markSelected(); });
   top.append(title, more, makeBy(document.createElement("span")), close);
-  const img = document.createElement("img"); img.className = "full"; img.src = `/api/images/${info.id}/full`; img.alt = "";
-  const path = document.createElement("div"); path.className = "path"; path.textContent = info.path;
+  let img;
+  if (info.box) img = photoView(info);
+  else { img = document.createElement("img"); img.className = "full"; img.src = `/api/images/${info.id}/full`; img.alt = ""; }
+  const path = document.createElement("div"); path.className = "path"; path.textContent = info.path + " ";
+  if (info.box) path.append(faceLabel(info.face), ` of ${info.faces.length}`);
   const matched = document.createElement("div");
   if (info.matched.length) matched.textContent = "matches: " + info.matched.join(", ");
   const table = document.createElement("table"); table.className = "probs";
@@ -534,6 +552,42 @@ async function openPanel(id) {
   p.append(top, img, path, matched, table);
   p.hidden = false;
   renderBy();
+}
+
+// The whole photo of a face entry, a box over each face of its file (the selected one
+// highlighted), each a button that opens that face. Boxes are in the pixels of the decoded,
+// EXIF-upright image, which is what the browser shows (naturalWidth/Height), so they are placed in
+// percent of it and follow any displayed size. All faces load the file by its first face's id:
+// one URL per file, so moving between its faces is served from the browser's cache.
+function photoView(info) {
+  const wrap = document.createElement("div"); wrap.className = "photo";
+  const img = document.createElement("img"); img.className = "full"; img.alt = "";
+  img.src = `/api/images/${info.faces[0].id}/full`;
+  wrap.appendChild(img);
+  const place = () => {
+    const W = img.naturalWidth, H = img.naturalHeight;
+    if (!W || !H) return;
+    for (const f of info.faces) {
+      if (!f.box) continue;
+      const [x, y, w, h] = f.box;
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "facebox" + (f.id === info.id ? " on" : "");
+      b.dataset.id = f.id; b.dataset.face = f.face;
+      b.title = `face ${f.face} (image #${f.id})` + (f.id === info.id ? ": shown" : ": open it");
+      if (f.id === info.id) b.setAttribute("aria-current", "true");
+      Object.assign(b.style, { left: `${100 * x / W}%`, top: `${100 * y / H}%`,
+                               width: `${100 * w / W}%`, height: `${100 * h / H}%` });
+      const n = document.createElement("span"); n.textContent = String(f.face);
+      b.appendChild(n);
+      b.addEventListener("click", () => {
+        if (f.id === state.sel) return;
+        commit({ sel: f.id }); markSelected(); openPanel(f.id);
+      });
+      wrap.appendChild(b);
+    }
+  };
+  if (img.complete && img.naturalWidth) place(); else img.addEventListener("load", place, { once: true });
+  return wrap;
 }
 
 // ---------------------------------------------------------------------------------- look / person
