@@ -910,8 +910,6 @@ class Catalog:
                 if p in old and (old[p][1] != int(r.size) or old[p][2] != float(r.mtime))
             ]
             touched = {model_id}
-            if changed:
-                touched |= self._drop_predictions(conn, self._face_ids(conn, changed), keep_model=model_id)
             self._upsert_rows(
                 conn, images, ["path"], ["path", "size", "mtime", "width", "height", "added"],
                 ["size", "mtime", "width", "height"],
@@ -921,26 +919,32 @@ class Catalog:
                 conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(paths))).all()
             )
             path_of = {image_id: path for path, image_id in ids.items()}
-            gone = [fid for fid, image_id, number in self._faces_of(conn, list(path_of))
-                    if number not in by_path[path_of[image_id]]]
-            if gone:  # faces the file no longer has (fewer faces found in its new content)
-                touched |= self._drop_predictions(conn, gone, keep_model=None)
-                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(gone)))
-                conn.execute(sa.delete(faces).where(faces.c.id.in_(gone)))
             self._upsert_rows(
                 conn, faces, ["image_id", "number"], ["image_id", "number", "x", "y", "w", "h"],
                 ["x", "y", "w", "h"],
                 [(ids[path], number, *(r.box if r.box is not None else (None,) * 4)) for path, number, r in entries],
             )
-            face_ids = {(path_of[image_id], number): fid
-                        for fid, image_id, number in self._faces_of(conn, list(path_of))}
+            face_ids, gone = {}, []
+            for fid, image_id, number in self._faces_of(conn, list(path_of)):  # old and new faces
+                path = path_of[image_id]
+                if number in by_path[path]:
+                    face_ids[path, number] = fid
+                else:
+                    gone.append(fid)  # a face the file no longer has (fewer found in its new content)
+            if gone:
+                touched |= self._drop_predictions(conn, gone, keep_model=None)
+                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(gone)))
+                conn.execute(sa.delete(faces).where(faces.c.id.in_(gone)))
+            if changed:  # other models' predictions and any descriptor describe the old content
+                was = set(changed)
+                kept = [fid for (path, _), fid in face_ids.items() if ids[path] in was]
+                touched |= self._drop_predictions(conn, kept, keep_model=model_id)
+                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(kept)))
             self._upsert_rows(
                 conn, predictions, ["model_id", "face_id"], ["model_id", "face_id", "probs", "embedding"],
                 ["probs", "embedding"],
                 [(model_id, face_ids[path, number], pb, eb) for (path, number, _), (pb, eb) in zip(entries, blobs)],
             )
-            if changed:  # a descriptor of the old content describes someone else's face, perhaps
-                conn.execute(sa.delete(identities).where(identities.c.face_id.in_(self._face_ids(conn, changed))))
             if described:  # other models' snapshots carry these descriptors too: they are now stale
                 described_ids = [face_ids[key] for key in described]
                 touched |= set(conn.execute(sa.select(predictions.c.model_id)
