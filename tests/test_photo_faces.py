@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -169,3 +170,71 @@ def test_the_engine_lists_every_face_of_a_file(photos: dict) -> None:
             expected = sorted((h["id"], h["face"], None if h["box"] is None else tuple(h["box"])) for h in files[name])
             for h in files[name]:
                 assert sorted(idx.engine.same_file(h["id"])) == expected
+
+
+@pytest.mark.slow
+def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_path: Path) -> None:
+    """kill -9 twice while photos of two and three faces are being indexed, a file per batch,
+    then a resumed run: after each kill every file has all of its faces or none, and at the end
+    every face's row equals an uninterrupted run's."""
+    import random
+    import signal
+    import sqlite3
+    import subprocess
+    import time
+
+    from db.catalog import Catalog
+    from helpers import compose
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    expected = {}
+    for i in range(8):
+        layout, size = (GROUP, (340, 800)) if i % 2 == 0 else (PAIR, (300, 520))
+        name = f"p{i}.{'jpg' if i % 2 == 0 else 'png'}"
+        Image.fromarray(compose(photos["faces"], layout, size, background=215 + 4 * i)).save(folder / name)
+        expected[str(folder / name)] = len(layout)
+    clean = ok_json("index", folder, "--model", photos["model"], "--index", tmp_path / "clean", "--workers", "0",
+                    "--detect-faces")
+    assert clean["faces"] == sum(expected.values()) == 20, clean
+
+    idx = tmp_path / "index"
+    args = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(idx), "--workers", "0",
+            "--detect-faces", "--batch-size", "1", "--model", str(photos["model"])]
+
+    def faces_per_file() -> dict[str, int]:
+        try:
+            with sqlite3.connect(f"file:{idx / 'catalog.db'}?mode=ro", uri=True, timeout=30) as db:
+                return dict(db.execute("SELECT path, count(*) FROM predictions JOIN faces ON faces.id = face_id "
+                                       "JOIN images ON images.id = image_id GROUP BY path").fetchall())
+        except sqlite3.OperationalError:  # not created yet
+            return {}
+
+    rng = random.Random(15)
+    for n, target in enumerate((4, 12)):
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and sum(faces_per_file().values()) < target:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        stored = faces_per_file()
+        assert all(stored[p] == expected[p] for p in stored), stored  # never part of a photo
+        if n == 0:  # the first kill lands mid-run (a later one may find the work done)
+            assert proc.returncode == -signal.SIGKILL and 0 < sum(stored.values()) < 20, stored
+    resumed = ok_json("index", folder, "--model", photos["model"], "--index", idx, "--workers", "0", "--detect-faces")
+    assert resumed["failed"] == 0 and faces_per_file() == expected
+
+    def rows(where: Path) -> dict[tuple[str, int], tuple[list[int], np.ndarray]]:
+        with Catalog.open(where, create=False) as cat:
+            preds = cat.export(1)[1]
+        return {(p, int(f)): (b.tolist(), pr) for p, f, b, pr in zip(preds.paths, preds.faces, preds.boxes, preds.probs)}
+
+    got, want = rows(idx), rows(tmp_path / "clean")
+    assert sorted(got) == sorted(want) and len(got) == 20
+    for key, (box, probs) in want.items():
+        assert got[key][0] == box
+        np.testing.assert_allclose(got[key][1], probs, atol=1e-5)
