@@ -39,14 +39,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return build_index(tmp_path_factory.mktemp("browser"), n=N_FACES, seed=11)
 
 
-@pytest.fixture(scope="module")
-def server(built: Built):
+def _serve(index: Path):
+    """A real ``facefind serve`` over ``index`` on a free loopback port, for a fixture to yield."""
     from retrieval.web.bench import Served
 
-    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(built.index),
+    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(index),
             "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
         yield served
+
+
+@pytest.fixture(scope="module")
+def server(built: Built):
+    yield from _serve(built.index)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +61,7 @@ def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
 
 @pytest.fixture(scope="module")
 def people_server(people: People):
-    from retrieval.web.bench import Served
-
-    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(people.index),
-            "--port", "0", "--device", "cpu"]
-    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
-        yield served
+    yield from _serve(people.index)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,7 @@ def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
 
 @pytest.fixture(scope="module")
 def photo_server(photo_index: PhotoIndex):
-    from retrieval.web.bench import Served
-
-    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index",
-            str(photo_index.index), "--port", "0", "--device", "cpu"]
-    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
-        yield served
+    yield from _serve(photo_index.index)
 
 
 def api(server, path: str, **params) -> dict:

@@ -138,6 +138,17 @@ def _with_history(path: Path, attributes: Sequence[str]) -> None:
     save_checkpoint(path, model, meta)
 
 
+def _serving(index: Path, thumbs: Path):
+    """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.web.app import create_app
+
+    app = create_app(index, device="cpu", thumbs_dir=thumbs)
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+        yield c
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return build_index(tmp_path_factory.mktemp("serve"))
@@ -145,13 +156,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def client(built: Built, tmp_path_factory: pytest.TempPathFactory):
-    from fastapi.testclient import TestClient
-
-    from retrieval.web.app import create_app
-
-    app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("thumbs"))
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c
+    yield from _serving(built.index, tmp_path_factory.mktemp("thumbs"))
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +166,7 @@ def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
 
 @pytest.fixture(scope="module")
 def people_client(people: People, tmp_path_factory: pytest.TempPathFactory):
-    from fastapi.testclient import TestClient
-
-    from retrieval.web.app import create_app
-
-    app = create_app(people.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("people-thumbs"))
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c
+    yield from _serving(people.index, tmp_path_factory.mktemp("people-thumbs"))
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +176,7 @@ def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
 
 @pytest.fixture(scope="module")
 def photo_client(photo_index: PhotoIndex, tmp_path_factory: pytest.TempPathFactory):
-    from fastapi.testclient import TestClient
-
-    from retrieval.web.app import create_app
-
-    app = create_app(photo_index.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("photo-thumbs"))
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c
+    yield from _serving(photo_index.index, tmp_path_factory.mktemp("photo-thumbs"))
 
 
 def cli_json(*args: str | Path) -> dict:
