@@ -41,7 +41,9 @@ def index(
                            "they are. A photo with no face is listed as failed.")
     ] = False,
     min_face: Annotated[
-        int, typer.Option("--min-face", min=1, help="With --detect-faces: ignore faces narrower than this, in pixels.")
+        int, typer.Option("--min-face", min=1, help="With --detect-faces: ignore faces narrower than this, in pixels. "
+                           "Detection looks at each photo at up to 2 megapixels, so it finds faces down to ~40 px "
+                           "in small photos, ~50 px at 1024x768, ~200 px in a 12 MP photo.")
     ] = MIN_FACE_PIXELS,
     identity: Annotated[
         bool, typer.Option("--identity", help="Also store each image's face identity descriptor (dlib, ~0.1 s per "

@@ -126,7 +126,9 @@ def test_alignment_recovers_a_known_transform(synthetic: list[np.ndarray]) -> No
             return np.linalg.norm(apply_transform(recovered, points) - apply_transform(original.transform, points), axis=1)
 
         assert error(original.landmarks).mean() < 3.0, f"face {i}: landmarks off by {error(original.landmarks)}"
-        assert error(corners).max() < 12.0, f"face {i}: crop corners off by {error(corners).round(1)} px"
+        # (12.7 px here since detection sees this 480x640 photo at 2x; on 100 real val faces in
+        # 720x720 photos the landmark error was the same at either scale: 1.98 / 1.97 px)
+        assert error(corners).max() < 14.0, f"face {i}: crop corners off by {error(corners).round(1)} px"
         assert np.abs(hits[0].crop.astype(int) - original.crop.astype(int)).mean() < 20
         x, y, w, h = hits[0].box
         cx, cy = apply_transform(to_photo, np.array([[89.0, 120.0]]))[0]
@@ -148,6 +150,27 @@ def test_two_faces_in_one_photo_are_both_found(synthetic: list[np.ndarray]) -> N
         # each crop's landmarks sit on the template
         assert np.linalg.norm(apply_transform(f.transform, f.landmarks) - CELEBA_TEMPLATE, axis=1).mean() < 5
     assert [f.box for f in find_faces(photo, limit=1)] == [faces[0].box] == [find_face(photo).box]
+
+
+def test_small_faces_in_a_larger_photo_are_found(synthetic: list[np.ndarray]) -> None:
+    """A face a quarter of CelebA's area (89x109) in a 1024x768 photo: detection looks at the photo
+    at 2 MP (upsampled), where the old 800 px cap shrank it and HOG's window missed every one."""
+    from trainer.align import smallest_face
+
+    assert smallest_face(768, 1024) <= 60 and smallest_face(218, 178) == 40
+    assert 150 < smallest_face(3000, 4000) < 250  # a 12 MP photo: the pixel budget shrinks it
+    found = 0
+    for face in synthetic[:8]:
+        small = np.asarray(Image.fromarray(face).resize((89, 109), Image.Resampling.LANCZOS))
+        photo = np.full((768, 1024, 3), 235, np.uint8)
+        photo[300:409, 400:489] = small
+        hits = find_faces(photo)
+        assert len(hits) <= 1
+        if hits:
+            x, y, w, h = hits[0].box
+            assert x < 444 < x + w and y < 354 < y + h  # on the pasted face
+            found += 1
+    assert found >= 6
 
 
 def test_faces_of_gives_one_entry_per_face_or_the_aligned_crop_itself(synthetic: list[np.ndarray]) -> None:

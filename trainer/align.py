@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,13 @@ CELEBA_TEMPLATE = np.array([
 LANDMARKS_MODEL = "shape_predictor_5_face_landmarks.dat"
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 MODELS_PACKAGE = "face_recognition_models"
-DETECT_MAX_SIDE = 800     # detection runs on a copy shrunk to this longer side (speed); boxes scale back
-UPSAMPLE_BELOW = 500      # images whose (shrunk) longer side is below this are upsampled once for HOG
+# Detection runs on a rescaled copy (boxes scale back): as large as 2x (dlib's one upsampling), so
+# that faces down to ~40 px reach HOG's 80 px window, but at most DETECT_PIXELS pixels, since HOG
+# costs ~95 ms of CPU per megapixel. A photo larger than that is shrunk, and its smallest findable
+# face grows with it: ~80 px * sqrt(pixels / DETECT_PIXELS), e.g. ~200 px in a 12 MP phone photo.
+HOG_WINDOW = 80
+MAX_UPSCALE = 2.0
+DETECT_PIXELS = 2_000_000
 MIN_FACE_PIXELS = 32      # faces whose detected box is narrower than this (original pixels) are dropped
 ROTATIONS = (-30.0, 30.0)  # when no face is found upright, detection is tried on the photo turned by these
 
@@ -209,23 +215,39 @@ def _check_rgb(rgb: np.ndarray) -> None:
         raise ValueError(f"expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
 
 
-def detect(rgb: np.ndarray, min_size: int = MIN_FACE_PIXELS) -> list[Box]:
+def detection_scale(height: int, width: int, max_pixels: int = DETECT_PIXELS) -> float:
+    """The scale detection sees a ``height`` x ``width`` image at (see DETECT_PIXELS)."""
+    return min(MAX_UPSCALE, math.sqrt(max_pixels / max(1, height * width)))
+
+
+def smallest_face(height: int, width: int, max_pixels: int = DETECT_PIXELS) -> int:
+    """About the narrowest face (original pixels) detection finds in an image of this size."""
+    return int(math.ceil(HOG_WINDOW / detection_scale(height, width, max_pixels)))
+
+
+def detect(rgb: np.ndarray, min_size: int = MIN_FACE_PIXELS, max_pixels: int = DETECT_PIXELS) -> list[Box]:
     """Boxes of all frontal faces in an RGB uint8 (H, W, 3) image at least ``min_size`` pixels wide,
-    largest first (ties: top to bottom, left to right), in original pixels."""
+    largest first (ties: top to bottom, left to right), in original pixels. Detection looks at the
+    image rescaled by ``detection_scale`` (at most ``max_pixels``): see ``smallest_face``."""
     from PIL import Image
 
     _check_rgb(rgb)
     h, w = rgb.shape[:2]
-    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    scale = detection_scale(h, w, max_pixels)
+    upsample = 1 if scale > 1.0 else 0  # dlib doubles the image itself (and maps boxes back)
+    resize = scale / 2 if upsample else scale  # ... we rescale by the rest
     small = rgb
-    if scale < 1.0:
-        small = np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                       Image.Resampling.BOX))
-    upsample = 1 if max(small.shape[:2]) < UPSAMPLE_BELOW else 0
+    if abs(resize - 1.0) > 1e-3:
+        size = (max(1, round(w * resize)), max(1, round(h * resize)))
+        small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX if resize < 1 else
+                                                       Image.Resampling.BILINEAR))
+        resize = size[0] / w
+    else:
+        resize = 1.0
     boxes: list[Box] = []
     for r in _detector()(small, upsample):
-        x, y = r.left() / scale, r.top() / scale
-        bw, bh = r.width() / scale, r.height() / scale
+        x, y = r.left() / resize, r.top() / resize
+        bw, bh = r.width() / resize, r.height() / resize
         if bw >= min_size:
             boxes.append((int(round(x)), int(round(y)), int(round(bw)), int(round(bh))))
     boxes.sort(key=lambda b: (-b[2] * b[3], b[1], b[0]))
