@@ -52,7 +52,8 @@ class IndexReport:
     """What one ``index_folder`` call did. ``timings`` are seconds per stage.
 
     read_decode and infer are time on the critical path (waiting for decoded batches, running the
-    model); write is the writer thread's commit time, which overlaps them.
+    model); write is the writer thread's commit time, which overlaps them; decode_cpu is the CPU
+    time the decoding workers spent (summed over them: with --detect-faces / --identity mostly dlib).
     """
 
     folder: str
@@ -355,11 +356,12 @@ def _run(
     """Drive reader -> runner -> writer over ``todo``; 'finished', or 'interrupted' on Ctrl-C."""
     timings.setdefault("read_decode", 0.0)
     timings.setdefault("infer", 0.0)
+    timings.setdefault("decode_cpu", 0.0)
     done = 0
     if progress is not None:
         progress(0, len(todo))
     batches: Generator[tuple[Rows, Any, list[Failure]], None, None]
-    decoded = reader.batches(todo)
+    decoded = _decode_cpu(reader.batches(todo), timings)
     if device.type == "cuda":
         batches = _device_batches(decoded, runner.img_size, device)
     else:
@@ -385,6 +387,14 @@ def _run(
         return "interrupted"
     finally:
         batches.close()  # stops a decode thread (GPU path) before the reader shuts down
+
+
+def _decode_cpu(batches: Iterable[DecodedBatch], timings: dict[str, float]) -> Generator[DecodedBatch, None, None]:
+    """Pass ``batches`` through, adding the CPU time their workers spent (reading, decoding, and
+    with --detect-faces / --identity finding and describing faces) to ``timings["decode_cpu"]``."""
+    for batch in batches:
+        timings["decode_cpu"] += batch.seconds
+        yield batch
 
 
 def _device_batches(

@@ -132,7 +132,7 @@ def _print_report(report: Any) -> None:
     if not report.published:
         console.print("snapshot not published yet: once every shard is done, run `facefind index FOLDER --finalize`")
     console.print(
-        f"stages: read+decode {t.get('read_decode', 0):.2f} s, infer {t.get('infer', 0):.2f} s, "
+        f"stages: read+decode {t.get('read_decode', 0):.2f} s (workers' CPU {t.get('decode_cpu', 0):.2f} s), infer {t.get('infer', 0):.2f} s, "
         f"write {t.get('write', 0):.2f} s (background), snapshot {t.get('snapshot', 0):.2f} s; "
         f"index: {report.index_dir}"
     )
