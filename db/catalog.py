@@ -829,6 +829,17 @@ class Catalog:
         with self._read() as conn:
             return {path: (int(size), float(mtime)) for path, size, mtime in conn.execute(query)}
 
+    def whole_files(self, model_id: int) -> dict[str, tuple[int | None, int | None]]:
+        """``{path: (width, height)}`` of files this model predicted as one whole-file entry (no box)."""
+        query = (
+            sa.select(images.c.path, images.c.width, images.c.height)
+            .join(faces, faces.c.image_id == images.c.id)
+            .join(predictions, predictions.c.face_id == faces.c.id)
+            .where((predictions.c.model_id == model_id) & faces.c.x.is_(None))
+        )
+        with self._read() as conn:
+            return {path: (width, height) for path, width, height in conn.execute(query)}
+
     def image_paths(self, under: str | os.PathLike[str] | None = None) -> list[str]:
         """Paths of all catalogued images, optionally only those inside folder ``under``."""
         with self._read() as conn:
@@ -1048,7 +1059,8 @@ class Catalog:
         return [FailureRecord(r.path, r.reason, float(r.at)) for r in rows]
 
     def prune(self, paths_missing: Iterable[str | os.PathLike[str]]) -> int:
-        """Forget files that no longer exist: their images, faces, predictions, labels and failures.
+        """Forget files: their images, faces, predictions, labels and failures (files gone from disk,
+        or photos in which ``--detect-faces`` finds no face).
 
         Returns the number of images removed; models that lost predictions get a new generation.
         """

@@ -172,6 +172,8 @@ def index_folder(
         known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
         identity = faces is not None and faces.identity
         known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identity)
+        if known and faces is not None and faces.detect:
+            _forget_whole_photos(catalog, known_id, known)
         todo, unchanged = split_unchanged(found.files, known)
         pruned = _prune(catalog, root) if prune else 0
         label_names, labels = _ground_truth(root, todo) if todo else (None, {})
@@ -508,6 +510,20 @@ def _model_meta(meta: Any) -> dict[str, Any]:
                     "them for bare names; retrain it to get F1 thresholds, which find rare attributes",
                     out["threshold_set"])
     return out
+
+
+def _forget_whole_photos(catalog: Catalog, model_id: int, known: dict[str, Any]) -> None:
+    """For ``--detect-faces``: drop from ``known`` the photos indexed whole (without it), so that
+    they are read again and each of their faces becomes an entry; aligned CelebA-style crops,
+    which detection keeps whole, stay known."""
+    from trainer.faces import looks_aligned
+
+    stale = [path for path, (width, height) in catalog.whole_files(model_id).items()
+             if path in known and not (width and height and looks_aligned((height, width)))]
+    for path in stale:
+        del known[path]
+    if stale:
+        log.info("--detect-faces: %d photos indexed whole before are read again, face by face", len(stale))
 
 
 def _prune(catalog: Catalog, root: Path) -> int:

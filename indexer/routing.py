@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 
 
+NO_FACE = "no face found"  # the failure of a file in which --detect-faces finds no face
+
+
 @dataclass(frozen=True)
 class FaceFinder:
     """What the reader's workers make of a decoded image: its index entries (picklable).
@@ -171,7 +174,7 @@ def decode_files(
             height, width = rgb.shape[:2]
             found = faces(rgb) if faces is not None else None
             if found is not None and not found:
-                raise Unreadable("no face found")
+                raise Unreadable(NO_FACE)
             crops = [resize_chw(f.crop, size) for f in found] if found is not None else [resize_chw(rgb, size)]
         except Unreadable as err:
             cpu.failures.append(Failure(entry.path, str(err)))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from indexer.discovery import Failure
-from indexer.routing import Rows
+from indexer.routing import NO_FACE, Rows
 
 if TYPE_CHECKING:
     from db.catalog import Catalog
@@ -129,6 +129,9 @@ class CatalogWriter:
         if rows:
             self.catalog.write_batch(self.model_id, rows, label_names=self.label_names if labelled else None)
         if job.failures:
+            faceless = [f.path for f in job.failures if f.reason == NO_FACE]
+            if faceless:  # a photo with no face has no entries: any it had describe other content
+                self.catalog.prune(faceless)
             self.catalog.record_failures((f.path, f.reason) for f in job.failures)
         self.written += len(files)
         self.faces += len(rows)

@@ -238,3 +238,21 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     for key, (box, probs) in want.items():
         assert got[key][0] == box
         np.testing.assert_allclose(got[key][1], probs, atol=1e-5)
+
+
+def test_detect_faces_over_a_folder_indexed_whole_reads_its_photos_again(photos: dict, tmp_path: Path) -> None:
+    """A folder indexed without --detect-faces holds each photo as one whole-file entry; running
+    --detect-faces then reads the photos again (each face its own entry) but not the aligned crop,
+    and a later plain run leaves the faces alone (unchanged files)."""
+    index = tmp_path / "index"
+    common = ("--model", photos["model"], "--index", index, "--workers", "0")
+    plain = ok_json("index", photos["folder"], *common)
+    assert (plain["indexed"], plain["faces"]) == (4, 4)  # the faceless photo too: it is a picture
+    again = ok_json("index", photos["folder"], *common, "--detect-faces")
+    assert (again["indexed"], again["faces"], again["unchanged"], again["failed"]) == (2, 5, 1, 1)
+    files = _by_file(ok_json("query", "--index", index, "--limit", "100")["hits"])
+    # the faceless photo is a failure now, and its whole-file entry is gone with it
+    assert {name: len(hits) for name, hits in files.items()} == {"group.jpg": 3, "pair.png": 2, "crop.jpg": 1}
+    assert ok_json("index", photos["folder"], *common, "--detect-faces")["indexed"] == 0  # nothing left to redo
+    later = ok_json("index", photos["folder"], *common)  # a plain run: faces stay, the faceless photo is a picture
+    assert (later["indexed"], later["unchanged"]) == (1, 3)
