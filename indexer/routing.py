@@ -97,13 +97,11 @@ class Rows:
         return len(self.entries)
 
     def add(self, entry: FileEntry, size: tuple[int, int], face: tuple[int, Box | None] = (0, None),
-            identity: np.ndarray | None = None, described: bool = False) -> None:
+            identity: np.ndarray | None = None) -> None:
         self.entries.append(entry)
         self.sizes.append(size)
         self.faces.append(face)
-        if described:
-            if self.identities is None:
-                self.identities = [None] * (len(self.entries) - 1)
+        if self.identities is not None:  # identities are looked for: None here means no face found
             self.identities.append(identity)
 
     def take(self, rows: Sequence[int]) -> Rows:
@@ -159,6 +157,8 @@ def decode_files(
     batch when ``gpu_jpeg`` routed files to the device. A bad file becomes a Failure; never raises."""
     start = time.process_time()
     cpu = empty_batch(size)
+    if faces is not None and faces.identity:
+        cpu.rows.identities = []
     device = DecodedBatch(Rows(), Jpegs([]))
     arrays: list[np.ndarray] = []
     for entry in entries:
@@ -190,7 +190,7 @@ def decode_files(
         if found is None:
             cpu.rows.add(entry, (width, height))
         for f in found or ():
-            cpu.rows.add(entry, (width, height), (f.number, f.box), f.identity, described=faces.identity)
+            cpu.rows.add(entry, (width, height), (f.number, f.box), f.identity)
     if arrays:
         cpu.payload = Pixels(np.stack(arrays))
     cpu.seconds = time.process_time() - start
