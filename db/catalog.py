@@ -57,13 +57,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from db.errors import CatalogError
-from db.paths import default_db_url
+from facefind.db.errors import CatalogError
+from facefind.db.paths import default_db_url
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-IDENTITY_DIM = 128  # dlib's face descriptor (trainer.identity.DIM; db imports nothing of ours)
+IDENTITY_DIM = 128  # dlib's face descriptor (facefind.indexer.faces.identity.DIM; db imports nothing of ours)
 BUSY_TIMEOUT_S = 60.0
 PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 PAGE_SIZE = 16384
@@ -311,7 +311,7 @@ class ModelRecord:
         return len(self.attributes)
 
 
-Box = tuple[int, int, int, int]  # x, y, width, height in the decoded image (trainer.align.Box)
+Box = tuple[int, int, int, int]  # x, y, width, height in the decoded image (facefind.indexer.faces.align.Box)
 
 
 @dataclass

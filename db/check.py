@@ -38,8 +38,8 @@ from typing import Any, Iterable
 import numpy as np
 import sqlalchemy as sa
 
-from db import snapshot as snapshots
-from db.catalog import (
+from facefind.db import snapshot as snapshots
+from facefind.db.catalog import (
     Catalog,
     ModelRecord,
     faces,
@@ -53,8 +53,8 @@ from db.catalog import (
     predictions,
     runs,
 )
-from db.files import file_sha256
-from db.errors import CatalogError
+from facefind.db.files import file_sha256
+from facefind.db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: M
     """What is wrong with a loaded generation's vector files, or None. The flat store's shape was
     checked by loading it; here its bytes are checked against the manifest's CRC-32, and the
     approximate index (when the manifest names one) is read and sized."""
-    from db.vectors import file_crc32, open_approx
+    from facefind.db.vectors import file_crc32, open_approx
 
     assert snap.folder is not None
     info = manifest.get("vectors") or {}

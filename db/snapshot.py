@@ -18,7 +18,7 @@ Layout under the index folder (one folder per model, one immutable generation pe
                         (read lazily: opening a snapshot never decodes 200k strings)
         vectors.faiss   the embeddings, once: L2-normalised float16 rows in a FAISS flat store that
                         the engine memory-maps and searches; ``Snapshot.emb`` maps the same bytes
-        ann.faiss       only from ``db.vectors.APPROX_MIN`` rows on: an IVF-PQ index over them
+        ann.faiss       only from ``facefind.db.vectors.APPROX_MIN`` rows on: an IVF-PQ index over them
                         (see db/vectors.py)
         identity.npy    float16 (N, 128)  dlib identity descriptors (``index --identity``; zeros
                         where identity_mask is False), only when some row has one; the
@@ -57,8 +57,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from db.files import fsync_dir
-from db.errors import CatalogError
+from facefind.db.files import fsync_dir
+from facefind.db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Snapshot:
 
 
 def entry_fields(preds: Any) -> dict[str, Any]:
-    """The per-entry arrays of a ``db.catalog.Predictions`` beyond ids, paths, probs and
+    """The per-entry arrays of a ``facefind.db.catalog.Predictions`` beyond ids, paths, probs and
     embeddings, as ``write_snapshot`` keywords (so that no writer forgets one)."""
     return {"identity": preds.identity, "has_identity": preds.has_identity,
             "image_ids": preds.image_ids, "face_numbers": preds.faces, "boxes": preds.boxes}
@@ -243,7 +243,7 @@ def _writer_lock(folder: Path) -> Iterator[bool]:
 
 
 def _normalized_fp16(emb: np.ndarray) -> np.ndarray:
-    from db.vectors import stored_fp16
+    from facefind.db.vectors import stored_fp16
 
     return stored_fp16(emb)
 
@@ -270,10 +270,10 @@ def write_snapshot(
 ) -> Path:
     """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
 
-    ``model`` is a ``db.catalog.ModelRecord`` (or anything with its fields: id, sha256, arch,
+    ``model`` is a ``facefind.db.catalog.ModelRecord`` (or anything with its fields: id, sha256, arch,
     attributes, thresholds, embedding_dim, checkpoint). ``probs`` is (N, K) float32 as the
     catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id. From
-    ``approx_min`` rows on (default ``db.vectors.APPROX_MIN``) an approximate index is built too.
+    ``approx_min`` rows on (default ``facefind.db.vectors.APPROX_MIN``) an approximate index is built too.
     ``identity`` (N, 128) and ``has_identity`` (N,) bool: the rows' identity descriptors, if any.
     ``image_ids``, ``face_numbers``, ``boxes``: which file and face each row is (see ``Snapshot``).
     """
@@ -289,7 +289,7 @@ def _write_locked(
     identity: np.ndarray | None = None, has_identity: np.ndarray | None = None,
     image_ids: np.ndarray | None = None, face_numbers: np.ndarray | None = None, boxes: np.ndarray | None = None,
 ) -> Path:
-    from db import vectors
+    from facefind.db import vectors
 
     t0 = time.perf_counter()
     ids = np.asarray(ids, dtype=np.int64)
@@ -469,7 +469,7 @@ def _load(folder: Path) -> tuple[Snapshot, dict[str, Any]]:
 
 
 def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
-    from db.vectors import flat_view
+    from facefind.db.vectors import flat_view
 
     try:
         manifest = json.loads((gen / MANIFEST).read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from db.files import atomic_replace
+from facefind.db.files import atomic_replace
 
 log = logging.getLogger(__name__)
 

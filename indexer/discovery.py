@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from db.errors import DatasetError
-from trainer.celeba import IMAGE_EXTENSIONS  # one list of what counts as an image file
-from trainer.decode import os_error_reason
+from facefind.db.errors import DatasetError
+from facefind.trainer.celeba import IMAGE_EXTENSIONS  # one list of what counts as an image file
+from facefind.trainer.decode import os_error_reason
 
 __all__ = ["IMAGE_EXTENSIONS", "Discovery", "Failure", "FileEntry", "discover", "split_unchanged"]
 

@@ -9,7 +9,7 @@ Ctrl-C stops at a batch boundary: queued batches are committed, the snapshot is 
 marked 'interrupted', and the report says so.
 
 Sharded runs (``shard=(K, N)``, or RANK/WORLD_SIZE under torchrun) index only the files whose
-relative path hashes to shard K (``trainer.distributed.shard_of``). They hold back the snapshot
+relative path hashes to shard K (``facefind.trainer.distributed.shard_of``). They hold back the snapshot
 (``Catalog.hold_publish``) so queries keep the last complete one; it is published once every file
 is in the catalog: by rank 0 after a barrier under torchrun, else by ``finalize_index``.
 """
@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
 
 import numpy as np
 
-from db.errors import CatalogError, DatasetError, ModelError
-from db.paths import default_index_dir
-from indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
-from indexer.reader import ImageReader
-from indexer.routing import DecodedBatch, FaceFinder, Rows, on_device
-from indexer.writer import CatalogWriter, WriteJob
+from facefind.db.errors import CatalogError, DatasetError, ModelError
+from facefind.db.paths import default_index_dir
+from facefind.indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
+from facefind.indexer.reader import ImageReader
+from facefind.indexer.routing import DecodedBatch, FaceFinder, Rows, on_device
+from facefind.indexer.writer import CatalogWriter, WriteJob
 
 if TYPE_CHECKING:
     import torch
 
-    from db.catalog import Catalog
-    from indexer.runner import Runner
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,16 @@ def index_folder(
     or empty folder), ModelError (no or bad model), CatalogError (index not writable).
     ``shard=(K, N)`` indexes only shard K of N (see the module docstring); under torchrun the
     shard comes from RANK and WORLD_SIZE and each rank uses GPU LOCAL_RANK. ``faces`` (see
-    ``indexer.routing.FaceFinder``): with ``detect`` (``--detect-faces``) each face of a photo is
+    ``facefind.indexer.routing.FaceFinder``): with ``detect`` (``--detect-faces``) each face of a photo is
     its own entry, all of a file's faces committed in one transaction; with ``identity``
     (``--identity``) each entry's identity descriptor is stored beside its prediction, and files
     indexed without one are read again.
     """
-    from db.catalog import Catalog
-    from indexer.runner import load_runner
-    from trainer import distributed
-    from trainer.checkpoint import CheckpointMeta, read_checkpoint
-    from trainer.device import describe_device, resolve_device
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.runner import load_runner
+    from facefind.trainer import distributed
+    from facefind.trainer.checkpoint import CheckpointMeta, read_checkpoint
+    from facefind.trainer.device import describe_device, resolve_device
 
     k, n, launched = _which_shard(shard)
     if prune and n > 1:
@@ -273,7 +273,7 @@ def finalize_index(
     Raises CatalogError naming the shards to run (again) while any readable file lacks a current
     prediction; the previous snapshot stays published until then.
     """
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     start = time.perf_counter()
     found = discover(folder, recursive)
@@ -295,7 +295,7 @@ def finalize_index(
 
 def _which_shard(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
     """(K, N, launched by torchrun): the explicit shard, else RANK/WORLD_SIZE, else (0, 1)."""
-    from trainer import distributed
+    from facefind.trainer import distributed
 
     if shard is not None:
         k, n = shard
@@ -308,7 +308,7 @@ def _which_shard(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
 
 def _shard_files(found: Any, root: Path, k: int, n: int) -> Any:
     """The part of a discovery (files and unreadable entries) that shard ``k`` of ``n`` owns."""
-    from trainer.distributed import shard_of
+    from facefind.trainer.distributed import shard_of
 
     def mine(path: str) -> bool:
         return shard_of(os.path.relpath(path, root), n) == k
@@ -318,7 +318,7 @@ def _shard_files(found: Any, root: Path, k: int, n: int) -> Any:
 
 def _finalize(catalog: Catalog, index_dir: Path, model_id: int, root: Path, found: Any, shards: int | None) -> Any:
     """Check that every readable file of ``found`` has a current prediction, then publish."""
-    from trainer.distributed import shard_of
+    from facefind.trainer.distributed import shard_of
 
     todo, _ = split_unchanged(found.files, catalog.known_files(model_id))
     failed = {f.path for f in catalog.failures()}
@@ -469,7 +469,7 @@ def _threaded(items: Iterable[T], depth: int) -> Generator[T, None, None]:
 
 def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) -> Path:
     """``model_path``, else the checkpoint the index was last built with (ModelError when none)."""
-    from db.catalog import latest_checkpoint
+    from facefind.db.catalog import latest_checkpoint
 
     if model_path is not None:
         return Path(model_path).expanduser()
@@ -484,7 +484,7 @@ def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) ->
 
 def _sha256(model_path: Path) -> str:
     """The checkpoint's sha256 alone (``finalize_index`` needs no weights)."""
-    from db.files import file_sha256
+    from facefind.db.files import file_sha256
 
     try:
         return file_sha256(model_path)
@@ -516,7 +516,7 @@ def _forget_whole_photos(catalog: Catalog, model_id: int, known: dict[str, Any])
     """For ``--detect-faces``: drop from ``known`` the photos indexed whole (without it), so that
     they are read again and each of their faces becomes an entry; aligned CelebA-style crops,
     which detection keeps whole, stay known."""
-    from trainer.faces import looks_aligned
+    from facefind.indexer.faces.detect import looks_aligned
 
     stale = [path for path, (width, height) in catalog.whole_files(model_id).items()
              if path in known and not (width and height and looks_aligned((height, width)))]
@@ -543,7 +543,7 @@ def _ground_truth(root: Path, files: list[FileEntry]) -> tuple[list[str] | None,
     Only files directly in the annotated image folder get labels (CelebA names are not unique
     across folders). A malformed annotation file is logged and ignored: it must not stop indexing.
     """
-    from trainer.celeba import locate, read_attributes
+    from facefind.trainer.celeba import locate, read_attributes
 
     try:
         loc = locate(root)
@@ -593,6 +593,6 @@ def _sync(catalog: Catalog, index_dir: Path, model_id: int) -> Any:
 
     It is rebuilt when missing, damaged or stale, so a run that indexes nothing still repairs it.
     """
-    from db.snapshot import sync_snapshot
+    from facefind.db.snapshot import sync_snapshot
 
     return sync_snapshot(catalog, index_dir, model_id, reuse_while_indexing=False)  # our run is 'running'

@@ -4,10 +4,10 @@
 
 The reader is one of four modules, one per job:
 
-    indexer.discovery   which files a folder holds, which are unchanged (FileEntry, Failure, discover)
-    trainer.decode      one file -> RGB uint8 pixels (the contract training and predict share)
-    indexer.routing     per chunk: CPU-decoded Pixels or JPEG bytes for nvJPEG (DecodedBatch)
-    indexer.reader      this pool: processes, read-ahead, and surviving a decoder that crashes
+    facefind.indexer.discovery   which files a folder holds, which are unchanged (FileEntry, Failure, discover)
+    facefind.trainer.decode      one file -> RGB uint8 pixels (the contract training and predict share)
+    facefind.indexer.routing     per chunk: CPU-decoded Pixels or JPEG bytes for nvJPEG (DecodedBatch)
+    facefind.indexer.reader      this pool: processes, read-ahead, and surviving a decoder that crashes
 
 A decoder that kills its process (a segfault in a codec, an out-of-memory kill) costs only its
 file: the chunk is retried in a fresh pool, then file by file, and the culprit is recorded as
@@ -28,9 +28,9 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
-from indexer.discovery import Failure, FileEntry
-from indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
-from trainer.decode import DEFAULT_MAX_PIXELS
+from facefind.indexer.discovery import Failure, FileEntry
+from facefind.indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
+from facefind.trainer.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ImageReader:
     """Decode lists of files into ``DecodedBatch`` es of up to ``batch_size`` files, in order.
 
     Each chunk of ``batch_size`` files yields a Pixels batch and, with ``gpu_jpeg``, a Jpegs batch
-    (``indexer.routing``); a batch with neither images nor failures is not yielded.
+    (``facefind.indexer.routing``); a batch with neither images nor failures is not yielded.
 
     ``workers=0`` decodes in this process (simple, used by tests); otherwise each batch is split
     across ``workers`` processes and up to ``prefetch`` batches are decoded ahead of the consumer,
@@ -100,7 +100,7 @@ class ImageReader:
         self.size = (int(size[0]), int(size[1]))
         self.batch_size = batch_size
         if workers is None:
-            from trainer.device import available_cpus  # torch-importing: kept out of the worker processes
+            from facefind.trainer.device import available_cpus  # torch-importing: kept out of the worker processes
 
             workers = available_cpus()
         self.workers = max(0, workers)
@@ -142,7 +142,7 @@ class ImageReader:
             # forkserver: workers are forked from a clean server process, never from this one
             # (which may hold torch threads or CUDA state); torch is imported there once.
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["indexer.routing", "trainer.model", "torchvision.io"])
+            ctx.set_forkserver_preload(["facefind.indexer.routing", "facefind.trainer.model", "torchvision.io"])
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
             )

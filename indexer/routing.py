@@ -1,8 +1,8 @@
 """Device routing: which files the CPU decodes and which travel as JPEG bytes to nvJPEG.
 
 A worker process decodes one chunk of files with ``decode_files``. With ``gpu_jpeg`` a file that
-``trainer.decode.plain_jpeg`` accepts (and no ``FaceFinder`` is asked for) is only read and kept
-encoded; every other file is decoded on the CPU by ``trainer.decode``. So a chunk becomes up to two
+``facefind.trainer.decode.plain_jpeg`` accepts (and no ``FaceFinder`` is asked for) is only read and kept
+encoded; every other file is decoded on the CPU by ``facefind.trainer.decode``. So a chunk becomes up to two
 ``DecodedBatch`` es, each carrying ONE payload:
 
     Pixels(array)   uint8 (n, 3, h, w), decoded on the CPU at the model's size
@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from indexer.discovery import Failure, FileEntry
-from trainer.align import MIN_FACE_PIXELS, Box  # dlib itself loads on first use, in the workers
-from trainer.decode import DEFAULT_MAX_PIXELS, Unreadable, decode_rgb, plain_jpeg, read_bytes, resize_chw
+from facefind.indexer.discovery import Failure, FileEntry
+from facefind.indexer.faces.align import MIN_FACE_PIXELS, Box  # dlib itself loads on first use, in the workers
+from facefind.trainer.decode import DEFAULT_MAX_PIXELS, Unreadable, decode_rgb, plain_jpeg, read_bytes, resize_chw
 
 if TYPE_CHECKING:
     import torch
 
-    from trainer.faces import FaceEntry
+    from facefind.indexer.faces.detect import FaceEntry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class FaceFinder:
     min_size: int = MIN_FACE_PIXELS
 
     def __call__(self, rgb: np.ndarray) -> list[FaceEntry]:
-        from trainer.faces import FaceEntry, faces_of, identity_of
+        from facefind.indexer.faces.detect import FaceEntry, faces_of, identity_of
 
         if self.detect:
             return faces_of(rgb, identity=self.identity, min_size=self.min_size)
@@ -74,7 +74,7 @@ class Pixels:
 
 @dataclass(frozen=True)
 class Jpegs:
-    """Plain JPEG files still encoded, for the device's decoder (``trainer.decode.plain_jpeg`` holds)."""
+    """Plain JPEG files still encoded, for the device's decoder (``facefind.trainer.decode.plain_jpeg`` holds)."""
 
     data: list[bytes]
 
@@ -220,13 +220,13 @@ def on_device(
 ) -> tuple[Rows, torch.Tensor, list[Failure]]:
     """``batch``'s images as one uint8 (N, 3, h, w) tensor on ``device``.
 
-    Pixels are copied over; Jpegs are decoded there (``trainer.decode.decode_jpegs_on_device``:
+    Pixels are copied over; Jpegs are decoded there (``facefind.trainer.decode.decode_jpegs_on_device``:
     nvJPEG on CUDA, falling back to the CPU decoder per file). Returns (rows, pixels, failures)
     in matching order; failures include the batch's own.
     """
     import torch
 
-    from trainer.decode import decode_jpegs_on_device
+    from facefind.trainer.decode import decode_jpegs_on_device
 
     if isinstance(batch.payload, Pixels):
         pixels = torch.from_numpy(batch.payload.array)

@@ -1,7 +1,7 @@
 """Runner stage: decoded uint8 batches -> attribute probabilities and embeddings, one forward pass.
 
 The model and its preprocessing come from the checkpoint, and the forward pass is
-``trainer.predict.infer``, the same one ``predict`` and ``similar`` use, so indexing cannot
+``facefind.indexer.predict.infer``, the same one ``predict`` and ``similar`` use, so indexing cannot
 disagree with them or with training about image size or normalisation. On CUDA the pass runs
 under bf16 autocast; outputs are float32 numpy arrays: probabilities ``(n, K)`` and L2-normalised
 embeddings ``(n, D)``.
@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from trainer.checkpoint import CheckpointMeta
+    from facefind.trainer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Runner:
     """Callable: uint8 ``(n, 3, H, W)`` tensor or array (any device) -> ``(probs, embeddings)``."""
 
     def __init__(self, model: Any, meta: CheckpointMeta, device: torch.device) -> None:
-        from trainer.device import configure
+        from facefind.trainer.device import configure
 
         self.model = model
         self.meta = meta
@@ -40,7 +40,7 @@ class Runner:
         return (int(self.meta.img_size[0]), int(self.meta.img_size[1]))
 
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from trainer.predict import infer
+        from facefind.indexer.predict import infer
 
         return infer(self.model, self.meta, pixels, self.device)
 
@@ -51,7 +51,7 @@ def load_runner(model_path: str | Path, device: torch.device, checkpoint: dict[s
     ``checkpoint`` is the file's dict when the caller has already read it (``read_checkpoint``):
     the file is then not read again.
     """
-    from trainer.checkpoint import build_model, load_checkpoint
+    from facefind.trainer.checkpoint import build_model, load_checkpoint
 
     path = Path(model_path)
     model, meta = build_model(checkpoint if checkpoint is not None else load_checkpoint(path), path, device)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from indexer.discovery import Failure
-from indexer.routing import NO_FACE, Rows
+from facefind.indexer.discovery import Failure
+from facefind.indexer.routing import NO_FACE, Rows
 
 if TYPE_CHECKING:
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class CatalogWriter:
                 self._error = err
 
     def _commit(self, job: WriteJob) -> None:
-        from db.catalog import IndexedImage
+        from facefind.db.catalog import IndexedImage
 
         start = time.perf_counter()
         described = job.rows.identities

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from db.errors import FacefindError
+from facefind.db.errors import FacefindError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ class DemoStep:
 class DemoReport:
     folder: Path
     steps: list[DemoStep] = field(default_factory=list)
-    queries: list[Any] = field(default_factory=list)  # retrieval.engine.Result, one per DEMO_QUERIES
-    quality: list[Any] = field(default_factory=list)  # retrieval.engine.Quality against the labels, likewise
+    queries: list[Any] = field(default_factory=list)  # facefind.retrieval.engine.Result, one per DEMO_QUERIES
+    quality: list[Any] = field(default_factory=list)  # facefind.retrieval.engine.Quality against the labels, likewise
     similar_to: Path | None = None
-    similar: Any = None  # retrieval.engine.Result
+    similar: Any = None  # facefind.retrieval.engine.Result
     galleries: list[Path] = field(default_factory=list)
     model: Path | None = None
     index: Path | None = None
@@ -85,8 +85,8 @@ def run_demo(
 
 
 def _faces(out: Path, n: int, seed: int, emit: Callable[[Any], None]) -> DemoStep:
-    from trainer.celeba import load_celeba
-    from trainer.synth import synthesize
+    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.synth import synthesize
 
     start = time.perf_counter()
     if (out / "list_attr_celeba.txt").is_file():
@@ -113,8 +113,8 @@ def _faces(out: Path, n: int, seed: int, emit: Callable[[Any], None]) -> DemoSte
 
 
 def _train(report: DemoReport, epochs: int, device: str, seed: int, emit: Callable[[Any], None]) -> DemoStep:
-    from trainer.checkpoint import load_checkpoint
-    from trainer.fit import FitConfig, fit
+    from facefind.trainer.checkpoint import load_checkpoint
+    from facefind.trainer.fit import FitConfig, fit
 
     start = time.perf_counter()
     assert report.model is not None and report.faces is not None
@@ -153,7 +153,7 @@ def _train_detail(report: DemoReport) -> str:
 
 
 def _index(report: DemoReport, device: str, emit: Callable[[int, int], None]) -> DemoStep:
-    from indexer.pipeline import index_folder
+    from facefind.indexer.pipeline import index_folder
 
     assert report.faces is not None
     start = time.perf_counter()
@@ -165,8 +165,8 @@ def _index(report: DemoReport, device: str, emit: Callable[[int, int], None]) ->
 
 
 def _search(report: DemoReport, device: str) -> DemoStep:
-    from retrieval.gallery import write_gallery
-    from retrieval.index import open_index
+    from facefind.retrieval.gallery import write_gallery
+    from facefind.retrieval.index import open_index
 
     start = time.perf_counter()
     assert report.index is not None

@@ -5,7 +5,7 @@
 
 Ranking
   * with a reference (``like`` embedding or ``like_id``): cosine similarity over the filtered
-    subset, searched in the snapshot's own vector store (``db.vectors``): the float16 flat file,
+    subset, searched in the snapshot's own vector store (``facefind.db.vectors``): the float16 flat file,
     memory-mapped by FAISS, so no process ever builds an index to answer. Exact by default (a
     selective filter goes through ``IDSelectorBitmap``; a wide one searches everything and drops
     non-matches, widening k until the top is provably exact). Where the snapshot also carries an
@@ -46,9 +46,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from db.errors import CatalogError, FacefindError, ModelError
-from db.snapshot import Snapshot
-from retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
+from facefind.db.errors import CatalogError, FacefindError, ModelError
+from facefind.db.snapshot import Snapshot
+from facefind.retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
                              literal_text, literals, parse, reindex)
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,10 @@ log = logging.getLogger(__name__)
 EPS = 1e-6              # probability clip for log-odds margins
 WEAK_F1 = 0.2           # a bare name whose val F1 (at the set in use) is below this gets a warning
 PARSED_KEPT = 64        # parsed expressions an engine keeps
-THRESHOLD_SETS = ("accuracy", "f1")  # the objectives training calibrates for (trainer.metrics)
+THRESHOLD_SETS = ("accuracy", "f1")  # the objectives training calibrates for (facefind.trainer.metrics)
 BITMAP_FRACTION = 0.10  # filtered similarity search uses a FAISS bitmap below this match fraction
 EXACT_SUBSET = 100_000  # a filter keeping at most this many images is scanned exactly (docs/SCALING.md)
-SAME_PERSON = 0.6       # dlib's same-person distance (trainer.identity.SAME_PERSON; no trainer import here)
+SAME_PERSON = 0.6       # dlib's same-person distance (facefind.indexer.faces.identity.SAME_PERSON; no trainer import here)
 IDENTITY_CHUNK = 65536  # rows converted to float32 at a time when ranking by person
 NO_IDENTITY = ("this index has no identity descriptors: run `facefind index FOLDER --identity` "
                "to add them, then search with --by person")
@@ -392,7 +392,7 @@ class Engine:
         cosine similarity; otherwise by attribute confidence. ``limit=0`` only counts.
         ``thresholds`` names the set bare names use ("f1", "accuracy"; None: the index default).
         ``exact`` forces an exact similarity scan where an approximate index exists; ``nprobe``
-        sets the IVF lists it visits (default ``db.vectors.DEFAULT_NPROBE``: more is slower and
+        sets the IVF lists it visits (default ``facefind.db.vectors.DEFAULT_NPROBE``: more is slower and
         closer). ``person`` (a 128-D identity descriptor) or ``person_id`` ranks by identity
         distance, always exactly, over the matches that have a descriptor (``total`` counts only those).
         """
@@ -477,8 +477,8 @@ class Engine:
         """The snapshot's flat store as a FAISS index: memory-mapped from its file (nothing is
         built or copied), or wrapped around ``emb`` for a snapshot that lives only in memory."""
         if self._vectors is None:
-            from db import vectors
-            from db.snapshot import VECTORS
+            from facefind.db import vectors
+            from facefind.db.snapshot import VECTORS
 
             folder = self.snapshot.folder
             if folder is None:
@@ -499,8 +499,8 @@ class Engine:
             self._approx = False
             folder = self.snapshot.folder
             if self.snapshot.approximate and folder is not None:
-                from db import vectors
-                from db.snapshot import APPROX
+                from facefind.db import vectors
+                from facefind.db.snapshot import APPROX
 
                 try:
                     self._approx = vectors.open_approx(folder / APPROX)
@@ -527,7 +527,7 @@ class Engine:
                         nprobe: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Candidates from the approximate index (only rows passing ``mask``), re-scored exactly
         from the flat store; None when the visited lists held fewer than ``need`` matches."""
-        from db import vectors
+        from facefind.db import vectors
 
         with _faiss_threads(vectors.configure_faiss(), 1):
             cand = vectors.approx_candidates(index, q, max(vectors.RERANK, 2 * need), nprobe=nprobe,

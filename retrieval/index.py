@@ -2,7 +2,7 @@
 
 ``query``, ``similar``, ``predict``, the demo and any web page use this one entry point. Opening it
 never imports torch; ``embed`` (a reference image) loads the index's own checkpoint lazily, checked
-to be the very file the index was built with, and decodes the image with ``trainer.decode``
+to be the very file the index was built with, and decodes the image with ``facefind.trainer.decode``
 (through ``Predictor``), the indexer's decoder, so that one-off images get exactly the pixels
 indexed ones got. The checkpoint's path and sha256 come from the snapshot's manifest (no catalog
 round trip), and the file is hashed again only when its size or mtime differ from those recorded
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from db.errors import CatalogError, FacefindError, ImageError, ModelError
+from facefind.db.errors import CatalogError, FacefindError, ImageError, ModelError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from db.catalog import Catalog
-    from retrieval.engine import Engine, Quality, Result
-    from trainer.predict import Predictor
+    from facefind.db.catalog import Catalog
+    from facefind.retrieval.engine import Engine, Quality, Result
+    from facefind.indexer.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class OpenIndex:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            from db.catalog import Catalog
+            from facefind.db.catalog import Catalog
 
             self._catalog = Catalog.open(self.index_dir, create=False)
         return self._catalog
@@ -78,16 +78,16 @@ class OpenIndex:
 
     def require_identity(self) -> None:
         """CatalogError saying to run ``index --identity`` when the index has no identity descriptors."""
-        from retrieval.engine import NO_IDENTITY
+        from facefind.retrieval.engine import NO_IDENTITY
 
         if self.engine.identity is None:
             raise CatalogError(NO_IDENTITY)
 
     def describe(self, image: Path) -> np.ndarray:
-        """The 128-D identity descriptor of the largest face in an image file (``trainer.faces``,
+        """The 128-D identity descriptor of the largest face in an image file (``facefind.indexer.faces.detect``,
         the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
-        from trainer.decode import read_rgb
-        from trainer.faces import identity_of
+        from facefind.trainer.decode import read_rgb
+        from facefind.indexer.faces.detect import identity_of
 
         found = identity_of(read_rgb(image))
         if found is None:
@@ -98,7 +98,7 @@ class OpenIndex:
     def quality(self, result: Result) -> Quality:
         """Precision@k, precision/recall of all matches and the base rate, against the ground-truth
         labels stored in the catalog (CatalogError when the index holds none for the expression)."""
-        from retrieval.query import literals
+        from facefind.retrieval.query import literals
 
         if result.node is None:
             raise FacefindError("--eval needs an expression to check against the labels")
@@ -112,19 +112,19 @@ class OpenIndex:
 
 
 def open_index(index_dir: Path | None = None) -> OpenIndex:
-    """Open the index (default ``db.paths.default_index_dir()``) and its snapshot, rebuilding
+    """Open the index (default ``facefind.db.paths.default_index_dir()``) and its snapshot, rebuilding
     stale sidecar files; CatalogError saying to run `facefind index` when missing or empty."""
-    from db.paths import default_index_dir
-    from db.snapshot import current_snapshot_fast
-    from retrieval.engine import Engine
+    from facefind.db.paths import default_index_dir
+    from facefind.db.snapshot import current_snapshot_fast
+    from facefind.retrieval.engine import Engine
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     snapshot = current_snapshot_fast(folder)
     if snapshot is not None:
         return OpenIndex(Engine(snapshot), folder)
 
-    from db.catalog import Catalog
-    from db.snapshot import sync_snapshot
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import sync_snapshot
 
     catalog = Catalog.open(folder, create=False)
     try:
@@ -136,8 +136,8 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
 
 
 def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:
-    """A ``Predictor`` for ``model_path`` (it decodes with ``trainer.decode``, as the indexer does)."""
-    from trainer.predict import Predictor
+    """A ``Predictor`` for ``model_path`` (it decodes with ``facefind.trainer.decode``, as the indexer does)."""
+    from facefind.indexer.predict import Predictor
 
     return Predictor(model_path, device)
 
@@ -145,8 +145,8 @@ def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> 
 def default_model_path(index_dir: Path | None = None) -> Path:
     """The model to predict with when none is given: the newest one in the index, else the newest
     checkpoint in the models folder; ModelError saying what to do when there is neither."""
-    from db.catalog import latest_checkpoint
-    from db.paths import default_index_dir, default_models_dir
+    from facefind.db.catalog import latest_checkpoint
+    from facefind.db.paths import default_index_dir, default_models_dir
 
     index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     recorded = latest_checkpoint(index_dir)
@@ -172,7 +172,7 @@ def index_checkpoint(checkpoint: str | None, sha256: str, stat: tuple[int, int] 
     records it at publish time): an unchanged stat skips hashing (~0.1-0.5 s per query for a
     CelebA-size checkpoint); any difference hashes the file.
     """
-    from db.files import file_sha256
+    from facefind.db.files import file_sha256
 
     if not checkpoint:
         raise ModelError(f"the index does not record where {what} is stored: "

@@ -27,7 +27,7 @@ from typing import Callable, Sequence, TypeVar, Union
 
 import numpy as np
 
-from db.errors import QuerySyntaxError
+from facefind.db.errors import QuerySyntaxError
 
 MAX_LENGTH = 2000   # characters; longer input is refused before tokenising
 MAX_DEPTH = 64      # nesting of parentheses and 'not'

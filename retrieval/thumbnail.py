@@ -1,7 +1,7 @@
 """One way to make a thumbnail: decode as the indexer did, cut out the face, shrink, JPEG.
 
 The web page's cached thumbnails and the HTML gallery both use it, so a hit looks the same in
-both and shows what was indexed: the file is decoded by ``trainer.decode`` (EXIF and XMP
+both and shows what was indexed: the file is decoded by ``facefind.trainer.decode`` (EXIF and XMP
 orientation, CMYK, alpha, 16-bit, bombs refused), and a face entry of a photo (one with a box,
 from ``index --detect-faces``) shows that face with some of its surroundings rather than the
 whole group photo.

@@ -2,7 +2,7 @@
 
     python scripts/celeba_template.py ../shared/celeba-sample/img_align_celeba [--limit N]
 
-Runs trainer.align's own detector and 5-point predictor (the ones alignment uses at run time)
+Runs facefind.indexer.faces.align's own detector and 5-point predictor (the ones alignment uses at run time)
 over every 178x218 crop in the folder and prints ``CELEBA_TEMPLATE`` as Python to paste into
 trainer/align.py, with how many crops had a detection and the per-point spread. Users have no
 CelebA sample, so the measured constants live in the code; this script is how they were made.
@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.align import CELEBA_SIZE, detect, landmarks  # noqa: E402
+from facefind.indexer.faces.align import CELEBA_SIZE, detect, landmarks  # noqa: E402
 
 
 def measure(folder: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.align import apply_transform, find_faces, warp  # noqa: E402
-from trainer.celeba import load_celeba  # noqa: E402
+from facefind.indexer.faces.align import apply_transform, find_faces, warp  # noqa: E402
+from facefind.trainer.celeba import load_celeba  # noqa: E402
 
 CANVAS = (480, 480)
 
@@ -75,7 +75,7 @@ def _rgb(path: Path) -> np.ndarray:
 
 
 def measure_align(sample: Path, model: Path, n: int, haar: Path | None) -> dict:
-    from trainer.predict import Predictor
+    from facefind.indexer.predict import Predictor
 
     data = load_celeba(sample)
     val = data.indices("val")[:n]
@@ -147,8 +147,8 @@ def measure_align(sample: Path, model: Path, n: int, haar: Path | None) -> dict:
 
 
 def measure_identity(sample: Path, model: Path, people: int) -> dict:
-    from trainer.identity import describe
-    from trainer.predict import Predictor
+    from facefind.indexer.faces.identity import describe
+    from facefind.indexer.predict import Predictor
 
     data = load_celeba(sample)
     assert data.identities is not None
@@ -198,8 +198,8 @@ def _timed(work) -> tuple[object, float, float]:
 
 
 def measure_speed(sample: Path, n: int, haar: Path | None) -> dict:
-    from trainer.identity import check_model, describe
-    from trainer.align import check_models
+    from facefind.indexer.faces.identity import check_model, describe
+    from facefind.indexer.faces.align import check_models
 
     data = load_celeba(sample)
     rng = np.random.default_rng(1)

@@ -45,8 +45,8 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.align import find_faces  # noqa: E402
-from trainer.celeba import load_celeba  # noqa: E402
+from facefind.indexer.faces.align import find_faces  # noqa: E402
+from facefind.trainer.celeba import load_celeba  # noqa: E402
 
 CROP = (178, 218)            # (width, height) of CelebA's aligned crops
 MEAN_CROP_BOX = (43, 84, 93, 94)  # HOG's box on an aligned crop, mean over the sample (fallback)
@@ -191,9 +191,9 @@ def compose(sample: Path, folder: Path, n_photos: int, canvas: tuple[int, int], 
 
 
 def facefind_argv() -> list[str]:
-    """How to run the CLI here: the venv's ``facefind`` script, else ``python -m retrieval.cli``."""
+    """How to run the CLI here: the venv's ``facefind`` script, else ``python -m facefind.retrieval.cli``."""
     script = Path(sys.executable).with_name("facefind")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "retrieval.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "facefind.retrieval.cli"]
 
 
 @dataclass
@@ -260,7 +260,7 @@ class InProcess:
     def __init__(self, commands: list[str]) -> None:
         from typer.testing import CliRunner
 
-        from retrieval.cli import app
+        from facefind.retrieval.cli import app
 
         self.app, self.runner, self.commands = app, CliRunner(), commands
 

@@ -2,7 +2,7 @@
 
     python scripts/screenshot_faces.py [--out docs/faces.png] [--work DIR] [--chromium PATH]
 
-Synthetic faces only (trainer.synth, the ones dlib's HOG finds, see tests/helpers.py): a group
+Synthetic faces only (facefind.trainer.synth, the ones dlib's HOG finds, see tests/helpers.py): a group
 photo of four, a pair, and aligned crops, one of them the same picture as a group face. They are
 indexed one entry per face (`facefind index --detect-faces --identity`, with a freshly calibrated
 tiny model: its attributes mean nothing, the faces and boxes are real detections), served by
@@ -38,7 +38,7 @@ def build(work: Path) -> tuple[Path, dict[str, list[dict]]]:
     """The photos and their index under ``work``; the index's entries by file name."""
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from facefind.retrieval.cli import app
 
     faces, model = detectable_faces(work, n=16, seed=5)
     folder = work / "photos"
@@ -68,14 +68,14 @@ def build(work: Path) -> tuple[Path, dict[str, list[dict]]]:
 def shoot(index: Path, entries: dict[str, list[dict]], out: Path, chromium: str | None) -> None:
     from playwright.sync_api import sync_playwright
 
-    from retrieval.web.bench import CHROMIUM_ARGS, Served, chromium_binary
+    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, Served, chromium_binary
 
     binary = chromium or chromium_binary()
     if binary is None:
         raise SystemExit("no Chromium binary: apt-get install -y --no-install-recommends chromium (or --chromium)")
     group = sorted(entries["group.jpg"], key=lambda h: h["face"])
     target = next(h for h in group if h["box"][0] > 200 and h["box"][0] < 450)  # GROUP's face 1
-    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(index),
+    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", str(index),
             "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)

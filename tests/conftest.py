@@ -39,7 +39,7 @@ SYNTH_SEED = 1
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CelebA folder (original layout, 2,000 faces, seed 1, all three splits)."""
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "synth-faces"
     synthesize(root, n=SYNTH_N, seed=SYNTH_SEED)
@@ -53,7 +53,7 @@ def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
     The checkpoint is ``result.checkpoint``; its image cache lives in a session temp folder.
     """
 
-    from trainer.fit import FitConfig, fit
+    from facefind.trainer.fit import FitConfig, fit
 
     work = tmp_path_factory.mktemp("trained")
     config = FitConfig(

@@ -20,9 +20,9 @@ def tiny_checkpoint(path: Path, attributes: Sequence[str], *, calibrate: Sequenc
     import torch
     from torch import nn
 
-    from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.decode import decode_paths
-    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
+    from facefind.trainer.checkpoint import CheckpointMeta, save_checkpoint
+    from facefind.trainer.decode import decode_paths
+    from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model, preprocess
 
     torch.manual_seed(seed)
     model = create_model("mobilenet_v3_small", len(attributes), embedding_dim=dim)
@@ -63,10 +63,10 @@ def build_synthetic_index(base: Path, n: int, seed: int = 5,
                           adjust: Callable[[Path, Sequence[str]], None] | None = None) -> Built:
     """``n`` synthetic faces -> a calibrated tiny checkpoint (``adjust(path, attributes)`` may rewrite
     it) -> ``index_folder`` into ``base/index``, with every stored probability and label read back."""
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
-    from trainer.celeba import read_attributes
-    from trainer.synth import synthesize
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.pipeline import index_folder
+    from facefind.trainer.celeba import read_attributes
+    from facefind.trainer.synth import synthesize
 
     root = base / "celeba"
     synthesize(root, n=n, seed=seed)
@@ -136,9 +136,9 @@ def detectable_faces(base: Path, n: int = 14, seed: int = 5) -> tuple[list[np.nd
     """Synthetic faces that dlib's HOG detector finds (each alone), and a tiny model calibrated on all."""
     from PIL import Image
 
-    from trainer.align import find_faces
-    from trainer.celeba import read_attributes
-    from trainer.synth import synthesize
+    from facefind.indexer.faces.align import find_faces
+    from facefind.trainer.celeba import read_attributes
+    from facefind.trainer.synth import synthesize
 
     synthesize(base / "synth", n=n, seed=seed)
     images = sorted((base / "synth" / "img_align_celeba").glob("*.jpg"))

@@ -41,9 +41,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 def _serve(index: Path):
     """A real ``facefind serve`` over ``index`` on a free loopback port, for a fixture to yield."""
-    from retrieval.web.bench import Served
+    from facefind.retrieval.bench.serve import Served
 
-    args = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", str(index),
+    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", str(index),
             "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
         yield served
@@ -86,7 +86,7 @@ def api(server, path: str, **params) -> dict:
 
 @pytest.fixture(scope="module")
 def browser():
-    from retrieval.web.bench import CHROMIUM_ARGS, chromium_binary
+    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, chromium_binary
 
     binary = chromium_binary()
     if binary is None:
@@ -453,11 +453,11 @@ def test_the_model_page_draws_metrics_and_curves(page, built: Built) -> None:
 def test_screenshot(page, server, tmp_path: Path) -> None:
     """The README's screenshot: saved to $FACEFIND_SCREENSHOT when set, of the index at
     $FACEFIND_SCREENSHOT_INDEX when set (docs/serve.png shows the demo's index)."""
-    from retrieval.web.bench import Served
+    from facefind.retrieval.bench.serve import Served
 
     expr = os.environ.get("FACEFIND_SCREENSHOT_QUERY", "Smiling and not Male")
     other = os.environ.get("FACEFIND_SCREENSHOT_INDEX")
-    served = (Served([sys.executable, "-c", "from retrieval.cli import main; main()", "serve", "--index", other,
+    served = (Served([sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", other,
                       "--port", "0"], timeout=180) if other else None)
     try:
         where = served or server
@@ -486,9 +486,9 @@ def test_screenshot(page, server, tmp_path: Path) -> None:
 def test_a_huge_result_scrolls_by_offset_with_a_bounded_dom(browser, built: Built, tmp_path: Path) -> None:
     """20,000 synthetic matches (the grid is the same at 150,000): the scrollbar spans them all,
     a jump fetches the page at that offset, and only the rows near the viewport exist."""
-    from retrieval.web.bench import PAINTED_JS, Served
+    from facefind.retrieval.bench.serve import PAINTED_JS, Served
 
-    args = [sys.executable, "-c", "from retrieval.web.bench import serve_main; serve_main()", "20000", "0",
+    args = [sys.executable, "-c", "from facefind.retrieval.bench.serve import serve_main; serve_main()", "20000", "0",
             str(built.root / "img_align_celeba"), str(tmp_path / "thumbs")]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as big:
         want = api(big, "/api/query", q="not Bald", limit=0)["total"]
@@ -517,7 +517,7 @@ def test_a_huge_result_scrolls_by_offset_with_a_bounded_dom(browser, built: Buil
 
 
 def test_concurrent_clients_get_no_errors(server, built: Built) -> None:
-    from retrieval.web.bench import load_run, mixed_requests
+    from facefind.retrieval.bench.serve import load_run, mixed_requests
 
     ids = sorted(built.ids.values())
     result = load_run(server, mixed_requests(ids, ["Male", "Smiling and not Young", "Eyeglasses or Bald"]),

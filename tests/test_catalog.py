@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from db.catalog import Catalog, IndexedImage, normalize_path
-from db.errors import CatalogError
+from facefind.db.catalog import Catalog, IndexedImage, normalize_path
+from facefind.db.errors import CatalogError
 
 K, D = 5, 8
 NAMES = [f"Attr_{i}" for i in range(K)]
@@ -403,7 +403,7 @@ def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
     """A version step as a future facefind adds one (a column from the table definitions, a new
     table), from today's version: the catalog opens, keeps its rows and id, and ends with the
     schema a new catalog gets."""
-    import db.catalog as dbc
+    import facefind.db.catalog as dbc
 
     old, model = _v1_catalog(tmp_path)
     images = dbc.images
@@ -441,7 +441,7 @@ def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
 def test_catalogs_this_facefind_cannot_read_say_what_to_run(
     catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import db.catalog as dbc
+    import facefind.db.catalog as dbc
 
     _v1_catalog(tmp_path)
     now = dbc.SCHEMA_VERSION

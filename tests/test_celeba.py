@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from db.errors import DatasetError
-from retrieval.cli import app
-from trainer.celeba import load_celeba, read_attributes
+from facefind.db.errors import DatasetError
+from facefind.retrieval.cli import app
+from facefind.trainer.celeba import load_celeba, read_attributes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 NAMES = ["5_o_Clock_Shadow", "Eyeglasses", "Male"]

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from db.catalog import Catalog, IndexedImage
-from db.snapshot import load_snapshot, sync_snapshot, write_snapshot
-from retrieval.cli import app
+from facefind.db.catalog import Catalog, IndexedImage
+from facefind.db.snapshot import load_snapshot, sync_snapshot, write_snapshot
+from facefind.retrieval.cli import app
 
 K, D, N = 3, 8, 12
 NAMES = ["Male", "Smiling", "Eyeglasses"]
@@ -77,7 +77,7 @@ def sql(idx: Path, *statements: str) -> list[tuple]:
 
 
 def snapshot_matches_catalog(idx: Path) -> None:
-    from db.vectors import open_flat
+    from facefind.db.vectors import open_flat
 
     with Catalog.open(idx, create=False) as catalog:
         stamp, preds = catalog.export(1)
@@ -118,7 +118,7 @@ def _delete_faiss(b: dict) -> None:
 
 def _faiss_with_other_vectors(b: dict) -> None:
     """Same shape, other rows (rows swapped): only the manifest's CRC-32 can tell."""
-    from db.vectors import write_flat
+    from facefind.db.vectors import write_flat
 
     snap = load_snapshot(b["idx"], 1)
     write_flat(snap.folder / "vectors.faiss", np.array(snap.emb)[::-1])
@@ -349,7 +349,7 @@ def test_every_damaged_page_gives_a_result_or_one_line(built: dict) -> None:
 
 @pytest.mark.parametrize("damage", ["garbage", "delete"])
 def test_a_damaged_or_missing_approximate_index_is_found_and_rebuilt(tmp_path: Path, damage: str) -> None:
-    from db.check import check_index
+    from facefind.db.check import check_index
 
     idx, n = tmp_path / "index", 1200
     rng = np.random.default_rng(2)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import Built, build_synthetic_index  # noqa: E402
@@ -190,7 +190,7 @@ def test_like_id_and_predict_agree_with_the_index(built: Built) -> None:
 
 
 def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     one_line_error(run("query", "Male", "--index", tmp_path / "nowhere"), "facefind index")
     Catalog.open(tmp_path / "empty").close()
@@ -199,7 +199,7 @@ def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
 
 
 def test_index_without_labels_or_checkpoint(built: Built, tmp_path: Path) -> None:
-    from db.catalog import Catalog, IndexedImage
+    from facefind.db.catalog import Catalog, IndexedImage
 
     rng = np.random.default_rng(0)
     with Catalog.open(tmp_path / "bare") as catalog:
@@ -218,7 +218,7 @@ def test_index_without_labels_or_checkpoint(built: Built, tmp_path: Path) -> Non
 
 _PROBE = """
 import json, sys
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 try:
     app(sys.argv[1:])
 except SystemExit as err:
@@ -243,9 +243,9 @@ def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: P
     """The SQLAlchemy-free shortcut of the query path is used only while the snapshot is current."""
     import shutil
 
-    from db.catalog import Catalog, IndexedImage
-    from db.snapshot import current_snapshot_fast
-    from retrieval.index import open_index
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.db.snapshot import current_snapshot_fast
+    from facefind.retrieval.index import open_index
 
     index = tmp_path / "index"
     shutil.copytree(built.index, index)
@@ -270,8 +270,8 @@ def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: P
 def two_sets(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, float]]]:
     """The same faces indexed with a checkpoint that carries an accuracy and an F1 set (F1's lower),
     and val figures that make Oval_Face a weak attribute."""
-    from indexer.pipeline import index_folder
-    from trainer.checkpoint import load_checkpoint
+    from facefind.indexer.pipeline import index_folder
+    from facefind.trainer.checkpoint import load_checkpoint
 
     base = tmp_path_factory.mktemp("two-sets")
     payload = load_checkpoint(built.model)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.cuda
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     root = tmp_path_factory.mktemp("cuda") / "faces"
     synthesize(root, n=96, seed=4)
@@ -33,8 +33,8 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resolve_device_and_cuda_switches() -> None:
     import torch
 
-    from db.errors import FacefindError
-    from trainer.device import configure, describe_device, resolve_device
+    from facefind.db.errors import FacefindError
+    from facefind.trainer.device import configure, describe_device, resolve_device
 
     dev = resolve_device("auto")
     assert dev.type == "cuda" and describe_device(dev).startswith("cuda:")
@@ -47,8 +47,8 @@ def test_resolve_device_and_cuda_switches() -> None:
 def test_resident_and_streamed_cache_batches_equal_the_cache(faces: Path, tmp_path: Path) -> None:
     import torch
 
-    from trainer.celeba import load_celeba
-    from trainer.data import DeviceImages, build_cache
+    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.data import DeviceImages, build_cache
 
     ds = load_celeba(faces)
     cache = build_cache(ds.paths, (32, 32), root=ds.root, cache_dir=tmp_path / "cache", workers=1)
@@ -71,8 +71,8 @@ def test_training_on_cuda_learns(synth_dataset: Path, tmp_path: Path) -> None:
     """bf16 autocast, channels_last and the GPU-resident cache, through the real ``fit``."""
     import torch
 
-    from trainer.checkpoint import load_model
-    from trainer.fit import FitConfig, fit
+    from facefind.trainer.checkpoint import load_model
+    from facefind.trainer.fit import FitConfig, fit
 
     config = FitConfig(
         data=synth_dataset, out=tmp_path / "model.pt", arch="mobilenet_v3_small", img_size=64, epochs=6,
@@ -91,12 +91,12 @@ def test_training_on_cuda_learns(synth_dataset: Path, tmp_path: Path) -> None:
 def test_cuda_inference_is_bf16_and_agrees_with_the_cpu(faces: Path, tmp_path: Path) -> None:
     import torch
 
-    from trainer.celeba import read_attributes
-    from trainer.checkpoint import load_model
-    from trainer.decode import decode_paths
-    from trainer.device import autocast
-    from trainer.model import preprocess
-    from trainer.predict import infer
+    from facefind.trainer.celeba import read_attributes
+    from facefind.trainer.checkpoint import load_model
+    from facefind.trainer.decode import decode_paths
+    from facefind.trainer.device import autocast
+    from facefind.trainer.model import preprocess
+    from facefind.indexer.predict import infer
 
     images = sorted((faces / "img_align_celeba").glob("*.jpg"))
     path = tiny_checkpoint(tmp_path / "m.pt", read_attributes(faces / "list_attr_celeba.txt").attributes,
@@ -119,9 +119,9 @@ def test_cuda_inference_is_bf16_and_agrees_with_the_cpu(faces: Path, tmp_path: P
 
 def test_index_on_cuda_agrees_with_the_cpu_index(faces: Path, tmp_path: Path) -> None:
     """nvJPEG decoding + bf16 inference on the GPU against PIL + fp32 on the CPU, file by file."""
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
-    from trainer.celeba import read_attributes
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.pipeline import index_folder
+    from facefind.trainer.celeba import read_attributes
 
     images = sorted((faces / "img_align_celeba").glob("*.jpg"))
     path = tiny_checkpoint(tmp_path / "m.pt", read_attributes(faces / "list_attr_celeba.txt").attributes,
@@ -140,8 +140,8 @@ def test_index_on_cuda_agrees_with_the_cpu_index(faces: Path, tmp_path: Path) ->
 
 
 def test_benchmarks_on_cuda_compare_at_the_same_precision(tmp_path: Path) -> None:
-    from indexer.bench_index import run_index_bench
-    from trainer.bench_train import run_train_bench
+    from facefind.retrieval.bench.index import run_index_bench
+    from facefind.retrieval.bench.train import run_train_bench
 
     train = run_train_bench(arch="mobilenet_v3_small", n=80, img_size=32, batch_size=8, steps=2, warmup=1,
                             device="cuda", workers=0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
-from retrieval.demo import DEMO_QUERIES, run_demo
+from facefind.retrieval.cli import app
+from facefind.retrieval.demo import DEMO_QUERIES, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_demo_runs_end_to_end_then_reuses_everything(tmp_path: Path) -> None:
 
 
 def test_demo_refuses_a_folder_made_with_another_size(tmp_path: Path) -> None:
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     synthesize(tmp_path / "faces", n=250, seed=1)
     result = CliRunner().invoke(app, ["demo", "--dir", str(tmp_path), "--n", "200", "--device", "cpu"])

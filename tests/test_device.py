@@ -1,4 +1,4 @@
-"""CPU thread choice (trainer.device): what other processes keep busy decides how many threads torch gets.
+"""CPU thread choice (facefind.trainer.device): what other processes keep busy decides how many threads torch gets.
 
 One OpenMP thread per core is 10-100x slower than fewer threads when another process holds a
 core, so the count is chosen from the cores left idle, unless the user chose (--threads or
@@ -12,8 +12,8 @@ from typing import Iterator
 import pytest
 import torch
 
-from db.errors import FacefindError
-from trainer import device
+from facefind.db.errors import FacefindError
+from facefind.trainer import device
 
 
 @pytest.fixture

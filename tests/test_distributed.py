@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 import torch
 
-from db.errors import FacefindError
-from trainer import distributed
-from trainer.data import AugmentConfig, training_input
+from facefind.db.errors import FacefindError
+from facefind.trainer import distributed
+from facefind.trainer.data import AugmentConfig, training_input
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_checkpoint  # noqa: E402
@@ -50,7 +50,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 def _torchrun(*args: str) -> list[str]:
     # --standalone: a private rendezvous on a free port, so parallel test workers never collide.
-    return [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "retrieval.cli",
+    return [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "facefind.retrieval.cli",
             *args]
 
 
@@ -73,7 +73,7 @@ def test_file_shards_are_stable_balanced_and_independent_of_python_hash(tmp_path
     counts = np.bincount(here, minlength=4)
     assert counts.min() > 900, counts  # 1000 each, give or take
     # Another interpreter with another hash seed assigns every file the same shard.
-    code = ("import sys, json; from trainer.distributed import shard_of; "
+    code = ("import sys, json; from facefind.trainer.distributed import shard_of; "
             "print(json.dumps([shard_of(l.strip(), 4) for l in sys.stdin]))")
     out = subprocess.run([sys.executable, "-c", code], input="\n".join(names), capture_output=True, text=True,
                          env={**_env(tmp_path), "PYTHONHASHSEED": "12345"}, cwd=ROOT, check=True)
@@ -110,8 +110,8 @@ def test_ranks_see_exactly_the_images_one_process_augments() -> None:
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tmp_path: Path) -> None:
     """torchrun --nproc_per_node 2 (gloo) against one process, same global batch 32 and seed."""
-    from trainer.fit import FitConfig, fit
-    from trainer.synth import synthesize
+    from facefind.trainer.fit import FitConfig, fit
+    from facefind.trainer.synth import synthesize
 
     data = tmp_path / "synth"
     synthesize(data, n=320, seed=4)
@@ -155,7 +155,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cli(*args: str | Path) -> None:
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from facefind.retrieval.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -163,7 +163,7 @@ def _cli(*args: str | Path) -> None:
 
 def _predictions(idx: Path) -> dict[str, np.ndarray]:
     """{path: probabilities} from the catalog; each path must be there once."""
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     with Catalog.open(idx, create=False) as catalog:
         info = catalog.info()
@@ -174,7 +174,7 @@ def _predictions(idx: Path) -> dict[str, np.ndarray]:
 
 def _published(idx: Path) -> set[str]:
     """The paths a query sees now (the live snapshot, opened as `facefind query` opens it)."""
-    from retrieval.index import open_index
+    from facefind.retrieval.index import open_index
 
     opened = open_index(idx)
     try:
@@ -184,7 +184,7 @@ def _published(idx: Path) -> set[str]:
 
 
 def _count(idx: Path) -> int:
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     try:
         with Catalog.open(idx, create=False) as catalog:
@@ -219,7 +219,7 @@ _SLOW_WRITER = (
     "    time.sleep(0.4)\n"
     "writer.CatalogWriter._commit = slow\n"
     "sys.argv = ['facefind', *sys.argv[1:]]\n"
-    "runpy.run_module('retrieval.cli', run_name='__main__')\n"
+    "runpy.run_module('facefind.retrieval.cli', run_name='__main__')\n"
 )
 
 
@@ -261,7 +261,7 @@ def test_shards_with_a_killed_one_index_every_file_once_like_one_process(
     assert _published(sharded) == previous
     from typer.testing import CliRunner
 
-    from retrieval.cli import app
+    from facefind.retrieval.cli import app
 
     early_finalize = CliRunner().invoke(app, ["index", str(folder), "--index", str(sharded), "--finalize"])
     assert early_finalize.exit_code == 1

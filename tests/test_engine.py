@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db.errors import CatalogError, FacefindError, ModelError, QuerySyntaxError
-from db.snapshot import Snapshot
-from retrieval.bench_query import EXPRESSIONS, run_query_bench, synthetic_snapshot
-from retrieval.engine import Engine, top_order
-from retrieval.query import evaluate, parse
+from facefind.db.errors import CatalogError, FacefindError, ModelError, QuerySyntaxError
+from facefind.db.snapshot import Snapshot
+from facefind.retrieval.bench.query import EXPRESSIONS, run_query_bench, synthetic_snapshot
+from facefind.retrieval.engine import Engine, top_order
+from facefind.retrieval.query import evaluate, parse
 
 
 def make_snapshot(probs, ids=None, thresholds=None, emb=None, names=("A", "B")) -> Snapshot:
@@ -301,9 +301,9 @@ def test_quality_on_synthetic_index_beats_base_rate(synth) -> None:
 def test_query_path_imports_neither_torch_nor_faiss() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from retrieval.engine import Engine\n"
-        "from retrieval.bench_query import synthetic_snapshot\n"
-        "import retrieval.gallery\n"
+        "from facefind.retrieval.engine import Engine\n"
+        "from facefind.retrieval.bench.query import synthetic_snapshot\n"
+        "import facefind.retrieval.gallery\n"
         "e = Engine(synthetic_snapshot(n=200, d=8)[0])\n"
         "assert e.query('Male and not Young').total > 0\n"
         "assert 'torch' not in sys.modules and 'faiss' not in sys.modules, 'heavy import'\n"
@@ -400,7 +400,7 @@ def test_a_one_set_index_falls_back_and_says_so_once(caplog) -> None:
     old = make_snapshot([[0.9, 0.2], [0.1, 0.8]], thresholds=[0.5, 0.5])  # no sets: an older index
     engine = Engine(old)
     assert engine.default_thresholds == "accuracy" and list(engine.threshold_sets) == ["accuracy"]
-    with caplog.at_level("WARNING", logger="retrieval.engine"):
+    with caplog.at_level("WARNING", logger="facefind.retrieval.engine"):
         first = engine.query("A")
         again = engine.query("A", thresholds="f1")
         engine.query("B")
@@ -409,7 +409,7 @@ def test_a_one_set_index_falls_back_and_says_so_once(caplog) -> None:
 
 
 def test_query_takes_a_parsed_node_and_quality_does_not_reparse(monkeypatch) -> None:
-    import retrieval.engine as engine_module
+    import facefind.retrieval.engine as engine_module
 
     engine = Engine(two_set_snapshot())
     real_parse, calls = engine_module.parse, []

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from retrieval.cli import app
-from trainer.metrics import (
+from facefind.retrieval.cli import app
+from facefind.trainer.metrics import (
     average_precision,
     calibrate_thresholds,
     compute_metrics,
@@ -140,7 +140,7 @@ def test_evaluate_json_schema_and_agreement_with_training(trained_model, synth_d
         assert set(row) == PER_ATTRIBUTE
         assert 0 <= row["accuracy"] <= 1 and isinstance(row["support"], int)
     thresholds = [row["threshold"] for row in report["per_attribute"].values()]
-    from trainer.checkpoint import load_model
+    from facefind.trainer.checkpoint import load_model
 
     assert thresholds == load_model(trained_model.checkpoint)[1].thresholds
     # the same preprocessing as training: evaluate reproduces fit's own test numbers
@@ -159,7 +159,7 @@ def test_evaluate_json_schema_and_agreement_with_training(trained_model, synth_d
 
 
 def test_evaluate_val_reproduces_the_training_val_numbers(trained_model, synth_dataset: Path, tmp_path: Path) -> None:
-    from trainer.evaluate import evaluate_checkpoint
+    from facefind.trainer.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(trained_model.checkpoint, synth_dataset, "val", device="cpu",
                                  cache_dir=tmp_path / "cache", workers=1)
@@ -180,8 +180,8 @@ def test_evaluate_table_shows_the_study_as_theirs(trained_model, synth_dataset: 
 
 
 def test_compare_shows_models_side_by_side(trained_model, synth_dataset: Path, tmp_path: Path) -> None:
-    from trainer.checkpoint import load_model, save_checkpoint
-    from trainer.model import create_model
+    from facefind.trainer.checkpoint import load_model, save_checkpoint
+    from facefind.trainer.model import create_model
 
     _, meta = load_model(trained_model.checkpoint)
     torch.manual_seed(1)
@@ -206,7 +206,7 @@ def test_compare_shows_models_side_by_side(trained_model, synth_dataset: Path, t
 
 
 def test_evaluate_refuses_data_without_the_models_attributes(trained_model, tmp_path: Path) -> None:
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     data = tmp_path / "faces"
     synthesize(data, n=12, seed=5)

@@ -1,5 +1,5 @@
-"""Face detection, CelebA-style alignment and the identity descriptor (``trainer.faces``,
-``trainer.align``, ``trainer.identity``).
+"""Face detection, CelebA-style alignment and the identity descriptor (``facefind.indexer.faces.detect``,
+``facefind.indexer.faces.align``, ``facefind.indexer.faces.identity``).
 
 dlib's HOG detector fires on the drawn synthetic faces (39 of 40 in a check), so detection,
 landmarks and the warp are tested on synthetic faces in tmp_path; only the identity check, which
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from db.errors import ImageError, ModelError
-from trainer import align
-from trainer.align import (CELEBA_SIZE, CELEBA_TEMPLATE, apply_transform, find_faces, similarity_transform,
+from facefind.db.errors import ImageError, ModelError
+from facefind.indexer.faces import align
+from facefind.indexer.faces.align import (CELEBA_SIZE, CELEBA_TEMPLATE, apply_transform, find_faces, similarity_transform,
                            warp)
-from trainer.faces import crop_face, find_face, looks_aligned, require_face
+from facefind.indexer.faces.detect import crop_face, find_face, looks_aligned, require_face
 
 SAMPLE = Path(os.environ.get("FACEFIND_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"))
 celeba = pytest.mark.skipif(not (SAMPLE / "img_align_celeba").is_dir(), reason="no real CelebA sample")
@@ -30,7 +30,7 @@ celeba = pytest.mark.skipif(not (SAMPLE / "img_align_celeba").is_dir(), reason="
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     """Synthetic 178x218 faces on which the detector finds exactly one face."""
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "faces"
     synthesize(root, n=12, seed=5)
@@ -155,7 +155,7 @@ def test_two_faces_in_one_photo_are_both_found(synthetic: list[np.ndarray]) -> N
 def test_small_faces_in_a_larger_photo_are_found(synthetic: list[np.ndarray]) -> None:
     """A face a quarter of CelebA's area (89x109) in a 1024x768 photo: detection looks at the photo
     at 2 MP (upsampled), where the old 800 px cap shrank it and HOG's window missed every one."""
-    from trainer.align import smallest_face
+    from facefind.indexer.faces.align import smallest_face
 
     assert smallest_face(768, 1024) <= 60 and smallest_face(218, 178) == 40
     assert 150 < smallest_face(3000, 4000) < 250  # a 12 MP photo: the pixel budget shrinks it
@@ -174,8 +174,8 @@ def test_small_faces_in_a_larger_photo_are_found(synthetic: list[np.ndarray]) ->
 
 
 def test_faces_of_gives_one_entry_per_face_or_the_aligned_crop_itself(synthetic: list[np.ndarray]) -> None:
-    from trainer.faces import faces_of
-    from trainer.identity import distance
+    from facefind.indexer.faces.detect import faces_of
+    from facefind.indexer.faces.identity import distance
 
     photo = np.full((300, 520, 3), 235, np.uint8)
     photo[40:258, 20:198] = synthetic[0]
@@ -215,7 +215,7 @@ def test_the_68_point_predictor_is_never_loaded() -> None:
 
 
 def test_missing_models_or_dlib_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import identity
+    from facefind.indexer.faces import identity
 
     for cached in (align._detector, align._predictor, identity._model):
         cached.cache_clear()
@@ -238,7 +238,7 @@ def test_missing_models_or_dlib_are_one_line_errors(monkeypatch: pytest.MonkeyPa
 
 
 def test_importing_faces_does_not_load_dlib_or_torch() -> None:
-    code = ("import sys, trainer.faces, trainer.predict, trainer.identity; "
+    code = ("import sys, facefind.indexer.faces.detect, facefind.indexer.predict, facefind.indexer.faces.identity; "
             "print('dlib' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -246,7 +246,7 @@ def test_importing_faces_does_not_load_dlib_or_torch() -> None:
 
 
 def test_identity_descriptor_of_a_synthetic_face(synthetic: list[np.ndarray]) -> None:
-    from trainer.identity import DIM, describe, distance
+    from facefind.indexer.faces.identity import DIM, describe, distance
 
     face = find_faces(synthetic[0], min_size=0)[0]
     vectors = describe(synthetic[0], [face.landmarks, face.landmarks])
@@ -260,7 +260,7 @@ def test_identity_descriptor_of_a_synthetic_face(synthetic: list[np.ndarray]) ->
 @celeba
 def test_identity_tells_people_apart_on_real_faces() -> None:
     """Two photos of one person are nearer than photos of two people (dlib's 0.6 rule)."""
-    from trainer.identity import SAME_PERSON, describe, distance
+    from facefind.indexer.faces.identity import SAME_PERSON, describe, distance
 
     people: dict[str, list[str]] = {}
     for line in (SAMPLE / "identity_CelebA.txt").read_text().split("\n"):

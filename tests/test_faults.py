@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_checkpoint  # noqa: E402
@@ -60,8 +60,8 @@ HOOKS = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
 
     def install(stage):
-        import db.snapshot as snapshot
-        import db.vectors as vectors
+        import facefind.db.snapshot as snapshot
+        import facefind.db.vectors as vectors
         if stage.startswith("fsize:"):
             import resource
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG, like ENOSPC
@@ -89,11 +89,11 @@ HOOKS = textwrap.dedent('''
         if os.environ.get("FACEFIND_TEST_DIE_IN"):
             install(os.environ["FACEFIND_TEST_DIE_IN"])
         if sys.argv[1] == "cli":
-            from retrieval.cli import app
+            from facefind.retrieval.cli import app
             app(sys.argv[2:], prog_name="facefind")
         else:
-            from db.catalog import Catalog
-            from db.snapshot import sync_snapshot
+            from facefind.db.catalog import Catalog
+            from facefind.db.snapshot import sync_snapshot
             with Catalog.open(sys.argv[2]) as catalog:
                 sync_snapshot(catalog, sys.argv[2], reuse_while_indexing=False)
             print("synced")
@@ -188,9 +188,9 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backe
     the snapshot and its vector file hold exactly the catalog's predictions. Returns them.
 
     ``backend`` (tests/pg.py) names the catalog; default: the index folder's SQLite file."""
-    from db.catalog import Catalog
-    from db.snapshot import load_snapshot
-    from db.vectors import open_flat, stored_fp16
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import load_snapshot
+    from facefind.db.vectors import open_flat, stored_fp16
     from pg import Backend
 
     backend = backend or Backend("sqlite", None)
@@ -245,7 +245,7 @@ def faces(work: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def seeded(work: Path, model: Path, faces: list[Path]) -> Path:
     """An index of ``faces`` built in this process; tests that change it work on a copy."""
-    from indexer.pipeline import index_folder
+    from facefind.indexer.pipeline import index_folder
 
     report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
     assert report.indexed == N_SEED
@@ -267,7 +267,7 @@ def private_on(catalog_backend: Any, seeded: Path, model: Path, faces: list[Path
     if catalog_backend.is_sqlite:
         shutil.copytree(seeded, idx)
         return idx
-    from indexer.pipeline import index_folder
+    from facefind.indexer.pipeline import index_folder
 
     assert index_folder(faces[0].parent, model, idx, batch_size=16, device="cpu", workers=0).indexed == N_SEED
     return idx
@@ -342,8 +342,8 @@ SAVE_STAGES = ["ids.npy", "probs.npy", "paths_offsets.npy", "paths.bin", "vector
 
 def _fake_catalog(idx: Path, n: int, k: int = 4, d: int = 32) -> Any:
     """A catalog of ``n`` random predictions (no model, no files) with a synced snapshot."""
-    from db.catalog import Catalog, IndexedImage
-    from db.snapshot import sync_snapshot
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.db.snapshot import sync_snapshot
 
     rng = np.random.default_rng(0)
     catalog = Catalog.open(idx)
@@ -358,8 +358,8 @@ def _fake_catalog(idx: Path, n: int, k: int = 4, d: int = 32) -> Any:
 
 def _assert_consistent_snapshot(idx: Path, expect: set[int]) -> None:
     """What a reader gets now: a whole snapshot of one of the ``expect`` sizes, queryable."""
-    from db.snapshot import load_snapshot
-    from retrieval.engine import Engine
+    from facefind.db.snapshot import load_snapshot
+    from facefind.retrieval.engine import Engine
 
     snap = load_snapshot(idx, 1)
     n = len(snap)
@@ -376,7 +376,7 @@ def _assert_consistent_snapshot(idx: Path, expect: set[int]) -> None:
 def test_kill_inside_the_snapshot_save(stage: str, hooks: Path, tmp_path: Path) -> None:
     """SIGKILL while each file of a new generation is half written: readers keep the previous
     snapshot (or the new one once CURRENT moved); check reports it, --repair makes it exact."""
-    from db.catalog import IndexedImage
+    from facefind.db.catalog import IndexedImage
 
     idx = tmp_path / "index"
     catalog = _fake_catalog(idx, 3000)
@@ -404,8 +404,8 @@ def test_kill_inside_the_snapshot_save(stage: str, hooks: Path, tmp_path: Path) 
 SYNC_LOOP = textwrap.dedent('''
     import sys
     import numpy as np
-    from db.catalog import Catalog, IndexedImage
-    from db.snapshot import sync_snapshot
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.db.snapshot import sync_snapshot
     idx = sys.argv[1]
     rng = np.random.default_rng(int(sys.argv[2]))
     with Catalog.open(idx) as catalog:
@@ -453,9 +453,9 @@ def test_queries_while_an_index_run_writes(catalog_backend: Any, hooks: Path, mo
     indexes 320 more images: never an error, only counts at batch boundaries, never backwards
     (SQLite and PostgreSQL catalogs)."""
     private = private_on
-    from db.catalog import Catalog
-    from db.snapshot import sync_snapshot
-    from retrieval.engine import Engine
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import sync_snapshot
+    from facefind.retrieval.engine import Engine
 
     batch, n_new = 8, 320
     folder = tmp_path / "more"
@@ -563,8 +563,8 @@ def test_like_and_similar_refuse_a_replaced_or_missing_checkpoint(model: Path, p
                                                                    tmp_path: Path) -> None:
     """The index's checkpoint swapped for one with other attribute names (or deleted): `query --like`
     and `similar` refuse with one line; `check` names it; --like-id needs no model and still works."""
-    from db.catalog import Catalog
-    from db.files import file_sha256
+    from facefind.db.catalog import Catalog
+    from facefind.db.files import file_sha256
 
     mine = tmp_path / "mine.pt"
     shutil.copy(model, mine)
@@ -640,7 +640,7 @@ def test_cli_expression_fuzz_is_a_result_or_one_error_line(seeded: Path, expr: s
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(expr=EXPRESSIONS)
 def test_engine_expression_fuzz_never_escapes_the_error_family(seeded: Path, expr: str) -> None:
-    from db.errors import QuerySyntaxError
+    from facefind.db.errors import QuerySyntaxError
 
     engine = _engine(seeded)
     try:
@@ -656,8 +656,8 @@ _ENGINES: dict[Path, Any] = {}
 
 
 def _engine(idx: Path) -> Any:
-    from db.snapshot import load_snapshot
-    from retrieval.engine import Engine
+    from facefind.db.snapshot import load_snapshot
+    from facefind.retrieval.engine import Engine
 
     if idx not in _ENGINES:
         _ENGINES[idx] = Engine(load_snapshot(idx, 1))
@@ -711,8 +711,8 @@ def test_huge_and_endless_files_are_refused_without_reading_them(tmp_path: Path)
     """A multi-gigabyte file named .jpg (a video or disk image renamed) was read whole into memory
     before Pillow refused it (2 GiB: 2 GiB of RAM and 9 s; 30 GB would OOM the machine). A named
     pipe or a link to /dev/zero would block or never end: they are not regular files, so skipped."""
-    from indexer.discovery import discover
-    from indexer.routing import decode_files
+    from facefind.indexer.discovery import discover
+    from facefind.indexer.routing import decode_files
 
     tiny_faces(tmp_path, 1, seed=4)
     with open(tmp_path / "huge.jpg", "wb") as fh:  # sparse: costs no disk

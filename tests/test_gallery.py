@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from db.errors import FacefindError
-from db.snapshot import Snapshot
-from retrieval.engine import Engine
-from retrieval.gallery import write_gallery
+from facefind.db.errors import FacefindError
+from facefind.db.snapshot import Snapshot
+from facefind.retrieval.engine import Engine
+from facefind.retrieval.gallery import write_gallery
 
 
 class PageParser(HTMLParser):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_checkpoint  # noqa: E402
@@ -41,7 +41,7 @@ def run(*args: str | Path):
 
 
 def _snapshot(n: int, seed: int = 0):
-    from db.snapshot import Snapshot
+    from facefind.db.snapshot import Snapshot
 
     rng = np.random.default_rng(seed)
     ids = np.arange(10, 10 + n, dtype=np.int64)
@@ -54,7 +54,7 @@ def _snapshot(n: int, seed: int = 0):
 
 
 def test_person_ranking_is_exact_over_filtered_rows_with_a_descriptor() -> None:
-    from retrieval.engine import Engine
+    from facefind.retrieval.engine import Engine
 
     snap = _snapshot(300)
     engine = Engine(snap)
@@ -79,8 +79,8 @@ def test_person_ranking_is_exact_over_filtered_rows_with_a_descriptor() -> None:
 def test_person_ranking_refuses_without_descriptors_and_for_a_faceless_id() -> None:
     from dataclasses import replace
 
-    from db.errors import CatalogError
-    from retrieval.engine import Engine
+    from facefind.db.errors import CatalogError
+    from facefind.retrieval.engine import Engine
 
     snap = _snapshot(20)
     bare = Engine(replace(snap, identity=None, has_identity=None))
@@ -96,7 +96,7 @@ def test_person_ranking_refuses_without_descriptors_and_for_a_faceless_id() -> N
 
 def _row(path: str, seed: int, *, described: bool = False, identity: np.ndarray | None = None,
          mtime: float = 1.0, labels: np.ndarray | None = None):
-    from db.catalog import IndexedImage
+    from facefind.db.catalog import IndexedImage
 
     rng = np.random.default_rng(seed)
     return IndexedImage(path, 100, mtime, 178, 218, rng.random(K, dtype=np.float32),
@@ -107,7 +107,7 @@ def _row(path: str, seed: int, *, described: bool = False, identity: np.ndarray 
 def test_descriptors_commit_with_their_prediction_and_follow_the_file(
     catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     cat = Catalog.open(tmp_path / "index")
     model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
@@ -156,8 +156,8 @@ def test_descriptors_commit_with_their_prediction_and_follow_the_file(
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from trainer.celeba import read_attributes
-    from trainer.synth import synthesize
+    from facefind.trainer.celeba import read_attributes
+    from facefind.trainer.synth import synthesize
 
     base = tmp_path_factory.mktemp("identity")
     synthesize(base / "celeba", n=10, seed=5)
@@ -220,7 +220,7 @@ def _people(n_others: int) -> tuple[list[str], list[str]]:
 
 @celeba
 def test_by_person_ranks_the_same_persons_other_photo_first(tmp_path: Path) -> None:
-    from trainer.celeba import read_attributes
+    from facefind.trainer.celeba import read_attributes
 
     (query_name, same_name), others = _people(12)
     folder = tmp_path / "photos"
@@ -248,16 +248,16 @@ def test_by_person_ranks_the_same_persons_other_photo_first(tmp_path: Path) -> N
 def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp_path: Path) -> None:
     """A kill -9 mid-run under --identity, then a resumed run: every image has exactly one
     prediction and one identities row, and each stored descriptor is its own file's (nothing
-    shifted between rows), as ``trainer.faces.identity_of`` computes it here."""
+    shifted between rows), as ``facefind.indexer.faces.detect.identity_of`` computes it here."""
     import signal
     import sqlite3
     import subprocess
 
-    from db.catalog import Catalog
-    from trainer.faces import identity_of
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.faces.detect import identity_of
     from test_indexer import ROOT, _stop_when
-    from trainer.decode import read_rgb
-    from trainer.synth import synthesize
+    from facefind.trainer.decode import read_rgb
+    from facefind.trainer.synth import synthesize
 
     _, _, model = synthetic
     n = 24
@@ -270,7 +270,7 @@ def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp
     def start() -> subprocess.Popen:
         with open(log, "w") as err:
             return subprocess.Popen(
-                [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(idx), "--model",
+                [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx), "--model",
                  str(model), "--device", "cpu", "--workers", "1", "--batch-size", "4", "--identity"],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 

@@ -1,7 +1,7 @@
 """The indexer end to end: counts, idempotence, changes, bad files, models, labels, crashes.
 
 A freshly initialised mobilenet_v3_small at 64 px stands in for a trained model (indexing does not
-care what the weights learned) and ``trainer.synth`` supplies a CelebA-format folder. Tests taking
+care what the weights learned) and ``facefind.trainer.synth`` supplies a CelebA-format folder. Tests taking
 ``catalog_backend`` run on SQLite and on a real PostgreSQL server (tests/pg.py).
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_checkpoint  # noqa: E402
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CelebA root (original layout) with N_FACES images."""
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "celeba"
     synthesize(root, n=N_FACES, seed=7)
@@ -43,7 +43,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def attributes(dataset: Path) -> list[str]:
-    from trainer.celeba import read_attributes
+    from facefind.trainer.celeba import read_attributes
 
     return read_attributes(dataset / "list_attr_celeba.txt").attributes
 
@@ -119,7 +119,7 @@ def test_index_is_incremental_and_info_agrees(catalog_backend, faces: Path, mode
 def test_worker_processes_give_the_same_predictions(faces: Path, calibrated_model: Path, tmp_path: Path) -> None:
     """Decoding in worker processes stores the same row for each path as decoding inline (a model
     whose outputs differ between images, so a row stored against the wrong path would show)."""
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
 
     model = calibrated_model
 
@@ -135,20 +135,20 @@ def test_worker_processes_give_the_same_predictions(faces: Path, calibrated_mode
 
 
 def test_bad_files_are_indexed_or_listed(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.pipeline
+    import facefind.indexer.pipeline
 
     folder = tmp_path / "corpus"
     expect = build_corpus(folder)
     (folder / "vanishing.jpg").write_bytes((folder / "with space.jpg").read_bytes())
     expect["vanishing.jpg"] = "file vanished"
-    real_discover = indexer.pipeline.discover
+    real_discover = facefind.indexer.pipeline.discover
 
     def discover_then_delete(*args: object, **kwargs: object) -> object:
         found = real_discover(*args, **kwargs)
         (folder / "vanishing.jpg").unlink()  # gone between discovery and reading
         return found
 
-    monkeypatch.setattr(indexer.pipeline, "discover", discover_then_delete)
+    monkeypatch.setattr(facefind.indexer.pipeline, "discover", discover_then_delete)
     out = index(folder, tmp_path / "index", "--model", model, "--batch-size", "8")
     reasons = {Path(f["path"]).name: f["reason"] for f in out["failures"]}
     assert out["failed"] == len(out["failures"]) == len(reasons)
@@ -223,9 +223,9 @@ def test_new_model_adds_predictions_and_rebuild(
 def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: Path) -> None:
     import faiss
 
-    from db.catalog import Catalog
-    from db.snapshot import load_snapshot
-    from db.vectors import stored_fp16
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import load_snapshot
+    from facefind.db.vectors import stored_fp16
 
     idx = tmp_path / "index"
     index(faces, idx, "--model", model)
@@ -245,9 +245,9 @@ def test_faiss_file_rebuilt_after_deletion(faces: Path, model: Path, tmp_path: P
 def test_write_failure_is_one_line_and_keeps_committed_work(
     catalog_backend, faces: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from db.catalog import Catalog
-    from db.errors import CatalogError
-    from db.snapshot import sync_snapshot
+    from facefind.db.catalog import Catalog
+    from facefind.db.errors import CatalogError
+    from facefind.db.snapshot import sync_snapshot
 
     idx = tmp_path / "index"
     calls = {"n": 0}
@@ -274,10 +274,10 @@ def test_write_failure_is_one_line_and_keeps_committed_work(
 
 
 def test_writer_commits_in_order_and_surfaces_errors() -> None:
-    from db.errors import CatalogError
-    from indexer.discovery import Failure, FileEntry
-    from indexer.routing import Rows
-    from indexer.writer import CatalogWriter, WriteJob
+    from facefind.db.errors import CatalogError
+    from facefind.indexer.discovery import Failure, FileEntry
+    from facefind.indexer.routing import Rows
+    from facefind.indexer.writer import CatalogWriter, WriteJob
 
     class FakeCatalog:
         def __init__(self) -> None:
@@ -320,7 +320,7 @@ def test_threaded_prefetch_keeps_order_raises_and_stops() -> None:
     """The producer thread that feeds the GPU path (testable without a GPU)."""
     import threading
 
-    from indexer.pipeline import _threaded
+    from facefind.indexer.pipeline import _threaded
 
     assert list(_threaded(iter(range(50)), depth=2)) == list(range(50))
 
@@ -362,7 +362,7 @@ def test_threaded_prefetch_keeps_order_raises_and_stops() -> None:
 def test_runner_outputs_probabilities_and_unit_embeddings(model: Path) -> None:
     import torch
 
-    from indexer.runner import load_runner
+    from facefind.indexer.runner import load_runner
 
     runner = load_runner(model, torch.device("cpu"))
     pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 80, 70), dtype=np.uint8)  # resized by preprocess
@@ -396,8 +396,8 @@ CLEAN_ATOL = 1e-5
 def clean_predictions(folder: Path, model: Path, index_dir: Path, batch_size: int = 16):
     """The predictions of one uninterrupted in-process run of ``model`` over ``folder``, into a
     SQLite catalog of its own (whatever FACEFIND_DB says), by path."""
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.pipeline import index_folder
 
     saved = os.environ.pop("FACEFIND_DB", None)
     try:
@@ -427,7 +427,7 @@ def assert_rows_match_clean_run(got, clean, atol: float = CLEAN_ATOL) -> None:
 
 
 def _start(folder: Path, idx: Path, model: Path | None, env: dict[str, str], log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(idx),
+    args = [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx),
             "--device", "cpu", "--workers", "1", "--batch-size", "16"]
     if model is not None:
         args += ["--model", str(model)]
@@ -481,10 +481,10 @@ def _stop_when(proc: subprocess.Popen, idx: Path, at_least: int, sig: int, log: 
 def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated_model: Path, tmp_path: Path) -> None:
     """Ctrl-C, kill -9 mid-run and kill -9 right after the last commit: the end state is exact,
     and every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
-    from db.catalog import Catalog
-    from db.snapshot import load_snapshot
-    from db.vectors import open_flat, stored_fp16
-    from trainer.synth import synthesize
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import load_snapshot
+    from facefind.db.vectors import open_flat, stored_fp16
+    from facefind.trainer.synth import synthesize
 
     n = 480
     synthesize(tmp_path / "celeba", n=n, seed=3)
@@ -534,7 +534,7 @@ def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated
 
 
 def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -> None:
-    from indexer.bench_index import run_index_bench
+    from facefind.retrieval.bench.index import run_index_bench
 
     result = run_index_bench(n=24, out=tmp_path / "bench", device="cpu", batch_size=8,
                              arch="mobilenet_v3_small", img_size=64, workers=0, repeats=2)
@@ -558,7 +558,7 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
 
 _QUERY_PROBE = """
 import json, sys
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 try:
     app(sys.argv[1:])
 except SystemExit as err:
@@ -583,7 +583,7 @@ def test_queries_on_a_postgres_catalog_read_the_published_snapshot(
     """With FACEFIND_DB on a server, `facefind query` serves the snapshot the last run published
     without SQLAlchemy or psycopg (database-independent cold start); it takes the full route when
     the folder's snapshots were published from another URL, and never serves another catalog's."""
-    from db.catalog import Catalog, IndexedImage
+    from facefind.db.catalog import Catalog, IndexedImage
 
     monkeypatch.setenv("FACEFIND_DB", pg_url)
     idx = tmp_path / "index"
@@ -602,7 +602,7 @@ def test_queries_on_a_postgres_catalog_read_the_published_snapshot(
 
     # Another catalog publishes into the same folder: each URL gets its own catalog's rows, never
     # the other's (the shortcut declines a folder published from another URL; the full route rebuilds).
-    from db.snapshot import sync_snapshot
+    from facefind.db.snapshot import sync_snapshot
 
     other_url = pg_server.create_database()
     with Catalog(other_url) as other:
@@ -624,7 +624,7 @@ def test_an_index_run_reads_the_checkpoint_once(faces: Path, model: Path, tmp_pa
     times: torch.load for the meta, sha256, torch.load again for the weights)."""
     import builtins
 
-    from indexer.pipeline import index_folder
+    from facefind.indexer.pipeline import index_folder
 
     real_open = builtins.open
     target = os.path.realpath(model)

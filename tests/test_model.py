@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from db.errors import DatasetError, ModelError
-from db.files import file_sha256
-from trainer.checkpoint import (
+from facefind.db.errors import DatasetError, ModelError
+from facefind.db.files import file_sha256
+from facefind.trainer.checkpoint import (
     FORMAT_VERSION,
     CheckpointMeta,
     load_checkpoint,
     load_model,
     save_checkpoint,
 )
-from trainer.data import (
+from facefind.trainer.data import (
     ImageCache,
     augment,
     batch_indices,
@@ -30,8 +30,8 @@ from trainer.data import (
     parse_img_size,
     training_input,
 )
-from trainer.decode import decode_paths
-from trainer.model import (
+from facefind.trainer.decode import decode_paths
+from facefind.trainer.model import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -376,7 +376,7 @@ def test_unreadable_image_in_the_cache_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("background", [False, True])
 def test_device_images_yield_every_batch_in_order(background: bool) -> None:
-    from trainer.data import DeviceImages
+    from facefind.trainer.data import DeviceImages
 
     images = np.random.default_rng(0).integers(0, 256, (10, 3, 4, 4), dtype=np.uint8)
     cache = ImageCache(Path("x.npy"), images, (4, 4), built=True)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import GROUP, PAIR, compose, compose_photos, inside, regions  # noqa: E402
@@ -100,7 +100,7 @@ def test_a_face_in_a_group_photo_is_found_by_person(photos: dict) -> None:
 def test_gallery_and_web_thumbnails_show_the_face_not_the_photo(photos: dict, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.app import create_app
 
     page = tmp_path / "g.html"
     assert run("query", "--index", photos["index"], "--limit", "100", "--gallery", page).exit_code == 0
@@ -162,7 +162,7 @@ def test_reindexing_a_changed_photo_replaces_all_of_its_faces(photos: dict, tmp_
 
 
 def test_the_engine_lists_every_face_of_a_file(photos: dict) -> None:
-    from retrieval.index import open_index
+    from facefind.retrieval.index import open_index
 
     files = _by_file(photos["hits"])
     with open_index(photos["index"]) as idx:
@@ -183,7 +183,7 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     import subprocess
     import time
 
-    from db.catalog import Catalog
+    from facefind.db.catalog import Catalog
     from helpers import compose
 
     folder = tmp_path / "photos"
@@ -199,7 +199,7 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     assert clean["faces"] == sum(expected.values()) == 20, clean
 
     idx = tmp_path / "index"
-    args = [sys.executable, "-m", "retrieval.cli", "index", str(folder), "--index", str(idx), "--workers", "0",
+    args = [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx), "--workers", "0",
             "--detect-faces", "--batch-size", "1", "--model", str(photos["model"])]
 
     def faces_per_file() -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""``trainer.predict`` and ``facefind predict``: probabilities, present attributes, embeddings,
+"""``facefind.indexer.predict`` and ``facefind predict``: probabilities, present attributes, embeddings,
 face boxes, the JSON schema, the gallery page, the default model and one-line errors.
 
 A freshly initialised mobilenet_v3_small at 64 px stands in for a trained model; its BatchNorm
@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 N_FACES = 24
 
@@ -27,7 +27,7 @@ N_FACES = 24
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CelebA root (original layout)."""
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "celeba"
     synthesize(root, n=N_FACES, seed=11)
@@ -36,7 +36,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def attributes(faces: Path) -> list[str]:
-    from trainer.celeba import read_attributes
+    from facefind.trainer.celeba import read_attributes
 
     return read_attributes(faces / "list_attr_celeba.txt").attributes
 
@@ -53,7 +53,7 @@ def model(tmp_path_factory: pytest.TempPathFactory, attributes: list[str], image
 
 @pytest.fixture(scope="module")
 def predictor(model: Path):
-    from retrieval.index import open_predictor
+    from facefind.retrieval.index import open_predictor
 
     return open_predictor(model, "cpu")
 
@@ -123,8 +123,8 @@ def test_predictions_follow_the_checkpoint(predictor, images: list[Path], attrib
 
 
 def test_batching_and_arrays_give_the_same_answer(model: Path, predictor, images: list[Path]) -> None:
-    from retrieval.index import open_predictor
-    from trainer.decode import read_rgb
+    from facefind.retrieval.index import open_predictor
+    from facefind.trainer.decode import read_rgb
 
     whole = predictor.predict(images[:5])
     small = open_predictor(model, "cpu")
@@ -169,7 +169,7 @@ def test_predict_and_index_give_the_same_probabilities(model: Path, tmp_path: Pa
 
 
 def test_face_detection_on_a_faceless_photo_is_a_clear_error(predictor, tmp_path: Path) -> None:
-    from db.errors import ImageError
+    from facefind.db.errors import ImageError
 
     photo = tmp_path / "wall.png"
     Image.new("RGB", (320, 240), (90, 120, 150)).save(photo)
@@ -180,7 +180,7 @@ def test_face_detection_on_a_faceless_photo_is_a_clear_error(predictor, tmp_path
 
 
 def test_a_faceless_photo_fails_alone_and_the_batch_goes_on(predictor, images: list[Path], tmp_path: Path) -> None:
-    from trainer.predict import FailedPrediction, Prediction
+    from facefind.indexer.predict import FailedPrediction, Prediction
 
     wall = tmp_path / "wall.png"
     Image.new("RGB", (320, 240), (90, 120, 150)).save(wall)
@@ -283,7 +283,7 @@ def test_default_model_is_the_newest_checkpoint(model: Path, images: list[Path],
 
 
 def test_predict_finds_and_aligns_a_face_in_a_photo(model: Path, images: list[Path], tmp_path: Path) -> None:
-    from trainer.faces import find_face
+    from facefind.indexer.faces.detect import find_face
 
     canvas = np.full((360, 480, 3), 180, np.uint8)
     for src in images[:8]:  # dlib's HOG finds most synthetic faces
@@ -302,7 +302,7 @@ def test_predict_finds_and_aligns_a_face_in_a_photo(model: Path, images: list[Pa
 
 def test_missing_face_models_are_one_line_errors(model: Path, images: list[Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import align
+    from facefind.indexer.faces import align
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (320, 240), (90, 120, 150)).save(photo)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db.errors import QuerySyntaxError
-from retrieval.query import (MAX_DEPTH, MAX_LENGTH, And, Attr, Compare, Not, Or, evaluate,
+from facefind.db.errors import QuerySyntaxError
+from facefind.retrieval.query import (MAX_DEPTH, MAX_LENGTH, And, Attr, Compare, Not, Or, evaluate,
                              literal_text, literals, parse)
 
 NAMES = ["5_o_Clock_Shadow", "Big_Nose", "Eyeglasses", "Male", "Smiling", "Young", "Blond_Hair"]
@@ -311,7 +311,7 @@ def test_hostile_text_never_escapes_the_error_family(text: str) -> None:
 
 
 def test_reindex_points_literals_at_another_attribute_order() -> None:
-    from retrieval.query import reindex
+    from facefind.retrieval.query import reindex
 
     node = parse("(Male and not eyeglasses) or Smiling > 0.5", ["Male", "Eyeglasses", "Smiling"])
     other = ["smiling", "EYEGLASSES", "Male", "Bald"]

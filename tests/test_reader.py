@@ -1,5 +1,5 @@
 """The reader stage alone: discovery, skipping unchanged files, every kind of bad input, and the
-one pixel contract (``trainer.decode``) that the training cache, the indexer and ``predict`` share.
+one pixel contract (``facefind.trainer.decode``) that the training cache, the indexer and ``predict`` share.
 
 ``build_corpus`` writes the corrupt-input corpus of issue 7 (item 1); ``test_indexer.py`` runs the
 whole indexer over it too.
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from db.errors import DatasetError
-from indexer.discovery import FileEntry, discover, split_unchanged
-from indexer.reader import ImageReader
-from indexer.routing import Jpegs, Pixels, decode_files
-from trainer.decode import BACKGROUND
+from facefind.db.errors import DatasetError
+from facefind.indexer.discovery import FileEntry, discover, split_unchanged
+from facefind.indexer.reader import ImageReader
+from facefind.indexer.routing import Jpegs, Pixels, decode_files
+from facefind.trainer.decode import BACKGROUND
 
 SIZE = (32, 24)  # (h, w): small, not square, so transposed dimensions would show
 
@@ -208,7 +208,7 @@ def test_worker_processes_match_in_process(tmp_path: Path) -> None:
         np.testing.assert_array_equal(single[name], multi[name])
 
 
-# -- one pixel contract (trainer.decode) ------------------------------------------------------
+# -- one pixel contract (facefind.trainer.decode) ------------------------------------------------------
 
 # The files the three old decoders disagreed on, and a plain JPEG.
 ODD = ("exif_rotated.jpeg", "alpha.png", "cmyk.jpg", "sixteen_bit.png", "grey.JPG", "palette.gif.png",
@@ -220,8 +220,8 @@ def test_training_cache_indexer_and_predict_see_the_same_pixels(tmp_path: Path) 
     """EXIF-rotated, RGBA, CMYK, 16-bit, greyscale and palette files: the training cache, the
     indexer's reader and ``predict`` get identical pixels, and the right ones."""
     from helpers import tiny_checkpoint
-    from trainer.data import build_cache
-    from trainer.predict import Predictor
+    from facefind.trainer.data import build_cache
+    from facefind.indexer.predict import Predictor
 
     folder = tmp_path / "corpus"
     build_corpus(folder)
@@ -250,7 +250,7 @@ def test_training_cache_indexer_and_predict_see_the_same_pixels(tmp_path: Path) 
 def test_exif_rotated_training_images_match_upright_ones(tmp_path: Path) -> None:
     """Faces stored upside down with an EXIF 'rotate 180' tag (as every viewer shows them upright)
     train on the upright pixels: exactly for lossless PNG, to JPEG re-encoding noise for JPEG."""
-    from trainer.data import build_cache
+    from facefind.trainer.data import build_cache
 
     up, flipped = tmp_path / "upright", tmp_path / "flipped"
     up.mkdir()
@@ -282,7 +282,7 @@ def test_plain_jpegs_skip_pillow_for_the_same_pixels(tmp_path: Path) -> None:
     not plain, and is decoded as Pillow shows it."""
     from PIL import ImageOps
 
-    from trainer.decode import decode_rgb, plain_jpeg
+    from facefind.trainer.decode import decode_rgb, plain_jpeg
 
     folder = tmp_path / "corpus"
     expect = build_corpus(folder)
@@ -323,7 +323,7 @@ def test_device_route_carries_plain_jpegs_as_bytes(tmp_path: Path) -> None:
     decoder, on a GPU with nvJPEG) gives the CPU route's pixels."""
     import torch
 
-    from indexer.routing import on_device
+    from facefind.indexer.routing import on_device
 
     expect = build_corpus(tmp_path / "corpus")
     files = discover(tmp_path / "corpus").files
@@ -344,13 +344,13 @@ def test_device_route_carries_plain_jpegs_as_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 def test_nvjpeg_gives_the_cpu_pixels_within_the_stated_tolerance(tmp_path: Path) -> None:
-    """The CUDA variant's promise (``trainer.decode.DEVICE_TOLERANCE``), on CelebA-like JPEGs at
+    """The CUDA variant's promise (``facefind.trainer.decode.DEVICE_TOLERANCE``), on CelebA-like JPEGs at
     the native size (no resize) and at a model size; a damaged file nvJPEG refuses still gets the
     CPU decoder's reason."""
     import torch
 
-    from trainer.decode import DEVICE_TOLERANCE, decode_file, decode_jpegs_on_device
-    from trainer.synth import synthesize
+    from facefind.trainer.decode import DEVICE_TOLERANCE, decode_file, decode_jpegs_on_device
+    from facefind.trainer.synth import synthesize
 
     synthesize(tmp_path / "s", n=24, seed=3)
     paths = sorted((tmp_path / "s" / "img_align_celeba").glob("*.jpg"))
@@ -373,7 +373,7 @@ class CrashOnRed:
     identity = False
 
     def __call__(self, rgb: np.ndarray) -> list:
-        from trainer.faces import FaceEntry
+        from facefind.indexer.faces.detect import FaceEntry
 
         if (rgb[..., 0] == 255).all() and (rgb[..., 1] == 0).all():
             os._exit(3)
@@ -398,7 +398,7 @@ class ThreeFaces:
     identity = True
 
     def __call__(self, rgb: np.ndarray) -> list:
-        from trainer.faces import FaceEntry
+        from facefind.indexer.faces.detect import FaceEntry
 
         w = rgb.shape[1] // 3
         return [FaceEntry(i, (i * w, 0, w, rgb.shape[0]), rgb[:, i * w:(i + 1) * w], np.full(128, i, np.float32))

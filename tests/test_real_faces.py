@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from facefind.retrieval.cli import app
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 ATTRIBUTES = ("Eyeglasses", "Male", "Smiling", "Blond_Hair")
@@ -28,10 +28,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from indexer.pipeline import index_folder
-    from retrieval.demo import DEMO_ARCH, DEMO_IMG_SIZE
-    from trainer.celeba import load_celeba
-    from trainer.fit import FitConfig, fit
+    from facefind.indexer.pipeline import index_folder
+    from facefind.retrieval.demo import DEMO_ARCH, DEMO_IMG_SIZE
+    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.fit import FitConfig, fit
 
     work = tmp_path_factory.mktemp("real")
     fit(FitConfig(data=SAMPLE, out=work / "model.pt", arch=DEMO_ARCH, img_size=DEMO_IMG_SIZE, epochs=8,

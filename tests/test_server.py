@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 # tests/ is on sys.path (prepend import mode)
 from helpers import GROUP, PAIR, Built, Photos, build_synthetic_index, compose_photos, inside, regions
 from test_reader import _png_header_only
-from retrieval.cli import app as cli_app
+from facefind.retrieval.cli import app as cli_app
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40
@@ -76,9 +76,9 @@ def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
     ``b``'s model and identity descriptors (the hook `facefind index --identity` uses)."""
     from PIL import Image
 
-    from db.catalog import Catalog
-    from indexer.pipeline import index_folder
-    from indexer.routing import FaceFinder
+    from facefind.db.catalog import Catalog
+    from facefind.indexer.pipeline import index_folder
+    from facefind.indexer.routing import FaceFinder
 
     folder = base / "photos"
     folder.mkdir()
@@ -123,7 +123,7 @@ def build_photo_index(base: Path) -> PhotoIndex:
 
 def _with_history(path: Path, attributes: Sequence[str]) -> None:
     """Give the checkpoint what training records: two threshold sets, their stats, history, metrics."""
-    from trainer.checkpoint import load_model, save_checkpoint
+    from facefind.trainer.checkpoint import load_model, save_checkpoint
 
     model, meta = load_model(path)
     meta.threshold_sets = {"accuracy": list(meta.thresholds),  # two sets that differ, as training keeps
@@ -142,7 +142,7 @@ def _serving(index: Path, thumbs: Path):
     """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield."""
     from fastapi.testclient import TestClient
 
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.app import create_app
 
     app = create_app(index, device="cpu", thumbs_dir=thumbs)
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
@@ -339,7 +339,7 @@ def test_an_upload_by_person_is_similar_by_person_and_pages_by_its_descriptor(pe
 
 
 def test_by_person_refusals_are_one_line(client, people_client, people: People, built: Built) -> None:
-    from retrieval.engine import NO_IDENTITY
+    from facefind.retrieval.engine import NO_IDENTITY
 
     face = built.images[0].read_bytes()
     # an index built without --identity says what to run, before any photo is read
@@ -408,7 +408,7 @@ def test_image_details(client, built: Built) -> None:
 def test_thumbnails_are_made_once_and_cached(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from retrieval.web import thumbs
+    from facefind.retrieval.web import thumbs
 
     made = []
     real = thumbs.make_thumbnail
@@ -428,7 +428,7 @@ def test_thumbnails_are_made_once_and_cached(client, built: Built, monkeypatch: 
 
 
 def test_a_changed_file_gets_a_new_thumbnail(client, built: Built, tmp_path: Path) -> None:
-    from retrieval.web.thumbs import ThumbnailCache
+    from facefind.retrieval.web.thumbs import ThumbnailCache
 
     src = tmp_path / "face.jpg"
     shutil.copy(built.images[0], src)
@@ -472,7 +472,7 @@ def test_files_only_by_catalog_id(client, url: str) -> None:
 def test_a_catalogued_file_that_is_gone_is_404(built: Built, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.app import create_app
 
     index = tmp_path / "index"
     shutil.copytree(built.index, index)
@@ -562,7 +562,7 @@ def test_uploads_are_capped_bomb_guarded_and_never_kept(client, built: Built, tm
 
     from PIL import Image
 
-    from retrieval.web.app import MAX_UPLOAD
+    from facefind.retrieval.web.app import MAX_UPLOAD
 
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -614,7 +614,7 @@ def test_no_endpoint_changes_the_index(client, built: Built) -> None:
 
 
 def test_a_bug_is_a_500_without_traceback_and_the_server_keeps_serving(client, monkeypatch) -> None:
-    from retrieval.engine import Engine
+    from facefind.retrieval.engine import Engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals /etc/shadow")
@@ -630,7 +630,7 @@ def test_a_bug_is_a_500_without_traceback_and_the_server_keeps_serving(client, m
 def test_token_is_required_on_every_request(built: Built) -> None:
     from fastapi.testclient import TestClient
 
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.app import create_app
 
     token = "s3cret-token-42"
     with TestClient(create_app(built.index, token=token), base_url="http://203.0.113.5:8000") as c:
@@ -666,9 +666,9 @@ def test_cli_refuses_a_public_bind_without_a_token(built: Built) -> None:
 def test_a_new_snapshot_generation_is_served_without_restart(built: Built, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from db.catalog import Catalog, IndexedImage
-    from db.snapshot import sync_snapshot
-    from retrieval.web.app import create_app
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.db.snapshot import sync_snapshot
+    from facefind.retrieval.web.app import create_app
 
     index = tmp_path / "index"
     shutil.copytree(built.index, index)
@@ -705,7 +705,7 @@ def test_export_streams_every_match(client, built: Built) -> None:
 
 
 def test_export_pages_through_the_engine(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
-    from retrieval.web import app as web
+    from facefind.retrieval.web import app as web
 
     monkeypatch.setattr(web, "EXPORT_PAGE", 3)
     paths = client.get("/api/export", params={"format": "paths", "like_id": 2}).text.splitlines()
@@ -731,7 +731,7 @@ def test_info_model_page_and_docs(client, built: Built) -> None:
 
 
 def test_query_command_never_imports_the_server(built: Built) -> None:
-    probe = ("import sys\nfrom retrieval.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    probe = ("import sys\nfrom facefind.retrieval.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print('HEAVY', [m for m in ('fastapi', 'uvicorn', 'starlette', 'multipart') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", probe, "query", "Male", "--index", str(built.index)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

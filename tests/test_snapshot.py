@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from db import snapshot as snapshots
-from db import vectors
-from db.catalog import Catalog, IndexedImage
-from db.errors import CatalogError
-from db.snapshot import PathList, load_snapshot, sync_snapshot, write_snapshot
+from facefind.db import snapshot as snapshots
+from facefind.db import vectors
+from facefind.db.catalog import Catalog, IndexedImage
+from facefind.db.errors import CatalogError
+from facefind.db.snapshot import PathList, load_snapshot, sync_snapshot, write_snapshot
 
 K, D = 4, 8
 NAMES = ["Male", "Smiling", "Eyeglasses", "5_o_Clock_Shadow"]
@@ -248,7 +248,7 @@ def test_a_deleted_or_damaged_vector_file_is_refused_then_rebuilt(
 def test_snapshot_carries_the_checkpoint_identity(index_dir: Path, catalog: Catalog, tmp_path: Path) -> None:
     """The manifest names the checkpoint and its sha256, so a query can verify the file without
     the catalog; a verified (size, mtime_ns) given by the writer's caller is kept too."""
-    from db.files import file_sha256
+    from facefind.db.files import file_sha256
 
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights" * 100)
@@ -294,8 +294,8 @@ def test_empty_model_and_no_model(index_dir: Path, catalog: Catalog) -> None:
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from db.catalog import Catalog, IndexedImage
-    from db.snapshot import sync_snapshot
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.db.snapshot import sync_snapshot
     index_dir, model, batches, k, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     cat = Catalog.open(index_dir)
     rng = np.random.default_rng(0)
@@ -336,8 +336,8 @@ def test_readers_never_fail_or_see_half_a_batch_while_a_process_writes(
 
 
 def test_index_checkpoint_hashes_only_when_the_recorded_stat_differs(tmp_path: Path) -> None:
-    from db.errors import ModelError
-    from retrieval.index import index_checkpoint
+    from facefind.db.errors import ModelError
+    from facefind.retrieval.index import index_checkpoint
 
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights")

@@ -1,4 +1,4 @@
-"""Tests for trainer.synth: CelebA-format synthetic faces (formats, determinism, labels, cues)."""
+"""Tests for facefind.trainer.synth: CelebA-format synthetic faces (formats, determinism, labels, cues)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from db.errors import DatasetError
-from trainer import synth
-from trainer.synth import ATTRIBUTES, LABEL_ONLY, RENDERED, SynthSummary, synthesize
+from facefind.db.errors import DatasetError
+from facefind.trainer import synth
+from facefind.trainer.synth import ATTRIBUTES, LABEL_ONLY, RENDERED, SynthSummary, synthesize
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 # One row of the real list_attr_celeba.txt: the first value after one space, the other 39

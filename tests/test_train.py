@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from db.errors import ModelError
-from retrieval.cli import app
-from trainer.checkpoint import load_checkpoint, load_model
-from trainer.evaluate import evaluate_checkpoint
-from trainer.fit import FitConfig, FitEvent, fit, history_path, state_path
-from trainer.metrics import majority_baseline
+from facefind.db.errors import ModelError
+from facefind.retrieval.cli import app
+from facefind.trainer.checkpoint import load_checkpoint, load_model
+from facefind.trainer.evaluate import evaluate_checkpoint
+from facefind.trainer.fit import FitConfig, FitEvent, fit, history_path, state_path
+from facefind.trainer.metrics import majority_baseline
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 
@@ -43,8 +43,8 @@ def cli(*args) -> object:
 
 
 def test_it_learns_the_rendered_attributes(trained_model, synth_dataset: Path) -> None:
-    from trainer.celeba import load_celeba
-    from trainer.synth import RENDERED
+    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.synth import RENDERED
 
     result = trained_model
     assert result.test is not None  # the synthetic folder has a test split
@@ -66,8 +66,8 @@ def test_it_learns_the_rendered_attributes(trained_model, synth_dataset: Path) -
 
 def _test_outputs(result, synth_dataset: Path):
     """The trained model's outputs on the held-out test split (not where thresholds were chosen)."""
-    from trainer.evaluate import evaluate
-    from trainer.fit import FitConfig, prepare_data
+    from facefind.trainer.evaluate import evaluate
+    from facefind.trainer.fit import FitConfig, prepare_data
 
     model, meta = load_model(result.checkpoint)
     data, _ = prepare_data(FitConfig(data=synth_dataset, arch=meta.arch, img_size=meta.img_size, device="cpu",
@@ -112,9 +112,9 @@ def test_both_threshold_sets_round_trip_through_the_checkpoint(trained_model, sy
 def test_a_rare_attributes_bare_name_query_finds_most_of_it(trained_model, synth_dataset: Path) -> None:
     from types import SimpleNamespace
 
-    from db.snapshot import Snapshot, model_threshold_sets
-    from indexer.pipeline import _model_meta
-    from retrieval.engine import Engine
+    from facefind.db.snapshot import Snapshot, model_threshold_sets
+    from facefind.indexer.pipeline import _model_meta
+    from facefind.retrieval.engine import Engine
 
     meta, test, _ = _test_outputs(trained_model, synth_dataset)
     j = meta.attributes.index("Mustache")
@@ -141,7 +141,7 @@ def test_a_rare_attributes_bare_name_query_finds_most_of_it(trained_model, synth
 
 
 def test_an_old_one_set_checkpoint_loads_and_falls_back(trained_model, tmp_path: Path, caplog) -> None:
-    from indexer.pipeline import _model_meta
+    from facefind.indexer.pipeline import _model_meta
 
     payload = load_checkpoint(trained_model.checkpoint)
     for key in ("threshold_sets", "threshold_stats"):  # what a checkpoint written before both were kept lacks
@@ -283,7 +283,7 @@ def test_tune_two_point_grid_keeps_the_best_and_reuses_finished_runs(synth_datas
 
 
 def test_interrupted_grid_resumes_the_unfinished_run(synth_dataset: Path, tmp_path: Path) -> None:
-    from trainer.tune import TuneEvent, tune
+    from facefind.trainer.tune import TuneEvent, tune
 
     base = tiny(synth_dataset, tmp_path / "t", subset=120)
     grid = {"dropout": [0.2, 0.4]}
@@ -322,7 +322,7 @@ def test_real_sample_without_test_images(tmp_path: Path) -> None:
 
 
 def test_train_bench_reports_facefind_beside_both_baselines() -> None:
-    from trainer.bench_train import run_train_bench
+    from facefind.retrieval.bench.train import run_train_bench
 
     result = run_train_bench(arch="mobilenet_v3_small", n=80, img_size=32, batch_size=8, steps=2, warmup=1,
                              device="cpu", workers=0, repeats=2)

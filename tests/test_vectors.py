@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-from db import vectors
-from db.snapshot import Snapshot, load_snapshot, write_snapshot
-from retrieval import engine as engine_module
-from retrieval.bench_query import synthetic_snapshot
-from retrieval.engine import Engine
+from facefind.db import vectors
+from facefind.db.snapshot import Snapshot, load_snapshot, write_snapshot
+from facefind.retrieval import engine as engine_module
+from facefind.retrieval.bench.query import synthetic_snapshot
+from facefind.retrieval.engine import Engine
 
 D = 16
 

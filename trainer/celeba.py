@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from db.errors import DatasetError
+from facefind.db.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from db.errors import ModelError
+from facefind.db.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def build_model(payload: dict[str, Any], path: Path, device: Any = "cpu") -> tup
     """``load_model`` from an already loaded checkpoint dict (``path`` names it in errors)."""
     import torch
 
-    from trainer.model import create_model
+    from facefind.trainer.model import create_model
 
     meta = CheckpointMeta.from_dict(payload["meta"])
     model = create_model(

@@ -19,21 +19,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from db.errors import DatasetError, ImageError
-from trainer.device import available_cpus
-from db.paths import default_cache_dir
-from trainer.decode import decode_paths
-from trainer.model import normalize
+from facefind.db.errors import DatasetError, ImageError
+from facefind.trainer.device import available_cpus
+from facefind.db.paths import default_cache_dir
+from facefind.trainer.decode import decode_paths
+from facefind.trainer.model import InputSpec, normalize
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: pixels from trainer.decode (EXIF, alpha, CMYK applied)
+CACHE_VERSION = 2  # 2: pixels from facefind.trainer.decode (EXIF, alpha, CMYK applied)
 NATIVE_SIZE = (218, 178)  # CelebA's aligned crops, (height, width)
 _CHUNK = 64  # images per decode task
 
@@ -121,7 +121,7 @@ def build_cache(
 ) -> ImageCache:
     """Return the cache for ``paths`` at ``img_size``, decoding the images only if it does not exist.
 
-    Images are decoded by ``trainer.decode`` (EXIF orientation, alpha, CMYK, 16-bit: the very pixels
+    Images are decoded by ``facefind.trainer.decode`` (EXIF orientation, alpha, CMYK, 16-bit: the very pixels
     the indexer and ``predict`` get) on ``workers`` CPU threads: libjpeg, Pillow's decoders and the
     resize release the GIL, so threads scale without the start-up cost and fork hazards of processes. The cache is built once per dataset and size, so the
     GPU decoder is not worth its complexity here (the indexer uses it). ``device`` is accepted
@@ -188,7 +188,7 @@ def build_shared_cache(
     barrier; they then memory-map the same file, so the page cache holds one copy per node
     whatever the number of processes. Outside torchrun this is ``build_cache``.
     """
-    from trainer import distributed
+    from facefind.trainer import distributed
 
     here = distributed.info()
     if not here.distributed:
@@ -434,8 +434,49 @@ def training_input(
 ) -> torch.Tensor:
     """uint8 cache rows -> normalised channels_last model input; augmented when ``generator`` is given.
 
-    Without a generator this equals ``trainer.model.preprocess`` on images already at model size.
+    Without a generator this equals ``facefind.trainer.model.preprocess`` on images already at model size.
     ``part``: see ``augment``.
     """
     x = augment(images, generator, config, part) if generator is not None else images.float().div_(255.0)
     return normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class FitEvent:
+    """Progress of a run, for the CLI's progress bars (the library never prints).
+
+    kind: "cache" (done/total images decoded), "epoch" (an epoch starts: steps known), "step"
+    (loss and images/s so far this epoch), "eval" (validating), "epoch_end" (record holds the
+    epoch's history entry), "test" (evaluating the best epoch on test).
+    """
+
+    kind: str
+    epoch: int = 0  # 1-based
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    done: int = 0
+    total: int = 0
+    loss: float | None = None
+    images_per_s: float | None = None
+    record: dict[str, Any] | None = None
+
+
+ProgressFn = Callable[[FitEvent], None]
+
+
+@dataclass
+class TrainData:
+    """A dataset ready for training: rows of each split, labels on the device, the image cache."""
+
+    attributes: list[str]
+    labels: np.ndarray  # uint8 (N, K)
+    labels_device: torch.Tensor
+    rows: dict[str, np.ndarray]
+    images: DeviceImages
+    cache: ImageCache
+    spec: InputSpec
+    root: Path
+
+    def split_labels(self, split: str) -> np.ndarray:
+        return self.labels[self.rows[split]]

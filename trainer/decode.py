@@ -1,6 +1,6 @@
 """The one image decoder: file -> RGB uint8 pixels at the model's size, the same for every caller.
 
-The training cache (``trainer.data``), the indexer's workers (``indexer.routing``), ``predict`` and
+The training cache (``facefind.trainer.data``), the indexer's workers (``facefind.indexer.routing``), ``predict`` and
 ``similar`` all decode through this module, so a model is trained on exactly the pixels it is later
 indexed and queried with. The contract:
 
@@ -9,7 +9,7 @@ indexed and queried with. The contract:
   read at their first frame; files over ``MAX_FILE_BYTES`` or ``max_pixels`` refused unread.
   A file that cannot be an image raises ``Unreadable`` whose text is a one-line reason
   ('empty file', 'truncated JPEG', 'not an image (text file)', 'decompression bomb (N pixels)', ...).
-- ``resize_chw(rgb, size)`` -> uint8 (3, h, w) with ``trainer.model.resize_images``.
+- ``resize_chw(rgb, size)`` -> uint8 (3, h, w) with ``facefind.trainer.model.resize_images``.
 - ``decode_file(path, size)`` is the two together.
 
 Pillow is the reference decoder. Plain JPEGs (``plain_jpeg``: complete, RGB or greyscale, no EXIF
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from db.errors import ImageError
+from facefind.db.errors import ImageError
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +132,7 @@ def resize_chw(rgb: np.ndarray, size: Sequence[int]) -> np.ndarray:
         return np.ascontiguousarray(chw)
     import torch
 
-    from trainer.model import resize_images
+    from facefind.trainer.model import resize_images
 
     # Any memory layout: torch's uint8 resize gives the same pixels for a strided view as for a copy.
     return resize_images(torch.from_numpy(chw)[None], size)[0].numpy()
@@ -357,7 +357,7 @@ def decode_jpegs_on_device(
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from trainer.model import resize_images
+    from facefind.trainer.model import resize_images
 
     h, w = int(size[0]), int(size[1])
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]

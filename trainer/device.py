@@ -16,7 +16,7 @@ from typing import ContextManager
 
 import torch
 
-from db.errors import FacefindError
+from facefind.db.errors import FacefindError
 
 log = logging.getLogger(__name__)
 

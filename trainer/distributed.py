@@ -29,7 +29,7 @@ from typing import Any, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from db.errors import FacefindError
+from facefind.db.errors import FacefindError
 
 log = logging.getLogger(__name__)
 

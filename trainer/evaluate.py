@@ -14,29 +14,26 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from db.errors import DatasetError
-from trainer.checkpoint import CheckpointMeta, load_model
-from trainer.data import DeviceImages, batch_indices, build_cache, find_cache
-from trainer.device import autocast, configure, resolve_device
-from trainer.metrics import (THRESHOLD_METRICS, Metrics, calibrate_thresholds, compute_metrics,
+from facefind.db.errors import DatasetError
+from facefind.trainer.checkpoint import CheckpointMeta, load_model
+from facefind.trainer.data import DeviceImages, FitEvent, ProgressFn, TrainData, batch_indices, build_cache, find_cache
+from facefind.trainer.device import autocast, configure, resolve_device
+from facefind.trainer.metrics import (THRESHOLD_METRICS, Metrics, calibrate_thresholds, compute_metrics,
                              majority_baseline)
-from trainer.model import InputSpec, preprocess
-
-if TYPE_CHECKING:
-    from trainer.fit import ProgressFn, TrainData
+from facefind.trainer.model import InputSpec, preprocess
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, data: "TrainData", rows: np.ndarray, batch_size: int = 256
+    model: nn.Module, data: TrainData, rows: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """Logits (len(rows), K) as float32 numpy, in ``rows`` order; the model is left in eval mode."""
     model.eval()
@@ -103,7 +100,7 @@ class Evaluation:
         return float(criterion(torch.from_numpy(self.logits).double(), torch.from_numpy(self.labels).double()))
 
 
-def evaluate(model: nn.Module, data: "TrainData", split: str, batch_size: int = 256) -> Evaluation:
+def evaluate(model: nn.Module, data: TrainData, split: str, batch_size: int = 256) -> Evaluation:
     """Run ``model`` over the rows of ``split`` once; score the result with ``Evaluation.metrics``."""
     rows = data.rows[split]
     return Evaluation(split=split, attributes=list(data.attributes), labels=data.labels[rows],
@@ -151,11 +148,10 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     workers: int | None = None,
     cache_dir: Path | None = None,
-    progress: "ProgressFn | None" = None,
+    progress: ProgressFn | None = None,
 ) -> EvalReport:
     """Measure a checkpoint on a CelebA-format folder (``split`` None: test, or val when test is empty)."""
-    from trainer.celeba import load_celeba
-    from trainer.fit import FitEvent, TrainData
+    from facefind.trainer.celeba import load_celeba
 
     started = time.perf_counter()
     dev = resolve_device(device)

@@ -1,11 +1,11 @@
-"""Training: ``fit`` (the whole run) and ``train_one_epoch``; evaluation is ``trainer.evaluate``.
+"""Training: ``fit`` (the whole run) and ``train_one_epoch``; evaluation is ``facefind.trainer.evaluate``.
 
 The official protocol: train on the train split, choose the best epoch and the per-attribute
 decision thresholds on val, report test when the folder has test images (the real sample has
 none; a folder without val holds out part of train instead, and says so).
 
 Outputs, next to ``--out`` (e.g. ``model.pt``):
-    model.pt            the best epoch so far, self-describing (trainer.checkpoint), saved atomically
+    model.pt            the best epoch so far, self-describing (facefind.trainer.checkpoint), saved atomically
     model.history.json  one record per epoch (loss, images/s, val metrics), rewritten each epoch
     model.state.pt      last epoch's weights + optimiser + scheduler, for ``--resume``; removed
                         when the run completes
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from db.errors import DatasetError, ModelError
-from db.paths import default_models_dir
-from trainer import distributed
-from trainer.checkpoint import (
+from facefind.db.errors import DatasetError, ModelError
+from facefind.db.paths import default_models_dir
+from facefind.trainer import distributed
+from facefind.trainer.checkpoint import (
     CheckpointMeta,
     library_versions,
     load_checkpoint,
@@ -41,25 +41,28 @@ from trainer.checkpoint import (
     now_iso,
     save_checkpoint,
 )
-from trainer.data import (
+from facefind.trainer.data import (
     DeviceImages,
+    FitEvent,
     ImageCache,
+    ProgressFn,
+    TrainData,
     batch_indices,
     build_shared_cache,
     index_tensor,
     parse_img_size,
     training_input,
 )
-from trainer.device import (
+from facefind.trainer.device import (
     autocast,
     configure,
     describe_device,
     resolve_device,
     synchronize,
 )
-from trainer.evaluate import evaluate
-from trainer.metrics import SUMMARY_KEYS, THRESHOLD_METRICS, Metrics
-from trainer.model import (
+from facefind.trainer.evaluate import evaluate
+from facefind.trainer.metrics import SUMMARY_KEYS, THRESHOLD_METRICS, Metrics
+from facefind.trainer.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputSpec,
@@ -159,47 +162,6 @@ def history_path(out: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class FitEvent:
-    """Progress of a run, for the CLI's progress bars (the library never prints).
-
-    kind: "cache" (done/total images decoded), "epoch" (an epoch starts: steps known), "step"
-    (loss and images/s so far this epoch), "eval" (validating), "epoch_end" (record holds the
-    epoch's history entry), "test" (evaluating the best epoch on test).
-    """
-
-    kind: str
-    epoch: int = 0  # 1-based
-    epochs: int = 0
-    step: int = 0
-    steps: int = 0
-    done: int = 0
-    total: int = 0
-    loss: float | None = None
-    images_per_s: float | None = None
-    record: dict[str, Any] | None = None
-
-
-ProgressFn = Callable[[FitEvent], None]
-
-
-@dataclass
-class TrainData:
-    """A dataset ready for training: rows of each split, labels on the device, the image cache."""
-
-    attributes: list[str]
-    labels: np.ndarray  # uint8 (N, K)
-    labels_device: torch.Tensor
-    rows: dict[str, np.ndarray]
-    images: DeviceImages
-    cache: ImageCache
-    spec: InputSpec
-    root: Path
-
-    def split_labels(self, split: str) -> np.ndarray:
-        return self.labels[self.rows[split]]
-
-
-@dataclass(frozen=True)
 class EpochStats:
     loss: float
     images: int
@@ -265,7 +227,7 @@ class FitResult:
 
 def prepare_data(cfg: FitConfig, device: torch.device, progress: ProgressFn | None = None) -> tuple[TrainData, str]:
     """Load the dataset, apply ``--subset``, fix the split rows, and build or reuse the image cache."""
-    from trainer.celeba import load_celeba
+    from facefind.trainer.celeba import load_celeba
 
     ds = load_celeba(cfg.data)
     if cfg.subset is not None and cfg.subset < len(ds):
@@ -397,7 +359,7 @@ def train_one_epoch(
 def fit(config: FitConfig, progress: ProgressFn | None = None) -> FitResult:
     """Train, validate every epoch, keep the best checkpoint, report test. See the module docstring.
 
-    Under torchrun this is DDP (trainer.distributed): every rank trains on its part of each global
+    Under torchrun this is DDP (facefind.trainer.distributed): every rank trains on its part of each global
     batch, rank 0 validates and writes, and every rank returns rank 0's result.
     """
     with distributed.failures():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from db.errors import ModelError
+from facefind.db.errors import ModelError
 
 log = logging.getLogger(__name__)
 

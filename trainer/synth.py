@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from db.errors import DatasetError
+from facefind.db.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from db.errors import ModelError
-from trainer.fit import FitConfig, FitEvent, FitResult, fit, state_path
-from trainer.metrics import SUMMARY_KEYS
+from facefind.db.errors import ModelError
+from facefind.trainer.fit import FitConfig, FitEvent, FitResult, fit, state_path
+from facefind.trainer.metrics import SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 

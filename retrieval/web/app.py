@@ -2,7 +2,7 @@
 
 Every endpoint is a thin wrapper around the library calls the CLI makes (``Engine.query``,
 ``Result.to_dict``, ``Engine.same_file``, ``Engine.evaluate_quality``, the indexer's reader, the index's own
-checkpoint, ``trainer.faces.identity_of`` for identity), so the page and ``facefind query --json`` can never
+checkpoint, ``facefind.indexer.faces.detect.identity_of`` for identity), so the page and ``facefind query --json`` can never
 disagree. ``by=look|person`` is the CLI's ``--by``: rank by the model's embedding, or by dlib
 identity distance (an index built with ``index --identity``; hits then carry ``distance`` and
 ``same_person``). JSON is serialised once by orjson (no per-field encoder walk) and each query
@@ -41,13 +41,13 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from db.errors import CatalogError, FacefindError, ImageError, QuerySyntaxError
-from retrieval.engine import NO_IDENTITY
-from retrieval.web.live import FixedIndex, Live, LiveIndex, Source
-from retrieval.web.thumbs import SourceGone, ThumbnailCache, default_cache_folder, identity
+from facefind.db.errors import CatalogError, FacefindError, ImageError, QuerySyntaxError
+from facefind.retrieval.engine import NO_IDENTITY
+from facefind.retrieval.web.live import FixedIndex, Live, LiveIndex, Source
+from facefind.retrieval.web.thumbs import SourceGone, ThumbnailCache, default_cache_folder, identity
 
 if TYPE_CHECKING:
-    from retrieval.engine import Engine, Result
+    from facefind.retrieval.engine import Engine, Result
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +332,9 @@ class Embedder:
         return pred.embedding, list(pred.face_box) if pred.face_box is not None else None
 
     def describe(self, data: bytes, name: str) -> np.ndarray:
-        """The identity descriptor of an uploaded photo's largest face (``trainer.faces.identity_of``, what the
+        """The identity descriptor of an uploaded photo's largest face (``facefind.indexer.faces.detect.identity_of``, what the
         CLI's ``--by person`` computes; dlib, no torch); ImageError when no face is found."""
-        from trainer.faces import identity_of
+        from facefind.indexer.faces.detect import identity_of
 
         rgb = _decode(data, name)
         with self._lock:  # dlib's detector and models are shared: one photo at a time
@@ -345,7 +345,7 @@ class Embedder:
         return found
 
     def _load(self, live: Live) -> Any:
-        from retrieval.index import open_predictor
+        from facefind.retrieval.index import open_predictor
 
         path = live.opened.checkpoint()  # verified against the snapshot's sha256
         sha = live.engine.snapshot.sha256 or str(path)
@@ -357,7 +357,7 @@ class Embedder:
 
 def _decode(data: bytes, name: str) -> np.ndarray:
     """An upload's RGB pixels, decoded as the indexer does; ImageError with predict's reason."""
-    from trainer.decode import Unreadable, decode_rgb
+    from facefind.trainer.decode import Unreadable, decode_rgb
 
     try:
         return decode_rgb(data)
@@ -375,7 +375,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     Opens the index now, so a missing or empty one fails here with its one-line CatalogError.
     """
     if source is None:
-        from db.paths import default_index_dir
+        from facefind.db.paths import default_index_dir
 
         folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
         source = LiveIndex(folder, check_every=check_every)
@@ -715,7 +715,7 @@ def _model_report(record: Any) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     if record.checkpoint and Path(record.checkpoint).is_file():
         try:
-            from trainer.checkpoint import load_checkpoint
+            from facefind.trainer.checkpoint import load_checkpoint
 
             history = list(load_checkpoint(Path(record.checkpoint))["meta"].get("history") or [])
         except FacefindError as err:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from db.errors import CatalogError
+from facefind.db.errors import CatalogError
 
 if TYPE_CHECKING:
-    from retrieval.engine import Engine, Quality, Result
-    from retrieval.index import OpenIndex
+    from facefind.retrieval.engine import Engine, Quality, Result
+    from facefind.retrieval.index import OpenIndex
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class LiveIndex:
         return tuple(out)
 
     def _open(self) -> Live:
-        from retrieval.index import open_index
+        from facefind.retrieval.index import open_index
 
         key = self._key()
         opened = open_index(self.index_dir)

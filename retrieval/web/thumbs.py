@@ -2,7 +2,7 @@
 
 The key hashes the catalogued path, size, modification time (ns) and inode, the face's box (a
 photo's faces each get their own) and the thumbnail size: a file replaced in place gets a new
-thumbnail, an unchanged one is never re-encoded. ``retrieval.thumbnail`` makes them (decoded as
+thumbnail, an unchanged one is never re-encoded. ``facefind.retrieval.thumbnail`` makes them (decoded as
 the indexer did, the face cut out), so a thumbnail shows what was indexed. Cache files are written to a
 temporary name and renamed; a cache folder that cannot be written leaves thumbnails made in
 memory on every request (slower, never wrong).
@@ -96,8 +96,8 @@ class ThumbnailCache:
 def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, int] | None = None) -> bytes:
     """A JPEG of the image at ``path`` (its face at ``box``) shrunk to fit ``size`` pixels;
     SourceGone when unreadable."""
-    from retrieval.thumbnail import thumbnail_jpeg
-    from trainer.decode import Unreadable, decode_rgb
+    from facefind.retrieval.thumbnail import thumbnail_jpeg
+    from facefind.trainer.decode import Unreadable, decode_rgb
 
     try:
         rgb = decode_rgb(path)
@@ -108,7 +108,7 @@ def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, 
 
 def default_cache_folder(index_dir: Path | None) -> Path:
     """``<index>/thumbs`` when the index folder is writable, else ``$FACEFIND_CACHE/thumbs/<hash>``."""
-    from db.paths import default_cache_dir
+    from facefind.db.paths import default_cache_dir
 
     if index_dir is not None and os.access(index_dir, os.W_OK):
         return Path(index_dir) / "thumbs"

@@ -7,43 +7,20 @@ every command module) never pays for them.
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Annotated, Any
 
 import typer
 
-from db.errors import FacefindError
-from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.db.errors import FacefindError
+from facefind.retrieval.web.server import bind_socket  # stdlib only
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
 
 log = logging.getLogger(__name__)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free one); FacefindError when taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and
-    # without it a small answer written after its headers waited ~40-60 ms for a delayed ACK
-    # (measured: /api/attributes p50 64 ms, 0.4 ms with it).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # A 60-hit page is ~90 KB: a send buffer that takes it in one write spares the event loop a
-    # round of "wait until writable" per answer, which a busy machine makes costly.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as err:
-        sock.close()
-        raise FacefindError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port, "
-                            "or stop the program using it") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
 def check_bind(host: str, token: str | None) -> None:
     """Refuse a bind beyond this machine without a token (anyone on the network could search)."""
-    from retrieval.web.app import is_loopback
+    from facefind.retrieval.web.app import is_loopback
 
     if not is_loopback(host) and not token:
         raise FacefindError(f"--host {host} lets other machines connect: also pass --token SECRET "
@@ -69,7 +46,7 @@ def serve(
     check_bind(host, token)
     import uvicorn
 
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.app import create_app
 
     app = create_app(index_dir, token=token, device=device)
     sock = bind_socket(host, port)
@@ -103,7 +80,7 @@ def bench_serve(
 ) -> None:
     """API latency over loopback HTTP beside the engine's own time, a concurrent load run, and
     (with Chromium) the time from navigation to 60 thumbnails painted."""
-    from retrieval.web.bench import run_serve_bench
+    from facefind.retrieval.bench.serve import run_serve_bench
 
     result = run_serve_bench(n=n, repeats=repeats, clients=clients, requests=requests, browser=browser,
                              seed=seed)
@@ -138,7 +115,7 @@ def _show(result: dict[str, Any]) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `serve`, and `bench serve` to the bench group."""
-    from retrieval.cli_bench import bench_app
+    from facefind.retrieval.cli.bench import bench_app
 
     app.command("serve", help="Serve a web page and JSON API to search faces (binds 127.0.0.1 by default).")(
         guard(serve))

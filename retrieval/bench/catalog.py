@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from db.errors import CatalogError
+from facefind.db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def _label(url: str | None) -> str:
 
 def _write_all(catalog: Any, n: int, k: int, d: int, batch_size: int, seed: int) -> tuple[int, float]:
     """Register a model and write ``n`` rows in batches; return (model id, seconds writing)."""
-    from db.catalog import IndexedImage
-    from retrieval.bench_query import CELEBA_BASE_RATES
+    from facefind.db.catalog import IndexedImage
+    from facefind.retrieval.bench.query import CELEBA_BASE_RATES
 
     names = list(CELEBA_BASE_RATES)[:k]
     model_id = catalog.register_model(f"{seed:064x}", "bench", names, [0.5] * k, d, None)
@@ -71,7 +71,7 @@ def _query_runs(index_dir: Path, url: str | None, runs: int) -> list[float]:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "retrieval.cli", "query", EXPRESSION, "--json", "--limit", "10"],
+        proc = subprocess.run([sys.executable, "-m", "facefind.retrieval.cli", "query", EXPRESSION, "--json", "--limit", "10"],
                               env=env, capture_output=True, text=True, timeout=300)
         times.append(time.perf_counter() - t0)
         if proc.returncode != 0:
@@ -82,7 +82,7 @@ def _query_runs(index_dir: Path, url: str | None, runs: int) -> list[float]:
 
 def _takes_shortcut(index_dir: Path, url: str | None) -> bool:
     """Whether `facefind query` serves this index without SQLAlchemy (``current_snapshot_fast``)."""
-    from db.snapshot import current_snapshot_fast
+    from facefind.db.snapshot import current_snapshot_fast
 
     saved = os.environ.pop("FACEFIND_DB", None)
     try:
@@ -104,9 +104,9 @@ def run_catalog_bench(urls: Sequence[str] = (), n: int = 202_599, k: int = 40, d
     mb_per_second, export_s, publish_s, query_cold_p50_s, query_cold_min_s, engine_p50_ms,
     query_shortcut}]}`` (``query_shortcut``: queries were served without importing SQLAlchemy).
     """
-    from db.catalog import Catalog
-    from db.snapshot import load_snapshot, sync_snapshot
-    from retrieval.engine import Engine
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import load_snapshot, sync_snapshot
+    from facefind.retrieval.engine import Engine
 
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="facefind-bench-catalog-"))
     results = []

@@ -2,7 +2,7 @@
 
 ``find_face`` / ``require_face`` / ``crop_face`` are what ``predict``, ``similar`` and the
 indexer's ``--detect-faces`` call; the work (dlib detection, 5 landmarks, a similarity warp onto
-CelebA's measured template) is ``trainer.align``. Images that already have CelebA's crop geometry
+CelebA's measured template) is ``facefind.indexer.faces.align``. Images that already have CelebA's crop geometry
 (``looks_aligned``) skip detection and go to the model as they are: aligning them again moves
 their landmarks by about a pixel (scripts/measure_faces.py), so passing them through is
 both exact and free.
@@ -17,10 +17,10 @@ import logging
 
 import numpy as np
 
-from db.errors import ImageError
+from facefind.db.errors import ImageError
 from dataclasses import dataclass
 
-from trainer.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
+from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def faces_of(rgb: np.ndarray, *, identity: bool = False, min_size: int = MIN_FAC
     any other image has one entry per face found (largest first; none: no face). A module-level
     function of arrays, so the indexer's reader workers can call it and overlap the descriptor's
     ~100 ms per face with the CNN."""
-    from trainer import identity as ident
+    from facefind.indexer.faces import identity as ident
 
     if looks_aligned(rgb):
         vector = None

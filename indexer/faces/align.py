@@ -14,7 +14,7 @@ prints the mean landmark positions. The constants live here because users have n
 
 Models come from the ``face-recognition-models`` wheel (CC0), located without importing its
 ``__init__`` (which needs pkg_resources, gone from current setuptools). Only the 5-point
-predictor, the HOG detector and the ResNet descriptor (``trainer.identity``) are ever loaded: the
+predictor, the HOG detector and the ResNet descriptor (``facefind.indexer.faces.identity``) are ever loaded: the
 68-point predictor in the same package forbids commercial use. dlib is imported on first use, so
 ``facefind query`` and every import of this module stay light; each process loads its models once.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from db.errors import ModelError
+from facefind.db.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from db.snapshot import APPROX, VECTORS, Snapshot, load_snapshot, write_snapshot
-from retrieval.engine import EPS, Engine
-from retrieval.query import Attr, Literal, Node, fold, literals, parse
+from facefind.db.snapshot import APPROX, VECTORS, Snapshot, load_snapshot, write_snapshot
+from facefind.retrieval.engine import EPS, Engine
+from facefind.retrieval.query import Attr, Literal, Node, fold, literals, parse
 
 log = logging.getLogger(__name__)
 
@@ -399,11 +399,11 @@ def run_vector_bench(snap: Snapshot, *, approx_min: int | None = None, queries: 
                      folder: Path | None = None) -> dict[str, Any]:
     """Publish ``snap`` as the indexer does and measure its vector search (see module docstring).
 
-    ``approx_min`` (default ``db.vectors.APPROX_MIN``) decides whether the approximate index is
+    ``approx_min`` (default ``facefind.db.vectors.APPROX_MIN``) decides whether the approximate index is
     built. Queries are stored embeddings plus a little noise, L2-normalised (new photos of indexed
     people); recall@10 compares the default search with ``exact=True`` on the same filter.
     """
-    from db import vectors
+    from facefind.db import vectors
 
     with tempfile.TemporaryDirectory(prefix="facefind-bench-", dir=folder) as tmp:
         n, d = snap.emb.shape
@@ -476,8 +476,8 @@ _FIRST_LIKE = """
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from db.snapshot import load_snapshot
-from retrieval.engine import Engine
+from facefind.db.snapshot import load_snapshot
+from facefind.retrieval.engine import Engine
 t1 = time.perf_counter()
 snap = load_snapshot(sys.argv[1], 1)
 engine = Engine(snap)
@@ -491,7 +491,7 @@ def _first_like(index_dir: Path, ref: np.ndarray) -> tuple[float, dict[str, floa
     """The first similarity query of a freshly opened snapshot: in this process (opening the
     snapshot, the engine, mapping the store, answering; FAISS already imported) and in a fresh
     Python process (split into imports and open + query)."""
-    from db import vectors
+    from facefind.db import vectors
 
     vectors.configure_faiss()
     start = time.perf_counter()

@@ -15,13 +15,13 @@ from rich.box import SIMPLE
 from rich.console import Console
 from rich.table import Table
 
-from db.errors import FacefindError
-from retrieval.cli_common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
+from facefind.db.errors import FacefindError
+from facefind.retrieval.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 if TYPE_CHECKING:
-    from trainer.evaluate import EvalReport
-    from trainer.fit import FitEvent, FitResult
-    from trainer.metrics import Metrics
+    from facefind.trainer.evaluate import EvalReport
+    from facefind.trainer.fit import FitEvent, FitResult
+    from facefind.trainer.metrics import Metrics
 
 # The original study (ResNet50 and DenseNet121 on 29,500 CelebA images, 8 epochs, class-weighted
 # BCE, its own test images). It does not say how it averaged precision, recall and F1.
@@ -94,7 +94,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the attribute CNN: train split to learn, val to pick the epoch and thresholds, test to report."""
-    from trainer.fit import FitConfig, fit
+    from facefind.trainer.fit import FitConfig, fit
 
     use_threads(threads)
     config = FitConfig(
@@ -103,14 +103,14 @@ def train(
         pretrained=pretrained, augment=augment, class_weights=class_weights, threshold_metric=threshold_metric,
         subset=subset, device=device, workers=workers, seed=seed, cache_dir=cache_dir, resume=resume,
     )
-    from trainer.fit import state_path
+    from facefind.trainer.fit import state_path
 
     console = Console(stderr=True)
     try:
         with _FitBar(console, enabled=not as_json) as bar:
             result = fit(config, progress=bar.update)
     except KeyboardInterrupt:
-        from trainer.distributed import env_info
+        from facefind.trainer.distributed import env_info
 
         if env_info().rank != 0:  # under torchrun: rank 0 says it once
             raise typer.Exit(130) from None
@@ -120,7 +120,7 @@ def train(
                 else f"`facefind train {data} --out {config.out} --resume`")
         typer.echo(f"interrupted: continue with {hint}", err=True)
         raise typer.Exit(130) from None
-    from trainer.distributed import is_main
+    from facefind.trainer.distributed import is_main
 
     if not is_main():  # under torchrun every rank holds rank 0's result; one prints it
         return
@@ -281,10 +281,10 @@ def tune(
     as_json: JsonOpt = False,
 ) -> None:
     """Grid-search training settings (e.g. --lr 0.01,0.005 --dropout 0.3,0.5); keep the best on val."""
-    from db.paths import default_models_dir
-    from trainer.fit import FitConfig
-    from trainer.tune import TuneEvent
-    from trainer.tune import tune as run_tune
+    from facefind.db.paths import default_models_dir
+    from facefind.trainer.fit import FitConfig
+    from facefind.trainer.tune import TuneEvent
+    from facefind.trainer.tune import tune as run_tune
 
     grid = {
         "arch": _split(arch), "lr": _floats(lr, "--lr"), "dropout": _floats(dropout, "--dropout"),
@@ -354,7 +354,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-attribute accuracy, precision, recall, F1, balanced accuracy, AP and support of a checkpoint."""
-    from trainer.evaluate import evaluate_checkpoint
+    from facefind.trainer.evaluate import evaluate_checkpoint
 
     if split is not None and split not in ("test", "val", "train"):
         raise FacefindError(f"unknown split {split!r}: use test or val")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from retrieval.cli_common import DeviceOpt, ThreadsOpt, guard, use_threads
+from facefind.retrieval.cli.common import DeviceOpt, ThreadsOpt, guard, use_threads
 
 
 def demo(
@@ -24,7 +24,7 @@ def demo(
 
     No dataset, server or download is needed. A second run reuses what the first one made.
     """
-    from retrieval.demo import DEMO_QUERIES, run_demo
+    from facefind.retrieval.demo import DEMO_QUERIES, run_demo
 
     use_threads(threads)
     console = Console(stderr=True)
@@ -71,7 +71,7 @@ def _progress_of(step: str, event: Any, n: int) -> tuple[int, int, str]:
         return int(event), n, ""
     if step == "index":
         return int(event[0]), int(event[1]), ""
-    # training: a trainer.fit.FitEvent
+    # training: a facefind.trainer.fit.FitEvent
     if event.kind == "cache":
         return event.done, event.total, "decoding"
     note = f"epoch {event.epoch}/{event.epochs}"

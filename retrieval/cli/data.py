@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.cli_common import JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import JsonOpt, guard, print_json
 
 
 def dataset(
@@ -17,7 +17,7 @@ def dataset(
     as_json: JsonOpt = False,
 ) -> None:
     """Show what the loader finds in a CelebA-format folder: layout, counts, splits, attribute rates."""
-    from trainer.celeba import load_celeba
+    from facefind.trainer.celeba import load_celeba
 
     data = load_celeba(folder)
     summary = {
@@ -58,8 +58,8 @@ def synth(
     """Write a CelebA-format folder of synthetic 178x218 faces whose attributes are visible."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from db.errors import DatasetError
-    from trainer.synth import synthesize
+    from facefind.db.errors import DatasetError
+    from facefind.trainer.synth import synthesize
 
     if layout not in ("original", "kaggle"):
         raise DatasetError(f"unknown layout {layout!r}: use original or kaggle")

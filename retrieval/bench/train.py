@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from db.errors import DatasetError
-from trainer.device import configure, describe_device, resolve_device, synchronize
-from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+from facefind.db.errors import DatasetError
+from facefind.trainer.device import configure, describe_device, resolve_device, synchronize
+from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def run_train_bench(
     if data is None:
         import tempfile
 
-        from trainer.synth import synthesize
+        from facefind.trainer.synth import synthesize
 
         with tempfile.TemporaryDirectory(prefix="facefind-bench-train-") as tmp:
             (progress or (lambda message: None))(f"drawing {n:,} synthetic faces")
@@ -161,9 +161,9 @@ def _measure(
     progress: Callable[[str], None] | None,
     repeats: int,
 ) -> TrainBenchResult:
-    from trainer.celeba import load_celeba
-    from trainer.device import available_cpus
-    from trainer.fit import FitConfig, prepare_data
+    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.device import available_cpus
+    from facefind.trainer.fit import FitConfig, prepare_data
 
     say = progress or (lambda message: None)
     dev = resolve_device(device)
@@ -223,8 +223,8 @@ def _plan(rows: np.ndarray, size: int, count: int, seed: int = 0) -> list[np.nda
 
 
 def _facefind_rate(cfg: Any, data: Any, plan: list[np.ndarray], warmup: int, device: torch.device) -> float:
-    """Images/s of ``trainer.fit.train_one_epoch`` over ``plan[warmup:]``, after ``plan[:warmup]``."""
-    from trainer.fit import make_optimizer, make_scheduler, train_one_epoch
+    """Images/s of ``facefind.trainer.fit.train_one_epoch`` over ``plan[warmup:]``, after ``plan[:warmup]``."""
+    from facefind.trainer.fit import make_optimizer, make_scheduler, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model(cfg.arch, len(data.attributes)).to(device, memory_format=torch.channels_last)
@@ -247,7 +247,7 @@ class _FileImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from trainer.decode import decode_paths
+        from facefind.trainer.decode import decode_paths
 
         return torch.from_numpy(decode_paths([self.paths[i]], self.size)[0])
 

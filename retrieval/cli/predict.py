@@ -1,7 +1,7 @@
 """`facefind predict`: the attributes of one-off images (the study's ``predict()``), as a table,
 JSON or a gallery page showing each image with its face box beside its attributes.
 
-The model comes from ``--model``, else the index (``retrieval.index.default_model_path``). torch
+The model comes from ``--model``, else the index (``facefind.retrieval.index.default_model_path``). torch
 and dlib are imported only inside the command. A file that cannot be predicted (unreadable, no
 face found) is reported as a failure of that file and the others go on; the exit code is then 1.
 """
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Annotated, Sequence
 
 import typer
 
-from db.files import atomic_write_text
-from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
-from retrieval.index import default_model_path, open_predictor
+from facefind.db.files import atomic_write_text
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.index import default_model_path, open_predictor
 
 if TYPE_CHECKING:
 
-    from trainer.predict import FailedPrediction, Prediction
+    from facefind.indexer.predict import FailedPrediction, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ font-size:12px}
 def render_predictions(preds: Sequence[Prediction], *, title: str = "facefind predict") -> str:
     """One self-contained HTML page: each image (face box drawn over it) beside its attributes,
     present ones highlighted, all sorted by probability."""
-    from retrieval.gallery import thumbnail_data_uri
+    from facefind.retrieval.gallery import thumbnail_data_uri
 
     rows = []
     for p in preds:
@@ -131,7 +131,7 @@ def predict(
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict the 40 attributes of each IMAGE; present ones (at the model's thresholds) are highlighted."""
-    from trainer.predict import Prediction
+    from facefind.indexer.predict import Prediction
 
     model_path = model if model is not None else default_model_path(index_dir)
     predictor = open_predictor(model_path, device)

@@ -1,7 +1,7 @@
 """`facefind` commands about the index: `index` (build or update it) and `info` (what it holds).
 
-Only option parsing and rendering live here; the work is ``indexer.pipeline.index_folder`` and
-``db.catalog.Catalog.info``. torch is imported inside the commands, never at module level.
+Only option parsing and rendering live here; the work is ``facefind.indexer.pipeline.index_folder`` and
+``facefind.db.catalog.Catalog.info``. torch is imported inside the commands, never at module level.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from db.errors import FacefindError
-from trainer.align import MIN_FACE_PIXELS  # numpy only: dlib loads on first use
-from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
+from facefind.db.errors import FacefindError
+from facefind.indexer.faces.align import MIN_FACE_PIXELS  # numpy only: dlib loads on first use
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 
 def index(
@@ -68,8 +68,8 @@ def index(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from indexer.pipeline import finalize_index, index_folder
-    from trainer.distributed import parse_shard
+    from facefind.indexer.pipeline import finalize_index, index_folder
+    from facefind.trainer.distributed import parse_shard
 
     if finalize:
         if shard is not None:
@@ -154,12 +154,12 @@ def _face_finder(detect: bool, identity: bool, min_size: int) -> Any:
     dlib's model files checked up front so that a missing one fails before any work."""
     if not (detect or identity):
         return None
-    from indexer.routing import FaceFinder
-    from trainer.align import check_models
+    from facefind.indexer.routing import FaceFinder
+    from facefind.indexer.faces.align import check_models
 
     check_models()
     if identity:
-        from trainer.identity import check_model
+        from facefind.indexer.faces.identity import check_model
 
         check_model()
     return FaceFinder(detect=detect, identity=identity, min_size=min_size)
@@ -167,9 +167,9 @@ def _face_finder(detect: bool, identity: bool, min_size: int) -> Any:
 
 def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the index holds: images, models and thresholds, predictions, vectors, labels, failures."""
-    from db.catalog import Catalog
-    from db.paths import default_index_dir
-    from db.snapshot import snapshot_info
+    from facefind.db.catalog import Catalog
+    from facefind.db.paths import default_index_dir
+    from facefind.db.snapshot import snapshot_info
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     with Catalog.open(folder, create=False) as catalog:
@@ -225,7 +225,7 @@ def _print_info(s: dict[str, Any]) -> None:
 
 def _threshold_table(model: Any) -> dict[str, Any]:
     """The model's threshold sets, which one bare names use, and each set's val precision/recall."""
-    from db.snapshot import model_threshold_sets
+    from facefind.db.snapshot import model_threshold_sets
 
     default, sets, stats = model_threshold_sets(model)
     rows = {}

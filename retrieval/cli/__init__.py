@@ -1,7 +1,7 @@
 """The ``facefind`` command: the root typer app.
 
 Each group of commands lives in its own module and registers itself here; this file only wires
-them together and configures logging. Nothing imported here may import torch (see cli_common).
+them together and configures logging. Nothing imported here may import torch (see common.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval import cli_data, cli_train, cli_index, cli_query, cli_demo, cli_bench, cli_predict, cli_check, cli_serve
+from facefind.retrieval.cli import bench, check, data, demo, index, predict, query, serve, train
 
 app = typer.Typer(
     name="facefind",
@@ -33,10 +33,9 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    for package in ("trainer", "indexer", "db", "retrieval"):
-        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("facefind").setLevel(logging.DEBUG if verbose else logging.INFO)
 
-for _module in (cli_demo, cli_data, cli_train, cli_index, cli_check, cli_predict, cli_query, cli_bench, cli_serve):
+for _module in (demo, data, train, index, check, predict, query, bench, serve):
     _module.register(app)
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 
-from db.errors import FacefindError, QuerySyntaxError
+from facefind.db.errors import FacefindError, QuerySyntaxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,6 +89,6 @@ ThreadsOpt = Annotated[
 def use_threads(threads: int | None) -> None:
     """Apply ``--threads`` before any device is resolved, so the automatic choice never overrides it."""
     if threads is not None:
-        from trainer.device import set_threads
+        from facefind.trainer.device import set_threads
 
         set_threads(threads)

@@ -2,13 +2,13 @@
 
 ``Predictor(model_path, device)`` loads a checkpoint once; ``predict(paths)`` decodes each image,
 crops it to its face when it does not look like an aligned CelebA crop (or when asked), resizes it
-with the trainer's own resize and runs one forward pass per batch through ``trainer.model.preprocess``
+with the trainer's own resize and runs one forward pass per batch through ``facefind.trainer.model.preprocess``
 (the single source of preprocessing), so a predicted image gets exactly the pixels and numbers it
 would get from the indexer. Each ``Prediction`` holds the K probabilities, the attributes present
 at the checkpoint's calibrated thresholds, the face box (None when the whole image was used) and
 the L2-normalised embedding.
 
-Images are decoded by ``trainer.decode.read_rgb`` (EXIF orientation, CMYK, alpha, 16-bit,
+Images are decoded by ``facefind.trainer.decode.read_rgb`` (EXIF orientation, CMYK, alpha, 16-bit,
 decompression bombs), the decoder of the training cache and the indexer, so a file gets the same
 pixels everywhere. ``decode`` can replace it (a test double, an in-memory source).
 """
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, overload
 
 import numpy as np
 
-from db.errors import ImageError
-from trainer.decode import read_rgb
-from trainer.faces import looks_aligned, require_face
+from facefind.db.errors import ImageError
+from facefind.trainer.decode import read_rgb
+from facefind.indexer.faces.detect import looks_aligned, require_face
 
 if TYPE_CHECKING:
     import torch
 
-    from trainer.checkpoint import CheckpointMeta
+    from facefind.trainer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,15 @@ def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor | np.ndarray,
           device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 3, H, W) -> (probabilities float32 (N, K), unit embeddings float32 (N, D)).
 
-    The one forward pass of predict, similar and the indexer: ``trainer.model.preprocess``, then
+    The one forward pass of predict, similar and the indexer: ``facefind.trainer.model.preprocess``, then
     the model under the device's autocast (bf16 on CUDA). CPU batches bound for CUDA are pinned
     so the copy can overlap.
     """
     import torch
     import torch.nn.functional as F
 
-    from trainer.device import autocast
-    from trainer.model import preprocess
+    from facefind.trainer.device import autocast
+    from facefind.trainer.model import preprocess
 
     if isinstance(pixels, np.ndarray):
         pixels = torch.from_numpy(pixels)
@@ -102,8 +102,8 @@ class Predictor:
 
     def __init__(self, model_path: str | os.PathLike[str], device: Any = "cpu", *, batch_size: int = 32,
                  decode: Decode | None = None) -> None:
-        from trainer.checkpoint import load_model
-        from trainer.device import configure, resolve_device
+        from facefind.trainer.checkpoint import load_model
+        from facefind.trainer.device import configure, resolve_device
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -121,12 +121,12 @@ class Predictor:
         """RGB (H, W, 3) -> (uint8 (3, h, w) at the model's size, face box or None).
 
         ``detect_face`` None means: detect only when the image does not look like an aligned crop.
-        A detected face is aligned onto CelebA's template (``trainer.faces``); no face found raises
+        A detected face is aligned onto CelebA's template (``facefind.indexer.faces.detect``); no face found raises
         ImageError.
         """
         import torch
 
-        from trainer.model import resize_images
+        from facefind.trainer.model import resize_images
 
         box = None
         if detect_face or (detect_face is None and not looks_aligned(rgb)):

@@ -1,7 +1,7 @@
 """`facefind bench serve`: the web API's latency over loopback HTTP beside the engine's own time,
 a concurrent load run, and the page's time to 60 thumbnails in Chromium.
 
-The index is ``retrieval.bench_query.synthetic_snapshot`` (CelebA-like probabilities, labels and
+The index is ``facefind.retrieval.bench.query.synthetic_snapshot`` (CelebA-like probabilities, labels and
 512-d embeddings at any size) with its paths pointing, in turn, at a few hundred synthetic face
 files, so thumbnails are real. The server runs in its own process (``serve_main``), as
 `facefind serve` would, and every query answer carries ``Server-Timing: engine;dur=MS``, the
@@ -53,10 +53,10 @@ def chromium_binary() -> str | None:
 
 def synthetic_source(n: int, seed: int, faces: Path) -> Any:
     """A ``FixedIndex`` over a synthetic snapshot of ``n`` images whose paths cycle over ``faces``."""
-    from db.snapshot import PathList
-    from retrieval.bench_query import synthetic_snapshot
-    from retrieval.engine import Engine
-    from retrieval.web.live import FixedIndex, Labels
+    from facefind.db.snapshot import PathList
+    from facefind.retrieval.bench.query import synthetic_snapshot
+    from facefind.retrieval.engine import Engine
+    from facefind.retrieval.web.live import FixedIndex, Labels
 
     files = sorted(str(p) for p in faces.glob("*.jpg"))
     if not files:
@@ -70,8 +70,8 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     """``N SEED FACES THUMBS``: serve a synthetic index on a free loopback port; prints the URL."""
     import uvicorn
 
-    from retrieval.cli_serve import bind_socket
-    from retrieval.web.app import create_app
+    from facefind.retrieval.web.server import bind_socket
+    from facefind.retrieval.web.app import create_app
 
     n, seed, faces, thumbs = (argv if argv is not None else sys.argv[1:])[:4]
     source = synthetic_source(int(n), int(seed), Path(faces))
@@ -307,14 +307,14 @@ def page_timings(url: str, want: int = PAGE, runs: int = 2, scroll_steps: int = 
 def run_serve_bench(n: int = 202_599, repeats: int = 200, clients: int = 8, requests: int = 200,
                     browser: bool = True, seed: int = 0) -> dict[str, Any]:
     """Latency (engine vs HTTP), load and page timings on a synthetic index of ``n`` images."""
-    from retrieval.bench_query import EXPRESSIONS
-    from trainer.synth import synthesize
+    from facefind.retrieval.bench.query import EXPRESSIONS
+    from facefind.trainer.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="facefind-bench-serve-") as work:
         faces_root = Path(work) / "faces"
         synthesize(faces_root, n=N_FACE_FILES, seed=seed)
         faces = faces_root / "img_align_celeba"
-        args = [sys.executable, "-c", "from retrieval.web.bench import serve_main; serve_main()",
+        args = [sys.executable, "-c", "from facefind.retrieval.bench.serve import serve_main; serve_main()",
                 str(n), str(seed), str(faces), str(Path(work) / "thumbs")]
         t0 = time.perf_counter()
         with Served(args) as served:

@@ -6,7 +6,7 @@ Generates ``n`` CelebA-size JPEGs (178x218, ~12 KB: synthetic faces with sensor-
 they compress like photos), writes a freshly initialised checkpoint of ``arch`` (weights do not
 change the speed), then times
 
-- facefind: ``indexer.pipeline.index_folder`` into a fresh index (worker decoding, one forward
+- facefind: ``facefind.indexer.pipeline.index_folder`` into a fresh index (worker decoding, one forward
   pass per batch, bf16 + channels_last on CUDA, background batch transactions, snapshot + FAISS);
 - same_settings: the study's pipeline (a PIL ``Dataset`` + ``DataLoader`` with torchvision
   transforms, one SQLite INSERT per image, committed per batch) at facefind's batch size,
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from db.errors import DatasetError
+from facefind.db.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> float:
     """Write ``n`` CelebA-size JPEGs into ``folder`` (flat, ``%06d.jpg``); returns their mean size."""
     from PIL import Image
 
-    from trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize
 
     folder.mkdir(parents=True, exist_ok=True)
     k = min(n, _UNIQUE)
@@ -71,8 +71,8 @@ def make_checkpoint(path: Path, arch: str, img_size: tuple[int, int], num_attrib
     """A freshly initialised checkpoint (speed does not depend on the weights)."""
     import torch
 
-    from trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from facefind.trainer.checkpoint import CheckpointMeta, save_checkpoint
+    from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
 
     torch.manual_seed(0)
     model = create_model(arch, num_attributes, embedding_dim=512, pretrained=False)
@@ -101,9 +101,9 @@ def run_index_bench(
     With ``repeats`` > 1 the pipelines take turns that many times and each reports its median.
     ``out`` keeps the work folder (images, model, indexes); by default a temporary one is removed.
     """
-    from indexer.pipeline import index_folder
-    from trainer.device import available_cpus
-    from trainer.device import describe_device, resolve_device
+    from facefind.indexer.pipeline import index_folder
+    from facefind.trainer.device import available_cpus
+    from facefind.trainer.device import describe_device, resolve_device
 
     if repeats < 1:
         raise DatasetError(f"--repeats must be at least 1, got {repeats}")
@@ -174,12 +174,12 @@ def _stages(
     """Each facefind stage alone, images/s: decode (reader), infer (runner), write (catalog)."""
     import torch
 
-    from db.catalog import Catalog, IndexedImage
-    from indexer.discovery import discover
-    from indexer.reader import ImageReader
-    from indexer.routing import on_device
-    from indexer.runner import load_runner
-    from trainer.device import synchronize
+    from facefind.db.catalog import Catalog, IndexedImage
+    from facefind.indexer.discovery import discover
+    from facefind.indexer.reader import ImageReader
+    from facefind.indexer.routing import on_device
+    from facefind.indexer.runner import load_runner
+    from facefind.trainer.device import synchronize
 
     files = discover(images).files[:n]
     runner = load_runner(model_path, device)
@@ -246,9 +246,9 @@ def naive_pipeline(
     import torch
     from torch.utils.data import DataLoader
 
-    from trainer.device import available_cpus
-    from trainer.checkpoint import load_model
-    from trainer.device import autocast
+    from facefind.trainer.device import available_cpus
+    from facefind.trainer.checkpoint import load_model
+    from facefind.trainer.device import autocast
 
     paths = sorted(str(p) for p in images.glob("*.jpg"))
     start = time.perf_counter()

@@ -5,7 +5,7 @@ person can be far apart in it and two look-alikes close. dlib's descriptor is tr
 identity: photos of one person lie within Euclidean distance ``SAME_PERSON`` (0.6) of each other.
 
 The descriptor expects dlib's own 150x150 face chip, cut from the photo by ``get_face_chip``
-from the same 5 landmarks that ``trainer.align`` finds, so it works from the photo and a
+from the same 5 landmarks that ``facefind.indexer.faces.align`` finds, so it works from the photo and a
 ``Face`` (or stored landmarks), not from the 178x218 CelebA crop. It costs ~150 ms per face on one
 core, so ``describe`` is a plain module-level function of arrays: it pickles into the indexer
 reader's worker processes, and each process loads the model once.
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainer.align import DESCRIPTOR_MODEL, _dlib, load_model
+from facefind.indexer.faces.align import DESCRIPTOR_MODEL, _dlib, load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def chips(rgb: np.ndarray, landmarks: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def describe(rgb: np.ndarray, landmarks: Sequence[np.ndarray]) -> np.ndarray:
     """float32 (F, 128) identity descriptors of the faces of ``rgb`` given by their landmarks
-    (``trainer.align.Face.landmarks``): one batch through dlib's ResNet."""
+    (``facefind.indexer.faces.align.Face.landmarks``): one batch through dlib's ResNet."""
     cut = chips(rgb, landmarks)
     if not cut:
         return np.zeros((0, DIM), np.float32)

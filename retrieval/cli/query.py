@@ -1,7 +1,7 @@
 """`facefind query` and `facefind similar`: filter the index by an attribute expression, rank by
 confidence or by similarity to an image, print a table, JSON, paths or an HTML gallery.
 
-The work is ``retrieval.engine.Engine.query`` over the index's memory-mapped snapshot. ``query``
+The work is ``facefind.retrieval.engine.Engine.query`` over the index's memory-mapped snapshot. ``query``
 without ``--like`` never imports torch or cv2 (a test checks ``sys.modules``): the model is loaded
 only to embed a reference image, and then it is the index's own checkpoint. ``--by person`` ranks
 by dlib identity descriptors (``index --identity``) instead of the model's embedding of look.
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from db.errors import FacefindError
-from retrieval.cli_common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
-from retrieval.cli_predict import DetectFaceOpt
-from retrieval.index import open_index
+from facefind.db.errors import FacefindError
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.predict import DetectFaceOpt
+from facefind.retrieval.index import open_index
 
 if TYPE_CHECKING:
-    from retrieval.engine import Quality, Result
+    from facefind.retrieval.engine import Quality, Result
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
-        from retrieval.gallery import write_gallery
+        from facefind.retrieval.gallery import write_gallery
 
         write_gallery(gallery, result, title=title)
         typer.echo(f"gallery: {gallery}", err=True)

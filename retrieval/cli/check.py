@@ -1,5 +1,5 @@
 """`facefind check`: verify the index (catalog, runs, checkpoints, snapshots, FAISS, files on disk)
-and, with --repair, rebuild what is derived. The work is ``db.check.check_index``.
+and, with --repair, rebuild what is derived. The work is ``facefind.db.check.check_index``.
 
 Exit code 0 when healthy (warnings allowed), 1 with one line per problem otherwise.
 """
@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from retrieval.cli_common import IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import IndexOpt, JsonOpt, guard, print_json
 
 
 def check(
@@ -29,8 +29,8 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify the index: catalog integrity, runs, model checkpoints, snapshot + FAISS in step, files on disk."""
-    from db.check import check_index
-    from db.paths import default_index_dir
+    from facefind.db.check import check_index
+    from facefind.db.paths import default_index_dir
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     report = check_index(folder, repair=repair, prune=prune, check_files=not skip_files)

@@ -1,0 +1,1 @@
+"""Detecting, aligning and describing the faces in photos that are not CelebA crops."""
