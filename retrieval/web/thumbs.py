@@ -3,9 +3,9 @@
 The key hashes the catalogued path, size, modification time (ns) and inode, the face's box (a
 photo's faces each get their own) and the thumbnail size: a file replaced in place gets a new
 thumbnail, an unchanged one is never re-encoded. ``facefind.retrieval.thumbnail`` makes them (decoded as
-the indexer did, the face cut out), so a thumbnail shows what was indexed. Cache files are written to a
-temporary name and renamed; a cache folder that cannot be written leaves thumbnails made in
-memory on every request (slower, never wrong).
+the indexer did, the face cut out), so a thumbnail shows what was indexed. Cache files are written
+by ``atomic_replace`` (a reader never sees half a JPEG); a cache folder that cannot be written
+leaves thumbnails made in memory on every request (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import hashlib
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from facefind.db.files import atomic_replace
+from facefind.db.paths import default_cache_dir
+from facefind.retrieval.thumbnail import thumbnail_jpeg
+from facefind.trainer.decode import Unreadable, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +81,7 @@ class ThumbnailCache:
 
     def _store(self, cached: Path, data: bytes) -> bool:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".thumb-", dir=cached.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, cached)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_replace(cached, lambda tmp: tmp.write_bytes(data))
         except OSError as err:
             log.warning("cannot cache thumbnails in %s (%s); making them in memory", self.folder, err)
             self.writable = False
@@ -96,9 +92,6 @@ class ThumbnailCache:
 def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, int] | None = None) -> bytes:
     """A JPEG of the image at ``path`` (its face at ``box``) shrunk to fit ``size`` pixels;
     SourceGone when unreadable."""
-    from facefind.retrieval.thumbnail import thumbnail_jpeg
-    from facefind.trainer.decode import Unreadable, decode_rgb
-
     try:
         rgb = decode_rgb(path)
     except Unreadable as err:
@@ -108,8 +101,6 @@ def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, 
 
 def default_cache_folder(index_dir: Path | None) -> Path:
     """``<index>/thumbs`` when the index folder is writable, else ``$FACEFIND_CACHE/thumbs/<hash>``."""
-    from facefind.db.paths import default_cache_dir
-
     if index_dir is not None and os.access(index_dir, os.W_OK):
         return Path(index_dir) / "thumbs"
     tag = hashlib.sha1(str(index_dir).encode()).hexdigest()[:12]
