@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from facefind.db.errors import CatalogError
+from facefind.retrieval.index import OpenIndex, open_index
 
 if TYPE_CHECKING:
     from facefind.retrieval.engine import Engine, Quality, Result
-    from facefind.retrieval.index import OpenIndex
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,6 @@ class LiveIndex:
         return tuple(out)
 
     def _open(self) -> Live:
-        from facefind.retrieval.index import open_index
-
         key = self._key()
         opened = open_index(self.index_dir)
         return Live(opened.engine, opened, key)
