@@ -1,27 +1,30 @@
 """`facefind serve`: the web page and JSON API over the index; `facefind bench serve`: its latency.
 
-FastAPI, uvicorn and the app are imported inside the commands, so `facefind query` (which loads
-every command module) never pays for them.
+FastAPI, uvicorn and the app (and the benchmark, which imports them) are imported inside the
+commands, so `facefind query` (which loads every command module) never pays for them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import webbrowser
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.web.server import bind_socket  # stdlib only
+from facefind.retrieval.cli.bench import bench_app
 from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.web.server import bind_socket, is_loopback  # stdlib only
 
 log = logging.getLogger(__name__)
 
 
 def check_bind(host: str, token: str | None) -> None:
     """Refuse a bind beyond this machine without a token (anyone on the network could search)."""
-    from facefind.retrieval.web.app import is_loopback
-
     if not is_loopback(host) and not token:
         raise FacefindError(f"--host {host} lets other machines connect: also pass --token SECRET "
                             "(every request must then carry it), or keep the default --host 127.0.0.1")
@@ -44,7 +47,7 @@ def serve(
 ) -> None:
     """Serve a web page to search the index by attributes and by example, and its JSON API (/docs)."""
     check_bind(host, token)
-    import uvicorn
+    import uvicorn  # here, not at the top: `facefind query` imports this module (see above)
 
     from facefind.retrieval.web.app import create_app
 
@@ -56,9 +59,6 @@ def serve(
     n = len(app.state.source.current().engine)
     typer.echo(f"facefind serve: {n:,} images at {url}  (API docs: /docs; Ctrl-C stops)", err=False)
     if open_browser:
-        import threading
-        import webbrowser
-
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -80,7 +80,7 @@ def bench_serve(
 ) -> None:
     """API latency over loopback HTTP beside the engine's own time, a concurrent load run, and
     (with Chromium) the time from navigation to 60 thumbnails painted."""
-    from facefind.retrieval.bench.serve import run_serve_bench
+    from facefind.retrieval.bench.serve import run_serve_bench  # imports uvicorn and the app (see above)
 
     result = run_serve_bench(n=n, repeats=repeats, clients=clients, requests=requests, browser=browser,
                              seed=seed)
@@ -91,9 +91,6 @@ def bench_serve(
 
 
 def _show(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table("", "engine p50", "engine p99", "HTTP p50", "HTTP p99", "HTTP - engine p50",
                   title=f"facefind serve, {result['n']:,} images, {result['limit']} hits (ms)")
     for name, row in result["latency"].items():
@@ -115,8 +112,6 @@ def _show(result: dict[str, Any]) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `serve`, and `bench serve` to the bench group."""
-    from facefind.retrieval.cli.bench import bench_app
-
     app.command("serve", help="Serve a web page and JSON API to search faces (binds 127.0.0.1 by default).")(
         guard(serve))
     bench_app.command("serve")(guard(bench_serve))

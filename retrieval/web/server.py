@@ -1,10 +1,26 @@
-"""The listening socket `facefind serve` and `facefind bench serve` hand to uvicorn."""
+"""The listening socket `facefind serve` and `facefind bench serve` hand to uvicorn, and what
+counts as this machine only. The standard library only (and ``facefind.db.errors``): `facefind
+query` imports the CLI's serve module, which imports this one at its top."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from facefind.db.errors import FacefindError
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address to bind or a Host header's host) is this machine only."""
+    host = host.strip().lower()
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
