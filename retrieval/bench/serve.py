@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,15 @@ from typing import Any, Sequence
 from urllib.parse import urlencode, urlsplit
 
 import numpy as np
+import uvicorn
+
+from facefind.db.snapshot import PathList
+from facefind.retrieval.bench.query import EXPRESSIONS, synthetic_snapshot
+from facefind.retrieval.engine import Engine
+from facefind.retrieval.web.app import create_app
+from facefind.retrieval.web.live import FixedIndex, Labels
+from facefind.retrieval.web.server import bind_socket
+from facefind.trainer.synth import synthesize
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +49,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 def chromium_binary() -> str | None:
     """The system Chromium (``$FACEFIND_CHROMIUM``, /usr/bin/chromium, or one on PATH), or None."""
-    import shutil
-
     for candidate in (os.environ.get("FACEFIND_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
                       shutil.which("chromium-browser")):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
@@ -51,13 +59,8 @@ def chromium_binary() -> str | None:
 # -- the server process ---------------------------------------------------------------------
 
 
-def synthetic_source(n: int, seed: int, faces: Path) -> Any:
+def synthetic_source(n: int, seed: int, faces: Path) -> FixedIndex:
     """A ``FixedIndex`` over a synthetic snapshot of ``n`` images whose paths cycle over ``faces``."""
-    from facefind.db.snapshot import PathList
-    from facefind.retrieval.bench.query import synthetic_snapshot
-    from facefind.retrieval.engine import Engine
-    from facefind.retrieval.web.live import FixedIndex, Labels
-
     files = sorted(str(p) for p in faces.glob("*.jpg"))
     if not files:
         raise FileNotFoundError(f"no face files in {faces}")
@@ -68,11 +71,6 @@ def synthetic_source(n: int, seed: int, faces: Path) -> Any:
 
 def serve_main(argv: Sequence[str] | None = None) -> None:
     """``N SEED FACES THUMBS``: serve a synthetic index on a free loopback port; prints the URL."""
-    import uvicorn
-
-    from facefind.retrieval.web.server import bind_socket
-    from facefind.retrieval.web.app import create_app
-
     n, seed, faces, thumbs = (argv if argv is not None else sys.argv[1:])[:4]
     source = synthetic_source(int(n), int(seed), Path(faces))
     engine = source.current().engine
@@ -266,7 +264,7 @@ def page_timings(url: str, want: int = PAGE, runs: int = 2, scroll_steps: int = 
     on screen (run 1 cold: the server makes every thumbnail; later runs find them cached but start
     with an empty browser cache); a jump to the middle of the result until ``want`` thumbnails
     show; and frame times while scrolling 1,200 px per frame, with the most cards the DOM held."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional (the dev extra): imported only to time the page
 
     binary = chromium_binary()
     if binary is None:
@@ -307,9 +305,6 @@ def page_timings(url: str, want: int = PAGE, runs: int = 2, scroll_steps: int = 
 def run_serve_bench(n: int = 202_599, repeats: int = 200, clients: int = 8, requests: int = 200,
                     browser: bool = True, seed: int = 0) -> dict[str, Any]:
     """Latency (engine vs HTTP), load and page timings on a synthetic index of ``n`` images."""
-    from facefind.retrieval.bench.query import EXPRESSIONS
-    from facefind.trainer.synth import synthesize
-
     with tempfile.TemporaryDirectory(prefix="facefind-bench-serve-") as work:
         faces_root = Path(work) / "faces"
         synthesize(faces_root, n=N_FACE_FILES, seed=seed)
