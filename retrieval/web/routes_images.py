@@ -28,9 +28,9 @@ router = APIRouter(prefix="/api/images", responses=REFUSALS)
 @router.get("/{image_id}", response_model=ImageOut, response_model_exclude_unset=True,
             summary="One entry: path, face and box, probabilities, matched literals, labels, and every "
                     "face of the same file")
-def image(live: LiveDep, image_id: str, q: Annotated[str | None, Query()] = None,
-          thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
-          ) -> dict[str, Any]:
+async def image(live: LiveDep, image_id: str, q: Annotated[str | None, Query()] = None,
+                thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
+                ) -> dict[str, Any]:  # on the event loop: see routes_index.attributes
     eng = live.engine
     node = eng.parse(q) if expr_of(q) is not None else None
     used = eng.threshold_set(thresholds)
@@ -60,6 +60,7 @@ def _entry(live: Live, image_id: str) -> tuple[str, tuple[int, int, int, int] | 
     return eng.snapshot.paths[int(pos[0])], eng.snapshot.face(int(pos[0]))[1]
 
 
+# Thumbnails and files stay on worker threads: they read (and may make) files.
 @router.get("/{image_id}/thumb", response_class=Response,
             responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG"}},
             summary="A small JPEG of the face (a photo's face: cut out), made once and cached")

@@ -31,9 +31,13 @@ async def model_reports(request: Request) -> dict[str, Any]:
     return request.app.state.model_reports
 
 
+# /api/attributes, /api/info and /api/images/{id} run on the event loop, as /api/query does (see
+# routes_search): after their first call per snapshot (rates, labels and the model record are
+# kept with it) they take well under a millisecond, and a plain def with a response model would
+# wait for a worker thread twice (FastAPI validates a def route's answer on a worker thread too).
 @router.get("/attributes", response_model=AttributesOut,
             summary="Attribute names, calibrated thresholds and positive rates")
-def attributes(live: LiveDep) -> dict[str, Any]:
+async def attributes(live: LiveDep) -> dict[str, Any]:
     eng = live.engine
     rates = live_cache(live, "rates", lambda: (eng.probs >= eng.thresholds[:, None]).mean(axis=1))
     labels = live.labels
@@ -51,8 +55,8 @@ def attributes(live: LiveDep) -> dict[str, Any]:
 
 
 @router.get("/info", summary="The index, its snapshot and model, and this server")
-def info(live: LiveDep, source: SourceDep, thumbs: ThumbsDep,
-         token: Annotated[bool, Depends(token_required)]) -> dict[str, Any]:
+async def info(live: LiveDep, source: SourceDep, thumbs: ThumbsDep,
+               token: Annotated[bool, Depends(token_required)]) -> dict[str, Any]:
     eng = live.engine
     out = source.describe()
     out.update({"n_indexed": len(eng), "attributes": len(eng.attributes),
@@ -72,6 +76,7 @@ def info(live: LiveDep, source: SourceDep, thumbs: ThumbsDep,
     return out
 
 
+# On a worker thread: the first call per checkpoint reads the checkpoint file for its history.
 @router.get("/model", summary="The checkpoint's per-attribute metrics and training history")
 def model(live: LiveDep, reports: Annotated[dict[str, Any], Depends(model_reports)]) -> dict[str, Any]:
     if live.opened is None:
