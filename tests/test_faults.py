@@ -204,7 +204,7 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backe
     assert sorted(paths) == sorted(str(p.parent.resolve() / p.name) for p in readable), "images lost or extra"
     assert failures == failed
     with Catalog.open(idx, create=False) as catalog:
-        preds = catalog.load_predictions(1)
+        preds = catalog.export(1)[1]
         stamp = catalog.stamp(1)
     assert len(preds.ids) == len(readable)
     snap = load_snapshot(idx, 1)
