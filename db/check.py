@@ -52,8 +52,9 @@ from facefind.db.schema import (
     predictions,
     runs,
 )
-from facefind.db.files import file_sha256
 from facefind.db.errors import CatalogError
+from facefind.db.files import file_sha256
+from facefind.db.vectors import file_crc32, open_approx
 
 log = logging.getLogger(__name__)
 
@@ -412,8 +413,6 @@ def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: M
     """What is wrong with a loaded generation's vector files, or None. The flat store's shape was
     checked by loading it; here its bytes are checked against the manifest's CRC-32, and the
     approximate index (when the manifest names one) is read and sized."""
-    from facefind.db.vectors import file_crc32, open_approx
-
     assert snap.folder is not None
     info = manifest.get("vectors") or {}
     if snap.emb.shape[1] != model.embedding_dim:
