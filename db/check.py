@@ -450,12 +450,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _stray(mdir: Path) -> list[Path]:
+    """What killed snapshot writers leave in a model folder: staging folders (``.tmp-gen-*``),
+    temp files of ``atomic_replace`` (``.CURRENT.*.tmp``; ``.tmp-CURRENT-*`` from older versions),
+    and temp files inside generations."""
+    return [*mdir.glob(".tmp-*"), *mdir.glob(".*.tmp"),
+            *(p for gen in mdir.glob("gen-*") if gen.is_dir() for p in gen.glob(".*.tmp"))]
+
+
 def _leftovers(mdir: Path, found: _Collector) -> None:
     """Staging folders and temp files left by a snapshot writer that was killed mid-save."""
     if not mdir.is_dir():
         return
-    stray = sorted(str(p) for p in [*mdir.glob(".tmp-*"), *mdir.glob(".*.tmp")])
-    stray += sorted(str(p) for gen in mdir.glob("gen-*") if gen.is_dir() for p in gen.glob(".*.tmp"))
+    stray = sorted(str(p) for p in _stray(mdir))
     if stray:
         found.warning("leftovers", f"{len(stray):,} temporary files or folders in {mdir} were left by an "
                       "interrupted snapshot save: `facefind check --repair` removes them",
@@ -544,7 +551,7 @@ def _remove_leftovers(catalog: Catalog, folder: Path) -> list[str]:
         with snapshots.writer_lock(mdir) as locked:
             if not locked:
                 continue
-            stray = [*mdir.glob(".tmp-*"), *mdir.glob(".*.tmp")] + [p for g in mdir.glob("gen-*") if g.is_dir() for p in g.glob(".*.tmp")]
+            stray = _stray(mdir)
             for p in stray:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)

@@ -39,7 +39,6 @@ class RunRecord:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
-
 class RunLog(Database):
     """Index runs and publish holds, in the catalog's database (``Catalog`` is one)."""
 

@@ -462,7 +462,7 @@ def test_catalogs_this_facefind_cannot_read_say_what_to_run(
 
 def _v1_metadata() -> sa.MetaData:
     """The catalog schema exactly as facefind 0.1 (schema version 1) created it, frozen here on
-    purpose: it must never follow later edits of db/catalog.py, so that the tests below prove a
+    purpose: it must never follow later edits of db/schema.py, so that the tests below prove a
     real v1 (and v2) catalog still opens after every future schema change."""
     md = sa.MetaData()
     sa.Table("meta", md, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text, nullable=False))
