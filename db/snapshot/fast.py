@@ -24,7 +24,8 @@ from facefind.db.snapshot.read import load_current, with_checkpoint
 
 log = logging.getLogger(__name__)
 
-# The three reads: the catalog's id, and the newest model with predictions (its generation is the stamp).
+# What the shortcut reads, in one transaction: the catalog id, and the newest model with predictions
+# (its generation is the stamp the snapshot must have).
 _CATALOG_ID_SQL = f"SELECT {names.META_VALUE} FROM {names.META} WHERE {names.META_KEY} = ?"
 _NEWEST_MODEL_SQL = (
     f"SELECT m.{names.MODEL_ID}, m.{names.MODEL_SHA256}, m.{names.MODEL_GENERATION}, m.{names.MODEL_CHECKPOINT} "
