@@ -39,9 +39,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from facefind.db import snapshot as snapshots
-from facefind.db.catalog import (
-    Catalog,
-    ModelRecord,
+from facefind.db.catalog import Catalog, ModelRecord
+from facefind.db.paths import normalize_path
+from facefind.db.schema import (
     faces,
     failures_table,
     identities,
@@ -49,12 +49,12 @@ from facefind.db.catalog import (
     label_sets,
     labels,
     models,
-    normalize_path,
     predictions,
     runs,
 )
-from facefind.db.files import file_sha256
 from facefind.db.errors import CatalogError
+from facefind.db.files import file_sha256
+from facefind.db.vectors import file_crc32, open_approx
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +363,14 @@ def _snapshot(catalog: Catalog, folder: Path, model: ModelRecord, is_current: bo
             .where(predictions.c.model_id == model.id).order_by(predictions.c.face_id)).scalars(), dtype=np.int64)
     seen: dict[str, Any] = {"stamp": None, "count": 0, "vectors": 0, "catalog_stamp": stamp,
                             "catalog_count": int(ids.shape[0])}
-    if snapshots._current_name(mdir) is None:
+    if snapshots.current_name(mdir) is None:
         found.either(is_current, "snapshot_missing", f"{what} is missing (no {mdir / snapshots.CURRENT}): {fix} "
                      "(queries also build it on first use)", repairable=True)
         return seen
     try:
-        snap, manifest = snapshots._load(mdir)
+        snap, manifest = snapshots.load_current(mdir)
     except CatalogError as err:
-        gen = mdir / (snapshots._current_name(mdir) or "")
+        gen = mdir / (snapshots.current_name(mdir) or "")
         if (gen / snapshots.MANIFEST).is_file() and not (gen / snapshots.VECTORS).is_file():
             found.problem("vectors", f"{what} ({gen.name}): its vector file {snapshots.VECTORS} is missing: "
                           f"{fix}", repairable=True)
@@ -413,8 +413,6 @@ def _vector_problem(snap: snapshots.Snapshot, manifest: dict[str, Any], model: M
     """What is wrong with a loaded generation's vector files, or None. The flat store's shape was
     checked by loading it; here its bytes are checked against the manifest's CRC-32, and the
     approximate index (when the manifest names one) is read and sized."""
-    from facefind.db.vectors import file_crc32, open_approx
-
     assert snap.folder is not None
     info = manifest.get("vectors") or {}
     if snap.emb.shape[1] != model.embedding_dim:
@@ -441,7 +439,7 @@ def _had_approximate(folder: Path, model_id: int) -> bool:
     """Whether the live generation's manifest names an approximate index (readable or not)."""
     mdir = snapshots.model_dir(folder, model_id)
     try:
-        manifest = json.loads((mdir / (snapshots._current_name(mdir) or "") / snapshots.MANIFEST).read_text("utf-8"))
+        manifest = json.loads((mdir / (snapshots.current_name(mdir) or "") / snapshots.MANIFEST).read_text("utf-8"))
         return bool((manifest.get("vectors") or {}).get("approximate"))
     except (OSError, ValueError, AttributeError):
         return False
@@ -452,12 +450,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _stray(mdir: Path) -> list[Path]:
+    """What killed snapshot writers leave in a model folder: staging folders (``.tmp-gen-*``),
+    temp files of ``atomic_replace`` (``.CURRENT.*.tmp``; ``.tmp-CURRENT-*`` from older versions),
+    and temp files inside generations."""
+    return [*mdir.glob(".tmp-*"), *mdir.glob(".*.tmp"),
+            *(p for gen in mdir.glob("gen-*") if gen.is_dir() for p in gen.glob(".*.tmp"))]
+
+
 def _leftovers(mdir: Path, found: _Collector) -> None:
     """Staging folders and temp files left by a snapshot writer that was killed mid-save."""
     if not mdir.is_dir():
         return
-    stray = sorted(str(p) for p in mdir.glob(".tmp-*"))
-    stray += sorted(str(p) for gen in mdir.glob("gen-*") if gen.is_dir() for p in gen.glob(".*.tmp"))
+    stray = sorted(str(p) for p in _stray(mdir))
     if stray:
         found.warning("leftovers", f"{len(stray):,} temporary files or folders in {mdir} were left by an "
                       "interrupted snapshot save: `facefind check --repair` removes them",
@@ -543,10 +548,10 @@ def _remove_leftovers(catalog: Catalog, folder: Path) -> list[str]:
         mdir = snapshots.model_dir(folder, m.id)
         if not mdir.is_dir():
             continue
-        with snapshots._writer_lock(mdir) as locked:
+        with snapshots.writer_lock(mdir) as locked:
             if not locked:
                 continue
-            stray = list(mdir.glob(".tmp-*")) + [p for g in mdir.glob("gen-*") if g.is_dir() for p in g.glob(".*.tmp")]
+            stray = _stray(mdir)
             for p in stray:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
@@ -590,7 +595,7 @@ def _rebuild_snapshots(catalog: Catalog, folder: Path) -> tuple[list[str], list[
             snap = snapshots.load_snapshot(folder, m.id)
             if not np.array_equal(np.asarray(snap.ids), preds.ids):
                 raise CatalogError(f"the snapshot written in {snap.folder} does not hold the catalog's ids")
-            snapshots._record_published(folder, catalog)
+            snapshots.record_published(folder, catalog)
             done.append(f"rebuilt the snapshot of model {m.id} ({len(preds.ids):,} images, stamp {stamp})")
         except (CatalogError, OSError, RuntimeError, ValueError) as err:
             failed.append(Finding("repair_failed", f"could not rebuild the snapshot of model {m.id}: "

@@ -1,4 +1,4 @@
-"""File helpers shared by every package: atomic replacement, folder fsync, content hashes.
+"""File helpers shared by every package: atomic replacement, JSON files, folder fsync, content hashes.
 
 Atomic replacement: a crash leaves the old file or the new one, never a torn one.
 
@@ -11,10 +11,11 @@ target, and fsync the folder so the rename itself survives a power cut.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_replace(path: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
@@ -41,8 +42,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    return atomic_replace(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (numpy values and paths included, see ``json_default``) atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default))
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps``'s ``default`` for what facefind writes: paths as text, numpy (and torch)
+    scalars and arrays as numbers and lists. Anything else is a bug: TypeError."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

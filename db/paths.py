@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+CATALOG_FILE = "catalog.db"  # an index folder's SQLite catalog
+
 
 def facefind_home() -> Path:
     return Path(os.environ.get("FACEFIND_HOME") or Path.home() / ".facefind").expanduser()
@@ -35,4 +37,13 @@ def default_cache_dir() -> Path:
 
 def default_db_url(index_dir: Path) -> str:
     """The catalog URL: ``$FACEFIND_DB`` when set, else SQLite at ``<index_dir>/catalog.db``."""
-    return os.environ.get("FACEFIND_DB") or f"sqlite:///{Path(index_dir).resolve() / 'catalog.db'}"
+    return os.environ.get("FACEFIND_DB") or f"sqlite:///{Path(index_dir).resolve() / CATALOG_FILE}"
+
+
+def normalize_path(path: str | os.PathLike[str]) -> str:
+    """The catalog's key for a file: absolute, ``~`` expanded, ``..`` folded, symlinks kept.
+
+    Symlinks are not resolved on purpose: the path the user gave is the one shown, and resolving
+    a dangling link or a link loop must not fail.
+    """
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))

@@ -50,6 +50,8 @@ _FOURCC = b"IxSQ"
 
 def configure_faiss() -> Any:
     """Import FAISS with facefind's settings applied (idempotent) and return the module."""
+    # Imported on first use, not at the top: loading a snapshot maps vectors.faiss with numpy
+    # (flat_view), so `facefind query` by attributes never pays for FAISS and its BLAS.
     import faiss
 
     if faiss.cvar.distance_compute_blas_threshold != BLAS_THRESHOLD:

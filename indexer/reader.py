@@ -28,6 +28,7 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
+from facefind.db.process import pid_alive
 from facefind.indexer.discovery import Failure, FileEntry
 from facefind.indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
 from facefind.trainer.decode import DEFAULT_MAX_PIXELS
@@ -55,23 +56,8 @@ def _exit_with_owner(owner: int) -> None:
     """
     while True:
         time.sleep(0.5)
-        if not _alive(owner):
+        if not pid_alive(owner, ours=True):
             os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the pid was reused by someone else's process: ours is gone
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): the signal check is all we have
 
 
 class ImageReader:

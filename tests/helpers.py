@@ -79,7 +79,7 @@ def build_synthetic_index(base: Path, n: int, seed: int = 5,
     assert report.indexed == n and report.labelled == n
     with Catalog.open(base / "index", create=False) as catalog:
         record = catalog.latest_model()
-        preds = catalog.load_predictions(record.id)
+        preds = catalog.export(record.id)[1]
     probs = {p: dict(zip(record.attributes, row.tolist())) for p, row in zip(preds.paths, preds.probs)}
     labels = {str(root / "img_align_celeba" / name): dict(zip(ann.attributes, (row > 0).tolist()))
               for name, row in zip(ann.names, ann.labels)}
@@ -162,3 +162,31 @@ def compose_photos(base: Path) -> Photos:
     Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(folder / "empty.jpg")
     Image.fromarray(faces[0]).save(folder / "crop.jpg", quality=95)
     return Photos(base, folder, faces, model)
+
+
+# -- catalog reads and writes that only tests need -----------------------------------------------
+
+import sqlalchemy as sa  # noqa: E402
+
+from facefind.db.paths import normalize_path  # noqa: E402
+from facefind.db.schema import identities, images  # noqa: E402
+
+
+def add_labels(catalog, attribute_names: Sequence[str], by_path: dict[str, np.ndarray]) -> int:
+    """Store ground-truth labels for catalogued files (``index`` stores them with each batch);
+    return how many were stored. Paths not in the catalog are ignored; ``> 0`` means present."""
+    wanted = {normalize_path(p): v for p, v in by_path.items()}
+    with catalog._write() as conn:
+        ids = dict(conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(list(wanted)))).all())
+        if ids:
+            catalog._store_labels(conn, attribute_names, {ids[p]: wanted[p] for p in ids})
+    return len(ids)
+
+
+def identity_count(catalog) -> tuple[int, int]:
+    """``(described, with_face)``: entries ``index --identity`` looked at, and those with a face."""
+    with catalog._read() as conn:
+        looked = conn.execute(sa.select(sa.func.count()).select_from(identities)).scalar()
+        found = conn.execute(sa.select(sa.func.count()).select_from(identities)
+                             .where(identities.c.descriptor.is_not(None))).scalar()
+    return int(looked or 0), int(found or 0)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from facefind.db.catalog import Catalog, IndexedImage, normalize_path
 from facefind.db.errors import CatalogError
+from helpers import add_labels, identity_count  # tests/ is on sys.path (pytest's prepend import mode)
 
 K, D = 5, 8
 NAMES = [f"Attr_{i}" for i in range(K)]
@@ -97,7 +98,7 @@ def test_same_path_twice_gives_one_image_and_one_prediction(catalog: Catalog, mo
     catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"], seed=1))
     last = rows_for(["/x/a.jpg"], seed=2)
     catalog.write_batch(model, rows_for(["/x/a.jpg"], seed=3) + last)  # twice in one batch too
-    preds = catalog.load_predictions(model)
+    preds = catalog.export(model)[1]
     assert preds.paths == ["/x/a.jpg", "/x/b.jpg"]
     np.testing.assert_array_equal(preds.probs[0], last[0].probs)
     info = catalog.info(model)
@@ -118,16 +119,16 @@ def test_changed_file_keeps_its_id_and_drops_other_models_predictions(catalog: C
     other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
     catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"], size=100))
     catalog.write_batch(other, rows_for(["/x/a.jpg", "/x/b.jpg"], size=100))
-    ids_before = catalog.load_predictions(model).ids
+    ids_before = catalog.export(model)[1].ids
     other_stamp = catalog.stamp(other)
 
     catalog.write_batch(model, rows_for(["/x/a.jpg"], seed=5, size=200, mtime=2.0))
 
-    preds = catalog.load_predictions(model)
+    preds = catalog.export(model)[1]
     np.testing.assert_array_equal(preds.ids, ids_before)
     assert catalog.known_files(model)["/x/a.jpg"] == (200, 2.0)
     # The other model described the old content: its prediction for a.jpg is gone, b.jpg stays.
-    assert catalog.load_predictions(other).paths == ["/x/b.jpg"]
+    assert catalog.export(other)[1].paths == ["/x/b.jpg"]
     assert catalog.stamp(other) == other_stamp + 1
     # Rewriting an unchanged file does not touch the other model.
     catalog.write_batch(model, rows_for(["/x/b.jpg"], size=100))
@@ -137,7 +138,7 @@ def test_changed_file_keeps_its_id_and_drops_other_models_predictions(catalog: C
 def test_undecodable_file_names_become_failures_not_crashes(catalog: Catalog, model: int) -> None:
     bad = os.fsdecode(b"/x/caf\xe9.jpg")  # Latin-1 bytes in a file name, as os.scandir returns them
     catalog.write_batch(model, rows_for([bad, "/x/ok.jpg"]))
-    assert catalog.load_predictions(model).paths == ["/x/ok.jpg"]
+    assert catalog.export(model)[1].paths == ["/x/ok.jpg"]
     assert [(f.path, "UTF-8" in f.reason) for f in catalog.failures()] == [("/x/caf\\xe9.jpg", True)]
     catalog.record_failures([(bad, "truncated")])
     assert len(catalog.failures()) == 1
@@ -153,7 +154,7 @@ def test_failures_upsert_and_are_cleared_when_the_file_succeeds(catalog: Catalog
 
 def test_unique_constraints_make_duplicates_impossible(catalog: Catalog, model: int) -> None:
     catalog.write_batch(model, rows_for(["/x/a.jpg"]))
-    image_id = int(catalog.load_predictions(model).ids[0])
+    image_id = int(catalog.export(model)[1].ids[0])
     insert = sa.text("INSERT INTO predictions (model_id, face_id, probs, embedding) VALUES (:m, :i, :b, :b)")
     with catalog._writer.connect() as conn:
         with pytest.raises(sa.exc.IntegrityError):
@@ -186,7 +187,7 @@ def test_stamp_changes_exactly_when_predictions_change(catalog: Catalog, model: 
     s1 = catalog.stamp(model)
     assert s1 > s0
     catalog.record_failures([("/x/c.jpg", "bad")])
-    catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K)})
+    add_labels(catalog, NAMES, {"/x/a.jpg": np.ones(K)})
     catalog.write_batch(model, [])
     assert catalog.stamp(model) == s1
     assert catalog.prune(["/x/a.jpg"]) == 1
@@ -209,7 +210,7 @@ def test_load_predictions_round_trip_in_id_order(catalog: Catalog, model: int) -
     np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in written]))
     np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in written]))
     empty = catalog.register_model("e" * 64, "x", NAMES, [0.5] * K, D, None)
-    assert catalog.load_predictions(empty).probs.shape == (0, K)
+    assert catalog.export(empty)[1].probs.shape == (0, K)
 
 
 def test_known_files_lists_only_this_models_predictions(catalog: Catalog, model: int) -> None:
@@ -221,35 +222,35 @@ def test_known_files_lists_only_this_models_predictions(catalog: Catalog, model:
 
 def test_prune_removes_images_predictions_labels_and_failures(catalog: Catalog, model: int) -> None:
     catalog.write_batch(model, rows_for(["/x/a.jpg", "/x/b.jpg"]))
-    catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K), "/x/b.jpg": np.zeros(K)})
+    add_labels(catalog, NAMES, {"/x/a.jpg": np.ones(K), "/x/b.jpg": np.zeros(K)})
     catalog.record_failures([("/x/gone.jpg", "bad")])
     assert catalog.prune(["/x/a.jpg", "/x/gone.jpg", "/x/never.jpg"]) == 1
     info = catalog.info(model)
     assert (info["images"], info["predictions"], info["labels"], info["failures"]) == (1, 1, 1, 0)
     assert catalog.prune([]) == 0
     # The id of a pruned image is never handed out again (snapshots and users refer to ids).
-    top = int(catalog.load_predictions(model).ids.max())
+    top = int(catalog.export(model)[1].ids.max())
     catalog.prune(["/x/b.jpg"])
     catalog.write_batch(model, rows_for(["/x/c.jpg"]))
-    assert catalog.load_predictions(model).ids.tolist() == [top + 1]
+    assert catalog.export(model)[1].ids.tolist() == [top + 1]
 
 
 def test_labels_from_batches_and_annotation_files(catalog: Catalog, model: int) -> None:
     rows = rows_for(["/x/a.jpg", "/x/b.jpg"])
     rows[0].labels = np.array([1, -1, 1, -1, 1])  # CelebA's -1/1
     catalog.write_batch(model, rows, label_names=NAMES)
-    stored = catalog.add_labels(NAMES, {"/x/b.jpg": np.array([0, 1, 0, 1, 0]), "/x/unknown.jpg": np.ones(K)})
+    stored = add_labels(catalog, NAMES, {"/x/b.jpg": np.array([0, 1, 0, 1, 0]), "/x/unknown.jpg": np.ones(K)})
     assert stored == 1
     ids, matrix = catalog.labels_for(["Attr_4", "Attr_1"])
-    assert ids.tolist() == catalog.load_predictions(model).ids.tolist()
+    assert ids.tolist() == catalog.export(model)[1].ids.tolist()
     assert matrix.dtype == np.uint8 and matrix.tolist() == [[1, 0], [0, 1]]
     # An image labelled with another name list lacking a requested name is left out.
     catalog.write_batch(model, rows_for(["/x/c.jpg"]))
-    catalog.add_labels(["Attr_4", "Other"], {"/x/c.jpg": np.array([1, 1])})
+    add_labels(catalog, ["Attr_4", "Other"], {"/x/c.jpg": np.array([1, 1])})
     assert len(catalog.labels_for(["Attr_4", "Attr_1"])[0]) == 2
     assert len(catalog.labels_for(["Attr_4"])[0]) == 3
     with pytest.raises(ValueError):
-        catalog.add_labels(NAMES, {"/x/a.jpg": np.ones(K + 1)})
+        add_labels(catalog, NAMES, {"/x/a.jpg": np.ones(K + 1)})
 
 
 def test_runs_left_running_become_interrupted(catalog: Catalog, model: int) -> None:
@@ -403,7 +404,7 @@ def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
     """A version step as a future facefind adds one (a column from the table definitions, a new
     table), from today's version: the catalog opens, keeps its rows and id, and ends with the
     schema a new catalog gets."""
-    import facefind.db.catalog as dbc
+    import facefind.db.schema as dbc
 
     old, model = _v1_catalog(tmp_path)
     images = dbc.images
@@ -421,7 +422,7 @@ def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
         monkeypatch.setitem(dbc.MIGRATIONS, now, v1_to_v2)
         upgraded = Catalog.open(tmp_path / "index")
         assert upgraded.catalog_id == old.catalog_id
-        assert upgraded.load_predictions(model).paths == ["/x/a.jpg", "/x/b.jpg"]
+        assert upgraded.export(model)[1].paths == ["/x/a.jpg", "/x/b.jpg"]
         with upgraded._reader.connect() as conn:
             assert conn.execute(sa.select(dbc.meta_table.c.value).where(dbc.meta_table.c.key == "schema_version")
                                 ).scalar() == str(now + 1)
@@ -441,7 +442,7 @@ def test_a_version_step_upgrades_on_open_to_the_fresh_schema(
 def test_catalogs_this_facefind_cannot_read_say_what_to_run(
     catalog_backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import facefind.db.catalog as dbc
+    import facefind.db.schema as dbc
 
     _v1_catalog(tmp_path)
     now = dbc.SCHEMA_VERSION
@@ -461,7 +462,7 @@ def test_catalogs_this_facefind_cannot_read_say_what_to_run(
 
 def _v1_metadata() -> sa.MetaData:
     """The catalog schema exactly as facefind 0.1 (schema version 1) created it, frozen here on
-    purpose: it must never follow later edits of db/catalog.py, so that the tests below prove a
+    purpose: it must never follow later edits of db/schema.py, so that the tests below prove a
     real v1 (and v2) catalog still opens after every future schema change."""
     md = sa.MetaData()
     sa.Table("meta", md, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text, nullable=False))
@@ -558,7 +559,7 @@ def test_a_v2_catalog_upgrades_to_one_face_per_file_keeping_ids(
     for i, path in enumerate(probs):
         np.testing.assert_array_equal(preds.probs[i], probs[path])
     assert preds.has_identity.tolist() == [True, False, False] and preds.identity[0, 0] == 0.5
-    assert cat.identity_count() == (2, 1)
+    assert identity_count(cat) == (2, 1)
     assert cat.known_files(1, identity=True) == {"/x/a.jpg": (1, 1.0), "/x/b.jpg": (1, 1.0)}
     cat.write_batch(1, rows_for(["/x/new.jpg"]))
     ids, paths = cat.export(1)[1].ids.tolist(), cat.export(1)[1].paths
@@ -625,7 +626,7 @@ def test_a_changed_photo_replaces_all_of_its_faces(catalog: Catalog, model: int)
     assert after.ids.tolist() == before.ids[:1].tolist()  # face 0 keeps its id
     assert after.boxes.tolist() == [[5, 5, 52, 52]]
     np.testing.assert_array_equal(after.probs[0], one[0].probs)
-    assert after.has_identity.tolist() == [True] and catalog.identity_count() == (1, 1)
+    assert after.has_identity.tolist() == [True] and identity_count(catalog) == (1, 1)
     assert len(catalog.export(other)[1].ids) == 0  # the other model described the old content
     assert catalog.stamp(other) > other_stamp
     with catalog._reader.connect() as conn:

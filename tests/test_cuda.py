@@ -132,7 +132,7 @@ def test_index_on_cuda_agrees_with_the_cpu_index(faces: Path, tmp_path: Path) ->
                               device=dev, workers=0)
         assert report.indexed == len(images) and not report.failures
         with Catalog.open(tmp_path / f"index-{dev}", create=False) as catalog:
-            preds = catalog.load_predictions(catalog.latest_model().id)
+            preds = catalog.export(catalog.latest_model().id)[1]
         probs[dev] = dict(zip(preds.paths, preds.probs))
     assert probs["cpu"].keys() == probs["cuda"].keys()
     diff = np.array([np.abs(probs["cuda"][p] - probs["cpu"][p]).max() for p in probs["cpu"]])

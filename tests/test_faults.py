@@ -68,22 +68,23 @@ HOOKS = textwrap.dedent('''
             limit = int(stage.split(":")[1])
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         elif stage == "gc":
-            snapshot._collect_garbage = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        elif stage == "vectors.faiss":
-            real = vectors.atomic_replace
+            snapshot.write._collect_garbage = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        elif stage in ("vectors.faiss", "CURRENT"):
+            import facefind.db.files as files
+            module = vectors if stage == "vectors.faiss" else files  # CURRENT: files.atomic_write_text
+            real = module.atomic_replace
             def dying(path, fill):
                 if Path(path).name == stage:
                     die_half_written(Path(path).with_name(f".{stage}.killed.tmp"))
                 return real(path, fill)
-            vectors.atomic_replace = dying
+            module.atomic_replace = dying
         else:
-            real = snapshot._write_file
+            real = snapshot.write._write_file
             def dying(path, write):
-                name = Path(path).name
-                if name == stage or (stage == "CURRENT" and name.startswith(".tmp-CURRENT")):
+                if Path(path).name == stage:
                     die_half_written(path)
                 return real(path, write)
-            snapshot._write_file = dying
+            snapshot.write._write_file = dying
 
     if __name__ == "__main__":
         if os.environ.get("FACEFIND_TEST_DIE_IN"):
@@ -204,7 +205,7 @@ def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backe
     assert sorted(paths) == sorted(str(p.parent.resolve() / p.name) for p in readable), "images lost or extra"
     assert failures == failed
     with Catalog.open(idx, create=False) as catalog:
-        preds = catalog.load_predictions(1)
+        preds = catalog.export(1)[1]
         stamp = catalog.stamp(1)
     assert len(preds.ids) == len(readable)
     snap = load_snapshot(idx, 1)

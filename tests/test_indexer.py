@@ -128,7 +128,7 @@ def test_worker_processes_give_the_same_predictions(faces: Path, calibrated_mode
                  "--workers", "2", "--batch-size", "50", "--json")
     assert out["indexed"] == N_FACES
     with Catalog.open(tmp_path / "a") as a, Catalog.open(tmp_path / "b") as b:
-        pa, pb = a.load_predictions(1), b.load_predictions(1)
+        pa, pb = a.export(1)[1], b.export(1)[1]
     assert pa.paths == pb.paths
     np.testing.assert_allclose(pa.probs, pb.probs, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(pa.emb, axis=1), 1.0, atol=1e-4)  # stored L2-normalised
@@ -403,7 +403,7 @@ def clean_predictions(folder: Path, model: Path, index_dir: Path, batch_size: in
     try:
         index_folder(folder, model, index_dir, batch_size=batch_size, device="cpu", workers=0)
         with Catalog.open(index_dir, create=False) as catalog:
-            return catalog.load_predictions(catalog.latest_model().id)
+            return catalog.export(catalog.latest_model().id)[1]
     finally:
         if saved is not None:
             os.environ["FACEFIND_DB"] = saved
@@ -520,7 +520,7 @@ def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated
     assert backend.scalar(idx, "SELECT count(*) FROM labels") == n
     assert backend.scalar(idx, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
     with Catalog.open(idx) as catalog:
-        preds = catalog.load_predictions(1)
+        preds = catalog.export(1)[1]
         stamp = catalog.stamp(1)
     snap = load_snapshot(idx, 1)
     assert snap.stamp == stamp

@@ -90,7 +90,7 @@ def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
     report = index_folder(folder, b.model, base / "index", device="cpu", workers=0, faces=FaceFinder(identity=True))
     assert report.indexed == n + 2 and report.identity["no_face"] >= 1
     with Catalog.open(base / "index", create=False) as catalog:
-        preds = catalog.load_predictions(catalog.latest_model().id)
+        preds = catalog.export(catalog.latest_model().id)[1]
     ids = dict(zip(preds.paths, preds.ids.tolist()))
     described = dict(zip(preds.paths, preds.has_identity.tolist()))
     assert described[str(original)] and described[str(other)] and not described[str(faceless)]

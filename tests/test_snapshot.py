@@ -188,20 +188,20 @@ def test_generation_swap_keeps_old_readers_working_and_collects_garbage(
 def test_load_retries_when_its_generation_vanishes(index_dir: Path, catalog: Catalog, model: int,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     sync_snapshot(catalog, index_dir, model)
-    real = snapshots._load_generation
+    real = snapshots.read._load_generation
     calls = []
 
     def racing(gen: Path):  # the first attempt finds its generation deleted by a writer
         calls.append(gen)
         if len(calls) == 1:
-            monkeypatch.setattr(snapshots, "_load_generation", real)
+            monkeypatch.setattr(snapshots.read, "_load_generation", real)
             catalog.write_batch(model, rows_for(["/faces/late.jpg"]))
             sync_snapshot(catalog, index_dir, model)
-            monkeypatch.setattr(snapshots, "_load_generation", racing)
+            monkeypatch.setattr(snapshots.read, "_load_generation", racing)
             raise FileNotFoundError(gen)
         return real(gen)
 
-    monkeypatch.setattr(snapshots, "_load_generation", racing)
+    monkeypatch.setattr(snapshots.read, "_load_generation", racing)
     snap = load_snapshot(index_dir, model)
     assert len(calls) == 2 and calls[0] != calls[1] and len(snap) == 31
 
@@ -272,7 +272,7 @@ def test_read_only_index_falls_back_to_an_in_memory_snapshot(index_dir: Path, ca
     def refuse(*args: object, **kwargs: object) -> Path:
         raise CatalogError("cannot write the index snapshot: read-only file system")
 
-    monkeypatch.setattr(snapshots, "_write_locked", refuse)
+    monkeypatch.setattr(snapshots.write, "write_locked", refuse)
     snap = sync_snapshot(catalog, index_dir, model)
     assert snap.folder is None and len(snap) == 30 and snap.stamp == catalog.stamp(model)
     assert snap.probs.shape == (K, 30) and snap.emb.dtype == np.float16

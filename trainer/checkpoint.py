@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from facefind.db.errors import ModelError
+from facefind.db.files import atomic_replace
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +160,10 @@ def now_iso() -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    """``torch.save`` through ``atomic_replace``: a crash leaves the old checkpoint or the new one."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(

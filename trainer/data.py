@@ -11,9 +11,7 @@ runs batched on the training device.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from facefind.db.errors import DatasetError, ImageError
+from facefind.db.files import atomic_replace, atomic_write_json
 from facefind.trainer.device import available_cpus
 from facefind.db.paths import default_cache_dir
 from facefind.trainer.decode import decode_paths
@@ -149,26 +148,19 @@ def build_cache(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DatasetError(f"cannot create cache folder {folder}: {err.strerror}; use --cache-dir") from None
-    tmp = folder / f".{key}.npy.tmp-{os.getpid()}"
     log.info("image cache: decoding %d images at %dx%d into %s", len(paths), size[0], size[1], npy)
-    try:
+
+    def fill(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
         try:
             _decode_into(out, paths, size, workers or available_cpus(), progress)
         except ImageError as err:
             raise DatasetError(f"{err}: remove or replace that file (every image is needed to train)") from None
         out.flush()
-        del out
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, npy)
-        meta = {"version": CACHE_VERSION, "root": str(root), "n": len(paths), "img_size": list(size),
-                "first": str(paths[0]), "last": str(paths[-1])}
-        info_tmp = info.with_name(info.name + f".tmp-{os.getpid()}")
-        info_tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(info_tmp, info)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_replace(npy, fill)
+    atomic_write_json(info, {"version": CACHE_VERSION, "root": str(root), "n": len(paths), "img_size": list(size),
+                             "first": str(paths[0]), "last": str(paths[-1])})
     return ImageCache(npy, np.load(npy, mmap_mode="r"), size, built=True)
 
 

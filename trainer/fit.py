@@ -17,10 +17,8 @@ resumed after epoch k continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from facefind.db.errors import DatasetError, ModelError
+from facefind.db.files import atomic_write_json
 from facefind.db.paths import default_models_dir
 from facefind.trainer import distributed
 from facefind.trainer.checkpoint import (
@@ -470,8 +469,8 @@ def _fit(config: FitConfig, progress: ProgressFn | None) -> FitResult:
                                "best_epoch": best_epoch, "config": cfg.to_args(),
                                "n_rows": {k: int(len(v)) for k, v in data.rows.items()},
                                "attributes": data.attributes})
-        _write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
-                                            "epochs": history})
+        atomic_write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
+                                                  "epochs": history})
         log.debug("epoch %d: %s", epoch + 1, record)
         emit(FitEvent("epoch_end", epoch=epoch + 1, epochs=cfg.epochs, record=record))
         distributed.barrier()
@@ -513,8 +512,8 @@ def _finish(
     meta.test_metrics = test.to_json() if test else None
     meta.epoch = len(history)
     save_checkpoint(cfg.out, model, meta)
-    _write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
-                                        "epochs": history, "test": test.summary() if test else None})
+    atomic_write_json(history_path(cfg.out), {"best_epoch": best_epoch, "select_metric": cfg.select_metric,
+                                              "epochs": history, "test": test.summary() if test else None})
     state_path(cfg.out).unlink(missing_ok=True)
     return FitResult(
         checkpoint=cfg.out, history_file=history_path(cfg.out), best_epoch=best_epoch, epochs=len(history),
@@ -558,13 +557,3 @@ def _check_same_data(state: dict[str, Any], data: TrainData) -> None:
         )
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)

@@ -14,13 +14,13 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from facefind.db.errors import ModelError
+from facefind.db.files import atomic_replace, atomic_write_json
 from facefind.trainer.fit import FitConfig, FitEvent, FitResult, fit, state_path
 from facefind.trainer.metrics import SUMMARY_KEYS
 
@@ -160,9 +160,7 @@ def _best(runs: list[TuneRun], metric: str) -> TuneRun:
 def _keep(result: FitResult, run: TuneRun, runs: list[TuneRun], metric: str, best_file: Path, keep_all: bool) -> None:
     """Make ``best.pt`` the best finished run's checkpoint; drop the others unless ``keep_all``."""
     if _best(runs, metric) is run:
-        tmp = best_file.with_name(f".{best_file.name}.tmp-{os.getpid()}")
-        shutil.copyfile(result.checkpoint, tmp)
-        os.replace(tmp, best_file)
+        atomic_replace(best_file, lambda tmp: shutil.copyfile(result.checkpoint, tmp))
         log.info("tune: %s is the best so far (%s %.4f)", run.name, metric, run.val[metric])  # type: ignore[index]
     if not keep_all:
         result.checkpoint.unlink(missing_ok=True)
@@ -172,21 +170,21 @@ def _write_outputs(out_dir: Path, record: dict[str, Any], runs: list[TuneRun], m
     done = [r for r in runs if r.status == "done"]
     best = _best(runs, metric).name if done else None
     state = dict(record, best=best, runs=[dataclasses.asdict(r) for r in runs])
-    tmp = out_dir / f".{TUNE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, out_dir / TUNE_FILE)
+    atomic_write_json(out_dir / TUNE_FILE, state)
 
     params = list(runs[0].params)
     columns = ["run", *params, "status", "best_epoch", "seconds", *[f"val_{k}" for k in SUMMARY_KEYS], "best"]
-    tmp = out_dir / f".{CSV_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for r in runs:
-            val = r.val or {}
-            writer.writerow([r.name, *[r.params[p] for p in params], r.status, r.best_epoch, r.seconds,
-                             *[val.get(k) for k in SUMMARY_KEYS], r.name == best])
-    os.replace(tmp, out_dir / CSV_FILE)
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            for r in runs:
+                val = r.val or {}
+                writer.writerow([r.name, *[r.params[p] for p in params], r.status, r.best_epoch, r.seconds,
+                                 *[val.get(k) for k in SUMMARY_KEYS], r.name == best])
+
+    atomic_replace(out_dir / CSV_FILE, fill)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, TypeVar
 import typer
 
 from facefind.db.errors import FacefindError, QuerySyntaxError
+from facefind.db.files import json_default
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,15 +50,7 @@ def guard(func: F) -> F:
 
 def print_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (the only thing on stdout when ``--json`` is given)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 # Options shared by several commands.
