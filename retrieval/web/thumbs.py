@@ -4,7 +4,7 @@ The key hashes the catalogued path, size, modification time (ns) and inode, the 
 photo's faces each get their own) and the thumbnail size: a file replaced in place gets a new
 thumbnail, an unchanged one is never re-encoded. ``facefind.retrieval.thumbnail`` makes them (decoded as
 the indexer did, the face cut out), so a thumbnail shows what was indexed. Cache files are written
-by ``atomic_replace`` (a reader never sees half a JPEG); a cache folder that cannot be written
+by ``atomic_replace`` without fsync (a reader never sees half a JPEG; a power cut may cost a thumbnail); a cache folder that cannot be written
 leaves thumbnails made in memory on every request (slower, never wrong).
 """
 
@@ -81,7 +81,7 @@ class ThumbnailCache:
 
     def _store(self, cached: Path, data: bytes) -> bool:
         try:
-            atomic_replace(cached, lambda tmp: tmp.write_bytes(data))
+            atomic_replace(cached, lambda tmp: tmp.write_bytes(data), durable=False)  # a cache: no fsync
         except OSError as err:
             log.warning("cannot cache thumbnails in %s (%s); making them in memory", self.folder, err)
             self.writable = False
