@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, TypeVar
@@ -19,8 +18,6 @@ import typer
 from facefind.db.errors import FacefindError, QuerySyntaxError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-log = logging.getLogger("facefind")
 
 
 def guard(func: F) -> F:
