@@ -9,7 +9,6 @@ embeddings ``(n, D)``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
     import torch
 
     from facefind.trainer.checkpoint import CheckpointMeta
-
-log = logging.getLogger(__name__)
 
 
 class Runner:

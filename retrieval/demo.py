@@ -7,7 +7,6 @@ earlier run left in the demo folder, so a second run takes seconds.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any, Callable
 
 from facefind.db.errors import FacefindError
 
-log = logging.getLogger(__name__)
 
 # Expressions over attributes the synthetic faces render visibly (see trainer/synth.py). The study's
 # headline query, "Big_Nose and Eyeglasses and not Male", fits 2 of 2,000 synthetic faces (0.1%),

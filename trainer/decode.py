@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 import os
 import re
 import struct
@@ -43,7 +42,6 @@ from facefind.db.errors import ImageError
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
 
 BACKGROUND = (128, 128, 128)  # what transparent pixels become: neutral grey, no colour cast
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)

@@ -11,7 +11,6 @@ indexer and ``predict`` all call it, so they cannot disagree about preprocessing
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -21,7 +20,6 @@ from torch import nn
 
 from facefind.db.errors import ModelError
 
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

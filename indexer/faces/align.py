@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ import numpy as np
 
 from facefind.db.errors import ModelError
 
-log = logging.getLogger(__name__)
 
 CELEBA_SIZE = (218, 178)  # (height, width) of CelebA's aligned crops
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import shutil
 import sqlite3
@@ -36,7 +35,6 @@ import numpy as np
 
 from facefind.db.errors import DatasetError
 
-log = logging.getLogger(__name__)
 
 NATIVE = (218, 178)  # CelebA aligned crops, (height, width)
 _UNIQUE = 256  # distinct JPEGs; the rest are byte copies (decoding cost is per file, not per content)

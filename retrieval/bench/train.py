@@ -20,7 +20,6 @@ per epoch. The headline ``speedup`` is over ``same_settings``; ``baselines`` hol
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from facefind.db.errors import DatasetError
 from facefind.trainer.device import configure, describe_device, resolve_device, synchronize
 from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
 
-log = logging.getLogger(__name__)
 
 CELEBA_TRAIN_IMAGES = 162_770  # one epoch of the official train split
 BASELINES = ("same_settings", "study_style")

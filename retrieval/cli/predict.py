@@ -9,7 +9,6 @@ face found) is reported as a failure of that file and the others go on; the exit
 from __future__ import annotations
 
 import html
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Sequence
 
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 
     from facefind.indexer.predict import FailedPrediction, Prediction
 
-log = logging.getLogger(__name__)
 
 THUMBNAIL = 220  # gallery thumbnail size, pixels
 

@@ -9,7 +9,6 @@ by dlib identity descriptors (``index --identity``) instead of the model's embed
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,8 +22,6 @@ from facefind.retrieval.index import open_index
 
 if TYPE_CHECKING:
     from facefind.retrieval.engine import Quality, Result
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- rendering
