@@ -28,9 +28,12 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
+import torch
+
 from facefind.indexer.discovery import Failure, FileEntry
 from facefind.indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
 from facefind.trainer.decode import DEFAULT_MAX_PIXELS
+from facefind.trainer.device import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,7 @@ def _worker_init(owner: int) -> None:
     # Ctrl-C is handled by the main process, which stops at a batch boundary; workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_owner, args=(owner,), name="orphan-watch", daemon=True).start()
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    torch.set_num_threads(1)
 
 
 def _exit_with_owner(owner: int) -> None:
@@ -100,8 +98,6 @@ class ImageReader:
         self.size = (int(size[0]), int(size[1]))
         self.batch_size = batch_size
         if workers is None:
-            from facefind.trainer.device import available_cpus  # torch-importing: kept out of the worker processes
-
             workers = available_cpus()
         self.workers = max(0, workers)
         self.max_pixels = max_pixels

@@ -33,6 +33,7 @@ from torch import nn
 from facefind.db.errors import DatasetError, ModelError
 from facefind.db.paths import default_models_dir
 from facefind.trainer import distributed
+from facefind.trainer.celeba import load_celeba
 from facefind.trainer.checkpoint import (
     CheckpointMeta,
     library_versions,
@@ -227,8 +228,6 @@ class FitResult:
 
 def prepare_data(cfg: FitConfig, device: torch.device, progress: ProgressFn | None = None) -> tuple[TrainData, str]:
     """Load the dataset, apply ``--subset``, fix the split rows, and build or reuse the image cache."""
-    from facefind.trainer.celeba import load_celeba
-
     ds = load_celeba(cfg.data)
     if cfg.subset is not None and cfg.subset < len(ds):
         rng = np.random.default_rng(cfg.seed)

@@ -158,7 +158,7 @@ def _build_backbone(arch: str, pretrained: bool, download: bool) -> tuple[nn.Mod
                              "train it with --no-pretrained")
         return spec.build()
 
-    import torchvision
+    import torchvision  # ~1 s to import: small_cnn, and predict/similar with it, never need it
 
     weights = None
     if pretrained and download:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facefind.db.errors import ImageError
+from facefind.indexer.faces import identity as ident
 from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
 
 
@@ -74,8 +75,6 @@ def faces_of(rgb: np.ndarray, *, identity: bool = False, min_size: int = MIN_FAC
     any other image has one entry per face found (largest first; none: no face). A module-level
     function of arrays, so the indexer's reader workers can call it and overlap the descriptor's
     ~100 ms per face with the CNN."""
-    from facefind.indexer.faces import identity as ident
-
     if looks_aligned(rgb):
         vector = None
         if identity:
