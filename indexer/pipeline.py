@@ -160,7 +160,7 @@ def index_folder(
         if workers is None:  # the node's cores, shared between its ranks' decoders
             workers = distributed.cpus_per_process()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
-    model_path = _choose_model(index_dir, model_path)
+    model_path = choose_model(index_dir, model_path)
     # One read of the checkpoint, hashed and parsed from the same bytes; before the catalog opens,
     # so a damaged checkpoint creates no index. The weights go to the device later.
     checkpoint, sha256 = read_checkpoint(model_path)
@@ -276,7 +276,7 @@ def finalize_index(
     found = discover(folder, recursive)
     root = Path(folder).expanduser().resolve()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
-    model_path = _choose_model(index_dir, model_path)
+    model_path = choose_model(index_dir, model_path)
     sha256 = _sha256(model_path)
     with Catalog.open(index_dir, create=False) as catalog:
         model_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
@@ -456,17 +456,32 @@ def _threaded(items: Iterable[T], depth: int) -> Generator[T, None, None]:
         stop.set()
 
 
-def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) -> Path:
-    """``model_path``, else the checkpoint the index was last built with (ModelError when none)."""
+def choose_model(index_dir: str | os.PathLike[str] | None, model_path: str | os.PathLike[str] | None = None, *,
+                 models_dir: Path | None = None) -> Path:
+    """Which checkpoint to use with the index at ``index_dir`` (None: the default index):
+    ``model_path`` when given, else the one the index was last built with. ``index`` and
+    ``finalize_index`` stop there (a ModelError saying to pass --model); ``predict`` passes
+    ``models_dir`` to fall back on the newest checkpoint in it when the index has no model, or its
+    model's file is gone."""
     if model_path is not None:
         return Path(model_path).expanduser()
+    index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     recorded = latest_checkpoint(index_dir)
-    if recorded is None:
-        raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
-                         "(a checkpoint from `facefind train`)")
-    if not recorded.is_file():
+    if recorded is not None and recorded.is_file():
+        return recorded
+    if models_dir is None:
+        if recorded is None:
+            raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
+                             "(a checkpoint from `facefind train`)")
         raise ModelError(f"the index was built with {recorded}, which no longer exists: pass --model PATH")
-    return recorded
+    if recorded is not None:
+        log.warning("the index's model %s no longer exists; looking in %s", recorded, models_dir)
+    found = [p for p in models_dir.glob("*.pt") if not p.name.startswith(".")
+             and not p.name.endswith(".state.pt")] if models_dir.is_dir() else []
+    if found:
+        return max(found, key=lambda p: (p.stat().st_mtime, p.name))
+    raise ModelError(f"no model to predict with (none in the index at {index_dir} nor in {models_dir}): "
+                     "pass --model PATH, or train one with `facefind train DATA`")
 
 
 def _sha256(model_path: Path) -> str:
