@@ -86,6 +86,6 @@ ThreadsOpt = Annotated[
 def use_threads(threads: int | None) -> None:
     """Apply ``--threads`` before any device is resolved, so the automatic choice never overrides it."""
     if threads is not None:
-        from facefind.trainer.device import set_threads
+        from facefind.trainer.device import set_threads  # torch: every command, query too, loads this module
 
         set_threads(threads)

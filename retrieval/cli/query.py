@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from facefind.db.errors import FacefindError
 from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
@@ -38,7 +40,7 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
-        from facefind.retrieval.gallery import write_gallery
+        from facefind.retrieval.gallery import write_gallery  # PIL: only for --gallery
 
         write_gallery(gallery, result, title=title)
         typer.echo(f"gallery: {gallery}", err=True)
@@ -59,9 +61,6 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     folder = _common_folder([h.path for h in result.hits])
     where = f" (paths relative to {folder}{os.sep})" if folder else ""
