@@ -4,7 +4,7 @@
 indexer's ``--detect-faces`` call; the work (dlib detection, 5 landmarks, a similarity warp onto
 CelebA's measured template) is ``facefind.indexer.faces.align``. Images that already have CelebA's crop geometry
 (``looks_aligned``) skip detection and go to the model as they are: aligning them again moves
-their landmarks by about a pixel (scripts/measure_faces.py), so passing them through is
+their landmarks by about a pixel (measured on real CelebA crops), so passing them through is
 both exact and free.
 """
 
