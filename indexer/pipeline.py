@@ -23,22 +23,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
+from typing import Any, Callable, Generator, Iterable, TypeVar
 
 import numpy as np
+import torch
 
+from facefind.db.catalog import Catalog, latest_checkpoint
 from facefind.db.errors import CatalogError, DatasetError, ModelError
+from facefind.db.files import file_sha256
 from facefind.db.paths import default_index_dir
+from facefind.db.snapshot import sync_snapshot
 from facefind.indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
+from facefind.indexer.faces.detect import looks_aligned
 from facefind.indexer.reader import ImageReader
 from facefind.indexer.routing import DecodedBatch, FaceFinder, Rows, on_device
+from facefind.indexer.runner import Runner, load_runner
 from facefind.indexer.writer import CatalogWriter, WriteJob
-
-if TYPE_CHECKING:
-    import torch
-
-    from facefind.db.catalog import Catalog
-    from facefind.indexer.runner import Runner
+from facefind.trainer import distributed
+from facefind.trainer.celeba import locate, read_attributes
+from facefind.trainer.checkpoint import CheckpointMeta, read_checkpoint
+from facefind.trainer.device import describe_device, resolve_device
+from facefind.trainer.distributed import shard_of
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +137,6 @@ def index_folder(
     (``--identity``) each entry's identity descriptor is stored beside its prediction, and files
     indexed without one are read again.
     """
-    from facefind.db.catalog import Catalog
-    from facefind.indexer.runner import load_runner
-    from facefind.trainer import distributed
-    from facefind.trainer.checkpoint import CheckpointMeta, read_checkpoint
-    from facefind.trainer.device import describe_device, resolve_device
-
     k, n, launched = _which_shard(shard)
     if prune and n > 1:
         raise DatasetError("--prune cannot run in shards: finalize, then run `facefind index FOLDER --prune` once")
@@ -161,7 +160,7 @@ def index_folder(
         if workers is None:  # the node's cores, shared between its ranks' decoders
             workers = distributed.cpus_per_process()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
-    model_path = _choose_model(index_dir, model_path)
+    model_path = choose_model(index_dir, model_path)
     # One read of the checkpoint, hashed and parsed from the same bytes; before the catalog opens,
     # so a damaged checkpoint creates no index. The weights go to the device later.
     checkpoint, sha256 = read_checkpoint(model_path)
@@ -273,13 +272,11 @@ def finalize_index(
     Raises CatalogError naming the shards to run (again) while any readable file lacks a current
     prediction; the previous snapshot stays published until then.
     """
-    from facefind.db.catalog import Catalog
-
     start = time.perf_counter()
     found = discover(folder, recursive)
     root = Path(folder).expanduser().resolve()
     index_dir = (Path(index_dir).expanduser() if index_dir is not None else default_index_dir()).absolute()
-    model_path = _choose_model(index_dir, model_path)
+    model_path = choose_model(index_dir, model_path)
     sha256 = _sha256(model_path)
     with Catalog.open(index_dir, create=False) as catalog:
         model_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
@@ -295,8 +292,6 @@ def finalize_index(
 
 def _which_shard(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
     """(K, N, launched by torchrun): the explicit shard, else RANK/WORLD_SIZE, else (0, 1)."""
-    from facefind.trainer import distributed
-
     if shard is not None:
         k, n = shard
         if not (n >= 1 and 0 <= k < n):
@@ -308,8 +303,6 @@ def _which_shard(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
 
 def _shard_files(found: Any, root: Path, k: int, n: int) -> Any:
     """The part of a discovery (files and unreadable entries) that shard ``k`` of ``n`` owns."""
-    from facefind.trainer.distributed import shard_of
-
     def mine(path: str) -> bool:
         return shard_of(os.path.relpath(path, root), n) == k
 
@@ -318,8 +311,6 @@ def _shard_files(found: Any, root: Path, k: int, n: int) -> Any:
 
 def _finalize(catalog: Catalog, index_dir: Path, model_id: int, root: Path, found: Any, shards: int | None) -> Any:
     """Check that every readable file of ``found`` has a current prediction, then publish."""
-    from facefind.trainer.distributed import shard_of
-
     todo, _ = split_unchanged(found.files, catalog.known_files(model_id))
     failed = {f.path for f in catalog.failures()}
     missing = [f for f in todo if f.path not in failed]
@@ -408,8 +399,6 @@ def _device_batches(
     Decoding and the forward pass then overlap on the GPU (they compete for the same
     multiprocessors, but neither waits for the other to be issued).
     """
-    import torch
-
     stream = torch.cuda.Stream(device)
 
     def decode(batch: DecodedBatch) -> tuple[Any, ...]:
@@ -467,25 +456,36 @@ def _threaded(items: Iterable[T], depth: int) -> Generator[T, None, None]:
         stop.set()
 
 
-def _choose_model(index_dir: Path, model_path: str | os.PathLike[str] | None) -> Path:
-    """``model_path``, else the checkpoint the index was last built with (ModelError when none)."""
-    from facefind.db.catalog import latest_checkpoint
-
+def choose_model(index_dir: str | os.PathLike[str] | None, model_path: str | os.PathLike[str] | None = None, *,
+                 models_dir: Path | None = None) -> Path:
+    """Which checkpoint to use with the index at ``index_dir`` (None: the default index):
+    ``model_path`` when given, else the one the index was last built with. ``index`` and
+    ``finalize_index`` stop there (a ModelError saying to pass --model); ``predict`` passes
+    ``models_dir`` to fall back on the newest checkpoint in it when the index has no model, or its
+    model's file is gone."""
     if model_path is not None:
         return Path(model_path).expanduser()
+    index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     recorded = latest_checkpoint(index_dir)
-    if recorded is None:
-        raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
-                         "(a checkpoint from `facefind train`)")
-    if not recorded.is_file():
+    if recorded is not None and recorded.is_file():
+        return recorded
+    if models_dir is None:
+        if recorded is None:
+            raise ModelError(f"no model given and none recorded in the index at {index_dir}: pass --model PATH "
+                             "(a checkpoint from `facefind train`)")
         raise ModelError(f"the index was built with {recorded}, which no longer exists: pass --model PATH")
-    return recorded
+    if recorded is not None:
+        log.warning("the index's model %s no longer exists; looking in %s", recorded, models_dir)
+    found = [p for p in models_dir.glob("*.pt") if not p.name.startswith(".")
+             and not p.name.endswith(".state.pt")] if models_dir.is_dir() else []
+    if found:
+        return max(found, key=lambda p: (p.stat().st_mtime, p.name))
+    raise ModelError(f"no model to predict with (none in the index at {index_dir} nor in {models_dir}): "
+                     "pass --model PATH, or train one with `facefind train DATA`")
 
 
 def _sha256(model_path: Path) -> str:
     """The checkpoint's sha256 alone (``finalize_index`` needs no weights)."""
-    from facefind.db.files import file_sha256
-
     try:
         return file_sha256(model_path)
     except OSError as err:
@@ -516,8 +516,6 @@ def _forget_whole_photos(catalog: Catalog, model_id: int, known: dict[str, Any])
     """For ``--detect-faces``: drop from ``known`` the photos indexed whole (without it), so that
     they are read again and each of their faces becomes an entry; aligned CelebA-style crops,
     which detection keeps whole, stay known."""
-    from facefind.indexer.faces.detect import looks_aligned
-
     stale = [path for path, (width, height) in catalog.whole_files(model_id).items()
              if path in known and not (width and height and looks_aligned((height, width)))]
     for path in stale:
@@ -543,8 +541,6 @@ def _ground_truth(root: Path, files: list[FileEntry]) -> tuple[list[str] | None,
     Only files directly in the annotated image folder get labels (CelebA names are not unique
     across folders). A malformed annotation file is logged and ignored: it must not stop indexing.
     """
-    from facefind.trainer.celeba import locate, read_attributes
-
     try:
         loc = locate(root)
         ann = read_attributes(loc.attr_file)
@@ -593,6 +589,4 @@ def _sync(catalog: Catalog, index_dir: Path, model_id: int) -> Any:
 
     It is rebuilt when missing, damaged or stale, so a run that indexes nothing still repairs it.
     """
-    from facefind.db.snapshot import sync_snapshot
-
     return sync_snapshot(catalog, index_dir, model_id, reuse_while_indexing=False)  # our run is 'running'

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, overload
 import numpy as np
 
 from facefind.db.errors import ImageError
-from facefind.trainer.decode import read_rgb
 from facefind.indexer.faces.detect import looks_aligned, require_face
+from facefind.trainer.checkpoint import CheckpointMeta, load_model
+from facefind.trainer.decode import read_rgb
 
+# torch, and facefind.trainer.device / .model which import it, load in the functions that run the
+# model, so importing this module stays torch-free (tests/test_faces.py checks it).
 if TYPE_CHECKING:
     import torch
-
-    from facefind.trainer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def infer(model: Any, meta: CheckpointMeta, pixels: torch.Tensor | np.ndarray,
     the model under the device's autocast (bf16 on CUDA). CPU batches bound for CUDA are pinned
     so the copy can overlap.
     """
-    import torch
+    import torch  # torch-free module: see the imports
     import torch.nn.functional as F
 
     from facefind.trainer.device import autocast
@@ -102,8 +103,7 @@ class Predictor:
 
     def __init__(self, model_path: str | os.PathLike[str], device: Any = "cpu", *, batch_size: int = 32,
                  decode: Decode | None = None) -> None:
-        from facefind.trainer.checkpoint import load_model
-        from facefind.trainer.device import configure, resolve_device
+        from facefind.trainer.device import configure, resolve_device  # torch: see the imports
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -124,7 +124,7 @@ class Predictor:
         A detected face is aligned onto CelebA's template (``facefind.indexer.faces.detect``); no face found raises
         ImageError.
         """
-        import torch
+        import torch  # torch-free module: see the imports
 
         from facefind.trainer.model import resize_images
 
@@ -170,7 +170,7 @@ class Predictor:
 
     def _predict(self, names: list[str], get_rgb: Callable[[int], np.ndarray],
                  detect_face: bool | None, keep_going: bool = False) -> list[Any]:
-        import torch
+        import torch  # torch-free module: see the imports
 
         out: list[Prediction | FailedPrediction] = []
         for start in range(0, len(names), self.batch_size):

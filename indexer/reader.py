@@ -28,10 +28,13 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Sequence
 
+import torch
+
 from facefind.db.process import pid_alive
 from facefind.indexer.discovery import Failure, FileEntry
 from facefind.indexer.routing import DecodedBatch, FaceFinder, decode_files, empty_batch, merge_batches
 from facefind.trainer.decode import DEFAULT_MAX_PIXELS
+from facefind.trainer.device import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,7 @@ def _worker_init(owner: int) -> None:
     # Ctrl-C is handled by the main process, which stops at a batch boundary; workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_owner, args=(owner,), name="orphan-watch", daemon=True).start()
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    torch.set_num_threads(1)
 
 
 def _exit_with_owner(owner: int) -> None:
@@ -86,8 +84,6 @@ class ImageReader:
         self.size = (int(size[0]), int(size[1]))
         self.batch_size = batch_size
         if workers is None:
-            from facefind.trainer.device import available_cpus  # torch-importing: kept out of the worker processes
-
             workers = available_cpus()
         self.workers = max(0, workers)
         self.max_pixels = max_pixels

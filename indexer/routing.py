@@ -23,21 +23,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
+import torch
 
 from facefind.indexer.discovery import Failure, FileEntry
 from facefind.indexer.faces.align import MIN_FACE_PIXELS, Box  # dlib itself loads on first use, in the workers
-from facefind.trainer.decode import DEFAULT_MAX_PIXELS, Unreadable, decode_rgb, plain_jpeg, read_bytes, resize_chw
-
-if TYPE_CHECKING:
-    import torch
-
-    from facefind.indexer.faces.detect import FaceEntry
+from facefind.indexer.faces.detect import FaceEntry, faces_of, identity_of
+from facefind.trainer.decode import (
+    DEFAULT_MAX_PIXELS, Unreadable, decode_jpegs_on_device, decode_rgb, plain_jpeg, read_bytes, resize_chw,
+)
 
 log = logging.getLogger(__name__)
-
 
 
 NO_FACE = "no face found"  # the failure of a file in which --detect-faces finds no face
@@ -58,8 +56,6 @@ class FaceFinder:
     min_size: int = MIN_FACE_PIXELS
 
     def __call__(self, rgb: np.ndarray) -> list[FaceEntry]:
-        from facefind.indexer.faces.detect import FaceEntry, faces_of, identity_of
-
         if self.detect:
             return faces_of(rgb, identity=self.identity, min_size=self.min_size)
         return [FaceEntry(0, None, rgb, identity_of(rgb) if self.identity else None)]
@@ -224,10 +220,6 @@ def on_device(
     nvJPEG on CUDA, falling back to the CPU decoder per file). Returns (rows, pixels, failures)
     in matching order; failures include the batch's own.
     """
-    import torch
-
-    from facefind.trainer.decode import decode_jpegs_on_device
-
     if isinstance(batch.payload, Pixels):
         pixels = torch.from_numpy(batch.payload.array)
         if device.type == "cuda":

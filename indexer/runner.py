@@ -9,26 +9,21 @@ embeddings ``(n, D)``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from facefind.trainer.checkpoint import CheckpointMeta
-
-log = logging.getLogger(__name__)
+from facefind.indexer.predict import infer
+from facefind.trainer.checkpoint import CheckpointMeta, build_model, load_checkpoint
+from facefind.trainer.device import configure
 
 
 class Runner:
     """Callable: uint8 ``(n, 3, H, W)`` tensor or array (any device) -> ``(probs, embeddings)``."""
 
     def __init__(self, model: Any, meta: CheckpointMeta, device: torch.device) -> None:
-        from facefind.trainer.device import configure
-
         self.model = model
         self.meta = meta
         self.device = device
@@ -40,8 +35,6 @@ class Runner:
         return (int(self.meta.img_size[0]), int(self.meta.img_size[1]))
 
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from facefind.indexer.predict import infer
-
         return infer(self.model, self.meta, pixels, self.device)
 
 
@@ -51,8 +44,6 @@ def load_runner(model_path: str | Path, device: torch.device, checkpoint: dict[s
     ``checkpoint`` is the file's dict when the caller has already read it (``read_checkpoint``):
     the file is then not read again.
     """
-    from facefind.trainer.checkpoint import build_model, load_checkpoint
-
     path = Path(model_path)
     model, meta = build_model(checkpoint if checkpoint is not None else load_checkpoint(path), path, device)
     return Runner(model, meta, device)

@@ -14,15 +14,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from facefind.db.catalog import Catalog, IndexedImage
 from facefind.indexer.discovery import Failure
 from facefind.indexer.routing import NO_FACE, Rows
-
-if TYPE_CHECKING:
-    from facefind.db.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +109,6 @@ class CatalogWriter:
                 self._error = err
 
     def _commit(self, job: WriteJob) -> None:
-        from facefind.db.catalog import IndexedImage
-
         start = time.perf_counter()
         described = job.rows.identities
         rows = [

@@ -7,15 +7,20 @@ earlier run left in the demo folder, so a second run takes seconds.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from facefind.db.errors import FacefindError
+from facefind.indexer.pipeline import index_folder
+from facefind.retrieval.gallery import write_gallery
+from facefind.retrieval.index import open_index
+from facefind.trainer.celeba import load_celeba
+from facefind.trainer.checkpoint import load_checkpoint
+from facefind.trainer.fit import FitConfig, fit
+from facefind.trainer.synth import synthesize
 
-log = logging.getLogger(__name__)
 
 # Expressions over attributes the synthetic faces render visibly (see trainer/synth.py). The study's
 # headline query, "Big_Nose and Eyeglasses and not Male", fits 2 of 2,000 synthetic faces (0.1%),
@@ -85,9 +90,6 @@ def run_demo(
 
 
 def _faces(out: Path, n: int, seed: int, emit: Callable[[Any], None]) -> DemoStep:
-    from facefind.trainer.celeba import load_celeba
-    from facefind.trainer.synth import synthesize
-
     start = time.perf_counter()
     if (out / "list_attr_celeba.txt").is_file():
         try:
@@ -113,9 +115,6 @@ def _faces(out: Path, n: int, seed: int, emit: Callable[[Any], None]) -> DemoSte
 
 
 def _train(report: DemoReport, epochs: int, device: str, seed: int, emit: Callable[[Any], None]) -> DemoStep:
-    from facefind.trainer.checkpoint import load_checkpoint
-    from facefind.trainer.fit import FitConfig, fit
-
     start = time.perf_counter()
     assert report.model is not None and report.faces is not None
     if report.model.is_file():
@@ -153,8 +152,6 @@ def _train_detail(report: DemoReport) -> str:
 
 
 def _index(report: DemoReport, device: str, emit: Callable[[int, int], None]) -> DemoStep:
-    from facefind.indexer.pipeline import index_folder
-
     assert report.faces is not None
     start = time.perf_counter()
     result = index_folder(report.faces / "img_align_celeba", model_path=report.model,
@@ -165,9 +162,6 @@ def _index(report: DemoReport, device: str, emit: Callable[[int, int], None]) ->
 
 
 def _search(report: DemoReport, device: str) -> DemoStep:
-    from facefind.retrieval.gallery import write_gallery
-    from facefind.retrieval.index import open_index
-
     start = time.perf_counter()
     assert report.index is not None
     with open_index(report.index) as index:

@@ -46,8 +46,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from facefind.db import vectors
 from facefind.db.errors import CatalogError, FacefindError, ModelError
-from facefind.db.snapshot import Snapshot
+from facefind.db.snapshot import APPROX, VECTORS, Snapshot
 from facefind.retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
                              literal_text, literals, parse, reindex)
 
@@ -477,9 +478,6 @@ class Engine:
         """The snapshot's flat store as a FAISS index: memory-mapped from its file (nothing is
         built or copied), or wrapped around ``emb`` for a snapshot that lives only in memory."""
         if self._vectors is None:
-            from facefind.db import vectors
-            from facefind.db.snapshot import VECTORS
-
             folder = self.snapshot.folder
             if folder is None:
                 self._vectors = vectors.flat_index(self.emb)
@@ -499,9 +497,6 @@ class Engine:
             self._approx = False
             folder = self.snapshot.folder
             if self.snapshot.approximate and folder is not None:
-                from facefind.db import vectors
-                from facefind.db.snapshot import APPROX
-
                 try:
                     self._approx = vectors.open_approx(folder / APPROX)
                 except (RuntimeError, OSError) as err:
@@ -527,8 +522,6 @@ class Engine:
                         nprobe: int | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Candidates from the approximate index (only rows passing ``mask``), re-scored exactly
         from the flat store; None when the visited lists held fewer than ``need`` matches."""
-        from facefind.db import vectors
-
         with _faiss_threads(vectors.configure_faiss(), 1):
             cand = vectors.approx_candidates(index, q, max(vectors.RERANK, 2 * need), nprobe=nprobe,
                                              allowed=mask)
@@ -542,7 +535,7 @@ class Engine:
     def _similar_exact(self, q: np.ndarray, mask: np.ndarray | None, total: int,
                        need: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top ``need`` positions by cosine among ``mask`` (ties by id)."""
-        import faiss
+        import faiss  # not at the top: a query without similarity never loads FAISS
 
         index = self._vector_index()
         n = len(self)

@@ -14,9 +14,11 @@ import os
 import re
 from pathlib import Path
 
-from facefind.db.files import atomic_write_text
 from facefind.db.errors import FacefindError
+from facefind.db.files import atomic_write_text
 from facefind.retrieval.engine import Hit, Result
+from facefind.retrieval.thumbnail import thumbnail_jpeg
+from facefind.trainer.decode import Unreadable, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,6 @@ def thumbnail_data_uri(path: str | os.PathLike[str], size: int,
                        box: tuple[int, int, int, int] | None = None) -> str | None:
     """A base64 JPEG data URI of the image (its face at ``box``, when given) shrunk to fit ``size``
     pixels (``facefind.retrieval.thumbnail``, as the web page makes them), or None if unreadable."""
-    from facefind.retrieval.thumbnail import thumbnail_jpeg
-    from facefind.trainer.decode import Unreadable, decode_rgb
-
     try:
         data = thumbnail_jpeg(decode_rgb(os.fspath(path), libjpeg=False), size, box)  # no torch on the query path
     except Unreadable as err:

@@ -11,22 +11,23 @@ when the snapshot was published.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facefind.db.errors import CatalogError, FacefindError, ImageError, ModelError
+from facefind.db.files import file_sha256
+from facefind.db.paths import default_index_dir
+from facefind.db.snapshot import current_snapshot_fast
+from facefind.retrieval.engine import NO_IDENTITY, Engine, Quality, Result
+from facefind.retrieval.query import literals
 
 if TYPE_CHECKING:
     import numpy as np
 
     from facefind.db.catalog import Catalog
-    from facefind.retrieval.engine import Engine, Quality, Result
     from facefind.indexer.predict import Predictor
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class OpenIndex:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            from facefind.db.catalog import Catalog
+            from facefind.db.catalog import Catalog  # SQLAlchemy: see the class docstring
 
             self._catalog = Catalog.open(self.index_dir, create=False)
         return self._catalog
@@ -78,16 +79,14 @@ class OpenIndex:
 
     def require_identity(self) -> None:
         """CatalogError saying to run ``index --identity`` when the index has no identity descriptors."""
-        from facefind.retrieval.engine import NO_IDENTITY
-
         if self.engine.identity is None:
             raise CatalogError(NO_IDENTITY)
 
     def describe(self, image: Path) -> np.ndarray:
         """The 128-D identity descriptor of the largest face in an image file (``facefind.indexer.faces.detect``,
         the code ``index --identity`` runs; loads dlib, not torch). ImageError when it has no face."""
+        from facefind.indexer.faces.detect import identity_of  # PIL and dlib: only for --by person
         from facefind.trainer.decode import read_rgb
-        from facefind.indexer.faces.detect import identity_of
 
         found = identity_of(read_rgb(image))
         if found is None:
@@ -98,8 +97,6 @@ class OpenIndex:
     def quality(self, result: Result) -> Quality:
         """Precision@k, precision/recall of all matches and the base rate, against the ground-truth
         labels stored in the catalog (CatalogError when the index holds none for the expression)."""
-        from facefind.retrieval.query import literals
-
         if result.node is None:
             raise FacefindError("--eval needs an expression to check against the labels")
         names = list(dict.fromkeys(lit.name for lit, _ in literals(result.node)))
@@ -114,16 +111,12 @@ class OpenIndex:
 def open_index(index_dir: Path | None = None) -> OpenIndex:
     """Open the index (default ``facefind.db.paths.default_index_dir()``) and its snapshot, rebuilding
     stale sidecar files; CatalogError saying to run `facefind index` when missing or empty."""
-    from facefind.db.paths import default_index_dir
-    from facefind.db.snapshot import current_snapshot_fast
-    from facefind.retrieval.engine import Engine
-
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     snapshot = current_snapshot_fast(folder)
     if snapshot is not None:
         return OpenIndex(Engine(snapshot), folder)
 
-    from facefind.db.catalog import Catalog
+    from facefind.db.catalog import Catalog  # SQLAlchemy: only when the snapshot is behind the catalog
     from facefind.db.snapshot import sync_snapshot
 
     catalog = Catalog.open(folder, create=False)
@@ -137,30 +130,9 @@ def open_index(index_dir: Path | None = None) -> OpenIndex:
 
 def open_predictor(model_path: str | os.PathLike[str], device: str = "auto") -> Predictor:
     """A ``Predictor`` for ``model_path`` (it decodes with ``facefind.trainer.decode``, as the indexer does)."""
-    from facefind.indexer.predict import Predictor
+    from facefind.indexer.predict import Predictor  # the model's code, only to embed an image
 
     return Predictor(model_path, device)
-
-
-def default_model_path(index_dir: Path | None = None) -> Path:
-    """The model to predict with when none is given: the newest one in the index, else the newest
-    checkpoint in the models folder; ModelError saying what to do when there is neither."""
-    from facefind.db.catalog import latest_checkpoint
-    from facefind.db.paths import default_index_dir, default_models_dir
-
-    index_dir = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
-    recorded = latest_checkpoint(index_dir)
-    if recorded is not None:
-        if recorded.is_file():
-            return recorded
-        log.warning("the index's model %s no longer exists; looking in %s", recorded, default_models_dir())
-    folder = default_models_dir()
-    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")
-             and not p.name.endswith(".state.pt")] if folder.is_dir() else []
-    if found:
-        return max(found, key=lambda p: (p.stat().st_mtime, p.name))
-    raise ModelError(f"no model to predict with (none in the index at {index_dir} nor in {folder}): "
-                     "pass --model PATH, or train one with `facefind train DATA`")
 
 
 def index_checkpoint(checkpoint: str | None, sha256: str, stat: tuple[int, int] | None = None, *,
@@ -172,8 +144,6 @@ def index_checkpoint(checkpoint: str | None, sha256: str, stat: tuple[int, int] 
     records it at publish time): an unchanged stat skips hashing (~0.1-0.5 s per query for a
     CelebA-size checkpoint); any difference hashes the file.
     """
-    from facefind.db.files import file_sha256
-
     if not checkpoint:
         raise ModelError(f"the index does not record where {what} is stored: "
                          "re-index with `facefind index FOLDER --model PATH`")

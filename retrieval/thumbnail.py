@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 Box = tuple[int, int, int, int]  # x, y, width, height in the decoded image
 FACE_MARGIN = 0.5   # each side of a face box grows by this fraction of the box's size
@@ -32,8 +33,6 @@ def face_region(box: Box, width: int, height: int, margin: float = FACE_MARGIN) 
 
 def thumbnail_jpeg(rgb: np.ndarray, size: int, box: Box | None = None, quality: int = JPEG_QUALITY) -> bytes:
     """JPEG bytes of a decoded RGB image (its face at ``box``, when given) shrunk to fit ``size`` pixels."""
-    from PIL import Image
-
     if box is not None:
         left, top, right, bottom = face_region(box, rgb.shape[1], rgb.shape[0])
         rgb = rgb[top:bottom, left:right]

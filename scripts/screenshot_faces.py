@@ -21,12 +21,16 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from PIL import Image
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import compose, detectable_faces  # noqa: E402
+
+from facefind.retrieval.bench.serve import CHROMIUM_ARGS, Served, chromium_binary  # noqa: E402
+from facefind.retrieval.cli import app  # noqa: E402
 
 # (face, left, top, scale) on a 900x380 canvas; face 1 is also indexed alone, as crop-1.jpg.
 GROUP = [(0, 20, 70, 1.0), (1, 230, 40, 1.2), (2, 480, 80, 0.95), (3, 680, 50, 1.05)]
@@ -36,10 +40,6 @@ VIEWPORT = {"width": 1280, "height": 760}
 
 def build(work: Path) -> tuple[Path, dict[str, list[dict]]]:
     """The photos and their index under ``work``; the index's entries by file name."""
-    from typer.testing import CliRunner
-
-    from facefind.retrieval.cli import app
-
     faces, model = detectable_faces(work, n=16, seed=5)
     folder = work / "photos"
     folder.mkdir()
@@ -66,9 +66,7 @@ def build(work: Path) -> tuple[Path, dict[str, list[dict]]]:
 
 
 def shoot(index: Path, entries: dict[str, list[dict]], out: Path, chromium: str | None) -> None:
-    from playwright.sync_api import sync_playwright
-
-    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, Served, chromium_binary
+    from playwright.sync_api import sync_playwright  # optional: only this step needs it
 
     binary = chromium or chromium_binary()
     if binary is None:

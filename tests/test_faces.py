@@ -21,7 +21,7 @@ from facefind.db.errors import ImageError, ModelError
 from facefind.indexer.faces import align
 from facefind.indexer.faces.align import (CELEBA_SIZE, CELEBA_TEMPLATE, apply_transform, find_faces, similarity_transform,
                            warp)
-from facefind.indexer.faces.detect import crop_face, find_face, looks_aligned, require_face
+from facefind.indexer.faces.detect import find_face, looks_aligned, require_face
 
 SAMPLE = Path(os.environ.get("FACEFIND_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"))
 celeba = pytest.mark.skipif(not (SAMPLE / "img_align_celeba").is_dir(), reason="no real CelebA sample")
@@ -199,7 +199,6 @@ def test_faces_of_gives_one_entry_per_face_or_the_aligned_crop_itself(synthetic:
 def test_no_face_is_a_clear_error_and_none_for_the_indexer() -> None:
     blank = np.full((240, 320, 3), 128, np.uint8)
     assert find_face(blank) is None
-    assert crop_face(blank) is None
     with pytest.raises(ImageError, match=r"no face found in blank\.png: pass an aligned face crop"):
         require_face(blank, "blank.png")
 

@@ -280,18 +280,6 @@ def read_attributes(path: Path) -> Annotations:
     return Annotations(names=names, attributes=attributes, labels=(raw > 0).astype(np.uint8))
 
 
-def labels_beside(image_dir: Path) -> Annotations | None:
-    """The annotations kept next to an image folder (as CelebA keeps them), or None.
-
-    Used by the indexer to store ground-truth labels when a user indexes a CelebA image folder.
-    """
-    try:
-        loc = locate(image_dir)
-    except DatasetError:
-        return None
-    return read_attributes(loc.attr_file)
-
-
 def _read_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")

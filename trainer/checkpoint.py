@@ -21,6 +21,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +145,11 @@ class CheckpointMeta:
 
 def library_versions() -> dict[str, str]:
     """torch, torchvision and facefind versions, recorded in every checkpoint."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("torch", "torchvision", "facefind"):
         try:
-            out[name] = version(name)
-        except PackageNotFoundError:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
 
@@ -230,7 +229,7 @@ def _existing(path: Path) -> Path:
 
 def _parse(path: Path, source: Path | io.BytesIO) -> dict[str, Any]:
     """torch.load ``source`` (the file at ``path``, or its bytes) and check it is a facefind checkpoint."""
-    import torch
+    import torch  # not at the top: facefind.indexer.predict imports this module and stays torch-free
 
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
@@ -264,7 +263,7 @@ def load_model(path: Path, device: Any = "cpu") -> tuple[Any, CheckpointMeta]:
 
 def build_model(payload: dict[str, Any], path: Path, device: Any = "cpu") -> tuple[Any, CheckpointMeta]:
     """``load_model`` from an already loaded checkpoint dict (``path`` names it in errors)."""
-    import torch
+    import torch  # torch, and the model module that imports it: see _parse
 
     from facefind.trainer.model import create_model
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from facefind.db.errors import DatasetError, ImageError
 from facefind.db.files import atomic_replace, atomic_write_json
-from facefind.trainer.device import available_cpus
 from facefind.db.paths import default_cache_dir
+from facefind.trainer import distributed
+from facefind.trainer.device import available_cpus
 from facefind.trainer.decode import decode_paths
 from facefind.trainer.model import InputSpec, normalize
 
@@ -180,8 +181,6 @@ def build_shared_cache(
     barrier; they then memory-map the same file, so the page cache holds one copy per node
     whatever the number of processes. Outside torchrun this is ``build_cache``.
     """
-    from facefind.trainer import distributed
-
     here = distributed.info()
     if not here.distributed:
         return build_cache(paths, img_size, root=root, cache_dir=cache_dir, workers=workers, device=device,

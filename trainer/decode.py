@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 import os
 import re
 import struct
@@ -43,7 +42,6 @@ from facefind.db.errors import ImageError
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
 
 BACKGROUND = (128, 128, 128)  # what transparent pixels become: neutral grey, no colour cast
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -130,7 +128,7 @@ def resize_chw(rgb: np.ndarray, size: Sequence[int]) -> np.ndarray:
         chw = chw.copy()  # Pillow's arrays are read-only
     if chw.shape[1:] == (int(size[0]), int(size[1])):
         return np.ascontiguousarray(chw)
-    import torch
+    import torch  # torch-free module (query's gallery): see the module docstring
 
     from facefind.trainer.model import resize_images
 
@@ -208,7 +206,7 @@ def _exif_orientation(tiff: bytes) -> int | None:
 
 def _libjpeg(data: bytes) -> torch.Tensor | None:
     """torchvision's libjpeg-turbo decode of a ``plain_jpeg``: uint8 (3, H, W), or None when it refuses."""
-    import torch
+    import torch  # torch-free module: see the module docstring
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
@@ -354,7 +352,7 @@ def decode_jpegs_on_device(
     files, uint8 (n, 3, h, w) on ``device`` in that order, (index, reason) of the unreadable ones).
     On a CPU ``device`` this runs the same code with torchvision's CPU decoder (exact pixels).
     """
-    import torch
+    import torch  # torch-free module: see the module docstring
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from facefind.trainer.model import resize_images

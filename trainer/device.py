@@ -83,8 +83,6 @@ def set_threads(threads: int | None = None) -> int:
     The first choice holds for the rest of the process (a later call without ``threads`` keeps it),
     so a run's own workers are never mistaken for competing load.
     """
-    import torch
-
     global _chosen_threads
     if threads is not None and threads < 1:
         raise FacefindError(f"--threads must be at least 1, got {threads}")

@@ -28,6 +28,7 @@ from typing import Any, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from facefind.db.errors import FacefindError
 
@@ -233,8 +234,6 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from facefind.db.errors import DatasetError
+from facefind.trainer.celeba import load_celeba
 from facefind.trainer.checkpoint import CheckpointMeta, load_model
 from facefind.trainer.data import DeviceImages, FitEvent, ProgressFn, TrainData, batch_indices, build_cache, find_cache
 from facefind.trainer.device import autocast, configure, resolve_device
@@ -151,8 +152,6 @@ def evaluate_checkpoint(
     progress: ProgressFn | None = None,
 ) -> EvalReport:
     """Measure a checkpoint on a CelebA-format folder (``split`` None: test, or val when test is empty)."""
-    from facefind.trainer.celeba import load_celeba
-
     started = time.perf_counter()
     dev = resolve_device(device)
     configure(dev)

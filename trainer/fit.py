@@ -32,6 +32,7 @@ from facefind.db.errors import DatasetError, ModelError
 from facefind.db.files import atomic_write_json
 from facefind.db.paths import default_models_dir
 from facefind.trainer import distributed
+from facefind.trainer.celeba import load_celeba
 from facefind.trainer.checkpoint import (
     CheckpointMeta,
     library_versions,
@@ -226,8 +227,6 @@ class FitResult:
 
 def prepare_data(cfg: FitConfig, device: torch.device, progress: ProgressFn | None = None) -> tuple[TrainData, str]:
     """Load the dataset, apply ``--subset``, fix the split rows, and build or reuse the image cache."""
-    from facefind.trainer.celeba import load_celeba
-
     ds = load_celeba(cfg.data)
     if cfg.subset is not None and cfg.subset < len(ds):
         rng = np.random.default_rng(cfg.seed)

@@ -11,7 +11,6 @@ indexer and ``predict`` all call it, so they cannot disagree about preprocessing
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -21,7 +20,6 @@ from torch import nn
 
 from facefind.db.errors import ModelError
 
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +158,7 @@ def _build_backbone(arch: str, pretrained: bool, download: bool) -> tuple[nn.Mod
                              "train it with --no-pretrained")
         return spec.build()
 
-    import torchvision
+    import torchvision  # ~1 s to import: small_cnn, and predict/similar with it, never need it
 
     weights = None
     if pretrained and download:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ import numpy as np
 
 from facefind.db.errors import ModelError
 
-log = logging.getLogger(__name__)
 
 CELEBA_SIZE = (218, 178)  # (height, width) of CelebA's aligned crops
 
@@ -82,7 +80,7 @@ class Face:
 def _dlib() -> Any:
     """dlib, imported on first use, or a one-line ModelError saying what to install."""
     try:
-        import dlib
+        import dlib  # optional (the faces extra), and slow to import
     except ImportError:
         raise ModelError("face detection needs dlib: pip install dlib-bin face-recognition-models") from None
     return dlib
@@ -177,7 +175,7 @@ def warp(rgb: np.ndarray, matrix: np.ndarray, size: tuple[int, int] = CELEBA_SIZ
     2x3 ``matrix`` (photo -> crop). Only the photo region under the crop is touched (reflected past
     the borders, or grey with ``reflect=False``); a face much larger than the crop is shrunk with a
     box filter first (no aliasing)."""
-    from PIL import Image
+    from PIL import Image  # not at the top: every CLI command imports this module, `query` needs no PIL
 
     height, width = size
     inverse = _invert(matrix)  # crop -> photo
@@ -229,7 +227,7 @@ def detect(rgb: np.ndarray, min_size: int = MIN_FACE_PIXELS, max_pixels: int = D
     """Boxes of all frontal faces in an RGB uint8 (H, W, 3) image at least ``min_size`` pixels wide,
     largest first (ties: top to bottom, left to right), in original pixels. Detection looks at the
     image rescaled by ``detection_scale`` (at most ``max_pixels``): see ``smallest_face``."""
-    from PIL import Image
+    from PIL import Image  # see warp
 
     _check_rgb(rgb)
     h, w = rgb.shape[:2]

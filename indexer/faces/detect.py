@@ -1,34 +1,29 @@
 """Faces in photos that are not aligned CelebA crops, aligned the way CelebA's crops are.
 
-``find_face`` / ``require_face`` / ``crop_face`` are what ``predict``, ``similar`` and the
+``find_face`` / ``require_face`` / ``faces_of`` are what ``predict``, ``similar`` and the
 indexer's ``--detect-faces`` call; the work (dlib detection, 5 landmarks, a similarity warp onto
 CelebA's measured template) is ``facefind.indexer.faces.align``. Images that already have CelebA's crop geometry
 (``looks_aligned``) skip detection and go to the model as they are: aligning them again moves
-their landmarks by about a pixel (scripts/measure_faces.py), so passing them through is
+their landmarks by about a pixel (measured on real CelebA crops), so passing them through is
 both exact and free.
-
-``crop_face`` (RGB array -> crop or None) is the hook the indexer's reader takes as ``crop``; it
-is a module-level function, so it pickles into worker processes.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from facefind.db.errors import ImageError
-from dataclasses import dataclass
-
+from facefind.indexer.faces import identity as ident
 from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
 
-log = logging.getLogger(__name__)
 
 CELEBA_ASPECT = CELEBA_SIZE[1] / CELEBA_SIZE[0]  # width / height = 0.8165
 ASPECT_TOLERANCE = 0.015      # looks_aligned: relative aspect error (a 4:5 portrait is 2% off)
 ALIGNED_WIDTHS = (64, 360)    # looks_aligned: widths of CelebA crops and their rescaled copies
 
-__all__ = ["Face", "FaceEntry", "crop_face", "faces_of", "find_face", "identity_of", "looks_aligned", "require_face"]
+__all__ = ["Face", "FaceEntry", "faces_of", "find_face", "identity_of", "looks_aligned", "require_face"]
 
 
 def looks_aligned(image: np.ndarray | tuple[int, int]) -> bool:
@@ -48,12 +43,6 @@ def find_face(rgb: np.ndarray) -> Face | None:
     """The largest face, aligned onto CelebA's template (``Face.crop`` is 178x218), or None."""
     faces = find_faces(rgb, limit=1)
     return faces[0] if faces else None
-
-
-def crop_face(rgb: np.ndarray) -> np.ndarray | None:
-    """The indexer's ``crop`` hook: the aligned 178x218 crop of the largest face, or None (no face)."""
-    found = find_face(rgb)
-    return None if found is None else found.crop
 
 
 def require_face(rgb: np.ndarray, name: str) -> Face:
@@ -86,8 +75,6 @@ def faces_of(rgb: np.ndarray, *, identity: bool = False, min_size: int = MIN_FAC
     any other image has one entry per face found (largest first; none: no face). A module-level
     function of arrays, so the indexer's reader workers can call it and overlap the descriptor's
     ~100 ms per face with the CNN."""
-    from facefind.indexer.faces import identity as ident
-
     if looks_aligned(rgb):
         vector = None
         if identity:

@@ -14,14 +14,12 @@ reader's worker processes, and each process loads the model once.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from facefind.indexer.faces.align import DESCRIPTOR_MODEL, _dlib, load_model
 
-log = logging.getLogger(__name__)
 
 DIM = 128
 SAME_PERSON = 0.6   # dlib's threshold: Euclidean distances below it are the same person

@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import sqlalchemy as sa
 
+from facefind.db.catalog import Catalog, IndexedImage
 from facefind.db.errors import CatalogError
+from facefind.db.snapshot import current_snapshot_fast, load_snapshot, sync_snapshot
+from facefind.retrieval.bench.query import CELEBA_BASE_RATES
+from facefind.retrieval.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +41,11 @@ EXPRESSION = "Big_Nose and Eyeglasses and not Male"
 def _label(url: str | None) -> str:
     if url is None:
         return "sqlite (index folder)"
-    import sqlalchemy as sa
-
     return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def _write_all(catalog: Any, n: int, k: int, d: int, batch_size: int, seed: int) -> tuple[int, float]:
     """Register a model and write ``n`` rows in batches; return (model id, seconds writing)."""
-    from facefind.db.catalog import IndexedImage
-    from facefind.retrieval.bench.query import CELEBA_BASE_RATES
-
     names = list(CELEBA_BASE_RATES)[:k]
     model_id = catalog.register_model(f"{seed:064x}", "bench", names, [0.5] * k, d, None)
     rng = np.random.default_rng(seed)
@@ -82,8 +82,6 @@ def _query_runs(index_dir: Path, url: str | None, runs: int) -> list[float]:
 
 def _takes_shortcut(index_dir: Path, url: str | None) -> bool:
     """Whether `facefind query` serves this index without SQLAlchemy (``current_snapshot_fast``)."""
-    from facefind.db.snapshot import current_snapshot_fast
-
     saved = os.environ.pop("FACEFIND_DB", None)
     try:
         if url is not None:
@@ -104,10 +102,6 @@ def run_catalog_bench(urls: Sequence[str] = (), n: int = 202_599, k: int = 40, d
     mb_per_second, export_s, publish_s, query_cold_p50_s, query_cold_min_s, engine_p50_ms,
     query_shortcut}]}`` (``query_shortcut``: queries were served without importing SQLAlchemy).
     """
-    from facefind.db.catalog import Catalog
-    from facefind.db.snapshot import load_snapshot, sync_snapshot
-    from facefind.retrieval.engine import Engine
-
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="facefind-bench-catalog-"))
     results = []
     for i, url in enumerate([None, *urls]):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import shutil
 import sqlite3
@@ -33,10 +32,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
+from facefind.db.catalog import Catalog, IndexedImage
 from facefind.db.errors import DatasetError
+from facefind.indexer.discovery import discover
+from facefind.indexer.pipeline import index_folder
+from facefind.indexer.reader import ImageReader
+from facefind.indexer.routing import on_device
+from facefind.indexer.runner import load_runner
+from facefind.trainer.checkpoint import CheckpointMeta, load_model, save_checkpoint
+from facefind.trainer.device import autocast, available_cpus, describe_device, resolve_device, synchronize
+from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+from facefind.trainer.synth import synthesize
 
-log = logging.getLogger(__name__)
 
 NATIVE = (218, 178)  # CelebA aligned crops, (height, width)
 _UNIQUE = 256  # distinct JPEGs; the rest are byte copies (decoding cost is per file, not per content)
@@ -45,10 +57,6 @@ _NAIVE_BATCH = 64
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> float:
     """Write ``n`` CelebA-size JPEGs into ``folder`` (flat, ``%06d.jpg``); returns their mean size."""
-    from PIL import Image
-
-    from facefind.trainer.synth import synthesize
-
     folder.mkdir(parents=True, exist_ok=True)
     k = min(n, _UNIQUE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,11 +77,6 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> float:
 
 def make_checkpoint(path: Path, arch: str, img_size: tuple[int, int], num_attributes: int = 40) -> Path:
     """A freshly initialised checkpoint (speed does not depend on the weights)."""
-    import torch
-
-    from facefind.trainer.checkpoint import CheckpointMeta, save_checkpoint
-    from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
-
     torch.manual_seed(0)
     model = create_model(arch, num_attributes, embedding_dim=512, pretrained=False)
     meta = CheckpointMeta(
@@ -101,10 +104,6 @@ def run_index_bench(
     With ``repeats`` > 1 the pipelines take turns that many times and each reports its median.
     ``out`` keeps the work folder (images, model, indexes); by default a temporary one is removed.
     """
-    from facefind.indexer.pipeline import index_folder
-    from facefind.trainer.device import available_cpus
-    from facefind.trainer.device import describe_device, resolve_device
-
     if repeats < 1:
         raise DatasetError(f"--repeats must be at least 1, got {repeats}")
     dev = resolve_device(device)
@@ -172,15 +171,6 @@ def _stages(
     images: Path, model_path: Path, device: Any, batch_size: int, workers: int | None, n: int
 ) -> dict[str, float]:
     """Each facefind stage alone, images/s: decode (reader), infer (runner), write (catalog)."""
-    import torch
-
-    from facefind.db.catalog import Catalog, IndexedImage
-    from facefind.indexer.discovery import discover
-    from facefind.indexer.reader import ImageReader
-    from facefind.indexer.routing import on_device
-    from facefind.indexer.runner import load_runner
-    from facefind.trainer.device import synchronize
-
     files = discover(images).files[:n]
     runner = load_runner(model_path, device)
     on_gpu = device.type == "cuda"
@@ -217,8 +207,6 @@ class _PilDataset:
     """The study's loader: PIL open, RGB, torchvision Resize + ToTensor + Normalize, one file per item."""
 
     def __init__(self, paths: list[str], size: tuple[int, int], mean: Any, std: Any) -> None:
-        from torchvision import transforms
-
         self.paths = paths
         self.transform = transforms.Compose([
             transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std),
@@ -228,8 +216,6 @@ class _PilDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Any:
-        from PIL import Image
-
         with Image.open(self.paths[i]) as img:
             return self.transform(img.convert("RGB")), i
 
@@ -243,13 +229,6 @@ def naive_pipeline(
     ``like_facefind`` runs the model as facefind does (channels_last, the device's autocast: bf16
     on CUDA); otherwise fp32 in the contiguous layout, as the study did.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from facefind.trainer.device import available_cpus
-    from facefind.trainer.checkpoint import load_model
-    from facefind.trainer.device import autocast
-
     paths = sorted(str(p) for p in images.glob("*.jpg"))
     start = time.perf_counter()
     model, meta = load_model(model_path, device)

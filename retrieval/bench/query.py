@@ -36,7 +36,9 @@ from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
+import sqlalchemy as sa
 
+from facefind.db import vectors
 from facefind.db.snapshot import APPROX, VECTORS, Snapshot, load_snapshot, write_snapshot
 from facefind.retrieval.engine import EPS, Engine
 from facefind.retrieval.query import Attr, Literal, Node, fold, literals, parse
@@ -135,8 +137,6 @@ def to_sqlalchemy(node: Node, table: Any, thresholds: np.ndarray) -> Any:
 
     Numbers are rounded to float32 first, matching the engine's comparison semantics.
     """
-    import sqlalchemy as sa
-
     def leaf(lit: Literal) -> Any:
         col = table.c[lit.name]
         if isinstance(lit, Attr):
@@ -156,8 +156,6 @@ class SqlBaseline:
     """SQLite (in memory, via SQLAlchemy) with one REAL column per attribute."""
 
     def __init__(self, snap: Snapshot) -> None:
-        import sqlalchemy as sa
-
         self.snap = snap
         self.db = sa.create_engine("sqlite://")
         meta = sa.MetaData()
@@ -176,8 +174,6 @@ class SqlBaseline:
 
     def query(self, node: Node, limit: int = 20) -> tuple[int, list[int], float]:
         """(total, top ids, seconds spent in SQL alone): WHERE in SQL, score + sort in Python."""
-        import sqlalchemy as sa
-
         snap, t = self.snap, self.table
         used = sorted({lit.index for lit, _ in literals(node)})
         cut = {k: _py_logit(float(snap.thresholds[k])) for k in used}
@@ -210,8 +206,6 @@ class SqlOrderByBaseline:
 
     def score_clause(self, node: Node) -> Any:
         """The engine's robustness score as an SQL expression (SQLite's scalar min/max, ln)."""
-        import sqlalchemy as sa
-
         t, snap = self.table, self.snap
         eps = sa.literal(EPS)
 
@@ -233,8 +227,6 @@ class SqlOrderByBaseline:
 
     def query(self, node: Node, limit: int = 20) -> tuple[int, list[int], float]:
         """(total, top ids, seconds): COUNT, then WHERE + ORDER BY score LIMIT, all in SQLite."""
-        import sqlalchemy as sa
-
         t = self.table
         where = to_sqlalchemy(node, t, self.snap.thresholds)
         start = time.perf_counter()
@@ -403,8 +395,6 @@ def run_vector_bench(snap: Snapshot, *, approx_min: int | None = None, queries: 
     built. Queries are stored embeddings plus a little noise, L2-normalised (new photos of indexed
     people); recall@10 compares the default search with ``exact=True`` on the same filter.
     """
-    from facefind.db import vectors
-
     with tempfile.TemporaryDirectory(prefix="facefind-bench-", dir=folder) as tmp:
         n, d = snap.emb.shape
         model = SimpleNamespace(id=1, sha256="0" * 64, arch="synthetic", attributes=snap.attributes,
@@ -491,8 +481,6 @@ def _first_like(index_dir: Path, ref: np.ndarray) -> tuple[float, dict[str, floa
     """The first similarity query of a freshly opened snapshot: in this process (opening the
     snapshot, the engine, mapping the store, answering; FAISS already imported) and in a fresh
     Python process (split into imports and open + query)."""
-    from facefind.db import vectors
-
     vectors.configure_faiss()
     start = time.perf_counter()
     engine = Engine(load_snapshot(index_dir, 1))

@@ -20,7 +20,7 @@ per epoch. The headline ``speedup`` is over ``same_settings``; ``baselines`` hol
 from __future__ import annotations
 
 import dataclasses
-import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +28,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from facefind.db.errors import DatasetError
-from facefind.trainer.device import configure, describe_device, resolve_device, synchronize
+from facefind.trainer.celeba import load_celeba
+from facefind.trainer.decode import decode_paths
+from facefind.trainer.device import available_cpus, configure, describe_device, resolve_device, synchronize
+from facefind.trainer.fit import FitConfig, make_optimizer, make_scheduler, prepare_data, train_one_epoch
 from facefind.trainer.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+from facefind.trainer.synth import synthesize
 
-log = logging.getLogger(__name__)
 
 CELEBA_TRAIN_IMAGES = 162_770  # one epoch of the official train split
 BASELINES = ("same_settings", "study_style")
@@ -130,10 +134,6 @@ def run_train_bench(
     ``TrainBenchResult.to_json()``.
     """
     if data is None:
-        import tempfile
-
-        from facefind.trainer.synth import synthesize
-
         with tempfile.TemporaryDirectory(prefix="facefind-bench-train-") as tmp:
             (progress or (lambda message: None))(f"drawing {n:,} synthetic faces")
             synthesize(Path(tmp) / "faces", n=n, seed=0)
@@ -161,10 +161,6 @@ def _measure(
     progress: Callable[[str], None] | None,
     repeats: int,
 ) -> TrainBenchResult:
-    from facefind.trainer.celeba import load_celeba
-    from facefind.trainer.device import available_cpus
-    from facefind.trainer.fit import FitConfig, prepare_data
-
     say = progress or (lambda message: None)
     dev = resolve_device(device)
     configure(dev)
@@ -224,8 +220,6 @@ def _plan(rows: np.ndarray, size: int, count: int, seed: int = 0) -> list[np.nda
 
 def _facefind_rate(cfg: Any, data: Any, plan: list[np.ndarray], warmup: int, device: torch.device) -> float:
     """Images/s of ``facefind.trainer.fit.train_one_epoch`` over ``plan[warmup:]``, after ``plan[:warmup]``."""
-    from facefind.trainer.fit import make_optimizer, make_scheduler, train_one_epoch
-
     torch.manual_seed(0)
     model = create_model(cfg.arch, len(data.attributes)).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -247,8 +241,6 @@ class _FileImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from facefind.trainer.decode import decode_paths
-
         return torch.from_numpy(decode_paths([self.paths[i]], self.size)[0])
 
 
@@ -283,8 +275,6 @@ class _PilDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
         with Image.open(self.paths[i]) as img:
             img = img.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)
             if torch.rand(()) < 0.5:

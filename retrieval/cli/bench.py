@@ -52,7 +52,7 @@ def bench_query(
 ) -> None:
     """Filter+rank latency of the engine vs. SQL and numpy baselines, then vector search (exact vs
     approximate, recall@10, filters of 50/5/0.1%), on a synthetic index of N items."""
-    from facefind.retrieval.bench.query import run_query_bench
+    from facefind.retrieval.bench.query import run_query_bench  # benches import torch/SQLAlchemy: query loads this module
 
     result = run_query_bench(n=n, seed=seed, repeats=repeats, approx_min=approx_min, nprobe=nprobe,
                              vector_queries=queries)
@@ -103,7 +103,7 @@ def bench_index(
     only the pipeline differs), and as the study ran it (fp32, batch 64). On a CPU, time a small
     model (e.g. --arch resnet18 --img-size 64): resnet50 at 218x178 runs at about 15 images/s on 2 cores.
     """
-    from facefind.retrieval.bench.index import run_index_bench
+    from facefind.retrieval.bench.index import run_index_bench  # torch: see bench_query
 
     use_threads(threads)
     result = run_index_bench(n=n, out=out, device=device, batch_size=batch_size, arch=arch, img_size=img_size,
@@ -139,7 +139,7 @@ def bench_train(
 
     The headline speed-up is over the same-settings row, where only the input pipeline differs.
     """
-    from facefind.retrieval.bench.train import run_train_bench
+    from facefind.retrieval.bench.train import run_train_bench  # torch: see bench_query
 
     use_threads(threads)
     result = run_train_bench(data=data, arch=arch, n=n, img_size=img_size, batch_size=batch_size, steps=steps,
@@ -179,7 +179,7 @@ def bench_catalog(
     as_json: JsonOpt = False,
 ) -> None:
     """Catalog write throughput and query cold start: SQLite against each --db, in the same run."""
-    from facefind.retrieval.bench.catalog import run_catalog_bench
+    from facefind.retrieval.bench.catalog import run_catalog_bench  # SQLAlchemy: see bench_query
 
     result = run_catalog_bench(db or [], n=n, d=dim, batch_size=batch_size, query_runs=query_runs, out=out)
     if as_json:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from facefind.db.paths import default_index_dir
 from facefind.retrieval.cli.common import IndexOpt, JsonOpt, guard, print_json
 
 
@@ -29,8 +30,7 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify the index: catalog integrity, runs, model checkpoints, snapshot + FAISS in step, files on disk."""
-    from facefind.db.check import check_index
-    from facefind.db.paths import default_index_dir
+    from facefind.db.check import check_index  # SQLAlchemy: not at the top, query loads this module
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     report = check_index(folder, repair=repair, prune=prune, check_files=not skip_files)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, TypeVar
@@ -20,8 +19,6 @@ from facefind.db.errors import FacefindError, QuerySyntaxError
 from facefind.db.files import json_default
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-log = logging.getLogger("facefind")
 
 
 def guard(func: F) -> F:
@@ -82,6 +79,6 @@ ThreadsOpt = Annotated[
 def use_threads(threads: int | None) -> None:
     """Apply ``--threads`` before any device is resolved, so the automatic choice never overrides it."""
     if threads is not None:
-        from facefind.trainer.device import set_threads
+        from facefind.trainer.device import set_threads  # torch: every command, query too, loads this module
 
         set_threads(threads)

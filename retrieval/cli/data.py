@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from facefind.db.errors import DatasetError
 from facefind.retrieval.cli.common import JsonOpt, guard, print_json
 
 
@@ -17,7 +19,7 @@ def dataset(
     as_json: JsonOpt = False,
 ) -> None:
     """Show what the loader finds in a CelebA-format folder: layout, counts, splits, attribute rates."""
-    from facefind.trainer.celeba import load_celeba
+    from facefind.trainer.celeba import load_celeba  # trainer code loads in the command: query loads this module
 
     data = load_celeba(folder)
     summary = {
@@ -56,10 +58,7 @@ def synth(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a CelebA-format folder of synthetic 178x218 faces whose attributes are visible."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from facefind.db.errors import DatasetError
-    from facefind.trainer.synth import synthesize
+    from facefind.trainer.synth import synthesize  # PIL: see dataset
 
     if layout not in ("original", "kaggle"):
         raise DatasetError(f"unknown layout {layout!r}: use original or kaggle")

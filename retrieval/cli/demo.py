@@ -24,7 +24,7 @@ def demo(
 
     No dataset, server or download is needed. A second run reuses what the first one made.
     """
-    from facefind.retrieval.demo import DEMO_QUERIES, run_demo
+    from facefind.retrieval.demo import DEMO_QUERIES, run_demo  # torch: query loads this module
 
     use_threads(threads)
     console = Console(stderr=True)

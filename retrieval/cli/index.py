@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.box import SIMPLE
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from facefind.db.errors import FacefindError
-from facefind.indexer.faces.align import MIN_FACE_PIXELS  # numpy only: dlib loads on first use
+from facefind.db.paths import default_index_dir
+from facefind.db.snapshot import model_threshold_sets, snapshot_info
+from facefind.indexer.faces.align import MIN_FACE_PIXELS, check_models  # numpy only: dlib loads on first use
+from facefind.indexer.faces.identity import check_model
 from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 
@@ -65,10 +72,7 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the model over every new or changed image in FOLDER and store probabilities + embeddings."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from facefind.indexer.pipeline import finalize_index, index_folder
+    from facefind.indexer.pipeline import finalize_index, index_folder  # torch: query loads this module
     from facefind.trainer.distributed import parse_shard
 
     if finalize:
@@ -111,8 +115,6 @@ def index(
 
 
 def _print_report(report: Any) -> None:
-    from rich.console import Console
-
     console = Console()
     t = report.timings
     console.print(
@@ -154,22 +156,17 @@ def _face_finder(detect: bool, identity: bool, min_size: int) -> Any:
     dlib's model files checked up front so that a missing one fails before any work."""
     if not (detect or identity):
         return None
-    from facefind.indexer.routing import FaceFinder
-    from facefind.indexer.faces.align import check_models
+    from facefind.indexer.routing import FaceFinder  # torch: see index
 
     check_models()
     if identity:
-        from facefind.indexer.faces.identity import check_model
-
         check_model()
     return FaceFinder(detect=detect, identity=identity, min_size=min_size)
 
 
 def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the index holds: images, models and thresholds, predictions, vectors, labels, failures."""
-    from facefind.db.catalog import Catalog
-    from facefind.db.paths import default_index_dir
-    from facefind.db.snapshot import snapshot_info
+    from facefind.db.catalog import Catalog  # SQLAlchemy: query (from a current snapshot) never needs it
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     with Catalog.open(folder, create=False) as catalog:
@@ -190,9 +187,6 @@ def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _print_info(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     run = s.get("last_run")
     size = (s.get("disk_bytes") or 0) + int(s["snapshot"].get("disk_bytes") or 0)
@@ -225,8 +219,6 @@ def _print_info(s: dict[str, Any]) -> None:
 
 def _threshold_table(model: Any) -> dict[str, Any]:
     """The model's threshold sets, which one bare names use, and each set's val precision/recall."""
-    from facefind.db.snapshot import model_threshold_sets
-
     default, sets, stats = model_threshold_sets(model)
     rows = {}
     for i, attr in enumerate(model.attributes):
@@ -238,9 +230,6 @@ def _threshold_table(model: Any) -> dict[str, Any]:
 
 
 def _print_thresholds(console: Any, model_id: int, t: dict[str, Any]) -> None:
-    from rich.box import SIMPLE
-    from rich.table import Table
-
     table = Table(title=f"thresholds of model {model_id} (bare names use {t['default']}; "
                         "precision/recall measured on val, where they were chosen)",
                   box=SIMPLE, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))

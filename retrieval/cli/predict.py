@@ -1,29 +1,30 @@
 """`facefind predict`: the attributes of one-off images (the study's ``predict()``), as a table,
 JSON or a gallery page showing each image with its face box beside its attributes.
 
-The model comes from ``--model``, else the index (``facefind.retrieval.index.default_model_path``). torch
-and dlib are imported only inside the command. A file that cannot be predicted (unreadable, no
-face found) is reported as a failure of that file and the others go on; the exit code is then 1.
+The model comes from ``--model``, else the index, else the models folder
+(``facefind.indexer.pipeline.choose_model``). torch and dlib are imported only inside the command.
+A file that cannot be predicted (unreadable, no face found) is reported as a failure of that file
+and the others go on; the exit code is then 1.
 """
 
 from __future__ import annotations
 
 import html
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Sequence
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from facefind.db.files import atomic_write_text
+from facefind.db.paths import default_models_dir
 from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
-from facefind.retrieval.index import default_model_path, open_predictor
+from facefind.retrieval.index import open_predictor
 
 if TYPE_CHECKING:
-
     from facefind.indexer.predict import FailedPrediction, Prediction
 
-log = logging.getLogger(__name__)
 
 THUMBNAIL = 220  # gallery thumbnail size, pixels
 
@@ -32,9 +33,6 @@ THUMBNAIL = 220  # gallery thumbnail size, pixels
 
 
 def _print_table(preds: Sequence[Prediction], thresholds: dict[str, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     for p in preds:
         where = (f"face at x={p.face_box[0]} y={p.face_box[1]} {p.face_box[2]}x{p.face_box[3]}"
@@ -69,7 +67,7 @@ font-size:12px}
 def render_predictions(preds: Sequence[Prediction], *, title: str = "facefind predict") -> str:
     """One self-contained HTML page: each image (face box drawn over it) beside its attributes,
     present ones highlighted, all sorted by probability."""
-    from facefind.retrieval.gallery import thumbnail_data_uri
+    from facefind.retrieval.gallery import thumbnail_data_uri  # PIL: query loads this module
 
     rows = []
     for p in preds:
@@ -131,9 +129,10 @@ def predict(
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict the 40 attributes of each IMAGE; present ones (at the model's thresholds) are highlighted."""
+    from facefind.indexer.pipeline import choose_model  # these import torch: query loads this module
     from facefind.indexer.predict import Prediction
 
-    model_path = model if model is not None else default_model_path(index_dir)
+    model_path = choose_model(index_dir, model, models_dir=default_models_dir())
     predictor = open_predictor(model_path, device)
     results = predictor.predict([str(p) for p in images], detect_face, keep_going=True)
     preds = [r for r in results if isinstance(r, Prediction)]

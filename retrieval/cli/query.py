@@ -9,12 +9,13 @@ by dlib identity descriptors (``index --identity``) instead of the model's embed
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from facefind.db.errors import FacefindError
 from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
@@ -23,8 +24,6 @@ from facefind.retrieval.index import open_index
 
 if TYPE_CHECKING:
     from facefind.retrieval.engine import Quality, Result
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- rendering
@@ -41,7 +40,7 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
-        from facefind.retrieval.gallery import write_gallery
+        from facefind.retrieval.gallery import write_gallery  # PIL: only for --gallery
 
         write_gallery(gallery, result, title=title)
         typer.echo(f"gallery: {gallery}", err=True)
@@ -62,9 +61,6 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     folder = _common_folder([h.path for h in result.hits])
     where = f" (paths relative to {folder}{os.sep})" if folder else ""
@@ -185,22 +181,9 @@ def query(
     person = _by_person(by)
     if person and like is None and like_id is None:
         raise FacefindError("--by person ranks by likeness to a face: give --like IMAGE or --like-id ID")
-    with open_index(index_dir) as idx:
-        # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
-        # the parsed tree, so the query below and --eval (result.node) do not parse it again.
-        if expr is not None:
-            idx.engine.parse(expr)
-        idx.engine.threshold_set(thresholds)
-        if person:
-            idx.require_identity()
-            face = idx.describe(like) if like is not None else None
-            result = idx.engine.query(expr, limit=limit, offset=offset, person=face, person_id=like_id,
-                                      thresholds=thresholds)
-        else:
-            reference = idx.embed(like, detect_face, device) if like is not None else None
-            result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
-                                      thresholds=thresholds, exact=exact, nprobe=nprobe)
-        quality = idx.quality(result) if evaluate else None
+    result, quality = _search(index_dir, expr, like=like, like_id=like_id, person=person, limit=limit,
+                              offset=offset, thresholds=thresholds, detect_face=detect_face, device=device,
+                              exact=exact, nprobe=nprobe, evaluate=evaluate)
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality, csv=csv)
@@ -231,21 +214,35 @@ def similar(
     enough to carry an approximate index; or identity distance with --by person), optionally only
     those matching --where."""
     _check_output(as_json, paths, csv)
-    person = _by_person(by)
+    result, _ = _search(index_dir, where, like=image, like_id=None, person=_by_person(by), limit=limit,
+                        offset=offset, thresholds=thresholds, detect_face=detect_face, device=device,
+                        exact=exact, nprobe=nprobe)
+    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
+            quality=None, csv=csv)
+
+
+def _search(index_dir: Path | None, expr: str | None, *, like: Path | None, like_id: int | None, person: bool,
+            limit: int, offset: int, thresholds: str | None, detect_face: bool | None, device: str,
+            exact: bool, nprobe: int | None, evaluate: bool = False) -> tuple[Result, Quality | None]:
+    """One page of ``expr``'s matches, ranked by likeness to the image ``like`` or the indexed
+    ``like_id`` (by identity when ``person``, else by look) or else by confidence; with
+    ``evaluate``, its quality against the index's labels."""
     with open_index(index_dir) as idx:
-        if where is not None:
-            idx.engine.parse(where)
+        # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
+        # the parsed tree, so the query below and --eval (result.node) do not parse it again.
+        if expr is not None:
+            idx.engine.parse(expr)
         idx.engine.threshold_set(thresholds)
         if person:
             idx.require_identity()  # before any model loads
-            result = idx.engine.query(where, limit=limit, offset=offset, person=idx.describe(image),
+            face = idx.describe(like) if like is not None else None
+            result = idx.engine.query(expr, limit=limit, offset=offset, person=face, person_id=like_id,
                                       thresholds=thresholds)
         else:
-            reference = idx.embed(image, detect_face, device)
-            result = idx.engine.query(where, limit=limit, offset=offset, like=reference, thresholds=thresholds,
-                                      exact=exact, nprobe=nprobe)
-    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
-            quality=None, csv=csv)
+            reference = idx.embed(like, detect_face, device) if like is not None else None
+            result = idx.engine.query(expr, limit=limit, offset=offset, like=reference, like_id=like_id,
+                                      thresholds=thresholds, exact=exact, nprobe=nprobe)
+        return result, idx.quality(result) if evaluate else None
 
 
 def _by_person(by: str) -> bool:

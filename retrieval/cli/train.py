@@ -13,14 +13,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.box import SIMPLE
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from facefind.db.errors import FacefindError
+from facefind.db.paths import default_models_dir
 from facefind.retrieval.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 if TYPE_CHECKING:
     from facefind.trainer.evaluate import EvalReport
-    from facefind.trainer.fit import FitEvent, FitResult
+    from facefind.trainer.data import FitEvent
+    from facefind.trainer.fit import FitResult
     from facefind.trainer.metrics import Metrics
 
 # The original study (ResNet50 and DenseNet121 on 29,500 CelebA images, 8 epochs, class-weighted
@@ -94,7 +97,8 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the attribute CNN: train split to learn, val to pick the epoch and thresholds, test to report."""
-    from facefind.trainer.fit import FitConfig, fit
+    from facefind.trainer import distributed  # torch: see the module docstring
+    from facefind.trainer.fit import FitConfig, fit, state_path
 
     use_threads(threads)
     config = FitConfig(
@@ -103,26 +107,20 @@ def train(
         pretrained=pretrained, augment=augment, class_weights=class_weights, threshold_metric=threshold_metric,
         subset=subset, device=device, workers=workers, seed=seed, cache_dir=cache_dir, resume=resume,
     )
-    from facefind.trainer.fit import state_path
-
     console = Console(stderr=True)
     try:
         with _FitBar(console, enabled=not as_json) as bar:
             result = fit(config, progress=bar.update)
     except KeyboardInterrupt:
-        from facefind.trainer.distributed import env_info
-
-        if env_info().rank != 0:  # under torchrun: rank 0 says it once
+        if distributed.env_info().rank != 0:  # under torchrun: rank 0 says it once
             raise typer.Exit(130) from None
         if not state_path(config.out).exists():
             raise
-        hint = ("the same torchrun command with --resume" if env_info().distributed
+        hint = ("the same torchrun command with --resume" if distributed.env_info().distributed
                 else f"`facefind train {data} --out {config.out} --resume`")
         typer.echo(f"interrupted: continue with {hint}", err=True)
         raise typer.Exit(130) from None
-    from facefind.trainer.distributed import is_main
-
-    if not is_main():  # under torchrun every rank holds rank 0's result; one prints it
+    if not distributed.is_main():  # under torchrun every rank holds rank 0's result; one prints it
         return
     if as_json:
         print_json(result.to_json())
@@ -135,15 +133,6 @@ class _FitBar:
     images/s and ETA, and a one-line summary printed above the bars after each epoch."""
 
     def __init__(self, console: Console, enabled: bool = True, prefix: str = "") -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.console = console
         self.prefix = prefix
         self.progress = Progress(
@@ -281,8 +270,7 @@ def tune(
     as_json: JsonOpt = False,
 ) -> None:
     """Grid-search training settings (e.g. --lr 0.01,0.005 --dropout 0.3,0.5); keep the best on val."""
-    from facefind.db.paths import default_models_dir
-    from facefind.trainer.fit import FitConfig
+    from facefind.trainer.fit import FitConfig  # torch: see the module docstring
     from facefind.trainer.tune import TuneEvent
     from facefind.trainer.tune import tune as run_tune
 
@@ -354,7 +342,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-attribute accuracy, precision, recall, F1, balanced accuracy, AP and support of a checkpoint."""
-    from facefind.trainer.evaluate import evaluate_checkpoint
+    from facefind.trainer.evaluate import evaluate_checkpoint  # torch: see the module docstring
 
     if split is not None and split not in ("test", "val", "train"):
         raise FacefindError(f"unknown split {split!r}: use test or val")
