@@ -705,7 +705,7 @@ def test_export_streams_every_match(client, built: Built) -> None:
 
 
 def test_export_pages_through_the_engine(client, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
-    from facefind.retrieval.web import routes_search as web
+    from facefind.retrieval.web.routes import search as web
 
     monkeypatch.setattr(web, "EXPORT_PAGE", 3)
     paths = client.get("/api/export", params={"format": "paths", "like_id": 2}).text.splitlines()

@@ -6,11 +6,11 @@ index's own checkpoint, ``identity_of`` for identity), so the page and ``facefin
 never disagree. One router per concern, each route taking the snapshot and server parts as
 dependencies (``deps``):
 
-- ``routes_page``: the search page and the model page (and /static, mounted here)
-- ``routes_search``: /api/query and /api/export
-- ``routes_images``: /api/images/{id}, its thumbnail and its file
-- ``routes_upload``: /api/similar, search by an uploaded photo
-- ``routes_index``: /api/attributes, /api/info, /api/model
+- ``routes/page.py``: the search page and the model page (and /static, mounted here)
+- ``routes/search.py``: /api/query and /api/export
+- ``routes/images.py``: /api/images/{id}, its thumbnail and its file
+- ``routes/upload.py``: /api/similar, search by an uploaded photo
+- ``routes/index.py``: /api/attributes, /api/info, /api/model
 
 ``guard.Guard`` checks Host or token, caps request bodies and adds the security headers;
 ``errors`` makes every failure one line of JSON. No endpoint writes to the index (the thumbnail
@@ -25,12 +25,12 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from facefind.db.paths import default_index_dir
-from facefind.retrieval.web import routes_images, routes_index, routes_page, routes_search, routes_upload
+from facefind.retrieval.web.routes import images, index, page, search, upload
 from facefind.retrieval.web.errors import add_error_handlers
 from facefind.retrieval.web.guard import MAX_UPLOAD, Guard
 from facefind.retrieval.web.live import LiveIndex, Source
-from facefind.retrieval.web.routes_page import STATIC
-from facefind.retrieval.web.routes_upload import Embedder
+from facefind.retrieval.web.routes.page import STATIC
+from facefind.retrieval.web.routes.upload import Embedder
 from facefind.retrieval.web.thumbs import ThumbnailCache, default_cache_folder
 
 __all__ = ["MAX_UPLOAD", "create_app"]
@@ -58,7 +58,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     app.state.model_reports = {}
     app.add_middleware(Guard, token=token, max_body=MAX_UPLOAD)
     add_error_handlers(app)
-    for module in (routes_page, routes_search, routes_images, routes_upload, routes_index):
+    for module in (page, search, images, upload, index):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

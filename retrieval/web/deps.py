@@ -3,7 +3,7 @@ route applies to the same parameters (ids, ``by``, ``like``, expressions).
 
 The parts live on ``app.state`` (``create_app`` puts them there); the dependencies are ``async``
 because FastAPI runs a plain ``def`` dependency on a worker thread, and /api/query stays on the
-event loop on purpose (see ``routes_search``).
+event loop on purpose (see ``routes/search.py``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ async def model_reports(request: Request) -> dict[str, Any]:
 
 
 # /api/attributes, /api/info and /api/images/{id} run on the event loop, as /api/query does (see
-# routes_search): after their first call per snapshot (rates, labels and the model record are
+# routes/search.py): after their first call per snapshot (rates, labels and the model record are
 # kept with it) they take well under a millisecond, and a plain def with a response model would
 # wait for a worker thread twice (FastAPI validates a def route's answer on a worker thread too).
 @router.get("/attributes", response_model=AttributesOut,

@@ -30,7 +30,7 @@ router = APIRouter(prefix="/api/images", responses=REFUSALS)
                     "face of the same file")
 async def image(live: LiveDep, image_id: str, q: Annotated[str | None, Query()] = None,
                 thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
-                ) -> dict[str, Any]:  # on the event loop: see routes_index.attributes
+                ) -> dict[str, Any]:  # on the event loop: see routes/index.py: attributes
     eng = live.engine
     node = eng.parse(q) if expr_of(q) is not None else None
     used = eng.threshold_set(thresholds)

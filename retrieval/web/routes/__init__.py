@@ -1,0 +1,1 @@
+"""The API and page routes, one APIRouter per concern; retrieval/web/app.py assembles them."""
