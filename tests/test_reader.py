@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from facefind.indexer.discovery import FileEntry, discover, split_unchanged
 from facefind.indexer.reader import ImageReader
 from facefind.indexer.routing import Jpegs, Pixels, decode_files
 from facefind.trainer.decode import BACKGROUND
+from helpers import png_header_only  # tests/ is on sys.path (pytest's prepend import mode)
 
 SIZE = (32, 24)  # (h, w): small, not square, so transposed dimensions would show
 
@@ -38,14 +37,6 @@ def _face(seed: int = 0, size: tuple[int, int] = (60, 72)) -> Image.Image:
     arr[...] = rng.integers(40, 220, 3, dtype=np.uint8)
     arr[size[1] // 4: size[1] // 2, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
     return Image.fromarray(arr)
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but carries one tiny IDAT: a bomb-sized header, cheaply."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def build_corpus(folder: Path) -> dict[str, str | None]:
@@ -87,7 +78,7 @@ def build_corpus(folder: Path) -> dict[str, str | None]:
     rotated.paste((0, 0, 255), (20, 0, 40, 20))
     exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     put("exif_rotated.jpeg", _jpeg(rotated, exif=exif.tobytes()), None)
-    put("bomb.png", _png_header_only(20_000, 20_000), "decompression bomb (400000000 pixels)")
+    put("bomb.png", png_header_only(20_000, 20_000), "decompression bomb (400000000 pixels)")
     put("one_pixel.bmp", _bmp(Image.new("RGB", (1, 1), (10, 20, 30))), None)
     put("png_named.jpg", _png(face), None)
     put("with space.jpg", good, None)
