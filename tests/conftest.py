@@ -75,6 +75,12 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
 
 
 @pytest.fixture(scope="session")
+def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], T]], T]:
+    """``built_once`` for a test module's own expensive fixture: ``build_once(name, build)``."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
+
+@pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CelebA folder (original layout, SYNTH_N faces, seed 1, all three splits)."""
 
