@@ -138,9 +138,39 @@ def test_batching_and_arrays_give_the_same_answer(model: Path, predictor, images
     assert [c.path for c in arrays] == ["a", "b", "c", "d", "e"]
 
 
+def test_predict_is_the_model_on_pixels_decoded_here(model: Path, predictor, images: list[Path]) -> None:
+    """An independent path to predict's numbers: PIL decodes each face, torch resizes the uint8
+    pixels (antialiased bilinear, as the trainer's cache does) and the checkpoint's own mean/std
+    normalise them; the model called directly must give predict's probabilities and unit embedding.
+    Predict and index share ``infer``, so their agreement (next test) cannot catch a mistake in it;
+    this can. (Resizing in float instead moves embeddings by ~0.02: the uint8 step is part of the
+    contract.)"""
+    import torch
+    from torch.nn import functional as F
+
+    from facefind.trainer.checkpoint import load_model
+
+    net, meta = load_model(model)
+    faces = images[:6]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in faces])
+    x = F.interpolate(x, size=tuple(meta.img_size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x.float() / 255 - torch.tensor(meta.mean).view(1, 3, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits, embedding = net(x)
+    probs, unit = torch.sigmoid(logits).numpy(), F.normalize(embedding, dim=1).numpy()
+    preds = predictor.predict(faces)
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in preds], probs, atol=1e-4)
+    np.testing.assert_allclose([p.embedding for p in preds], unit, atol=1e-4)
+    # ... and it can fail: a neighbour's row, or a wrong normalisation, is further off than that
+    assert np.abs(probs - np.roll(probs, 1, axis=0)).max() > 0.05
+    assert np.abs(unit - np.roll(unit, 1, axis=0)).max() > 0.05
+
+
 def test_predict_and_index_give_the_same_probabilities(model: Path, tmp_path: Path) -> None:
     """`facefind predict FILE --json` and `facefind index` agree to 1e-4 on every odd file
-    (EXIF-rotated, RGBA, CMYK, 16-bit, greyscale, palette): one decoder, one forward pass."""
+    (EXIF-rotated, RGBA, CMYK, 16-bit, greyscale, palette): one decoder, one forward pass. Both
+    call the same ``infer``, so this guards the routing (both decode these files the same way and
+    neither treats them differently), not the arithmetic: the test above checks that."""
     import shutil
 
     from test_reader import ODD, build_corpus
