@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import html.parser
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def tiny_checkpoint(path: Path, attributes: Sequence[str], *, calibrate: Sequence[Path] | None = None,
@@ -218,6 +220,138 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# -- the corrupt-input corpus of issue 7 (test_reader, test_indexer, test_predict) -------------
+
+def jpeg_bytes(img: Image.Image, **kw: object) -> bytes:
+    """``img`` as JPEG bytes (quality 90; ``kw`` as for Pillow's save: exif, progressive, ...)."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def blob_face(seed: int = 0, size: tuple[int, int] = (60, 72)) -> Image.Image:
+    """A (width, height) ``size`` picture: a block of colour on a background, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[...] = rng.integers(40, 220, 3, dtype=np.uint8)
+    arr[size[1] // 4: size[1] // 2, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def build_corpus(folder: Path) -> dict[str, str | None]:
+    """Write one file per bad-input kind; map file name -> expected failure reason, None = indexable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    face = blob_face(1)
+    good = jpeg_bytes(face)
+    expect: dict[str, str | None] = {}
+
+    def put(name: str, data: bytes, reason: str | None) -> None:
+        (folder / name).write_bytes(data)
+        expect[name] = reason
+
+    put("empty.jpg", b"", "empty file")
+    for cut in (1, 20, 300, len(good) // 2, len(good) - 2):
+        put(f"truncated_{cut}.jpg", good[:cut], "truncated JPEG")
+    put("garbage_appended.jpg", good + os.urandom(0) + bytes(range(256)) * 8, None)
+    put("random_bytes.jpg", np.random.default_rng(3).integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not an image")
+    put("text.jpg", b"this is not a picture\nat all\n" * 20, "not an image (text file)")
+
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (20, 0, 40, 30))  # right half fully transparent
+    buf = io.BytesIO(); rgba.save(buf, "PNG"); put("alpha.png", buf.getvalue(), None)
+    la = Image.new("LA", (20, 20), (200, 0))
+    buf = io.BytesIO(); la.save(buf, "PNG"); put("grey_alpha.png", buf.getvalue(), None)
+    sixteen = Image.fromarray(np.full((20, 20), 65535, np.uint16))
+    buf = io.BytesIO(); sixteen.save(buf, "PNG"); put("sixteen_bit.png", buf.getvalue(), None)
+    pal = face.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    buf = io.BytesIO(); pal.save(buf, "GIF"); put("palette.gif.png", buf.getvalue(), None)  # a GIF named .png
+    buf = io.BytesIO(); pal.save(buf, "PNG", transparency=0); put("palette_transparent.png", buf.getvalue(), None)
+    frames = [Image.new("RGB", (30, 30), c) for c in ((0, 200, 0), (200, 0, 0), (0, 0, 200))]
+    buf = io.BytesIO(); frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    put("animated.gif.jpg", buf.getvalue(), None)
+    buf = io.BytesIO(); frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    put("animated.webp", buf.getvalue(), None)
+    put("cmyk.jpg", jpeg_bytes(face.convert("CMYK")), None)
+    put("grey.JPG", jpeg_bytes(face.convert("L")), None)
+    rotated = Image.new("RGB", (40, 20), (255, 0, 0))
+    rotated.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    put("exif_rotated.jpeg", jpeg_bytes(rotated, exif=exif.tobytes()), None)
+    put("bomb.png", png_header_only(20_000, 20_000), "decompression bomb (400000000 pixels)")
+    put("one_pixel.bmp", bmp_bytes(Image.new("RGB", (1, 1), (10, 20, 30))), None)
+    put("png_named.jpg", png_bytes(face), None)
+    put("with space.jpg", good, None)
+    put("ünïcødé 顔.jpg", good, None)
+    put("new\nline.jpg", good, None)
+    (folder / "notes.txt").write_text("not an image extension: ignored")
+    (folder / "folder.jpg").mkdir()  # a folder named like an image: ignored
+    os.symlink(folder / "does-not-exist.jpg", folder / "dangling.jpg")
+    expect["dangling.jpg"] = "dangling symlink"
+    os.symlink(folder / "loop_b.jpg", folder / "loop_a.jpg")
+    os.symlink(folder / "loop_a.jpg", folder / "loop_b.jpg")
+    expect["loop_a.jpg"] = expect["loop_b.jpg"] = "symlink loop"
+    os.symlink(folder / "with space.jpg", folder / "good_link.jpg")
+    expect["good_link.jpg"] = None
+    return expect
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """``img`` as PNG bytes."""
+    buf = io.BytesIO(); img.save(buf, "PNG"); return buf.getvalue()
+
+
+def bmp_bytes(img: Image.Image) -> bytes:
+    """``img`` as BMP bytes."""
+    buf = io.BytesIO(); img.save(buf, "BMP"); return buf.getvalue()
+
+
+# The files the three old decoders disagreed on, and a plain JPEG.
+ODD = ("exif_rotated.jpeg", "alpha.png", "cmyk.jpg", "sixteen_bit.png", "grey.JPG", "palette.gif.png",
+       "palette_transparent.png", "grey_alpha.png", "with space.jpg")
+
+
+# -- HTML pages (galleries) -------------------------------------------------------------------
+
+class PageChecker(html.parser.HTMLParser):
+    """Fails on unbalanced tags; collects the text and the style of positioned boxes."""
+
+    VOID = {"meta", "img", "br", "link", "input", "hr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.text: list[str] = []
+        self.boxes: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images += 1
+            assert (a.get("src") or "").startswith("data:image/jpeg;base64,")
+        if a.get("class") == "box":
+            self.boxes.append(a.get("style") or "")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def check_page(path: Path) -> _Checker:
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    checker = PageChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.stack == [], f"unclosed tags {checker.stack}"
+    return checker
 
 
 # -- crashes: indexing processes killed and resumed (test_faults, test_photo_faces, ...) ---------

@@ -23,8 +23,7 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import Built, build_synthetic_index  # noqa: E402
-from test_predict import check_page  # noqa: E402
+from helpers import Built, build_synthetic_index, check_page  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40

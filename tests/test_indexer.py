@@ -23,8 +23,7 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
-from test_reader import build_corpus  # noqa: E402
+from helpers import build_corpus, tiny_checkpoint  # noqa: E402
 
 N_FACES = 160
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import GROUP, PAIR, PhotoIndex, compose, inside, regions  # noqa: E402
+from helpers import GROUP, PAIR, PhotoIndex, compose, inside, reap, regions  # noqa: E402
 
 
 def run(*args: str | Path):
@@ -187,7 +187,6 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     from facefind.db.catalog import Catalog
     from facefind.indexer.faces.detect import faces_of
     from facefind.trainer.decode import read_rgb
-    from helpers import reap
 
     folder = tmp_path / "photos"
     folder.mkdir()

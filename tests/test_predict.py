@@ -9,7 +9,6 @@ attribute (a raw fresh network gives every image nearly the same output).
 
 from __future__ import annotations
 
-import html.parser
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import check_page, tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
 from facefind.retrieval.cli import app
 
 N_FACES = 24
@@ -60,46 +59,6 @@ def predictor(model: Path):
 
 def invoke(*args: str | Path, env: dict[str, str] | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-class _Checker(html.parser.HTMLParser):
-    """Fails on unbalanced tags; collects the text and the style of positioned boxes."""
-
-    VOID = {"meta", "img", "br", "link", "input", "hr"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.text: list[str] = []
-        self.boxes: list[str] = []
-        self.images = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "img":
-            self.images += 1
-            assert (a.get("src") or "").startswith("data:image/jpeg;base64,")
-        if a.get("class") == "box":
-            self.boxes.append(a.get("style") or "")
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
-        self.stack.pop()
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def check_page(path: Path) -> _Checker:
-    page = path.read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>")
-    checker = _Checker()
-    checker.feed(page)
-    checker.close()
-    assert checker.stack == [], f"unclosed tags {checker.stack}"
-    return checker
 
 
 # -- the library ------------------------------------------------------------------------------
@@ -173,7 +132,7 @@ def test_predict_and_index_give_the_same_probabilities(model: Path, tmp_path: Pa
     neither treats them differently), not the arithmetic: the test above checks that."""
     import shutil
 
-    from test_reader import ODD, build_corpus
+    from helpers import ODD, build_corpus
 
     build_corpus(tmp_path / "corpus")
     folder = tmp_path / "odd"
