@@ -248,8 +248,10 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     for key, (box, probs, _) in want.items():
         assert got[key][0] == box
         np.testing.assert_allclose(got[key][1], probs, atol=1e-5)
-    for path in expected:  # each descriptor is its own face's, computed here from the file
-        for entry in faces_of(read_rgb(path), identity=True):
+    for path, count in expected.items():  # each descriptor is its own face's, computed here from the file
+        entries = faces_of(read_rgb(path), identity=True)
+        assert len(entries) == count, path
+        for entry in entries:
             assert got[(path, entry.number)][0] == ([-1] * 4 if entry.box is None else list(entry.box))
             np.testing.assert_allclose(got[(path, entry.number)][2], entry.identity, atol=1e-5)
 
