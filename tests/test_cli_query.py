@@ -30,8 +30,9 @@ N_FACES = 40
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_synthetic_index(tmp_path_factory.mktemp("query"), N_FACES)
+def built(build_once) -> Built:
+    """Built once per run, whichever xdist worker asks first (read-only: tests copy it to change it)."""
+    return build_once("cli-query-index", lambda base: build_synthetic_index(base, N_FACES))
 
 
 def run(*args: str | Path):

@@ -203,24 +203,43 @@ def hooks(work: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model(work: Path, faces: list[Path]) -> Path:
-    return tiny_checkpoint(work / "model.pt", ATTRS, calibrate=faces, size=32, dim=16)
-
-
-@pytest.fixture(scope="module")
-def faces(work: Path) -> list[Path]:
-    return tiny_faces(work / "faces", N_SEED, seed=1)
-
-
-@pytest.fixture(scope="module")
-def seeded(work: Path, model: Path, faces: list[Path]) -> Path:
-    """An index of ``faces`` built in this process; tests that change it work on a copy."""
+def _seed(work: Path) -> tuple[list[Path], Path, Path]:
+    """N_SEED tiny faces, a model calibrated on them, and their index (an SQLite catalog, whatever
+    FACEFIND_DB says while it is built)."""
     from facefind.indexer.pipeline import index_folder
 
-    report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
+    faces = tiny_faces(work / "faces", N_SEED, seed=1)
+    model = tiny_checkpoint(work / "model.pt", ATTRS, calibrate=faces, size=32, dim=16)
+    saved = os.environ.pop("FACEFIND_DB", None)
+    try:
+        report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
+    finally:
+        if saved is not None:
+            os.environ["FACEFIND_DB"] = saved
     assert report.indexed == N_SEED
-    return work / "index"
+    return faces, model, work / "index"
+
+
+@pytest.fixture(scope="module")
+def shared_seed(build_once) -> tuple[list[Path], Path, Path]:
+    """``_seed``, built once per run whichever xdist worker asks first (conftest.build_once)."""
+    return build_once("faults-seed", _seed)
+
+
+@pytest.fixture(scope="module")
+def model(shared_seed: tuple[list[Path], Path, Path]) -> Path:
+    return shared_seed[1]
+
+
+@pytest.fixture(scope="module")
+def faces(shared_seed: tuple[list[Path], Path, Path]) -> list[Path]:
+    return shared_seed[0]
+
+
+@pytest.fixture(scope="module")
+def seeded(shared_seed: tuple[list[Path], Path, Path]) -> Path:
+    """The index of ``faces``, shared by every test of the run: tests that change it work on a copy."""
+    return shared_seed[2]
 
 
 @pytest.fixture
