@@ -214,14 +214,6 @@ def _cli_json(*args: str | Path) -> dict:
     return json.loads(result.stdout)
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but carries one tiny IDAT: a bomb-sized header, cheaply."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 # -- the corrupt-input corpus of issue 7 (test_reader, test_indexer, test_predict) -------------
 
 def jpeg_bytes(img: Image.Image, **kw: object) -> bytes:
@@ -238,6 +230,14 @@ def blob_face(seed: int = 0, size: tuple[int, int] = (60, 72)) -> Image.Image:
     arr[...] = rng.integers(40, 220, 3, dtype=np.uint8)
     arr[size[1] // 4: size[1] // 2, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
     return Image.fromarray(arr)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries one tiny IDAT: a bomb-sized header, cheaply."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def build_corpus(folder: Path) -> dict[str, str | None]:
@@ -344,7 +344,7 @@ class PageChecker(html.parser.HTMLParser):
         self.text.append(data)
 
 
-def check_page(path: Path) -> _Checker:
+def check_page(path: Path) -> PageChecker:
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     checker = PageChecker()
