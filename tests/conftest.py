@@ -1,13 +1,19 @@
-"""Fixtures shared across test files: one synthetic CelebA folder and one tiny trained model per session.
+"""Fixtures shared across test files: one synthetic CelebA folder and one tiny trained model per run.
 
-Both are built once (seeded, in a session temp folder) because drawing faces and training are the
-slowest things the suite does.
+Both are built once per run (seeded), not once per xdist worker: ``built_once`` lets the first
+worker that needs an artefact build it into a folder all workers of the run share while the others
+wait on a file lock, then read the result. Drawing faces and training are the slowest things the
+suite does.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
+import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 # The suite runs as 2 xdist workers on 2 cores: one OpenMP thread per worker (and per subprocess,
 # which inherit this) avoids oversubscription, which made CPU forward passes up to 100x slower.
@@ -17,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 SYNTH_N = 2000
+TRAIN_EPOCHS = 6
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -35,32 +42,106 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 SYNTH_SEED = 1
 
+T = TypeVar("T")
+
+
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shared by every xdist worker of this run (the parent of the workers' base temp
+    folders), or this process's own base temp folder when the run has no workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """``build(folder)`` once per run, whichever worker asks first; every worker gets its result.
+
+    The builder holds an exclusive ``flock`` on ``name.lock`` while it builds into ``name/`` and
+    pickles the result beside it; a worker that asks meanwhile waits on the lock and then unpickles.
+    A build that raised leaves no result, so the next worker to ask builds again (and fails the
+    same way in its own tests). Results must be read-only for the tests that share them.
+    """
+    shared = run_folder(tmp_path_factory) / "shared-fixtures"
+    shared.mkdir(exist_ok=True)
+    folder, result = shared / name, shared / f"{name}.pickle"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if result.exists():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # a build that raised half way
+        folder.mkdir()
+        value = build(folder)
+        result.write_bytes(pickle.dumps(value))
+        return value
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], T]], T]:
+    """``built_once`` for a test module's own expensive fixture: ``build_once(name, build)``."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
 
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic CelebA folder (original layout, 2,000 faces, seed 1, all three splits)."""
-    from facefind.trainer.synth import synthesize
+    """A synthetic CelebA folder (original layout, SYNTH_N faces, seed 1, all three splits)."""
 
-    root = tmp_path_factory.mktemp("synth") / "synth-faces"
-    synthesize(root, n=SYNTH_N, seed=SYNTH_SEED)
-    return root
+    def build(folder: Path) -> Path:
+        from facefind.trainer.synth import synthesize
+
+        synthesize(folder / "synth-faces", n=SYNTH_N, seed=SYNTH_SEED)
+        return folder / "synth-faces"
+
+    return built_once(tmp_path_factory, "synth", build)
 
 
 @pytest.fixture(scope="session")
 def trained_model(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """mobilenet_v3_small trained on ``synth_dataset`` at 64 px on the CPU; returns the FitResult.
 
-    The checkpoint is ``result.checkpoint``; its image cache lives in a session temp folder.
+    The checkpoint is ``result.checkpoint``; its image cache lives beside it, in the run's shared folder.
     """
 
-    from facefind.trainer.fit import FitConfig, fit
+    def build(work: Path):
+        from facefind.trainer.fit import FitConfig, fit
 
-    work = tmp_path_factory.mktemp("trained")
-    config = FitConfig(
-        data=synth_dataset, out=work / "model.pt", arch="mobilenet_v3_small", img_size=64, epochs=6,
-        batch_size=32, lr=3e-3, embedding_dim=64, device="cpu", seed=0, workers=2, cache_dir=work / "cache",
-    )
-    return fit(config)
+        config = FitConfig(
+            data=synth_dataset, out=work / "model.pt", arch="mobilenet_v3_small", img_size=64, epochs=TRAIN_EPOCHS,
+            batch_size=32, lr=3e-3, embedding_dim=64, device="cpu", seed=0, workers=2, cache_dir=work / "cache",
+        )
+        return fit(config)
+
+    return built_once(tmp_path_factory, "trained", build)
+
+
+# ------------------------------------------------------------------ the web tests' small indexes
+# Built once per run (helpers.py builds them) and shared by test_server.py, test_browser.py and
+# test_photo_faces.py: tests read them, and copy them before changing anything.
+
+
+@pytest.fixture(scope="session")
+def web_index(tmp_path_factory: pytest.TempPathFactory):
+    """40 synthetic faces (seed 5) indexed with a calibrated tiny checkpoint that carries a training
+    history and two threshold sets (helpers.build_index); a ``helpers.Built``."""
+    from helpers import build_index
+
+    return built_once(tmp_path_factory, "web-index", build_index)
+
+
+@pytest.fixture(scope="session")
+def people_index(web_index, tmp_path_factory: pytest.TempPathFactory):
+    """12 of ``web_index``'s faces, face 10 in another photo and a faceless image, indexed with
+    identity descriptors (helpers.build_people_index); a ``helpers.People``."""
+    from helpers import build_people_index
+
+    return built_once(tmp_path_factory, "people-index", lambda base: build_people_index(base, web_index, same=10))
+
+
+@pytest.fixture(scope="session")
+def photo_index(tmp_path_factory: pytest.TempPathFactory):
+    """Composed group photos indexed one entry per face by ``index --detect-faces --identity``
+    (helpers.build_photo_index); a ``helpers.PhotoIndex``."""
+    from helpers import build_photo_index
+
+    return built_once(tmp_path_factory, "photo-index", build_photo_index)
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL

@@ -7,10 +7,10 @@ Content-Security-Policy forbids eval, which Playwright's wait_for_function needs
 contexts bypass CSP; the header itself is checked in test_server.py.
 
 Search by person runs against a second server over a small index built with identity
-descriptors (test_server.build_people_index); the main index has none, so the page hides the
+descriptors (helpers.build_people_index); the main index has none, so the page hides the
 Look / Person switch there. The photo view (a face entry's panel shows the whole photo with a
 box over each of its faces) runs against a third server over composed group photos indexed one
-entry per face (test_server.build_photo_index).
+entry per face (helpers.build_photo_index).
 
 Also here, because it needs a real server process: 8 concurrent clients making mixed (partly
 hostile) requests get only the statuses they should, and the server keeps serving.
@@ -28,15 +28,15 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from test_server import Built, People, PhotoIndex, build_index, build_people_index, build_photo_index
+from helpers import Built, People, PhotoIndex  # tests/ is on sys.path (pytest's prepend import mode)
 
-N_FACES = 40
+N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 VIEWPORT = {"width": 1280, "height": 900}
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_index(tmp_path_factory.mktemp("browser"), n=N_FACES, seed=11)
+def built(web_index: Built) -> Built:
+    return web_index
 
 
 def _serve(index: Path):
@@ -55,18 +55,13 @@ def server(built: Built):
 
 
 @pytest.fixture(scope="module")
-def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
-    return build_people_index(tmp_path_factory.mktemp("people"), built, same=3)
+def people(people_index: People) -> People:
+    return people_index
 
 
 @pytest.fixture(scope="module")
 def people_server(people: People):
     yield from _serve(people.index)
-
-
-@pytest.fixture(scope="module")
-def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
-    return build_photo_index(tmp_path_factory.mktemp("group-photos"))
 
 
 @pytest.fixture(scope="module")

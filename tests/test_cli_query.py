@@ -23,16 +23,16 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import Built, build_synthetic_index  # noqa: E402
-from test_predict import check_page  # noqa: E402
+from helpers import Built, build_synthetic_index, check_page  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_synthetic_index(tmp_path_factory.mktemp("query"), N_FACES)
+def built(build_once) -> Built:
+    """Built once per run, whichever xdist worker asks first (read-only: tests copy it to change it)."""
+    return build_once("cli-query-index", lambda base: build_synthetic_index(base, N_FACES))
 
 
 def run(*args: str | Path):

@@ -33,8 +33,7 @@ from facefind.trainer import distributed
 from facefind.trainer.data import AugmentConfig, training_input
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
-from test_faults import reap, tiny_faces  # noqa: E402
+from helpers import reap, tiny_checkpoint, tiny_faces  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRS = ["Male", "Smiling", "Eyeglasses", "Young"]
@@ -212,7 +211,7 @@ def shard_catalog(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 # open per look) could otherwise see the shard's 16th file only after it had committed them all.
 _SLOW_WRITER = (
     "import runpy, sys, time\n"
-    "from indexer import writer\n"
+    "from facefind.indexer import writer\n"
     "commit = writer.CatalogWriter._commit\n"
     "def slow(self, job):\n"
     "    commit(self, job)\n"

@@ -5,14 +5,14 @@ and FAISS in step with the catalog (after ``facefind check --repair`` or the nex
 error must be one ``error:`` line.
 
 Kill points are drawn from ``FACEFIND_FAULT_SEED`` (fixed in CI; the nightly run sets a new one).
-The corrupt-input corpus lives in test_reader.py; Ctrl-C and a single kill -9 in test_indexer.py.
+The corrupt-input corpus lives in test_reader.py; kill -9 of photos with several faces in
+test_photo_faces.py, of sharded runs in test_distributed.py.
 Subprocesses run with OMP_NUM_THREADS=1: on a busy 2-core machine two OpenMP threads made the
 forward pass ~100x slower.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -30,14 +30,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from typer.testing import CliRunner
 
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
-from test_indexer import _live_group_members, assert_rows_match_clean_run, clean_predictions  # noqa: E402
+from helpers import (assert_rows_match_clean_run, clean_predictions, reap, stop_when, tiny_checkpoint,  # noqa: E402
+                     tiny_faces)
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRS = ["Male", "Smiling", "Eyeglasses", "Young"]
@@ -91,7 +90,8 @@ HOOKS = textwrap.dedent('''
             install(os.environ["FACEFIND_TEST_DIE_IN"])
         if sys.argv[1] == "cli":
             from facefind.retrieval.cli import app
-            app(sys.argv[2:], prog_name="facefind")
+            sys.argv = ["facefind", *sys.argv[2:]]  # as the facefind command sees it (resume hints quote it)
+            app(sys.argv[1:], prog_name="facefind")
         else:
             from facefind.db.catalog import Catalog
             from facefind.db.snapshot import sync_snapshot
@@ -102,21 +102,6 @@ HOOKS = textwrap.dedent('''
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def tiny_faces(folder: Path, n: int, seed: int, prefix: str = "") -> list[Path]:
-    """``n`` small JPEGs (24x20, a block of colour on a background), distinct per seed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        a = np.empty((24, 20, 3), np.uint8)
-        a[...] = rng.integers(0, 256, 3, dtype=np.uint8)
-        a[6:12, 4:16] = rng.integers(0, 256, 3, dtype=np.uint8)
-        path = folder / f"{prefix}{i:04d}.jpg"
-        Image.fromarray(a).save(path, quality=85)
-        out.append(path)
-    return out
 
 
 def cli(*args: Any) -> Any:
@@ -170,20 +155,6 @@ def start_index(hooks: Path, folder: Path, idx: Path, model: Path | None, env: d
                                 start_new_session=True)
 
 
-def reap(proc: subprocess.Popen, timeout: float = 120) -> int:
-    """Wait for ``proc``; its decoder processes must exit on their own; return its exit code."""
-    try:
-        proc.wait(timeout=timeout)
-        deadline = time.monotonic() + 15
-        while _live_group_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _live_group_members(proc.pid), "decoder processes outlived the indexer"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode
-
-
 def assert_exactly_once(idx: Path, readable: list[Path], failed: set[str], backend: Any = None) -> Any:
     """Every readable image once, with one prediction; failures listed; no run left running;
     the snapshot and its vector file hold exactly the catalog's predictions. Returns them.
@@ -233,24 +204,43 @@ def hooks(work: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model(work: Path, faces: list[Path]) -> Path:
-    return tiny_checkpoint(work / "model.pt", ATTRS, calibrate=faces, size=32, dim=16)
-
-
-@pytest.fixture(scope="module")
-def faces(work: Path) -> list[Path]:
-    return tiny_faces(work / "faces", N_SEED, seed=1)
-
-
-@pytest.fixture(scope="module")
-def seeded(work: Path, model: Path, faces: list[Path]) -> Path:
-    """An index of ``faces`` built in this process; tests that change it work on a copy."""
+def _seed(work: Path) -> tuple[list[Path], Path, Path]:
+    """N_SEED tiny faces, a model calibrated on them, and their index (an SQLite catalog, whatever
+    FACEFIND_DB says while it is built)."""
     from facefind.indexer.pipeline import index_folder
 
-    report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
+    faces = tiny_faces(work / "faces", N_SEED, seed=1)
+    model = tiny_checkpoint(work / "model.pt", ATTRS, calibrate=faces, size=32, dim=16)
+    saved = os.environ.pop("FACEFIND_DB", None)
+    try:
+        report = index_folder(faces[0].parent, model, work / "index", batch_size=16, device="cpu", workers=0)
+    finally:
+        if saved is not None:
+            os.environ["FACEFIND_DB"] = saved
     assert report.indexed == N_SEED
-    return work / "index"
+    return faces, model, work / "index"
+
+
+@pytest.fixture(scope="module")
+def shared_seed(build_once) -> tuple[list[Path], Path, Path]:
+    """``_seed``, built once per run whichever xdist worker asks first (conftest.build_once)."""
+    return build_once("faults-seed", _seed)
+
+
+@pytest.fixture(scope="module")
+def model(shared_seed: tuple[list[Path], Path, Path]) -> Path:
+    return shared_seed[1]
+
+
+@pytest.fixture(scope="module")
+def faces(shared_seed: tuple[list[Path], Path, Path]) -> list[Path]:
+    return shared_seed[0]
+
+
+@pytest.fixture(scope="module")
+def seeded(shared_seed: tuple[list[Path], Path, Path]) -> Path:
+    """The index of ``faces``, shared by every test of the run: tests that change it work on a copy."""
+    return shared_seed[2]
 
 
 @pytest.fixture
@@ -278,10 +268,17 @@ def private_on(catalog_backend: Any, seeded: Path, model: Path, faces: list[Path
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, hooks: Path, model: Path,
-                                                          tmp_path: Path) -> None:
-    """Three kill -9 at seeded random moments, one inside the final snapshot save, then a clean run;
-    every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
+def test_ctrl_c_and_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, hooks: Path, model: Path,
+                                                                     tmp_path: Path) -> None:
+    """Ctrl-C, then two kill -9 at seeded random moments, one inside the final snapshot save, then
+    a clean run; every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs).
+
+    One folder, one clean run and five processes for what were two tests (test_indexer's Ctrl-C /
+    kill -9 / kill-after-the-last-commit, and the random kills here): the kill inside the final
+    snapshot save is the kill right after the last commit, at a known point."""
+    from facefind.db.catalog import Catalog
+    from facefind.db.snapshot import load_snapshot
+
     n = 1000
     folder = tmp_path / "faces"
     readable = tiny_faces(folder, n, seed=SEED % 1000)
@@ -290,18 +287,33 @@ def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, 
     (folder / "text.jpg").write_text("not a picture\n" * 10)
     os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
     failed = {"empty.jpg", "truncated.jpg", "text.jpg", "dangling.jpg"}
+    # CelebA-style annotations above the folder: each readable image's labels must be stored once too.
+    (tmp_path / "list_attr_celeba.txt").write_text(f"{n}\n{' '.join(ATTRS)}\n" + "".join(
+        f"{p.name} {' '.join('1' if (i >> j) & 1 else '-1' for j in range(len(ATTRS)))}\n" for i, p in enumerate(readable)))
+    (tmp_path / "list_eval_partition.txt").write_text("".join(f"{p.name} 0\n" for p in readable))
     backend = catalog_backend
     idx, log, env = tmp_path / "index", tmp_path / "stderr.txt", backend.env(hooks_env(tmp_path))
 
     def committed() -> int:
         return backend.scalar(idx, "SELECT count(*) FROM predictions")
 
+    # Ctrl-C: exit 130 with a resume hint, the run marked interrupted, its snapshot synced on the
+    # way out. It decodes in a worker process, which must not outlive it (see helpers.reap).
+    rc, err = stop_when(start_index(hooks, folder, idx, model, env, log, workers=1), committed, 32, signal.SIGINT, log)
+    assert rc == 130, err
+    assert "resume with: facefind index" in err and "Traceback" not in err
+    with Catalog.open(idx) as catalog:
+        interrupted = catalog.info()["predictions"]
+        assert 32 <= interrupted < n
+        assert catalog.runs()[0].status == "interrupted"
+    assert len(load_snapshot(idx, 1)) == interrupted
+
     rng = random.Random(SEED)
     kills = 0
-    for i in range(3):
+    for i in range(2):
         at = committed() + rng.randrange(16, 200)  # this run commits some
-        # The first run decodes in a worker process, which must not outlive the kill (see reap).
-        proc = start_index(hooks, folder, idx, model if i == 0 else None, env, log, workers=int(i == 0))
+        # The first kill lands on a run that decodes in a worker process (see helpers.reap).
+        proc = start_index(hooks, folder, idx, None, env, log, workers=int(i == 0))
         deadline = time.monotonic() + 120
         while proc.poll() is None and committed() < at:
             assert time.monotonic() < deadline, log.read_text()
@@ -330,8 +342,9 @@ def test_kill_9_at_random_points_then_resume_exactly_once(catalog_backend: Any, 
 
     proc = start_index(hooks, folder, idx, None, env, log)
     assert reap(proc) == 0, log.read_text()
-    assert kills == 4
+    assert kills == 3
     preds = assert_exactly_once(idx, readable, failed, backend)
+    assert backend.scalar(idx, "SELECT count(*) FROM labels") == n
     code, report = check(idx)
     assert code == 0 and not report["warnings"], report  # the run swept the save's leftovers too
     assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))

@@ -7,7 +7,7 @@ batch leaves neither), drops it when the file changes or goes, and re-reads file
 one (catalogs from before the identities table upgrade on open: tests/test_catalog.py); through the CLI on synthetic
 faces (which HOG detects) the index stores descriptors and refuses ``--by person`` in one line
 when it has none; and on the real CelebA sample (skipped without it) another photo of the same
-person ranks first among other people.
+person ranks first among other people. A kill -9 under --identity is in test_photo_faces.py.
 """
 
 from __future__ import annotations
@@ -239,54 +239,3 @@ def test_by_person_ranks_the_same_persons_other_photo_first(tmp_path: Path) -> N
     look = json.loads(run("similar", query, "--by", "look", "--index", tmp_path / "index", "--json").stdout)
     lookalike = next(h["path"] for h in look["hits"] if h["path"] != str(folder / same_name))
     assert next(h for h in hits if h["path"] == lookalike)["same_person"] is False
-
-
-# ---------------------------------------------------------------------------- kill -9
-
-
-@pytest.mark.slow
-def test_kill_9_during_identity_indexing_then_resume_exactly_once(synthetic, tmp_path: Path) -> None:
-    """A kill -9 mid-run under --identity, then a resumed run: every image has exactly one
-    prediction and one identities row, and each stored descriptor is its own file's (nothing
-    shifted between rows), as ``facefind.indexer.faces.detect.identity_of`` computes it here."""
-    import signal
-    import sqlite3
-    import subprocess
-
-    from facefind.db.catalog import Catalog
-    from facefind.indexer.faces.detect import identity_of
-    from test_indexer import ROOT, _stop_when
-    from facefind.trainer.decode import read_rgb
-    from facefind.trainer.synth import synthesize
-
-    _, _, model = synthetic
-    n = 24
-    synthesize(tmp_path / "celeba", n=n, seed=8)
-    folder = tmp_path / "celeba" / "img_align_celeba"
-    idx, log = tmp_path / "index", tmp_path / "stderr.txt"
-    env = {k: v for k, v in os.environ.items() if k != "FACEFIND_DB"}
-    env.update(FACEFIND_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
-
-    def start() -> subprocess.Popen:
-        with open(log, "w") as err:
-            return subprocess.Popen(
-                [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx), "--model",
-                 str(model), "--device", "cpu", "--workers", "1", "--batch-size", "4", "--identity"],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-
-    rc, err = _stop_when(start(), idx, 8, signal.SIGKILL, log)
-    assert rc == -signal.SIGKILL, err
-    rc, err = _stop_when(start(), idx, n + 1, signal.SIGKILL, log)
-    assert rc == 0, err
-    with sqlite3.connect(idx / "catalog.db") as db:
-        assert db.execute("SELECT count(*), count(DISTINCT image_id) FROM predictions "
-                          "JOIN faces ON faces.id = face_id").fetchone() == (n, n)
-        assert db.execute("SELECT count(*) FROM identities JOIN faces ON faces.id = face_id").fetchone() == (n,)
-    with Catalog.open(idx) as catalog:
-        preds = catalog.export(1)[1]
-    assert preds.has_identity.sum() >= n - 3  # HOG finds (nearly) every synthetic face
-    for path, has, stored in zip(preds.paths, preds.has_identity, preds.identity):
-        fresh = identity_of(read_rgb(path))
-        assert has == (fresh is not None)
-        if has:
-            np.testing.assert_allclose(stored, fresh, atol=1e-5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,8 +23,7 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_checkpoint  # noqa: E402
-from test_reader import build_corpus  # noqa: E402
+from helpers import build_corpus, tiny_checkpoint  # noqa: E402
 
 N_FACES = 160
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,162 +375,6 @@ def test_runner_outputs_probabilities_and_unit_embeddings(model: Path) -> None:
     assert empty[0].shape == (0, 40) and empty[1].shape == (0, 32)
 
 
-# ----------------------------------------------------------------------------------------- crashes
-
-
-def _count(db: Path, sql: str) -> int:
-    """One integer from the SQLite catalog file ``db`` (0 before it or its schema exists)."""
-    from pg import Backend
-
-    return Backend("sqlite", None).scalar(db.parent, sql)
-
-
-# A clean run and a resumed one put each file in batches of different neighbours: on the CPU a
-# forward pass then differs in the last bits only (runner test: 1e-5). A row stored against the
-# wrong image differs by far more (these models' outputs differ between images by >1e-3).
-CLEAN_ATOL = 1e-5
-
-
-def clean_predictions(folder: Path, model: Path, index_dir: Path, batch_size: int = 16):
-    """The predictions of one uninterrupted in-process run of ``model`` over ``folder``, into a
-    SQLite catalog of its own (whatever FACEFIND_DB says), by path."""
-    from facefind.db.catalog import Catalog
-    from facefind.indexer.pipeline import index_folder
-
-    saved = os.environ.pop("FACEFIND_DB", None)
-    try:
-        index_folder(folder, model, index_dir, batch_size=batch_size, device="cpu", workers=0)
-        with Catalog.open(index_dir, create=False) as catalog:
-            return catalog.export(catalog.latest_model().id)[1]
-    finally:
-        if saved is not None:
-            os.environ["FACEFIND_DB"] = saved
-
-
-def assert_rows_match_clean_run(got, clean, atol: float = CLEAN_ATOL) -> None:
-    """Every stored row (path -> probabilities and embedding) equals the clean run's to ``atol``:
-    the same paths, and no row shifted against another."""
-    assert sorted(got.paths) == sorted(clean.paths), "other images than the clean run"
-    assert len(set(got.paths)) == len(got.paths)
-    at = {p: i for i, p in enumerate(clean.paths)}
-    order = np.array([at[p] for p in got.paths])
-    probs_err = np.abs(got.probs - clean.probs[order]).max(axis=1)
-    emb_err = np.abs(got.emb - clean.emb[order]).max(axis=1)
-    bad = [got.paths[i] for i in np.flatnonzero((probs_err > atol) | (emb_err > atol))]
-    assert not bad, (f"{len(bad)} rows differ from the clean run by more than {atol} "
-                     f"(max {probs_err.max():.2e} / {emb_err.max():.2e}), e.g. {bad[:3]}")
-    # The check can fail: the images' predictions differ from each other by far more than atol.
-    spread = np.abs(clean.probs - clean.probs[np.roll(np.arange(len(order)), 1)]).max(axis=1)
-    assert np.min(spread) > 100 * atol, "the model does not tell these images apart"
-
-
-def _start(folder: Path, idx: Path, model: Path | None, env: dict[str, str], log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx),
-            "--device", "cpu", "--workers", "1", "--batch-size", "16"]
-    if model is not None:
-        args += ["--model", str(model)]
-    # Output to a file: after a kill -9 the decoder processes may still hold a pipe open.
-    with open(log, "w") as err:
-        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
-
-
-def _live_group_members(pgid: int) -> list[int]:
-    """Processes (not zombies) still in process group ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
-def _stop_when(proc: subprocess.Popen, idx: Path, at_least: int, sig: int, log: Path,
-               count=None) -> tuple[int, str]:
-    """Send ``sig`` once ``at_least`` predictions are committed (read by ``count(sql)``, default:
-    the SQLite catalog of index folder ``idx``); return (exit code, stderr)."""
-    count = count or (lambda sql: _count(idx / "catalog.db", sql))
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if count("SELECT count(*) FROM predictions") >= at_least:
-            os.kill(proc.pid, sig)
-            break
-        time.sleep(0.01)
-    try:
-        proc.wait(timeout=120)
-        # The decoder processes notice their parent is gone and exit on their own.
-        deadline = time.monotonic() + 15
-        while _live_group_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _live_group_members(proc.pid), "decoder processes outlived the indexer"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return proc.returncode, log.read_text()
-
-
-@pytest.mark.slow
-def test_interrupt_and_kill_then_resume_exactly_once(catalog_backend, calibrated_model: Path, tmp_path: Path) -> None:
-    """Ctrl-C, kill -9 mid-run and kill -9 right after the last commit: the end state is exact,
-    and every stored row equals an uninterrupted run's (SQLite and PostgreSQL catalogs)."""
-    from facefind.db.catalog import Catalog
-    from facefind.db.snapshot import load_snapshot
-    from facefind.db.vectors import open_flat, stored_fp16
-    from facefind.trainer.synth import synthesize
-
-    n = 480
-    synthesize(tmp_path / "celeba", n=n, seed=3)
-    folder = tmp_path / "celeba" / "img_align_celeba"
-    idx = tmp_path / "index"
-    backend, model = catalog_backend, calibrated_model
-    env = backend.env({**os.environ, "FACEFIND_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
-
-    def stop(proc: subprocess.Popen, at_least: int, sig: int) -> tuple[int, str]:
-        return _stop_when(proc, idx, at_least, sig, log, count=lambda sql: backend.scalar(idx, sql))
-
-    log = tmp_path / "stderr.txt"
-    rc, err = stop(_start(folder, idx, model, env, log), 32, signal.SIGINT)
-    assert rc == 130, err
-    assert "resume with: facefind index" in err and "Traceback" not in err
-    with Catalog.open(idx) as catalog:
-        committed = catalog.info()["predictions"]
-        assert 32 <= committed < n
-        assert catalog.runs()[0].status == "interrupted"
-        assert len(load_snapshot(idx, 1)) == committed  # the snapshot was synced on the way out
-
-    rc, _ = stop(_start(folder, idx, None, env, log), committed + 48, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    # Right after the last commit: during the snapshot / FAISS save or the run's bookkeeping.
-    rc, _ = stop(_start(folder, idx, None, env, log), n, signal.SIGKILL)
-    assert rc in (-signal.SIGKILL, 0)
-
-    rc, err = stop(_start(folder, idx, None, env, log), n + 1, signal.SIGKILL)
-    assert rc == 0, err
-
-    assert backend.rows(idx, "SELECT count(*), count(DISTINCT path) FROM images") == [(n, n)]
-    assert backend.scalar(idx, "SELECT count(*) FROM predictions WHERE model_id = 1") == n
-    assert backend.scalar(idx, "SELECT count(*) FROM labels") == n
-    assert backend.scalar(idx, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
-    with Catalog.open(idx) as catalog:
-        preds = catalog.export(1)[1]
-        stamp = catalog.stamp(1)
-    snap = load_snapshot(idx, 1)
-    assert snap.stamp == stamp
-    np.testing.assert_array_equal(snap.ids, preds.ids)
-    assert list(snap.paths) == preds.paths
-    np.testing.assert_allclose(snap.probs.T, preds.probs, atol=1e-6)
-    assert open_flat(snap.folder / "vectors.faiss").ntotal == n
-    np.testing.assert_array_equal(snap.emb, stored_fp16(preds.emb))
-    assert_rows_match_clean_run(preds, clean_predictions(folder, model, tmp_path / "clean"))
-
-
-
 def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -> None:
     from facefind.retrieval.bench.index import run_index_bench
 
@@ -547,8 +389,14 @@ def test_index_benchmark_runs_both_pipelines_on_the_same_files(tmp_path: Path) -
     assert (study["batch_size"], study["precision"], study["memory_format"]) == (64, "fp32", "contiguous")
     assert result["images_per_second"] > 0 and same["images_per_second"] > 0 and study["images_per_second"] > 0
     assert result["speedup"] == same["speedup"]
-    assert same["speedup"] == pytest.approx(result["images_per_second"] / same["images_per_second"], rel=0.02)
-    assert study["speedup"] == pytest.approx(result["images_per_second"] / study["images_per_second"], rel=0.02)
+    # Speedups recomputed from the raw rounds (images/s per run): the median run times' ratio. (The
+    # report derives them from its own rates; comparing against those would check nothing.)
+    def median_seconds(runs: list[float]) -> float:
+        return float(np.median([24 / r for r in runs]))
+
+    for row in (same, study):
+        assert row["speedup"] == pytest.approx(median_seconds(row["runs"]) / median_seconds(result["runs"]), rel=0.02)
+    assert result["seconds"] == pytest.approx(median_seconds(result["runs"]), rel=0.02, abs=1e-3)
     assert len(same["runs"]) == len(study["runs"]) == 2
     assert set(result["stage_images_per_second"]) == {"decode", "infer", "write"}
     for name in ("same_settings", "study_style"):  # each baseline really wrote every image

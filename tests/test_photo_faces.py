@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from facefind.retrieval.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import GROUP, PAIR, compose, compose_photos, inside, regions  # noqa: E402
+from helpers import GROUP, PAIR, PhotoIndex, compose, inside, reap, regions  # noqa: E402
 
 
 def run(*args: str | Path):
@@ -38,15 +38,12 @@ def ok_json(*args: str | Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    made = compose_photos(tmp_path_factory.mktemp("photos"))
-    base, folder, model = made.base, made.folder, made.model
-    index = base / "index"
-    report = ok_json("index", folder, "--model", model, "--index", index, "--workers", "0",
-                     "--detect-faces", "--identity")
-    hits = ok_json("query", "--index", index, "--limit", "100")["hits"]
-    return {"base": base, "folder": folder, "faces": made.faces, "model": model, "index": index,
-            "report": report, "hits": hits}
+def photos(photo_index: PhotoIndex) -> dict:
+    """The composed photos indexed by ``index --detect-faces --identity`` (conftest's photo_index,
+    shared with the web tests; read-only: a test that changes it works on a copy)."""
+    made = photo_index.photos
+    return {"base": made.base, "folder": made.folder, "faces": made.faces, "model": made.model,
+            "index": photo_index.index, "report": photo_index.report, "hits": photo_index.hits}
 
 
 def _by_file(hits: list[dict]) -> dict[str, list[dict]]:
@@ -174,9 +171,13 @@ def test_the_engine_lists_every_face_of_a_file(photos: dict) -> None:
 
 @pytest.mark.slow
 def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_path: Path) -> None:
-    """kill -9 twice while photos of two and three faces are being indexed, a file per batch,
-    then a resumed run: after each kill every file has all of its faces or none, and at the end
-    every face's row equals an uninterrupted run's."""
+    """kill -9 twice while photos of two and three faces and aligned crops are indexed with
+    identities (``--detect-faces --identity``, a file per batch, decoding in a worker process),
+    then a resumed run: after each kill every file has all of its faces or none, each face with
+    its descriptor; at the end every face's row equals an uninterrupted run's, and each stored
+    descriptor is the one ``faces_of`` computes for that face of that file (nothing shifted).
+
+    (test_identity's kill -9 under --identity, over aligned crops, is folded in here: the crops.)"""
     import random
     import signal
     import sqlite3
@@ -184,60 +185,75 @@ def test_kill_9_while_indexing_photos_leaves_every_face_once(photos: dict, tmp_p
     import time
 
     from facefind.db.catalog import Catalog
-    from helpers import compose
+    from facefind.indexer.faces.detect import faces_of
+    from facefind.trainer.decode import read_rgb
 
     folder = tmp_path / "photos"
     folder.mkdir()
     expected = {}
-    for i in range(8):
+    for i in range(4):
         layout, size = (GROUP, (340, 800)) if i % 2 == 0 else (PAIR, (300, 520))
         name = f"p{i}.{'jpg' if i % 2 == 0 else 'png'}"
         Image.fromarray(compose(photos["faces"], layout, size, background=215 + 4 * i)).save(folder / name)
         expected[str(folder / name)] = len(layout)
-    clean = ok_json("index", folder, "--model", photos["model"], "--index", tmp_path / "clean", "--workers", "0",
-                    "--detect-faces")
-    assert clean["faces"] == sum(expected.values()) == 20, clean
+    for i in range(2):  # aligned crops: one whole-file entry each, described like any face
+        Image.fromarray(photos["faces"][3 + i]).save(folder / f"crop{i}.jpg", quality=95)
+        expected[str(folder / f"crop{i}.jpg")] = 1
+    common = ("--model", photos["model"], "--workers", "0", "--detect-faces", "--identity")
+    clean = ok_json("index", folder, "--index", tmp_path / "clean", *common)
+    assert clean["faces"] == sum(expected.values()) == 12, clean
+    assert clean["identity"] == {"described": 12, "no_face": 0}, clean
 
     idx = tmp_path / "index"
-    args = [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx), "--workers", "0",
-            "--detect-faces", "--batch-size", "1", "--model", str(photos["model"])]
+    args = [sys.executable, "-m", "facefind.retrieval.cli", "index", str(folder), "--index", str(idx), "--workers", "1",
+            "--detect-faces", "--identity", "--batch-size", "1", "--model", str(photos["model"])]
+    env = {k: v for k, v in os.environ.items() if k != "FACEFIND_DB"}
 
-    def faces_per_file() -> dict[str, int]:
+    def per_file(table: str) -> dict[str, int]:
         try:
             with sqlite3.connect(f"file:{idx / 'catalog.db'}?mode=ro", uri=True, timeout=30) as db:
-                return dict(db.execute("SELECT path, count(*) FROM predictions JOIN faces ON faces.id = face_id "
+                return dict(db.execute(f"SELECT path, count(*) FROM {table} JOIN faces ON faces.id = face_id "
                                        "JOIN images ON images.id = image_id GROUP BY path").fetchall())
         except sqlite3.OperationalError:  # not created yet
             return {}
 
     rng = random.Random(15)
-    for n, target in enumerate((4, 12)):
-        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+    for n, target in enumerate((3, 7)):
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 180
-        while proc.poll() is None and sum(faces_per_file().values()) < target:
+        while proc.poll() is None and sum(per_file("predictions").values()) < target:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.05))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        stored = faces_per_file()
+        os.kill(proc.pid, signal.SIGKILL)
+        code = reap(proc)  # the decoder process must not outlive it
+        stored = per_file("predictions")
         assert all(stored[p] == expected[p] for p in stored), stored  # never part of a photo
+        assert per_file("identities") == stored  # each face with its descriptor, in its transaction
         if n == 0:  # the first kill lands mid-run (a later one may find the work done)
-            assert proc.returncode == -signal.SIGKILL and 0 < sum(stored.values()) < 20, stored
-    resumed = ok_json("index", folder, "--model", photos["model"], "--index", idx, "--workers", "0", "--detect-faces")
-    assert resumed["failed"] == 0 and faces_per_file() == expected
+            assert code == -signal.SIGKILL and 0 < sum(stored.values()) < 12, stored
+    resumed = ok_json("index", folder, "--index", idx, *common)
+    assert resumed["failed"] == 0 and per_file("predictions") == expected == per_file("identities")
 
-    def rows(where: Path) -> dict[tuple[str, int], tuple[list[int], np.ndarray]]:
+    def rows(where: Path) -> dict[tuple[str, int], tuple[list[int], np.ndarray, np.ndarray]]:
         with Catalog.open(where, create=False) as cat:
             preds = cat.export(1)[1]
-        return {(p, int(f)): (b.tolist(), pr) for p, f, b, pr in zip(preds.paths, preds.faces, preds.boxes, preds.probs)}
+        assert preds.has_identity.all()
+        return {(p, int(f)): (b.tolist(), pr, ident)
+                for p, f, b, pr, ident in zip(preds.paths, preds.faces, preds.boxes, preds.probs, preds.identity)}
 
     got, want = rows(idx), rows(tmp_path / "clean")
-    assert sorted(got) == sorted(want) and len(got) == 20
-    for key, (box, probs) in want.items():
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for key, (box, probs, _) in want.items():
         assert got[key][0] == box
         np.testing.assert_allclose(got[key][1], probs, atol=1e-5)
+    for path, count in expected.items():  # each descriptor is its own face's, computed here from the file
+        entries = faces_of(read_rgb(path), identity=True)
+        assert len(entries) == count, path
+        for entry in entries:
+            assert got[(path, entry.number)][0] == ([-1] * 4 if entry.box is None else list(entry.box))
+            np.testing.assert_allclose(got[(path, entry.number)][2], entry.identity, atol=1e-5)
 
 
 def test_detect_faces_over_a_folder_indexed_whole_reads_its_photos_again(photos: dict, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ attribute (a raw fresh network gives every image nearly the same output).
 
 from __future__ import annotations
 
-import html.parser
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import check_page, tiny_checkpoint  # tests/ is on sys.path (pytest's prepend import mode)
 from facefind.retrieval.cli import app
 
 N_FACES = 24
@@ -62,46 +61,6 @@ def invoke(*args: str | Path, env: dict[str, str] | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
-class _Checker(html.parser.HTMLParser):
-    """Fails on unbalanced tags; collects the text and the style of positioned boxes."""
-
-    VOID = {"meta", "img", "br", "link", "input", "hr"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.text: list[str] = []
-        self.boxes: list[str] = []
-        self.images = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "img":
-            self.images += 1
-            assert (a.get("src") or "").startswith("data:image/jpeg;base64,")
-        if a.get("class") == "box":
-            self.boxes.append(a.get("style") or "")
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
-        self.stack.pop()
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def check_page(path: Path) -> _Checker:
-    page = path.read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>")
-    checker = _Checker()
-    checker.feed(page)
-    checker.close()
-    assert checker.stack == [], f"unclosed tags {checker.stack}"
-    return checker
-
-
 # -- the library ------------------------------------------------------------------------------
 
 
@@ -138,12 +97,42 @@ def test_batching_and_arrays_give_the_same_answer(model: Path, predictor, images
     assert [c.path for c in arrays] == ["a", "b", "c", "d", "e"]
 
 
+def test_predict_is_the_model_on_pixels_decoded_here(model: Path, predictor, images: list[Path]) -> None:
+    """An independent path to predict's numbers: PIL decodes each face, torch resizes the uint8
+    pixels (antialiased bilinear, as the trainer's cache does) and the checkpoint's own mean/std
+    normalise them; the model called directly must give predict's probabilities and unit embedding.
+    Predict and index share ``infer``, so their agreement (next test) cannot catch a mistake in it;
+    this can. (Resizing in float instead moves embeddings by ~0.02: the uint8 step is part of the
+    contract.)"""
+    import torch
+    from torch.nn import functional as F
+
+    from facefind.trainer.checkpoint import load_model
+
+    net, meta = load_model(model)
+    faces = images[:6]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in faces])
+    x = F.interpolate(x, size=tuple(meta.img_size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x.float() / 255 - torch.tensor(meta.mean).view(1, 3, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits, embedding = net(x)
+    probs, unit = torch.sigmoid(logits).numpy(), F.normalize(embedding, dim=1).numpy()
+    preds = predictor.predict(faces)
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in preds], probs, atol=1e-4)
+    np.testing.assert_allclose([p.embedding for p in preds], unit, atol=1e-4)
+    # ... and it can fail: a neighbour's row, or a wrong normalisation, is further off than that
+    assert np.abs(probs - np.roll(probs, 1, axis=0)).max() > 0.05
+    assert np.abs(unit - np.roll(unit, 1, axis=0)).max() > 0.05
+
+
 def test_predict_and_index_give_the_same_probabilities(model: Path, tmp_path: Path) -> None:
     """`facefind predict FILE --json` and `facefind index` agree to 1e-4 on every odd file
-    (EXIF-rotated, RGBA, CMYK, 16-bit, greyscale, palette): one decoder, one forward pass."""
+    (EXIF-rotated, RGBA, CMYK, 16-bit, greyscale, palette): one decoder, one forward pass. Both
+    call the same ``infer``, so this guards the routing (both decode these files the same way and
+    neither treats them differently), not the arithmetic: the test above checks that."""
     import shutil
 
-    from test_reader import ODD, build_corpus
+    from helpers import ODD, build_corpus
 
     build_corpus(tmp_path / "corpus")
     folder = tmp_path / "odd"

@@ -7,10 +7,7 @@ whole indexer over it too.
 
 from __future__ import annotations
 
-import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,95 +19,9 @@ from facefind.indexer.discovery import FileEntry, discover, split_unchanged
 from facefind.indexer.reader import ImageReader
 from facefind.indexer.routing import Jpegs, Pixels, decode_files
 from facefind.trainer.decode import BACKGROUND
+from helpers import ODD, blob_face, build_corpus, jpeg_bytes  # tests/ is on sys.path (pytest's prepend import mode)
 
 SIZE = (32, 24)  # (h, w): small, not square, so transposed dimensions would show
-
-
-def _jpeg(img: Image.Image, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90, **kw)
-    return buf.getvalue()
-
-
-def _face(seed: int = 0, size: tuple[int, int] = (60, 72)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.zeros((size[1], size[0], 3), np.uint8)
-    arr[...] = rng.integers(40, 220, 3, dtype=np.uint8)
-    arr[size[1] // 4: size[1] // 2, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
-    return Image.fromarray(arr)
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but carries one tiny IDAT: a bomb-sized header, cheaply."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def build_corpus(folder: Path) -> dict[str, str | None]:
-    """Write one file per bad-input kind; map file name -> expected failure reason, None = indexable."""
-    folder.mkdir(parents=True, exist_ok=True)
-    face = _face(1)
-    good = _jpeg(face)
-    expect: dict[str, str | None] = {}
-
-    def put(name: str, data: bytes, reason: str | None) -> None:
-        (folder / name).write_bytes(data)
-        expect[name] = reason
-
-    put("empty.jpg", b"", "empty file")
-    for cut in (1, 20, 300, len(good) // 2, len(good) - 2):
-        put(f"truncated_{cut}.jpg", good[:cut], "truncated JPEG")
-    put("garbage_appended.jpg", good + os.urandom(0) + bytes(range(256)) * 8, None)
-    put("random_bytes.jpg", np.random.default_rng(3).integers(0, 256, 4000, dtype=np.uint8).tobytes(), "not an image")
-    put("text.jpg", b"this is not a picture\nat all\n" * 20, "not an image (text file)")
-
-    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
-    rgba.paste((0, 0, 255, 0), (20, 0, 40, 30))  # right half fully transparent
-    buf = io.BytesIO(); rgba.save(buf, "PNG"); put("alpha.png", buf.getvalue(), None)
-    la = Image.new("LA", (20, 20), (200, 0))
-    buf = io.BytesIO(); la.save(buf, "PNG"); put("grey_alpha.png", buf.getvalue(), None)
-    sixteen = Image.fromarray(np.full((20, 20), 65535, np.uint16))
-    buf = io.BytesIO(); sixteen.save(buf, "PNG"); put("sixteen_bit.png", buf.getvalue(), None)
-    pal = face.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    buf = io.BytesIO(); pal.save(buf, "GIF"); put("palette.gif.png", buf.getvalue(), None)  # a GIF named .png
-    buf = io.BytesIO(); pal.save(buf, "PNG", transparency=0); put("palette_transparent.png", buf.getvalue(), None)
-    frames = [Image.new("RGB", (30, 30), c) for c in ((0, 200, 0), (200, 0, 0), (0, 0, 200))]
-    buf = io.BytesIO(); frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    put("animated.gif.jpg", buf.getvalue(), None)
-    buf = io.BytesIO(); frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], duration=50, lossless=True)
-    put("animated.webp", buf.getvalue(), None)
-    put("cmyk.jpg", _jpeg(face.convert("CMYK")), None)
-    put("grey.JPG", _jpeg(face.convert("L")), None)
-    rotated = Image.new("RGB", (40, 20), (255, 0, 0))
-    rotated.paste((0, 0, 255), (20, 0, 40, 20))
-    exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    put("exif_rotated.jpeg", _jpeg(rotated, exif=exif.tobytes()), None)
-    put("bomb.png", _png_header_only(20_000, 20_000), "decompression bomb (400000000 pixels)")
-    put("one_pixel.bmp", _bmp(Image.new("RGB", (1, 1), (10, 20, 30))), None)
-    put("png_named.jpg", _png(face), None)
-    put("with space.jpg", good, None)
-    put("ünïcødé 顔.jpg", good, None)
-    put("new\nline.jpg", good, None)
-    (folder / "notes.txt").write_text("not an image extension: ignored")
-    (folder / "folder.jpg").mkdir()  # a folder named like an image: ignored
-    os.symlink(folder / "does-not-exist.jpg", folder / "dangling.jpg")
-    expect["dangling.jpg"] = "dangling symlink"
-    os.symlink(folder / "loop_b.jpg", folder / "loop_a.jpg")
-    os.symlink(folder / "loop_a.jpg", folder / "loop_b.jpg")
-    expect["loop_a.jpg"] = expect["loop_b.jpg"] = "symlink loop"
-    os.symlink(folder / "with space.jpg", folder / "good_link.jpg")
-    expect["good_link.jpg"] = None
-    return expect
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO(); img.save(buf, "PNG"); return buf.getvalue()
-
-
-def _bmp(img: Image.Image) -> bytes:
-    buf = io.BytesIO(); img.save(buf, "BMP"); return buf.getvalue()
 
 
 def _decode_all(folder: Path, workers: int = 0) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, tuple[int, int]]]:
@@ -158,7 +69,7 @@ def test_corpus_every_kind_is_decoded_or_named(tmp_path: Path) -> None:
 
 def test_file_vanishing_between_discovery_and_reading(tmp_path: Path) -> None:
     for i in range(3):
-        _face(i).save(tmp_path / f"{i}.jpg")
+        blob_face(i).save(tmp_path / f"{i}.jpg")
     found = discover(tmp_path)
     os.remove(tmp_path / "1.jpg")
     [batch] = decode_files(found.files, SIZE)
@@ -198,7 +109,7 @@ def test_split_unchanged() -> None:
 
 def test_worker_processes_match_in_process(tmp_path: Path) -> None:
     for i in range(20):
-        _face(i).save(tmp_path / f"{i:02d}.jpg")
+        blob_face(i).save(tmp_path / f"{i:02d}.jpg")
     (tmp_path / "05.jpg").write_bytes(b"")
     single, single_fail, _ = _decode_all(tmp_path, workers=0)
     multi, multi_fail, _ = _decode_all(tmp_path, workers=2)
@@ -210,9 +121,6 @@ def test_worker_processes_match_in_process(tmp_path: Path) -> None:
 
 # -- one pixel contract (facefind.trainer.decode) ------------------------------------------------------
 
-# The files the three old decoders disagreed on, and a plain JPEG.
-ODD = ("exif_rotated.jpeg", "alpha.png", "cmyk.jpg", "sixteen_bit.png", "grey.JPG", "palette.gif.png",
-       "palette_transparent.png", "grey_alpha.png", "with space.jpg")
 PLAIN = {"with space.jpg", "grey.JPG", "ünïcødé 顔.jpg", "good_link.jpg", "new\nline.jpg"}
 
 
@@ -258,7 +166,7 @@ def test_exif_rotated_training_images_match_upright_ones(tmp_path: Path) -> None
     exif = Image.Exif()
     exif[0x0112] = 3  # rotate 180 degrees to display
     for i in range(4):
-        face = _face(i, size=(48, 64))
+        face = blob_face(i, size=(48, 64))
         face.paste((0, 0, 0), (0, 0, 16, 16))  # a dark top-left corner: upside down shows
         face.save(up / f"{i}.png")
         face.rotate(180).save(flipped / f"{i}.png", exif=exif.tobytes())
@@ -286,12 +194,12 @@ def test_plain_jpegs_skip_pillow_for_the_same_pixels(tmp_path: Path) -> None:
 
     folder = tmp_path / "corpus"
     expect = build_corpus(folder)
-    face = _face(7, size=(178, 218))
-    extra = {"progressive.jpg": (_jpeg(face, progressive=True), True),
-             "exif_upright.jpg": (_jpeg(face, exif=_orientation(1)), True),
-             "exif_180.jpg": (_jpeg(face, exif=_orientation(3)), False),
-             "xmp_180.jpg": (_jpeg(face, xmp=_XMP % b"3"), False),
-             "xmp_upright.jpg": (_jpeg(face, xmp=_XMP % b"1"), True)}
+    face = blob_face(7, size=(178, 218))
+    extra = {"progressive.jpg": (jpeg_bytes(face, progressive=True), True),
+             "exif_upright.jpg": (jpeg_bytes(face, exif=_orientation(1)), True),
+             "exif_180.jpg": (jpeg_bytes(face, exif=_orientation(3)), False),
+             "xmp_180.jpg": (jpeg_bytes(face, xmp=_XMP % b"3"), False),
+             "xmp_upright.jpg": (jpeg_bytes(face, xmp=_XMP % b"1"), True)}
     for name, (data, _) in extra.items():
         (folder / name).write_bytes(data)
     readable = [n for n, reason in expect.items() if reason is None] + list(extra)
@@ -382,7 +290,7 @@ class CrashOnRed:
 
 def test_a_crashing_decoder_costs_only_its_file(tmp_path: Path) -> None:
     for i in range(8):
-        _face(i).save(tmp_path / f"{i}.png")
+        blob_face(i).save(tmp_path / f"{i}.png")
     Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "3.png")
     with ImageReader(SIZE, batch_size=4, workers=2, faces=CrashOnRed()) as reader:
         batches = list(reader.batches(discover(tmp_path).files))
@@ -410,7 +318,7 @@ def test_a_files_faces_are_rows_of_one_batch(tmp_path: Path) -> None:
     a file's rows are never split between batches, whatever the workers: the writer commits all of
     a file's faces in one transaction."""
     for i in range(7):
-        _face(i).save(tmp_path / f"{i}.png")
+        blob_face(i).save(tmp_path / f"{i}.png")
     with ImageReader(SIZE, batch_size=3, workers=2, faces=ThreeFaces()) as reader:
         batches = list(reader.batches(discover(tmp_path).files))
     assert [len(b) for b in batches] == [9, 9, 3]

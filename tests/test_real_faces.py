@@ -4,6 +4,12 @@ Train the demo's small CNN on the sample's train split on the CPU, index the ima
 split (never seen by gradient descent; it only chose the epoch and the thresholds), and check
 that the top 50 hits for single-attribute queries are far richer in that attribute than the
 collection is, against the CelebA ground-truth labels the index stored.
+
+The recipe is the cheapest that clears every bar with room to spare: 3 epochs at 32 px (~40 s on
+2 cores; the demo's 8 epochs at 64 px took ~230 s). Measured precision@50 (bar): Eyeglasses 0.45
+(0.28; 23 faces cap it at 0.46), Male 0.96 (0.53), Smiling 0.94 (0.68), Blond_Hair 0.84 (0.36).
+Two epochs miss the Eyeglasses bar (0.19), so the assertion still tells a model that learned from
+one that barely did.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from facefind.retrieval.cli import app
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "celeba-sample"
 ATTRIBUTES = ("Eyeglasses", "Male", "Smiling", "Blond_Hair")
+EPOCHS, IMG_SIZE = 3, 32  # the demo trains 8 epochs at 64 px (see the module docstring)
 
 pytestmark = [
     pytest.mark.celeba,
@@ -27,14 +34,18 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def real_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_index(build_once) -> Path:
+    """Trained and indexed once per run, whichever xdist worker asks first (conftest.build_once)."""
+    return build_once("real-index", _train_and_index)
+
+
+def _train_and_index(work: Path) -> Path:
     from facefind.indexer.pipeline import index_folder
-    from facefind.retrieval.demo import DEMO_ARCH, DEMO_IMG_SIZE
+    from facefind.retrieval.demo import DEMO_ARCH
     from facefind.trainer.celeba import load_celeba
     from facefind.trainer.fit import FitConfig, fit
 
-    work = tmp_path_factory.mktemp("real")
-    fit(FitConfig(data=SAMPLE, out=work / "model.pt", arch=DEMO_ARCH, img_size=DEMO_IMG_SIZE, epochs=8,
+    fit(FitConfig(data=SAMPLE, out=work / "model.pt", arch=DEMO_ARCH, img_size=IMG_SIZE, epochs=EPOCHS,
                   batch_size=64, device="cpu", seed=0, cache_dir=work / "cache"))
 
     # The held-out images, with the annotation files beside them as CelebA keeps them (links: the

@@ -23,119 +23,18 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 # tests/ is on sys.path (prepend import mode)
-from helpers import GROUP, PAIR, Built, Photos, build_synthetic_index, compose_photos, inside, regions
-from test_reader import _png_header_only
+from helpers import GROUP, HISTORY, PAIR, Built, People, PhotoIndex, inside, png_header_only, regions
 from facefind.retrieval.cli import app as cli_app
 
 ROOT = Path(__file__).resolve().parents[1]
-N_FACES = 40
-HISTORY = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.72 - 0.08 * e,
-            "val": {"mean_accuracy": 0.6 + 0.05 * e, "macro_f1": 0.2 + 0.04 * e}} for e in (1, 2, 3)]
-
-
-def build_index(base: Path, n: int = N_FACES, seed: int = 5) -> Built:
-    """Synthetic faces -> a calibrated tiny checkpoint (with history and metrics) -> `facefind index`."""
-    return build_synthetic_index(base, n, seed, adjust=_with_history)
-
-
-@dataclass(frozen=True)
-class People:
-    """A small index built with identity descriptors (``index --identity``)."""
-
-    index: Path
-    ids: dict[str, int]  # path -> catalog id
-    original: Path       # a synthetic face (an aligned crop) ...
-    other: Path          # ... and the same face in another photo
-    faceless: Path       # an aligned-size image with no face: indexed, without a descriptor
-
-
-def another_photo(face: Path) -> bytes:
-    """``face`` in another photo: pasted onto a larger canvas of another colour (a PNG), so that it
-    is found by face detection, as in any photo, instead of being read as an aligned crop."""
-    from PIL import Image
-
-    canvas = Image.new("RGB", (420, 320), (40, 90, 160))
-    with Image.open(face) as img:
-        canvas.paste(img.convert("RGB"), (96, 40))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def build_people_index(base: Path, b: Built, same: int, n: int = 12) -> People:
-    """``n`` of ``b``'s faces, another photo of face ``same`` and a faceless image, indexed with
-    ``b``'s model and identity descriptors (the hook `facefind index --identity` uses)."""
-    from PIL import Image
-
-    from facefind.db.catalog import Catalog
-    from facefind.indexer.pipeline import index_folder
-    from facefind.indexer.routing import FaceFinder
-
-    folder = base / "photos"
-    folder.mkdir()
-    for path in b.images[:n]:
-        shutil.copy(path, folder / path.name)
-    original, other, faceless = folder / b.images[same].name, folder / "another-photo.png", folder / "faceless.jpg"
-    other.write_bytes(another_photo(original))
-    Image.new("RGB", (178, 218), (128, 128, 128)).save(faceless)
-    report = index_folder(folder, b.model, base / "index", device="cpu", workers=0, faces=FaceFinder(identity=True))
-    assert report.indexed == n + 2 and report.identity["no_face"] >= 1
-    with Catalog.open(base / "index", create=False) as catalog:
-        preds = catalog.export(catalog.latest_model().id)[1]
-    ids = dict(zip(preds.paths, preds.ids.tolist()))
-    described = dict(zip(preds.paths, preds.has_identity.tolist()))
-    assert described[str(original)] and described[str(other)] and not described[str(faceless)]
-    return People(base / "index", ids, original, other, faceless)
-
-
-@dataclass(frozen=True)
-class PhotoIndex:
-    """Composed group photos (helpers.compose_photos) indexed by `index --detect-faces --identity`."""
-
-    photos: Photos
-    index: Path
-    hits: list[dict]  # every entry, as `query --json` lists them
-
-    def of(self, name: str) -> list[dict]:
-        """The entries of the file ``name``, by face number."""
-        return sorted((h for h in self.hits if Path(h["path"]).name == name), key=lambda h: h["face"])
-
-
-def build_photo_index(base: Path) -> PhotoIndex:
-    """A group photo of three faces, a pair, a faceless photo and an aligned crop, indexed one entry
-    per face (6 entries) through the CLI."""
-    photos = compose_photos(base)
-    report = cli_json("index", photos.folder, "--model", photos.model, "--index", base / "index",
-                      "--workers", "0", "--detect-faces", "--identity")
-    assert (report["indexed"], report["faces"]) == (3, 6), report
-    hits = cli_json("query", "--index", base / "index", "--limit", "100")["hits"]
-    return PhotoIndex(photos, base / "index", hits)
-
-
-def _with_history(path: Path, attributes: Sequence[str]) -> None:
-    """Give the checkpoint what training records: two threshold sets, their stats, history, metrics."""
-    from facefind.trainer.checkpoint import load_model, save_checkpoint
-
-    model, meta = load_model(path)
-    meta.threshold_sets = {"accuracy": list(meta.thresholds),  # two sets that differ, as training keeps
-                           "f1": [max(0.0, t - 0.05) for t in meta.thresholds]}
-    meta.threshold_stats = {name: {m: [0.5] * len(attributes) for m in ("precision", "recall", "f1")}
-                            for name in meta.threshold_sets}
-    meta.history = HISTORY
-    meta.epoch, meta.best_epoch = 3, 3
-    meta.val_metrics = {"mean_accuracy": 0.75, "macro_f1": 0.32, "per_attribute": {
-        a: {"accuracy": 0.5 + i / 100, "f1": 0.3, "average_precision": 0.4, "support": 5, "threshold": 0.5}
-        for i, a in enumerate(attributes)}}
-    save_checkpoint(path, model, meta)
+N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 
 
 def _serving(index: Path, thumbs: Path):
@@ -150,8 +49,8 @@ def _serving(index: Path, thumbs: Path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_index(tmp_path_factory.mktemp("serve"))
+def built(web_index: Built) -> Built:
+    return web_index
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +59,13 @@ def client(built: Built, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def people(built: Built, tmp_path_factory: pytest.TempPathFactory) -> People:
-    return build_people_index(tmp_path_factory.mktemp("people"), built, same=10)
+def people(people_index: People) -> People:
+    return people_index
 
 
 @pytest.fixture(scope="module")
 def people_client(people: People, tmp_path_factory: pytest.TempPathFactory):
     yield from _serving(people.index, tmp_path_factory.mktemp("people-thumbs"))
-
-
-@pytest.fixture(scope="module")
-def photo_index(tmp_path_factory: pytest.TempPathFactory) -> PhotoIndex:
-    return build_photo_index(tmp_path_factory.mktemp("group-photos"))
 
 
 @pytest.fixture(scope="module")
@@ -577,7 +471,7 @@ def test_uploads_are_capped_bomb_guarded_and_never_kept(client, built: Built, tm
     got = client.post("/api/similar", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert got.status_code == 413 and "20 MB" in got.json()["error"]
     # a PNG that claims 20,000 x 20,000 pixels in a few bytes
-    bomb = _png_header_only(20_000, 20_000)
+    bomb = png_header_only(20_000, 20_000)
     one_line_error(client.post("/api/similar", files={"file": ("bomb.png", bomb)}), 400,
                    "decompression bomb (400000000 pixels)")
     # a large upload (spooled to disk by the form parser) leaves nothing behind
