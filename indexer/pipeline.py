@@ -168,17 +168,10 @@ def index_folder(
     catalog = Catalog.open(index_dir)
     try:
         t = time.perf_counter()
-        known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
+        plan = _plan(catalog, found, root, sha256, faces, rebuild=rebuild, prune=prune)
+        todo, unchanged, labels, label_names = plan.todo, plan.unchanged, plan.labels, plan.label_names
         identity = faces is not None and faces.identity
-        known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identity)
-        if known and faces is not None and faces.detect:
-            _forget_whole_photos(catalog, known_id, known)
-        todo, unchanged = split_unchanged(found.files, known)
-        pruned = _prune(catalog, root) if prune else 0
-        label_names, labels = _ground_truth(root, todo) if todo else (None, {})
         timings["plan"] = time.perf_counter() - t
-        log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
-                 len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
 
         with ImageReader(meta.img_size, batch_size, workers, faces=faces, gpu_jpeg=dev.type == "cuda") as reader:
             if todo:
@@ -188,17 +181,7 @@ def index_folder(
             del checkpoint  # the weights now live in the model
             timings["load_model"] = time.perf_counter() - t
             # Registered once its weights load: a checkpoint that fails never becomes the default.
-            model_id = catalog.register_model(
-                sha256, meta.arch, meta.attributes, meta.all_threshold_sets()[meta.query_set()],
-                meta.embedding_dim, str(model_path),
-                _model_meta(meta),
-            )
-            log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
-                     len(meta.attributes), *meta.img_size)
-            if n > 1 and (k == 0 or not launched):  # before any write: no query may publish a partial build
-                catalog.hold_publish(model_id, {"shards": n, "root": str(root)})
-            if launched:
-                distributed.barrier()  # rank 0 holds before any rank writes
+            model_id = _register(catalog, model_path, meta, sha256, root, k, n, launched)
             run_id = catalog.start_run(model_id, root)
             writer = CatalogWriter(catalog, model_id, labels, label_names)
             failures: list[Failure] = list(found.failures)
@@ -226,7 +209,7 @@ def index_folder(
         report = IndexReport(
             folder=str(root), index_dir=str(index_dir), model_id=model_id, run_id=run_id, status=status,
             indexed=writer.written, unchanged=unchanged, failed=len(failures), failures=failures,
-            pruned=pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
+            pruned=plan.pruned, labelled=writer.labelled, seconds=seconds, timings=timings,
             device=describe_device(dev), shard=f"{k}/{n}" if n > 1 else "", published=n == 1,
             identity={"described": writer.described, "no_face": writer.no_face} if identity else None,
             faces=writer.faces,
@@ -242,6 +225,50 @@ def index_folder(
         return report
     finally:
         catalog.close()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run will do: the files to read, how many are unchanged, the labels to store."""
+
+    todo: list[FileEntry]
+    unchanged: int
+    pruned: int
+    label_names: list[str] | None
+    labels: dict[str, np.ndarray]
+
+
+def _plan(catalog: Catalog, found: Any, root: Path, sha256: str, faces: FaceFinder | None, *,
+          rebuild: bool, prune: bool) -> _Plan:
+    """Split the found files into unchanged ones and ones to read (forgetting whole-photo entries
+    that ``--detect-faces`` replaces), prune what is gone, and read the ground truth beside them."""
+    known_id = next((m.id for m in catalog.models() if m.sha256 == sha256), None)
+    identity = faces is not None and faces.identity
+    known = {} if rebuild or known_id is None else catalog.known_files(known_id, identity=identity)
+    if known and faces is not None and faces.detect:
+        _forget_whole_photos(catalog, known_id, known)
+    todo, unchanged = split_unchanged(found.files, known)
+    pruned = _prune(catalog, root) if prune else 0
+    label_names, labels = _ground_truth(root, todo) if todo else (None, {})
+    log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
+             len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
+    return _Plan(todo, unchanged, pruned, label_names, labels)
+
+
+def _register(catalog: Catalog, model_path: Path, meta: CheckpointMeta, sha256: str, root: Path,
+              k: int, n: int, launched: bool) -> int:
+    """Record the model in the catalog; in a sharded build, hold publishing before any rank writes."""
+    model_id = catalog.register_model(
+        sha256, meta.arch, meta.attributes, meta.all_threshold_sets()[meta.query_set()],
+        meta.embedding_dim, str(model_path), _model_meta(meta),
+    )
+    log.info("model %d: %s (%s, %d attributes, input %dx%d)", model_id, model_path, meta.arch,
+             len(meta.attributes), *meta.img_size)
+    if n > 1 and (k == 0 or not launched):  # before any write: no query may publish a partial build
+        catalog.hold_publish(model_id, {"shards": n, "root": str(root)})
+    if launched:
+        distributed.barrier()  # rank 0 holds before any rank writes
+    return model_id
 
 
 @dataclass
