@@ -77,10 +77,27 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def _set_and_restore_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Setting the umask to read it lets another thread (the web server writes thumbnails from several)
+# create world-writable files for that moment, so it is done once, at import; where Linux says the
+# umask (/proc/self/status), each write reads it there, so a later change is still honoured.
+_UMASK_AT_IMPORT = _set_and_restore_umask()
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -1,6 +1,6 @@
 """Names in the catalog that are read without SQLAlchemy, importable without it.
 
-``facefind query`` serves a current snapshot after three tiny reads of an SQLite catalog through
+``facefind query`` serves a current snapshot after two tiny reads of an SQLite catalog through
 the stdlib's sqlite3 (facefind.db.snapshot.fast), because importing SQLAlchemy would cost it more
 than the query itself. db/schema.py declares its tables with these names, so the shortcut always
 reads the schema that SQLAlchemy writes.

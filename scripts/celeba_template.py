@@ -4,22 +4,19 @@
 
 Runs facefind.indexer.faces.align's own detector and 5-point predictor (the ones alignment uses at run time)
 over every 178x218 crop in the folder and prints ``CELEBA_TEMPLATE`` as Python to paste into
-trainer/align.py, with how many crops had a detection and the per-point spread. Users have no
+indexer/faces/align.py, with how many crops had a detection and the per-point spread. Users have no
 CelebA sample, so the measured constants live in the code; this script is how they were made.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from facefind.indexer.faces.align import CELEBA_SIZE, detect, landmarks  # noqa: E402
+from facefind.indexer.faces.align import CELEBA_SIZE, detect, landmarks  # needs `pip install -e .`
 
 
 def measure(folder: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:

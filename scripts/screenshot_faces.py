@@ -24,8 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers that compose photos; facefind itself: `pip install -e .`
 
 from helpers import compose, detectable_faces  # noqa: E402
 

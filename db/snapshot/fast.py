@@ -42,7 +42,7 @@ def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
     anything is unusual. Two cases:
 
     - The index folder's SQLite catalog: the snapshot is served when provably current, checked
-      with the stdlib's sqlite3 (three tiny reads): not behind the catalog, same catalog id.
+      with the stdlib's sqlite3 (two tiny reads): not behind the catalog, same catalog id.
     - A server catalog (``FACEFIND_DB`` set to a non-SQLite URL): the database is not contacted.
       Queries read the *published* snapshot, the one the last index run (or ``check --repair``)
       wrote, as long as ``PUBLISHED`` records that it was published from this very URL. After an
@@ -61,7 +61,7 @@ def current_snapshot_fast(index_dir: str | os.PathLike[str]) -> Snapshot | None:
     except sqlite3.Error:
         return None
     try:
-        with conn:  # one read transaction: the three reads see the same catalog state
+        with conn:  # one read transaction: both reads see the same catalog state
             conn.execute("BEGIN")
             catalog_id = conn.execute(_CATALOG_ID_SQL, (names.CATALOG_ID,)).fetchone()
             model = conn.execute(_NEWEST_MODEL_SQL).fetchone()

@@ -1,6 +1,6 @@
 """Shared pieces of the command-line layer: error guard, JSON output, common options.
 
-Command modules (``cli_*.py``) keep only option parsing and rendering; the work happens in the
+The command modules of ``facefind.retrieval.cli`` keep only option parsing and rendering; the work happens in the
 library packages. They must not import torch at module level: ``facefind query`` loads every
 command module and must stay torch-free (checked by a test).
 """

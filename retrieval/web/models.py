@@ -63,7 +63,7 @@ class SimilarOut(QueryOut):
     reference: ReferenceOut
 
 
-class FaceOut(BaseModel):
+class FaceOut(_Open):
     id: int
     face: int
     box: list[int] | None
@@ -85,7 +85,7 @@ class ImageOut(_Open):
     labels: dict[str, bool] | None
 
 
-class AttributeOut(BaseModel):
+class AttributeOut(_Open):
     name: str
     threshold: float
     thresholds: dict[str, float]   # per threshold set
@@ -93,7 +93,7 @@ class AttributeOut(BaseModel):
     label_rate: float | None       # share labelled with it (None: no labels)
 
 
-class AttributesOut(BaseModel):
+class AttributesOut(_Open):
     n_indexed: int
     has_labels: bool
     has_identity: bool
