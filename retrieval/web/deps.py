@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, Request
@@ -40,14 +40,6 @@ async def thumbnail_cache(request: Request) -> ThumbnailCache:
 LiveDep = Annotated[Live, Depends(current_live)]
 SourceDep = Annotated[Source, Depends(server_source)]
 ThumbsDep = Annotated[ThumbnailCache, Depends(thumbnail_cache)]
-
-
-def live_cache(live: Live, key: str, make: Callable[[], Any]) -> Any:
-    """A value derived once from ``live`` (its snapshot) and kept with it."""
-    store = live.__dict__.setdefault("_derived", {})
-    if key not in store:
-        store[key] = make()
-    return store[key]
 
 
 # ------------------------------------------------------------------------------------ parameters

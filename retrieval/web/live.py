@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -53,19 +53,21 @@ class Live:
     opened: OpenIndex | None = None  # None for an in-memory engine (no catalog behind it)
     key: tuple[Any, ...] = ()
     loaded_at: float = field(default_factory=time.time)
-    _labels: Labels | None = None
-    _labels_loaded: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _derived: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # one value may derive from another
+
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once for this generation and kept with it (labels, rates, ...)."""
+        if key not in self._derived:
+            with self._lock:
+                if key not in self._derived:
+                    self._derived[key] = make()
+        return self._derived[key]
 
     @property
     def labels(self) -> Labels | None:
         """The catalog's ground truth for the index's attributes, or None when it holds none."""
-        if not self._labels_loaded:
-            with self._lock:
-                if not self._labels_loaded:
-                    self._labels = self._read_labels()
-                    self._labels_loaded = True
-        return self._labels
+        return self.once("labels", self._read_labels)
 
     def _read_labels(self) -> Labels | None:
         if self.opened is None:
@@ -108,7 +110,7 @@ class FixedIndex:
 
     def __init__(self, engine: Engine, labels: Labels | None = None) -> None:
         self._live = Live(engine, None, ("fixed",))
-        self._live._labels, self._live._labels_loaded = labels, True
+        self._live.once("labels", lambda: labels)
 
     def current(self) -> Live:
         return self._live

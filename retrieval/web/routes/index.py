@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.web.deps import LiveDep, SourceDep, ThumbsDep, live_cache
+from facefind.retrieval.web.deps import LiveDep, SourceDep, ThumbsDep
 from facefind.retrieval.web.errors import REFUSALS
 from facefind.retrieval.web.guard import MAX_UPLOAD
 from facefind.retrieval.web.models import AttributesOut
@@ -39,7 +39,7 @@ async def model_reports(request: Request) -> dict[str, Any]:
             summary="Attribute names, calibrated thresholds and positive rates")
 async def attributes(live: LiveDep) -> dict[str, Any]:
     eng = live.engine
-    rates = live_cache(live, "rates", lambda: (eng.probs >= eng.thresholds[:, None]).mean(axis=1))
+    rates = live.once("rates", lambda: (eng.probs >= eng.thresholds[:, None]).mean(axis=1))
     labels = live.labels
     label_rates = labels.matrix.mean(axis=0) if labels is not None else None
     return {
@@ -66,7 +66,7 @@ async def info(live: LiveDep, source: SourceDep, thumbs: ThumbsDep,
                 "token_required": token, "thumbnails": str(thumbs.folder),
                 "max_upload_bytes": MAX_UPLOAD})
     if live.opened is not None:
-        model = live_cache(live, "model_record", lambda: live.opened.catalog.get_model(eng.snapshot.model_id))
+        model = live.once("model_record", lambda: live.opened.catalog.get_model(eng.snapshot.model_id))
         meta = model.meta or {}
         val = meta.get("val_metrics") or {}
         out["model"] = {"id": model.id, "arch": model.arch, "checkpoint": model.checkpoint,
