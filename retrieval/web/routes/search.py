@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from typing import Annotated, Any, Iterator
 
@@ -96,7 +95,7 @@ def export_chunks(eng: Engine, first: Result, fmt: str, expr: str | None, ref: d
         writer.writerow(["rank", "id", "path", "score", "matched", *names])
     elif fmt == "json":
         head = {k: v for k, v in first.to_dict().items() if k != "hits"}
-        yield (json.dumps(head, separators=(",", ":"))[:-1] + ',"hits":[').encode()
+        yield to_json(head, inf_nan_mode="null")[:-1] + b',"hits":['  # one serialiser for head and hits
     page, offset, rank = first, 0, 0
     while True:
         if fmt == "csv":
