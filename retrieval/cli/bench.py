@@ -195,5 +195,23 @@ def bench_catalog(
     Console().print(table)
 
 
+@bench_app.command("audit")
+@guard
+def bench_audit(
+    n: Annotated[int, typer.Option("--n", min=1, help="Entries in the synthetic index (CelebA: 202,599).")] = 202_599,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after the first.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Seconds for the whole `facefind audit` report (40 attributes, by Male and Young), in process."""
+    from facefind.retrieval.bench.audit import run_audit_bench  # SQLAlchemy (the query bench's data): see bench_query
+
+    result = run_audit_bench(n=n, repeats=repeats)
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"audit of {result['n']:,} entries x {result['attributes']} attributes by {', '.join(result['by'])}: "
+               f"first {result['first_s']:.3f} s, then median {result['median_s']:.3f} s of {result['repeats']}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
