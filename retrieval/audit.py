@@ -60,6 +60,12 @@ class Audit:
                 "attributes": self.attributes, "groups": self.groups, "largest_gaps": self.largest_gaps}
 
 
+def parse_by(by: str) -> list[str]:
+    """``--by``'s text: ``Male,Young`` -> ["Male", "Young"]; "" or "none" -> no grouping."""
+    names = [b.strip() for b in by.split(",") if b.strip()]
+    return [] if [n.lower() for n in names] == ["none"] else names
+
+
 # ------------------------------------------------------------------------------------ metrics
 
 

@@ -13,17 +13,11 @@ import typer
 from rich.console import Console
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.audit import DEFAULT_BY, run_audit
+from facefind.retrieval.audit import DEFAULT_BY, parse_by, run_audit
 from facefind.retrieval.audit_report import render_tables, write_html
 from facefind.retrieval.cli.common import IndexOpt, JsonOpt, guard, print_json
 from facefind.retrieval.cli.query import ThresholdsOpt
 from facefind.retrieval.index import open_index
-
-
-def parse_by(by: str) -> list[str]:
-    """``Male,Young`` -> ["Male", "Young"]; "" or "none" -> no grouping."""
-    names = [b.strip() for b in by.split(",") if b.strip()]
-    return [] if [n.lower() for n in names] == ["none"] else names
 
 
 def audit(
