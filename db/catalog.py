@@ -84,6 +84,7 @@ class IndexedImage:
     probs: np.ndarray       # float32 (K,)
     embedding: np.ndarray   # float32 (D,)
     labels: np.ndarray | None = None
+    split: int | None = None              # with labels: 0 train, 1 val, 2 test (the partition file)
     described: bool = False               # True: identity was looked for (``index --identity``)
     identity: np.ndarray | None = None    # float32 (128,) descriptor; None: no face (or not looked)
     face: int = 0                         # the face's number in its file (0: the largest, or the file)
@@ -109,6 +110,9 @@ class Predictions(NamedTuple):
     image_ids: np.ndarray | None = None     # int64 (N,): the file (images.id) of each face
     faces: np.ndarray | None = None         # int32 (N,): the face's number in its file
     boxes: np.ndarray | None = None         # int32 (N, 4) x, y, w, h; -1 where the entry is the whole file
+    label_names: list[str] | None = None    # ground truth: the attribute names of ``labels``' rows
+    labels: np.ndarray | None = None        # int8 (L, N): 1/0, -1 where the entry carries no such label
+    splits: np.ndarray | None = None        # int8 (N,): 0 train, 1 val, 2 test, -1 unknown
 
 
 UNSTORABLE_REASON = "file name is not valid UTF-8: rename the file to index it"
@@ -387,7 +391,7 @@ class Catalog(RunLog):
             self._upsert_rows(conn, identities, ["face_id"], ["face_id", "descriptor"], ["descriptor"],
                               [(face_ids[key], blob) for key, blob in described.items()])
             conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
-            labelled = {ids[p]: r.labels for p, r in files.items() if r.labels is not None}
+            labelled = {ids[p]: (r.labels, r.split) for p, r in files.items() if r.labels is not None}
             if labelled:
                 if label_names is None:
                     raise ValueError("rows carry labels but write_batch got no label_names")
@@ -434,16 +438,18 @@ class Catalog(RunLog):
             return int(found)
         return int(conn.execute(sa.insert(label_sets).values(key=key, names=list(names))).inserted_primary_key[0])
 
-    def _store_labels(self, conn: Connection, names: Sequence[str], by_id: Mapping[int, np.ndarray]) -> None:
+    def _store_labels(self, conn: Connection, names: Sequence[str],
+                      by_id: Mapping[int, tuple[np.ndarray, int | None]]) -> None:
+        """Upsert each image's ``(labels, split)``."""
         set_id = self._label_set_id(conn, names)
         rows = []
-        for image_id, values in by_id.items():
+        for image_id, (values, split) in by_id.items():
             v = np.asarray(values)
             if v.shape != (len(names),):
                 raise ValueError(f"labels of shape {v.shape} for {len(names)} attribute names")
-            rows.append((image_id, set_id, (v > 0).astype(np.uint8).tobytes()))
-        self._upsert_rows(conn, labels, ["image_id"], ["image_id", "label_set_id", "values"],
-                          ["label_set_id", "values"], rows)
+            rows.append((image_id, set_id, (v > 0).astype(np.uint8).tobytes(), split))
+        self._upsert_rows(conn, labels, ["image_id"], ["image_id", "label_set_id", "values", "split"],
+                          ["label_set_id", "values", "split"], rows)
 
     def record_failures(self, items: Iterable[tuple[str, str]]) -> None:
         """Record files that could not be indexed (one row per path; the newest reason wins)."""
@@ -538,9 +544,46 @@ class Catalog(RunLog):
             finally:
                 cursor.close()
             identity, has_identity = self._identities(conn, ids)
+            truth = self._ground_truth(conn, image_ids[:at], boxes[:at, 2] < 0)
         if at != n:
             raise CatalogError("predictions changed while being read; try again")
-        return int(stamp), Predictions(ids, paths, probs, emb, identity, has_identity, image_ids, numbers, boxes)
+        return int(stamp), Predictions(ids, paths, probs, emb, identity, has_identity, image_ids, numbers, boxes,
+                                       *truth)
+
+    @staticmethod
+    def _ground_truth(conn: Connection, image_ids: np.ndarray, whole: np.ndarray
+                      ) -> tuple[list[str] | None, np.ndarray | None, np.ndarray | None]:
+        """``(names, labels int8 (L, N), splits int8 (N,))`` aligned with the exported rows, -1 where
+        a row has no label or split; all None when no row has labels. A file's labels describe it as
+        one face, so only whole-file entries (``whole``) carry them. Several label sets (folders
+        annotated differently) give the union of their names, in the order first seen."""
+        sets = {r.id: list(r.names) for r in conn.execute(sa.select(label_sets).order_by(label_sets.c.id))}
+        rows = conn.execute(sa.select(labels.c.image_id, labels.c.label_set_id, labels.c["values"],
+                                      labels.c.split)).all()
+        if not rows:
+            return None, None, None
+        names = list(dict.fromkeys(n for have in sets.values() for n in have))
+        column = {n: i for i, n in enumerate(names)}
+        out = np.full((len(names), len(image_ids)), -1, dtype=np.int8)
+        splits = np.full(len(image_ids), -1, dtype=np.int8)
+        rows_at = np.flatnonzero(whole)  # whole-file rows, whose image ids are unique
+        order = np.argsort(image_ids[rows_at], kind="stable")
+        sorted_ids = image_ids[rows_at][order]
+        got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        at = np.clip(np.searchsorted(sorted_ids, got), 0, max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[at] == got if len(sorted_ids) else np.zeros(len(rows), bool)
+        pos = rows_at[order][at]
+        set_of = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        for sid, have in sets.items():
+            pick = np.flatnonzero(found & (set_of == sid))
+            if pick.size:
+                values = np.frombuffer(b"".join(rows[i][2] for i in pick), np.uint8).reshape(-1, len(have))
+                out[np.ix_([column[n] for n in have], pos[pick])] = values.T
+        split_at = [i for i in np.flatnonzero(found).tolist() if rows[i][3] is not None]
+        splits[pos[split_at]] = [rows[i][3] for i in split_at]
+        if not (out >= 0).any():
+            return None, None, None
+        return names, out, splits
 
     @staticmethod
     def _identities(conn: Connection, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

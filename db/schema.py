@@ -12,7 +12,8 @@
     predictions  per (model, face): K float32 probabilities and a D float32 embedding as BLOBs
     label_sets   one row per distinct list of ground-truth attribute names
     labels       per image: uint8 0/1 values in the order of its label set (they describe a
-                 whole-file entry, so only faces without a box carry them into queries)
+                 whole-file entry, so only faces without a box carry them into queries), and the
+                 image's split (0 train, 1 val, 2 test) when the folder had a partition file
     identities   per face: its 128-D dlib identity descriptor, float32 BLOB, NULL when
                  ``index --identity`` found no face in a whole-file entry (looked, none there)
     failures     files that could not be indexed, with the reason (cleared when a file succeeds)
@@ -39,7 +40,7 @@ from facefind.db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 IDENTITY_DIM = 128  # dlib's face descriptor (facefind.indexer.faces.identity.DIM; db imports nothing of ours)
 
 metadata = sa.MetaData()
@@ -123,6 +124,7 @@ labels = sa.Table(
     sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("label_set_id", sa.Integer, sa.ForeignKey("label_sets.id"), nullable=False),
     sa.Column("values", sa.LargeBinary, nullable=False),
+    sa.Column("split", sa.SmallInteger),  # v4: 0 train, 1 val, 2 test (the partition file); NULL: none
 )
 
 # Keyed by face, not by (model, face): who a face is does not depend on the attribute model, so
@@ -209,6 +211,15 @@ def _v2_to_v3(conn: Connection) -> None:
 
 
 MIGRATIONS[2] = _v2_to_v3
+
+
+def _v3_to_v4(conn: Connection) -> None:
+    """v4: ``labels.split``, the dataset split of an annotated image (``split:`` in queries).
+    Existing rows get NULL: re-index the folder to record it."""
+    add_columns(conn, labels, "split")
+
+
+MIGRATIONS[3] = _v3_to_v4
 
 
 def _continue_sequence(conn: Connection, table: str, *, after: str) -> None:

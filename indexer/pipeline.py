@@ -40,7 +40,7 @@ from facefind.indexer.routing import DecodedBatch, FaceFinder, Rows, on_device
 from facefind.indexer.runner import Runner, load_runner
 from facefind.indexer.writer import CatalogWriter, WriteJob
 from facefind.trainer import distributed
-from facefind.trainer.celeba import locate, read_attributes
+from facefind.trainer.celeba import locate, read_attributes, read_partition
 from facefind.trainer.checkpoint import CheckpointMeta, read_checkpoint
 from facefind.trainer.device import describe_device, resolve_device
 from facefind.trainer.distributed import shard_of
@@ -169,7 +169,7 @@ def index_folder(
     try:
         t = time.perf_counter()
         plan = _plan(catalog, found, root, sha256, faces, rebuild=rebuild, prune=prune)
-        todo, unchanged, labels, label_names = plan.todo, plan.unchanged, plan.labels, plan.label_names
+        todo, unchanged = plan.todo, plan.unchanged
         identity = faces is not None and faces.identity
         timings["plan"] = time.perf_counter() - t
 
@@ -183,7 +183,7 @@ def index_folder(
             # Registered once its weights load: a checkpoint that fails never becomes the default.
             model_id = _register(catalog, model_path, meta, sha256, root, k, n, launched)
             run_id = catalog.start_run(model_id, root)
-            writer = CatalogWriter(catalog, model_id, labels, label_names)
+            writer = CatalogWriter(catalog, model_id, plan.labels, plan.label_names, splits=plan.splits)
             failures: list[Failure] = list(found.failures)
             completed, ended = False, "failed"
             try:
@@ -236,6 +236,7 @@ class _Plan:
     pruned: int
     label_names: list[str] | None
     labels: dict[str, np.ndarray]
+    splits: dict[str, int]  # of labelled files, when the annotated folder has a partition file
 
 
 def _plan(catalog: Catalog, found: Any, root: Path, sha256: str, faces: FaceFinder | None, *,
@@ -249,10 +250,10 @@ def _plan(catalog: Catalog, found: Any, root: Path, sha256: str, faces: FaceFind
         _forget_whole_photos(catalog, known_id, known)
     todo, unchanged = split_unchanged(found.files, known)
     pruned = _prune(catalog, root) if prune else 0
-    label_names, labels = _ground_truth(root, todo) if todo else (None, {})
+    label_names, labels, splits = _ground_truth(root, todo) if todo else (None, {}, {})
     log.info("%d image files in %s: %d to index, %d unchanged, %d unreadable",
              len(found.files) + len(found.failures), root, len(todo), unchanged, len(found.failures))
-    return _Plan(todo, unchanged, pruned, label_names, labels)
+    return _Plan(todo, unchanged, pruned, label_names, labels, splits)
 
 
 def _register(catalog: Catalog, model_path: Path, meta: CheckpointMeta, sha256: str, root: Path,
@@ -562,8 +563,10 @@ def _prune(catalog: Catalog, root: Path) -> int:
     return removed
 
 
-def _ground_truth(root: Path, files: list[FileEntry]) -> tuple[list[str] | None, dict[str, np.ndarray]]:
-    """CelebA annotations kept in or above ``root``, as ``(attribute names, {path: 0/1 labels})``.
+def _ground_truth(root: Path, files: list[FileEntry]
+                  ) -> tuple[list[str] | None, dict[str, np.ndarray], dict[str, int]]:
+    """CelebA annotations kept in or above ``root``, as ``(attribute names, {path: 0/1 labels},
+    {path: split})``, the split (0 train, 1 val, 2 test) from the partition file beside them.
 
     Only files directly in the annotated image folder get labels (CelebA names are not unique
     across folders). A malformed annotation file is logged and ignored: it must not stop indexing.
@@ -574,18 +577,25 @@ def _ground_truth(root: Path, files: list[FileEntry]) -> tuple[list[str] | None,
     except DatasetError as err:
         if "no annotation file" not in str(err):
             log.warning("ground-truth labels not stored: %s", err)
-        return None, {}
+        return None, {}, {}
+    try:
+        partition = read_partition(loc.partition_file)
+    except DatasetError as err:
+        log.warning("splits not stored: %s", err)
+        partition = {}
     row = {name: i for i, name in enumerate(ann.names)}
     image_dir = str(loc.image_dir)
-    labels = {}
+    labels, splits = {}, {}
     for f in files:
         parent, name = os.path.split(f.path)
         i = row.get(name)
         if i is not None and parent == image_dir:
             labels[f.path] = ann.labels[i]
+            if name in partition:
+                splits[f.path] = partition[name]
     if labels:
         log.info("ground truth: %d images annotated in %s", len(labels), loc.attr_file)
-    return ann.attributes, labels
+    return ann.attributes, labels, splits
 
 
 def _empty_message(root: Path, recursive: bool) -> str:

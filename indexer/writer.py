@@ -47,6 +47,7 @@ class CatalogWriter:
         model_id: int,
         labels: dict[str, np.ndarray] | None = None,
         label_names: Sequence[str] | None = None,
+        splits: dict[str, int] | None = None,
         background: bool = True,
         max_pending: int = 2,
     ) -> None:
@@ -54,6 +55,7 @@ class CatalogWriter:
         self.model_id = model_id
         self.labels = labels or {}
         self.label_names = list(label_names) if label_names is not None else None
+        self.splits = splits or {}
         self.seconds = 0.0  # time spent committing (off the critical path when background)
         self.written = 0  # files
         self.faces = 0    # index entries (more than files where photos hold several faces)
@@ -115,6 +117,7 @@ class CatalogWriter:
             IndexedImage(
                 path=e.path, size=e.size, mtime=e.mtime, width=int(wh[0]), height=int(wh[1]),
                 probs=job.probs[i], embedding=job.embeddings[i], labels=self.labels.get(e.path),
+                split=self.splits.get(e.path),
                 described=described is not None, identity=None if described is None else described[i],
                 face=int(face[0]), box=face[1],
             )

@@ -48,9 +48,9 @@ import numpy as np
 
 from facefind.db import vectors
 from facefind.db.errors import CatalogError, FacefindError, ModelError
-from facefind.db.snapshot import APPROX, VECTORS, Snapshot
-from facefind.retrieval.query import (Attr, Literal, Node, evaluate, fold, literal_mask,
-                             literal_text, literals, parse, reindex)
+from facefind.db.snapshot import APPROX, SPLITS, VECTORS, Snapshot
+from facefind.retrieval.query import (Attr, Literal, Node, Resolver, Tag, did_you_mean, evaluate, fold,
+                                      literal_mask, literal_text, literals, name_resolver, parse, reindex)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ SAME_PERSON = 0.6       # dlib's same-person distance (facefind.indexer.faces.id
 IDENTITY_CHUNK = 65536  # rows converted to float32 at a time when ranking by person
 NO_IDENTITY = ("this index has no identity descriptors: run `facefind index FOLDER --identity` "
                "to add them, then search with --by person")
+NO_LABELS = ("this index has no ground-truth labels for label: literals: index an annotated folder "
+             "(images with CelebA's list_attr_celeba.txt and list_eval_partition.txt beside them) to add them")
+NO_SPLITS = ("this index records no splits for split: literals: index an annotated folder with its "
+             "partition file (list_eval_partition.txt) beside the attribute file")
+NO_PERSONS_IDENTITY = ("this index has no identity descriptors for person: literals: run "
+                       "`facefind index FOLDER --identity`, then `facefind people`")
+NO_PERSONS = "this index has no persons yet for person: literals: run `facefind people` to group its faces"
+CERTAIN = 64.0  # the margin of a prefixed literal: beyond any log-odds margin (|margin| <= ~55.3)
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,17 @@ class Result:
     thresholds: str | None = None   # the threshold set bare names used ("f1", "accuracy")
     warnings: tuple[str, ...] = ()  # one line each, e.g. an attribute the model barely learned
     search: str | None = None       # 'exact' or 'approximate' for a similarity ranking
+    labelled: int | None = None     # with label: literals: how many entries carry those labels
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``facefind query --json``."""
-        return {"expression": self.expression, "total": self.total, "n_indexed": self.n_indexed,
-                "ranking": self.ranking, "search": self.search, "offset": self.offset,
-                "thresholds": self.thresholds, "warnings": list(self.warnings),
-                "hits": [h.to_dict() for h in self.hits]}
+        out = {"expression": self.expression, "total": self.total, "n_indexed": self.n_indexed,
+               "ranking": self.ranking, "search": self.search, "offset": self.offset,
+               "thresholds": self.thresholds, "warnings": list(self.warnings),
+               "hits": [h.to_dict() for h in self.hits]}
+        if self.labelled is not None:
+            out["labelled"] = self.labelled
+        return out
 
     def to_frame(self) -> Any:
         """The hits as a pandas DataFrame: rank, id, path, score, matched, then one column per attribute.
@@ -258,6 +270,22 @@ class Engine:
                 raise CatalogError("the index snapshot's identity arrays do not match its images: rebuild "
                                    "it by running `facefind index` again")
             self.identity, self.has_identity = s.identity, np.asarray(s.has_identity, dtype=bool)
+        # Recorded facts for prefixed literals (label:, split:, person:); None when the index has none.
+        self.label_attributes: list[str] | None = None
+        self.labels: np.ndarray | None = None   # int8 (L, N), -1: no label
+        self.splits: np.ndarray | None = None   # int8 (N,), -1: unknown
+        if s.labels is not None and s.label_attributes is not None:
+            if np.shape(s.labels) != (len(s.label_attributes), n) or np.shape(s.splits) != (n,):
+                raise CatalogError("the index snapshot's label arrays do not match its images: rebuild "
+                                   "it by running `facefind index` again")
+            self.label_attributes, self.labels, self.splits = list(s.label_attributes), s.labels, s.splits
+        self.persons: np.ndarray | None = None  # int32 (N,), -1: no person
+        if s.persons is not None:
+            if np.shape(s.persons) != (n,):
+                raise CatalogError("the index snapshot's persons do not match its images: run `facefind people`")
+            self.persons = np.asarray(s.persons, dtype=np.int32)
+        self.person_names: dict[int, str] = dict(s.person_names or {})
+        self._tags: dict[str, Resolver | str] | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -272,11 +300,67 @@ class Engine:
         """
         node = self._parsed.pop(expr, None)
         if node is None:
-            node = parse(expr, self.attributes)
+            node = parse(expr, self.attributes, self.tags)
             if len(self._parsed) >= PARSED_KEPT:
                 del self._parsed[next(iter(self._parsed))]
         self._parsed[expr] = node  # most recently used last
         return node
+
+    # -- prefixed literals: label:, split:, person: ------------------------------------------
+
+    @property
+    def tags(self) -> dict[str, Resolver | str]:
+        """What each prefix may name in this index (a resolver), or the one line saying why not."""
+        if self._tags is None:
+            self._tags = {"label": name_resolver(self.label_attributes, "label") if self.label_attributes else NO_LABELS,
+                          "split": self._split_resolver(), "person": self._person_resolver()}
+        return self._tags
+
+    def _split_resolver(self) -> Resolver | str:
+        if self.splits is None or not (self.splits >= 0).any():
+            return NO_SPLITS
+        return name_resolver(SPLITS, "split")
+
+    def _person_resolver(self) -> Resolver | str:
+        if self.persons is None:
+            return NO_PERSONS_IDENTITY if self.identity is None else NO_PERSONS
+        known = set(np.unique(self.persons[self.persons >= 0]).tolist())
+        by_name = {name.lower(): pid for pid, name in self.person_names.items() if pid in known}
+        names = [self.person_names[pid] for pid in sorted(by_name.values())]
+
+        def resolve(text: str) -> tuple[str, int]:
+            if text.isdigit():
+                if int(text) not in known:
+                    raise LookupError(f"no person {text} in this index: `facefind people` lists them")
+                return text, int(text)
+            pid = by_name.get(text.lower())
+            if pid is None:
+                hint = did_you_mean(text, names, "names") if names else "; no person has a name yet"
+                raise LookupError(f"no person named {text!r}{hint} (`facefind people name ID NAME` names one)")
+            return self.person_names[pid], pid
+
+        return resolve
+
+    def tag_mask(self, tag: Tag) -> np.ndarray:
+        """Boolean (N,) truth of a prefixed literal (entries without the fact: False)."""
+        if tag.prefix == "label" and self.labels is not None:
+            return np.asarray(self.labels[tag.key]) == 1
+        if tag.prefix == "split" and self.splits is not None:
+            return np.asarray(self.splits) == tag.key
+        if tag.prefix == "person" and self.persons is not None:
+            return self.persons == tag.key
+        raise CatalogError(f"{tag} cannot be answered by this index")  # parse() refuses these first
+
+    def _known(self, node: Node) -> np.ndarray | None:
+        """The entries that carry every label and split the expression names (None: all of them):
+        an entry without labels never satisfies an expression with a label: literal, negated or not."""
+        known = None
+        for lit, _ in literals(node):
+            if isinstance(lit, Tag) and lit.prefix in ("label", "split"):
+                has = (np.asarray(self.labels[lit.key]) >= 0 if lit.prefix == "label"
+                       else np.asarray(self.splits) >= 0)
+                known = has if known is None else known & has
+        return known
 
     def threshold_set(self, thresholds: str | None = None) -> str:
         """The name of the set bare names use: ``thresholds`` (None: the index default).
@@ -306,7 +390,9 @@ class Engine:
         judged at the threshold set ``thresholds`` (None: the index default)."""
         if node is None:
             return np.ones(len(self), dtype=bool)
-        return evaluate(node, self.probs, self.threshold_sets[self.threshold_set(thresholds)])
+        mask = evaluate(node, self.probs, self.threshold_sets[self.threshold_set(thresholds)], self.tag_mask)
+        known = self._known(node)
+        return mask if known is None else mask & known
 
     def weak_attributes(self, node: Node, thresholds: str | None = None) -> list[str]:
         """One line per bare name in ``node`` whose val F1 at the set in use is below ``WEAK_F1``:
@@ -371,14 +457,18 @@ class Engine:
         cuts = self._threshold_logits[self.threshold_set(thresholds)]
 
         def margin(lit: Literal) -> np.ndarray:
+            if isinstance(lit, Tag):  # certain: never the weakest link of a match
+                return np.where(self.tag_mask(lit)[idx], np.float32(CERTAIN), np.float32(-CERTAIN))
             z = self._logit_row(lit.index)[idx]
             if isinstance(lit, Attr):
                 return z - cuts[lit.index]
             cut = _logit(np.float32(lit.value))
             return z - cut if lit.op in (">", ">=") else cut - z
 
-        return fold(node, margin, np.negative, lambda parts: functools.reduce(np.minimum, parts),
-                    lambda parts: functools.reduce(np.maximum, parts))
+        score = fold(node, margin, np.negative, lambda parts: functools.reduce(np.minimum, parts),
+                     lambda parts: functools.reduce(np.maximum, parts))
+        # A match decided by prefixed literals alone has no margin to report.
+        return np.where(np.abs(score) >= CERTAIN, np.float32(0), score).astype(np.float32, copy=False)
 
     # -- the query ---------------------------------------------------------------------------
 
@@ -439,16 +529,20 @@ class Engine:
             scores = np.zeros(need, dtype=np.float32)
         top, scores = top[offset:], scores[offset:]
         warnings = tuple(self.weak_attributes(node, used)) if node is not None else ()
+        labelled = None
+        if node is not None and any(isinstance(lit, Tag) and lit.prefix == "label" for lit, _ in literals(node)):
+            labelled = int(np.count_nonzero(self._known(node)))
         return Result(total=total, n_indexed=len(self), hits=self._hits(node, top, scores, used, distances),
                       expression=text, ranking=ranking, offset=offset, node=node, thresholds=used,
-                      warnings=warnings, search=search)
+                      warnings=warnings, search=search, labelled=labelled)
 
     def _hits(self, node: Node | None, top: np.ndarray, scores: np.ndarray, thresholds: str,
               distances: bool = False) -> list[Hit]:
         sub = self.probs[:, top]  # (K, L)
         lits = literals(node) if node is not None else []
         cuts = self.threshold_sets[thresholds]
-        truth = [(literal_text(lit, pos), literal_mask(lit, sub, cuts) == pos)
+        truth = [(literal_text(lit, pos), (self.tag_mask(lit)[top] if isinstance(lit, Tag)
+                                           else literal_mask(lit, sub, cuts)) == pos)
                  for lit, pos in lits]
         return [
             Hit(id=int(self.ids[p]), path=self.snapshot.paths[p], score=float(scores[j]),
@@ -605,24 +699,26 @@ class Engine:
         if result.node is None:
             raise FacefindError("retrieval quality needs an expression to check against labels")
         names = {a.lower() for a in label_attributes}
-        missing = sorted({lit.name for lit, _ in literals(result.node)
-                          if lit.name.lower() not in names})
+        predicted_lits = [lit for lit, _ in literals(result.node) if not isinstance(lit, Tag)]
+        missing = sorted({lit.name for lit in predicted_lits if lit.name.lower() not in names})
         if missing:
             raise CatalogError(f"the ground-truth labels have no {', '.join(missing)}: "
                                "index an annotated dataset to measure this query")
-        # Only the rows the expression names are read: a web page asks this for every query, and
-        # converting all 40 x 202,599 labels (plus a dict of every id) took ~300 ms of each call.
-        lookup = {a.lower(): i for i, a in enumerate(label_attributes)}
-        used = list(dict.fromkeys(lit.name for lit, _ in literals(result.node)))
-        rows = np.asarray(labels)[[lookup[n.lower()] for n in used]]
-        truth_node = reindex(result.node, used)
-        truth = evaluate(truth_node, (rows > 0).astype(np.uint8), np.full(len(used), 0.5, np.float32))
-
         label_ids = np.asarray(label_ids, dtype=np.int64)
         if label_ids.shape == self.ids.shape and np.array_equal(label_ids, self.ids):
             pos, found = np.arange(len(self)), np.ones(len(self), dtype=bool)  # every image labelled
         else:
             pos, found = self.positions(label_ids)
+        # Only the rows the expression names are read: a web page asks this for every query, and
+        # converting all 40 x 202,599 labels (plus a dict of every id) took ~300 ms of each call.
+        # Prefixed literals (label:, person:) are facts, the same under the labels as predicted.
+        lookup = {a.lower(): i for i, a in enumerate(label_attributes)}
+        used = list(dict.fromkeys(lit.name for lit in predicted_lits))
+        rows = np.asarray(labels)[[lookup[n.lower()] for n in used]]
+        truth_node = reindex(result.node, used)
+        truth = evaluate(truth_node, (rows > 0).astype(np.uint8), np.full(len(used), 0.5, np.float32),
+                         lambda tag: self.tag_mask(tag)[pos] & found)
+
         predicted = self.mask(result.node, result.thresholds)[pos[found]]
         truth_in = truth[found]
         order = np.argsort(label_ids, kind="stable")

@@ -21,7 +21,7 @@ from facefind.db.files import file_sha256
 from facefind.db.paths import default_index_dir
 from facefind.db.snapshot import current_snapshot_fast
 from facefind.retrieval.engine import NO_IDENTITY, Engine, Quality, Result
-from facefind.retrieval.query import literals
+from facefind.retrieval.query import Tag, literals
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,7 +99,7 @@ class OpenIndex:
         labels stored in the catalog (CatalogError when the index holds none for the expression)."""
         if result.node is None:
             raise FacefindError("--eval needs an expression to check against the labels")
-        names = list(dict.fromkeys(lit.name for lit, _ in literals(result.node)))
+        names = list(dict.fromkeys(lit.name for lit, _ in literals(result.node) if not isinstance(lit, Tag)))
         label_ids, labels = self.catalog.labels_for(names)
         if label_ids.size == 0:
             raise CatalogError(

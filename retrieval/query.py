@@ -5,14 +5,22 @@ Grammar (keywords and attribute names are case-insensitive)::
     expr     := and_expr (OR and_expr)*             OR  := 'or'  | '|' | '||'
     and_expr := unary (AND unary)*                  AND := 'and' | '&' | '&&'
     unary    := NOT unary | primary                 NOT := 'not' | '!' | '~'
-    primary  := '(' expr ')' | NAME [CMP NUMBER] | NUMBER CMP NAME
+    primary  := '(' expr ')' | NAME [CMP NUMBER] | NUMBER CMP NAME | PREFIX ':' VALUE
     CMP      := '>' | '>=' | '<' | '<='
+    PREFIX   := 'label' | 'split' | 'person'        VALUE := NAME | NUMBER | "text" | 'text'
 
 Precedence is not > and > or. A bare ``NAME`` is true when the attribute's probability reaches its
 calibrated threshold (``p >= threshold``); ``NAME > 0.9`` compares the probability itself, with
 the number in [0, 1] (``0.9 < NAME`` is the same thing). Comparisons happen in float32, the
 precision the probabilities are stored in, so ``Smiling >= 0.9`` includes a stored ``0.9``.
 A name token is ``[A-Za-z0-9_]+`` that is not a number, so ``5_o_Clock_Shadow`` is a name.
+
+A prefixed literal (a ``Tag``) is a fact recorded about an entry rather than predicted:
+``label:Eyeglasses`` (the ground-truth label of an annotated file), ``split:val`` (its split in
+the dataset's partition file), ``person:12`` or ``person:"Ada"`` (the person its face belongs to,
+``facefind people``). Tags are true or false, never compared with numbers; they mix with
+everything else (``label:Eyeglasses and not Eyeglasses``). What a prefix may name depends on the
+index, so ``parse`` takes one resolver per prefix (or the one-line reason the index has none).
 
 The empty expression is an error; the engine takes ``None`` to mean "every image". Nothing here
 calls ``eval`` or builds SQL text: the tree is folded straight into numpy operations.
@@ -21,9 +29,10 @@ calls ``eval`` or builds SQL text: the tree is folded straight into numpy operat
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar, Union
+from typing import Callable, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -85,8 +94,26 @@ class Or:
         return " or ".join(f"({c})" if isinstance(c, (And, Or)) else str(c) for c in self.children)
 
 
-Node = Union[Attr, Compare, Not, And, Or]
-Literal = Union[Attr, Compare]
+@dataclass(frozen=True)
+class Tag:
+    """``prefix:value``: a recorded fact about the entry (``label:Male``, ``split:val``, ``person:3``)."""
+
+    prefix: str   # one of PREFIXES
+    value: str    # canonical spelling (the attribute, split or person name; a person's id)
+    key: int      # what evaluation looks up: the label row, the split code, the person id
+
+    def __str__(self) -> str:
+        plain = re.fullmatch(r"[A-Za-z0-9_]+", self.value) is not None
+        return f"{self.prefix}:{self.value if plain else json.dumps(self.value)}"
+
+
+Node = Union[Attr, Compare, Tag, Not, And, Or]
+Literal = Union[Attr, Compare, Tag]
+PREFIXES = ("label", "split", "person")
+# What a prefix may name: a resolver from the value as typed to ``(canonical value, key)`` that
+# raises LookupError with a one-line message (e.g. a did-you-mean), or that message as a string
+# when the index has nothing to name (no labels, no partition file, no persons).
+Resolver = Callable[[str], "tuple[str, int]"]
 
 _FLIP = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
 
@@ -98,13 +125,14 @@ _TOKEN_RE = re.compile(
     (?P<ws>\s+)
   | (?P<number>(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?(?![A-Za-z0-9_.]))
   | (?P<name>[A-Za-z0-9_]+)
-  | (?P<op>>=|<=|==|!=|=>|=<|&&|\|\||[<>=&|!~()])
+  | (?P<string>"[^"]*"|'[^']*')
+  | (?P<op>>=|<=|==|!=|=>|=<|&&|\|\||[<>=&|!~():])
     """,
     re.VERBOSE,  # explicit ASCII classes for names and numbers; \s also takes unicode spaces
 )
 _KEYWORDS = {"and": "and", "or": "or", "not": "not"}
 _SYMBOLS = {"&": "and", "&&": "and", "|": "or", "||": "or", "!": "not", "~": "not",
-            "(": "(", ")": ")", ">": "cmp", ">=": "cmp", "<": "cmp", "<=": "cmp"}
+            "(": "(", ")": ")", ":": ":", ">": "cmp", ">=": "cmp", "<": "cmp", "<=": "cmp"}
 _BAD_OPS = {
     "=": "equality is not supported on probabilities; use >= or <= (e.g. Smiling >= 0.9)",
     "==": "equality is not supported on probabilities; use >= or <= (e.g. Smiling >= 0.9)",
@@ -116,7 +144,7 @@ _BAD_OPS = {
 
 @dataclass(frozen=True)
 class _Token:
-    kind: str   # 'name' | 'number' | 'and' | 'or' | 'not' | '(' | ')' | 'cmp' | 'end'
+    kind: str   # 'name' | 'number' | 'string' | 'and' | 'or' | 'not' | '(' | ')' | ':' | 'cmp' | 'end'
     text: str
     pos: int
 
@@ -127,6 +155,8 @@ def _tokenize(expr: str) -> list[_Token]:
     while pos < len(expr):
         m = _TOKEN_RE.match(expr, pos)
         if m is None:
+            if expr[pos] in "\"'":
+                raise QuerySyntaxError(f"unclosed quote {expr[pos]} (position {pos})", expr, pos)
             raise QuerySyntaxError(
                 f"unexpected character {expr[pos]!r}: use attribute names, and/or/not, "
                 f"parentheses and >, >=, <, <= (position {pos})", expr, pos)
@@ -150,8 +180,11 @@ def _tokenize(expr: str) -> list[_Token]:
 # The parser
 
 
-def parse(expr: str, attributes: Sequence[str]) -> Node:
-    """Parse ``expr`` into a tree whose names are checked against ``attributes`` (the index's).
+def parse(expr: str, attributes: Sequence[str],
+          tags: Mapping[str, Resolver | str] | None = None) -> Node:
+    """Parse ``expr`` into a tree whose names are checked against ``attributes`` (the index's)
+    and whose prefixed literals are resolved by ``tags`` (prefix -> resolver, or the one-line
+    reason the index has none; a prefix missing from ``tags`` is refused the same way).
 
     Raises ``QuerySyntaxError`` with the 0-based position of the problem: malformed syntax,
     an unknown name (with a did-you-mean), a number outside [0, 1], too long or too deeply nested.
@@ -163,15 +196,16 @@ def parse(expr: str, attributes: Sequence[str]) -> Node:
     if not expr.strip():
         raise QuerySyntaxError(
             "empty expression: name at least one attribute, e.g. 'Smiling and not Male'", expr, 0)
-    return _Parser(expr, attributes).parse()
+    return _Parser(expr, attributes, tags or {}).parse()
 
 
 class _Parser:
     """Recursive descent over the token list; one method per grammar rule."""
 
-    def __init__(self, expr: str, attributes: Sequence[str]) -> None:
+    def __init__(self, expr: str, attributes: Sequence[str], tags: Mapping[str, Resolver | str]) -> None:
         self.expr = expr
         self.attributes = list(attributes)
+        self.tags = tags
         self.lookup = {name.lower(): i for i, name in enumerate(self.attributes)}
         self.tokens = _tokenize(expr)
         self.i = 0
@@ -246,6 +280,8 @@ class _Parser:
             self.advance()
             self.depth -= 1
             return node
+        if tok.kind == "name" and self.tokens[self.i + 1].kind == ":":
+            return self.tag(tok)
         if tok.kind == "name":
             self.advance()
             index = self.resolve(tok)
@@ -269,10 +305,41 @@ class _Parser:
             self.advance()
             index = self.resolve(name_tok)
             return Compare(self.attributes[index], index, _FLIP[op], value)
+        if tok.kind == "string":
+            raise self.error(f"attribute names take no quotes: write {tok.text[1:-1] or 'a name'} (quotes are "
+                             "for values with spaces, e.g. person:\"Ada Lovelace\")", tok.pos)
         if tok.kind == ")":
             raise self.error("unexpected ')': expected an attribute name, 'not' or '('", tok.pos)
         raise self.error(f"expected an attribute name, 'not' or '(' but found {self.describe(tok)}",
                          tok.pos)
+
+    def tag(self, tok: _Token) -> Tag:
+        """``PREFIX ':' VALUE``, resolved by the index's resolver for that prefix."""
+        prefix = tok.text.lower()
+        if prefix not in PREFIXES:
+            close = difflib.get_close_matches(prefix, PREFIXES, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}:? " if close else ""
+            raise self.error(f"unknown prefix {tok.text}: {hint}use label:NAME, split:train|val|test "
+                             "or person:ID", tok.pos)
+        self.advance()
+        self.advance()  # ':'
+        value = self.tok
+        if value.kind not in ("name", "number", "string") or (value.kind == "string" and len(value.text) == 2):
+            raise self.error(f"expected a value after '{prefix}:' but found {self.describe(value)}, "
+                             f"e.g. {_EXAMPLES[prefix]}", value.pos)
+        self.advance()
+        if self.tok.kind == "cmp":
+            raise self.error(f"{prefix}: literals are true or false and take no comparison; "
+                             f"e.g. {_EXAMPLES[prefix]} or not {_EXAMPLES[prefix]}", self.tok.pos)
+        resolver = self.tags.get(prefix, f"this index has nothing for {prefix}: literals")
+        if isinstance(resolver, str):
+            raise self.error(resolver, tok.pos)
+        text = value.text[1:-1] if value.kind == "string" else value.text
+        try:
+            canonical, key = resolver(text)
+        except LookupError as err:
+            raise self.error(str(err.args[0]) if err.args else f"unknown {prefix} {text!r}", value.pos) from None
+        return Tag(prefix, canonical, int(key))
 
     def number(self, tok: _Token, context: str) -> float:
         """Read ``tok`` as a probability in [0, 1]; the caller advances past it."""
@@ -297,11 +364,36 @@ class _Parser:
             joined = self.lookup.get(f"{tok.text}_{nxt.text}".lower())
             if joined is not None:
                 return f"; did you mean {self.attributes[joined]}? (names use '_' for spaces)"
-        close = difflib.get_close_matches(tok.text.lower(), list(self.lookup), n=3, cutoff=0.6)
-        if close:
-            names = " or ".join(self.attributes[self.lookup[c]] for c in close)
-            return f"; did you mean {names}?"
-        return "; known attributes: " + ", ".join(self.attributes)
+        return did_you_mean(tok.text, self.attributes, "attributes")
+
+
+_EXAMPLES = {"label": "label:Eyeglasses", "split": "split:val", "person": "person:3"}
+
+
+def did_you_mean(text: str, names: Sequence[str], what: str) -> str:
+    """``"; did you mean A or B?"`` for the names close to ``text`` (case-insensitive), else
+    ``"; known <what>: ..."`` listing them (the first 40)."""
+    lookup = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(text.lower(), list(lookup), n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(lookup[c] for c in close) + "?"
+    shown = list(names)[:40]
+    more = f", ... ({len(names) - 40} more)" if len(names) > 40 else ""
+    return f"; known {what}: " + ", ".join(shown) + more
+
+
+def name_resolver(names: Sequence[str], what: str) -> Resolver:
+    """A resolver for a prefix whose values are ``names`` (case-insensitive): the key is the
+    name's position; an unknown name raises LookupError with a did-you-mean."""
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+
+    def resolve(text: str) -> tuple[str, int]:
+        i = lookup.get(text.lower())
+        if i is None:
+            raise LookupError(f"unknown {what} {text!r}{did_you_mean(text, names, what + 's')}")
+        return names[i], i
+
+    return resolve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +404,8 @@ T = TypeVar("T")
 
 def fold(node: Node, leaf: Callable[[Literal], T], negate: Callable[[T], T],
          conj: Callable[[list[T]], T], disj: Callable[[list[T]], T]) -> T:
-    """Reduce the tree bottom-up: ``leaf`` for Attr/Compare, then not/and/or combinators."""
-    if isinstance(node, (Attr, Compare)):
+    """Reduce the tree bottom-up: ``leaf`` for literals, then not/and/or combinators."""
+    if isinstance(node, (Attr, Compare, Tag)):
         return leaf(node)
     if isinstance(node, Not):
         return negate(fold(node.child, leaf, negate, conj, disj))
@@ -324,8 +416,8 @@ def fold(node: Node, leaf: Callable[[Literal], T], negate: Callable[[T], T],
 _COMPARE = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
 
 
-def literal_mask(lit: Literal, rows: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Boolean (N,) truth of one literal over ``rows`` (K, N); thresholds apply to bare names."""
+def literal_mask(lit: Attr | Compare, rows: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Boolean (N,) truth of one prediction literal over ``rows`` (K, N); thresholds apply to bare names."""
     row = rows[lit.index]
     if isinstance(lit, Attr):
         return row >= np.float32(thresholds[lit.index])
@@ -346,13 +438,22 @@ def _any(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def evaluate(node: Node, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """The (N,) boolean mask of ``node`` over a column-major (K, N) probability matrix.
+def evaluate(node: Node, probs: np.ndarray, thresholds: np.ndarray,
+             tag_mask: Callable[[Tag], np.ndarray] | None = None) -> np.ndarray:
+    """The (N,) boolean mask of ``node`` over a column-major (K, N) probability matrix, prefixed
+    literals answered by ``tag_mask`` (the engine's, which knows the index's labels and persons).
 
     Works on any (K, N) matrix whose rows compare with floats: ground-truth 0/1 labels with
     thresholds 0.5 give the expression's truth under the labels.
     """
-    return fold(node, lambda lit: literal_mask(lit, probs, thresholds), np.logical_not, _all, _any)
+    def leaf(lit: Literal) -> np.ndarray:
+        if isinstance(lit, Tag):
+            if tag_mask is None:
+                raise ValueError(f"{lit} needs the index's recorded facts to evaluate")
+            return tag_mask(lit)
+        return literal_mask(lit, probs, thresholds)
+
+    return fold(node, leaf, np.logical_not, _all, _any)
 
 
 def literals(node: Node) -> list[tuple[Literal, bool]]:
@@ -364,7 +465,7 @@ def literals(node: Node) -> list[tuple[Literal, bool]]:
     out: dict[tuple[Literal, bool], None] = {}
 
     def walk(n: Node, positive: bool) -> None:
-        if isinstance(n, (Attr, Compare)):
+        if isinstance(n, (Attr, Compare, Tag)):
             out.setdefault((n, positive), None)
         elif isinstance(n, Not):
             walk(n.child, not positive)
@@ -377,12 +478,15 @@ def literals(node: Node) -> list[tuple[Literal, bool]]:
 
 
 def reindex(node: Node, attributes: Sequence[str]) -> Node:
-    """``node`` with every literal pointed at its row in another attribute list (matched by name,
-    case-insensitively), e.g. ground-truth labels stored in a different order. No re-parsing:
-    a name missing from ``attributes`` is a QuerySyntaxError naming it."""
+    """``node`` with every prediction literal pointed at its row in another attribute list (matched
+    by name, case-insensitively), e.g. ground-truth labels stored in a different order; prefixed
+    literals stay as they are. No re-parsing: a name missing from ``attributes`` is a
+    QuerySyntaxError naming it."""
     lookup = {name.lower(): i for i, name in enumerate(attributes)}
 
     def leaf(lit: Literal) -> Node:
+        if isinstance(lit, Tag):
+            return lit
         index = lookup.get(lit.name.lower())
         if index is None:
             raise QuerySyntaxError(f"{lit.name} is not among {', '.join(attributes)}", str(node), None)
@@ -394,6 +498,15 @@ def reindex(node: Node, attributes: Sequence[str]) -> Node:
 
 
 def literal_text(lit: Literal, positive: bool) -> str:
-    """How a literal reads in results: ``Eyeglasses``, ``not Male``, ``Smiling > 0.9``."""
-    return str(lit) if positive else f"not {lit}"
+    """How a literal reads in results: ``Eyeglasses``, ``not Male``, ``Smiling > 0.9``,
+    ``label:Male``. A negated comparison reads as the comparison it means (``not Young <= 0.2``
+    is ``Young > 0.2``)."""
+    if positive:
+        return str(lit)
+    if isinstance(lit, Compare):
+        return f"{lit.name} {_NEGATE[lit.op]} {lit.value!r}"
+    return f"not {lit}"
+
+
+_NEGATE = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
 

@@ -543,7 +543,7 @@ def add_labels(catalog, attribute_names: Sequence[str], by_path: dict[str, np.nd
     with catalog._write() as conn:
         ids = dict(conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(list(wanted)))).all())
         if ids:
-            catalog._store_labels(conn, attribute_names, {ids[p]: wanted[p] for p in ids})
+            catalog._store_labels(conn, attribute_names, {ids[p]: (wanted[p], None) for p in ids})
     return len(ids)
 
 

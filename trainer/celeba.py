@@ -113,7 +113,7 @@ def load_celeba(path: str | os.PathLike[str]) -> CelebA:
     """
     loc = locate(path)
     ann = read_attributes(loc.attr_file)
-    partition = _read_name_to_int(loc.partition_file, "partition", allowed={0, 1, 2})
+    partition = read_partition(loc.partition_file)
     identity = _read_name_to_int(loc.identity_file, "identity") if loc.identity_file else None
 
     present = list_images(loc.image_dir)
@@ -312,6 +312,11 @@ def _first_bad_row(rows: list[str]) -> int:
         if any(v not in ("-1", "1", "0") for v in row.split()):
             return i
     return 0
+
+
+def read_partition(path: Path) -> dict[str, int]:
+    """``{image name: split}`` from a partition file: 0 train, 1 val, 2 test."""
+    return _read_name_to_int(path, "partition", allowed={0, 1, 2})
 
 
 def _read_name_to_int(path: Path, what: str, allowed: set[int] | None = None) -> dict[str, int]:

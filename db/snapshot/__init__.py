@@ -30,6 +30,7 @@ from facefind.db.snapshot.format import (
     FORMAT,
     MANIFEST,
     PUBLISHED,
+    SPLITS,
     VECTORS,
     PathList,
     Snapshot,
@@ -44,7 +45,7 @@ from facefind.db.snapshot.sync import resolve_model_id, sync_snapshot
 from facefind.db.snapshot.write import write_snapshot
 
 __all__ = [
-    "APPROX", "CURRENT", "FORMAT", "MANIFEST", "PUBLISHED", "VECTORS", "PathList", "Snapshot",
+    "APPROX", "CURRENT", "FORMAT", "MANIFEST", "PUBLISHED", "SPLITS", "VECTORS", "PathList", "Snapshot",
     "current_name", "current_snapshot_fast", "entry_fields", "folder_bytes", "load_current", "load_snapshot",
     "model_dir", "model_threshold_sets", "record_published", "resolve_model_id", "snapshot_info",
     "sync_snapshot", "write_snapshot", "writer_lock",

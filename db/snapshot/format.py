@@ -28,6 +28,11 @@ The layout under the index folder (one folder per model, one immutable generatio
         boxes.npy       int32 (N, 4)      ids: each entry's file, its face number, its box x, y, w, h
                                           (-1: the whole file); the manifest's ``faces`` says so.
                                           Without them each entry is a whole file, image id = id
+        labels.npy      int8 (L, N)       ground truth from the annotated folder (1/0; -1: the entry
+        splits.npy      int8 (N,)         has none), and each entry's split (0 train, 1 val, 2 test,
+                                          -1 unknown), only when some entry is labelled; the
+                                          manifest's ``labels`` ({"attributes", "count", "splits"})
+                                          names the L attributes (``label:`` and ``split:`` in queries)
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ PUBLISHED = "PUBLISHED"  # <index>/PUBLISHED: which server catalog the snapshots
 APPROX = "ann.faiss"
 ARRAYS = ("ids.npy", "probs.npy", "paths_offsets.npy")
 FACE_FILES = ("image_ids.npy", "face_numbers.npy", "boxes.npy")
+TRUTH_FILES = ("labels.npy", "splits.npy")
+SPLITS = ("train", "val", "test")  # the codes 0, 1, 2 of CelebA's partition file
 
 
 class PathList(Sequence[str]):
@@ -142,6 +149,16 @@ class Snapshot:
     image_ids: np.ndarray | None = None
     face_numbers: np.ndarray | None = None
     boxes: np.ndarray | None = None
+    # Ground truth (an index built from an annotated folder): the L attribute names, int8 (L, N)
+    # labels (1/0, -1 where the entry has none) and int8 (N,) splits (indices into SPLITS, -1
+    # unknown). None: no entry is labelled.
+    label_attributes: list[str] | None = None
+    labels: np.ndarray | None = None
+    splits: np.ndarray | None = None
+    # Persons (``facefind people``): int32 (N,) the person id of each entry (-1: none), and the
+    # names given to persons. None: the faces have not been grouped.
+    persons: np.ndarray | None = None
+    person_names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.threshold_sets:  # built without sets (older manifests, tests): the one it has
@@ -162,7 +179,8 @@ def entry_fields(preds: Any) -> dict[str, Any]:
     """The per-entry arrays of a ``facefind.db.catalog.Predictions`` beyond ids, paths, probs and
     embeddings, as ``write_snapshot`` keywords (so that no writer forgets one)."""
     return {"identity": preds.identity, "has_identity": preds.has_identity,
-            "image_ids": preds.image_ids, "face_numbers": preds.faces, "boxes": preds.boxes}
+            "image_ids": preds.image_ids, "face_numbers": preds.faces, "boxes": preds.boxes,
+            "label_names": preds.label_names, "labels": preds.labels, "splits": preds.splits}
 
 
 def model_threshold_sets(model: Any) -> tuple[str, dict[str, list[float]], dict[str, Any]]:
@@ -185,6 +203,20 @@ def model_dir(index_dir: str | os.PathLike[str], model_id: int) -> Path:
     """The folder holding model ``model_id``'s snapshot generations."""
     return Path(index_dir) / f"model-{int(model_id)}"
 
+
+
+def truth_arrays(n: int, names: Sequence[str] | None, labels: np.ndarray | None,
+                 splits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored form of the ground truth: int8 (L, N) labels and int8 (N,) splits, or None when
+    no row is labelled."""
+    if names is None or labels is None:
+        return None
+    stored = np.ascontiguousarray(np.asarray(labels, dtype=np.int8).reshape(len(names), n))
+    if not (stored >= 0).any():
+        return None
+    split_codes = (np.full(n, -1, np.int8) if splits is None
+                   else np.asarray(splits, dtype=np.int8).reshape(n))
+    return stored, split_codes
 
 
 def identity_arrays(n: int, identity: np.ndarray | None,

@@ -19,6 +19,7 @@ from facefind.db.errors import CatalogError
 from facefind.db.snapshot.format import (
     ARRAYS,
     FACE_FILES,
+    TRUTH_FILES,
     FORMAT,
     MANIFEST,
     VECTORS,
@@ -80,6 +81,13 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
             if (image_ids.shape != (n,) or face_numbers.shape != (n,) or boxes.shape != (n, 4)
                     or image_ids.dtype != np.int64 or face_numbers.dtype != np.int32 or boxes.dtype != np.int32):
                 raise ValueError(f"face arrays {image_ids.shape} {face_numbers.shape} {boxes.shape}")
+        label_attributes = labels = splits = None
+        if manifest.get("labels"):
+            label_attributes = list(manifest["labels"]["attributes"])
+            labels, splits = (np.load(gen / a, mmap_mode=mode, allow_pickle=False) for a in TRUTH_FILES)
+            if (labels.shape != (len(label_attributes), n) or splits.shape != (n,)
+                    or labels.dtype != np.int8 or splits.dtype != np.int8):
+                raise ValueError(f"label arrays {labels.shape} {labels.dtype}, {splits.shape} {splits.dtype}")
         stat = manifest.get("checkpoint_stat")
         vector_info = manifest.get("vectors") or {}
     except FileNotFoundError:
@@ -113,6 +121,9 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         image_ids=image_ids,
         face_numbers=face_numbers,
         boxes=boxes,
+        label_attributes=label_attributes,
+        labels=labels,
+        splits=splits,
     )
     return snap, manifest
 

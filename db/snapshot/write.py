@@ -27,6 +27,8 @@ from facefind.db.snapshot.format import (
     APPROX,
     CURRENT,
     FACE_FILES,
+    SPLITS,
+    TRUTH_FILES,
     FORMAT,
     MANIFEST,
     VECTORS,
@@ -34,6 +36,7 @@ from facefind.db.snapshot.format import (
     current_name,
     face_arrays,
     identity_arrays,
+    truth_arrays,
     model_dir,
     model_threshold_sets,
 )
@@ -58,6 +61,9 @@ def write_snapshot(
     image_ids: np.ndarray | None = None,
     face_numbers: np.ndarray | None = None,
     boxes: np.ndarray | None = None,
+    label_names: Sequence[str] | None = None,
+    labels: np.ndarray | None = None,
+    splits: np.ndarray | None = None,
 ) -> Path:
     """Write a new generation of ``model``'s snapshot and make it the live one; return its folder.
 
@@ -67,11 +73,13 @@ def write_snapshot(
     ``approx_min`` rows on (default ``facefind.db.vectors.APPROX_MIN``) an approximate index is built too.
     ``identity`` (N, 128) and ``has_identity`` (N,) bool: the rows' identity descriptors, if any.
     ``image_ids``, ``face_numbers``, ``boxes``: which file and face each row is (see ``Snapshot``).
+    ``label_names``, ``labels`` int8 (L, N) and ``splits`` int8 (N,): the rows' ground truth, -1
+    where a row has none (see ``Snapshot``).
     """
     folder = model_dir(index_dir, model.id)
     with writer_lock(folder):
         return write_locked(folder, model, stamp, ids, paths, probs, emb, catalog_id, approx_min,
-                             identity, has_identity, image_ids, face_numbers, boxes)
+                             identity, has_identity, image_ids, face_numbers, boxes, label_names, labels, splits)
 
 
 def write_locked(
@@ -79,6 +87,7 @@ def write_locked(
     emb: np.ndarray, catalog_id: str | None, approx_min: int | None = None,
     identity: np.ndarray | None = None, has_identity: np.ndarray | None = None,
     image_ids: np.ndarray | None = None, face_numbers: np.ndarray | None = None, boxes: np.ndarray | None = None,
+    label_names: Sequence[str] | None = None, labels: np.ndarray | None = None, splits: np.ndarray | None = None,
 ) -> Path:
     t0 = time.perf_counter()
     ids = np.asarray(ids, dtype=np.int64)
@@ -94,6 +103,10 @@ def write_locked(
             identity, has_identity = np.asarray(identity)[order], np.asarray(has_identity)[order]
         if image_ids is not None and face_numbers is not None and boxes is not None:
             image_ids, face_numbers, boxes = (np.asarray(a)[order] for a in (image_ids, face_numbers, boxes))
+        if labels is not None:
+            labels = np.asarray(labels)[:, order]
+        if splits is not None:
+            splits = np.asarray(splits)[order]
         if np.any(ids[1:] == ids[:-1]):
             raise ValueError("image ids repeat")
     emb16 = vectors.stored_fp16(emb)
@@ -125,6 +138,9 @@ def write_locked(
         entries = face_arrays(ids, image_ids, face_numbers, boxes)
         if entries is not None:
             arrays.update(zip(FACE_FILES, entries))
+        truth = truth_arrays(n, label_names, labels, splits)
+        if truth is not None:
+            arrays.update(zip(TRUTH_FILES, truth))
         for name, arr in arrays.items():
             _write_file(staging / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
         _write_file(staging / "paths.bin", lambda f: f.write(path_list._blob))
@@ -156,6 +172,10 @@ def write_locked(
         if entries is not None:
             manifest["faces"] = {"boxed": int((entries[2][:, 2] >= 0).sum()),
                                  "files": int(np.unique(entries[0]).shape[0])}
+        if truth is not None:
+            manifest["labels"] = {"attributes": list(label_names or ()),
+                                  "count": int((truth[0] >= 0).any(axis=0).sum()),
+                                  "splits": {name: int((truth[1] == i).sum()) for i, name in enumerate(SPLITS)}}
         _write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         fsync_dir(staging)
 
