@@ -32,13 +32,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from facefind.db.errors import FacefindError
+from facefind.db.snapshot import SPLITS
 from facefind.retrieval.engine import Engine, top_order
-from facefind.retrieval.query import And, Attr, Not, Node
+from facefind.retrieval.query import Attr, did_you_mean
 
 CONFIDENT = 2.0        # log-odds from the threshold that make a disagreement "confident"
 DEFAULT_BY = ("Male", "Young")
 LARGEST = 10           # gaps listed in largest_gaps
-SPLIT_NAMES = ("train", "val", "test")  # facefind.db.snapshot.SPLITS: 0, 1, 2; -1 unknown
 
 
 @dataclass
@@ -127,8 +127,7 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
     for name in by:
         k = lookup.get(name.strip().lower())
         if k is None:
-            raise FacefindError(f"--by: unknown attribute {name.strip()!r}: use names from the index, e.g. Male,Young "
-                                f"(all: {', '.join(attrs)})")
+            raise FacefindError(f"--by: unknown attribute {name.strip()!r}{did_you_mean(name.strip(), attrs, 'attributes')}")
         if k not in by_idx:
             by_idx.append(k)
 
@@ -142,8 +141,8 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
 
     # Ground truth, aligned with the model's attributes: -1 where an entry (or a row) has none.
     labels = np.full((len(attrs), m), -1, dtype=np.int8)
-    label_names = getattr(engine, "label_attributes", None) or []
-    engine_labels = getattr(engine, "labels", None)
+    label_names = engine.label_attributes or []
+    engine_labels = engine.labels
     has_row = np.zeros(len(attrs), dtype=bool)
     if engine_labels is not None and m:
         rows = {n.lower(): r for r, n in enumerate(label_names)}
@@ -162,8 +161,7 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
         warnings.append("no covered entry carries ground-truth labels: this reports predicted composition only; "
                         "nothing was checked against labels (index a folder with list_attr_celeba.txt beside it)")
 
-    # The weakest-link margin of `where` (the engine's own ranking score), then each attribute's.
-    base = engine.confidence(where_node, covered, set_name) if where_node is not None else None
+    # Each attribute's log-odds margin from its threshold, as the engine measures it.
     margins = np.empty((len(attrs), m), dtype=np.float32)
     for k, a in enumerate(attrs):
         margins[k] = engine.confidence(Attr(a, k), covered, set_name)
@@ -183,8 +181,8 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
     per_attr = []
     for k, a in enumerate(attrs):
         per_attr.append(_attribute(a, {c: int(v[k, 0]) for c, v in counts.items()}, float(t[k]), pred[k],
-                                   probs[k], margins[k], known[k], pos[k], neg[k], ids, base, where, top,
-                                   confident, has_row[k]))
+                                   probs[k], margins[k], known[k], pos[k], neg[k], ids, covered, where, top,
+                                   confident, has_row[k], engine, set_name))
 
     groups, gaps = [], []
     for j, (g, lab) in enumerate(zip(by_idx, by_label)):
@@ -200,12 +198,12 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
 def _coverage(engine: Engine, covered: np.ndarray, where: str | None, labelled: int) -> tuple[dict[str, Any], list[str]]:
     """What the audit covered (entries, with labels, by split) and a warning when it includes the
     training split."""
-    splits = getattr(engine, "splits", None)
+    splits = engine.splits
     by_split: dict[str, int] | None = None
     warnings = []
     if splits is not None:
         s = np.asarray(splits)[covered]
-        by_split = {name: int(np.count_nonzero(s == i)) for i, name in enumerate(SPLIT_NAMES)}
+        by_split = {name: int(np.count_nonzero(s == i)) for i, name in enumerate(SPLITS)}
         by_split["unknown"] = int(np.count_nonzero(s < 0))
         if by_split["train"]:
             warnings.append(f"{by_split['train']:,} covered entries are in the train split, which the model was "
@@ -217,8 +215,8 @@ def _coverage(engine: Engine, covered: np.ndarray, where: str | None, labelled: 
 
 def _attribute(a: str, c: dict[str, int], threshold: float, pred: np.ndarray, prob: np.ndarray,
                margin: np.ndarray, known: np.ndarray, pos: np.ndarray, neg: np.ndarray, ids: np.ndarray,
-               base: np.ndarray | None, where: str | None, top: int, confident: float,
-               has_row: bool) -> dict[str, Any]:
+               covered: np.ndarray, where: str | None, top: int, confident: float, has_row: bool,
+               engine: Engine, set_name: str) -> dict[str, Any]:
     """One attribute's row of the report (see the module docstring); ``c`` holds its counts."""
     n_known = c["known"]
     out: dict[str, Any] = {
@@ -237,13 +235,14 @@ def _attribute(a: str, c: dict[str, int], threshold: float, pred: np.ndarray, pr
     out.update(label_rate=_ratio(tp + fn, n_known), accuracy=_ratio(tp + tn, n_known), precision=precision,
                recall=recall, f1=f1, ap=average_precision(prob[known], pos[known]), tp=tp, fp=fp, fn=fn, tn=tn,
                labels=True, label_positive=_faces(tp + fn, _expr(where, f"label:{a}")))
-    # False negatives rank by the margin of `not A`, false positives by that of `A`; with `where`,
-    # the engine's query takes the minimum with the where-expression's margin (weakest link).
+    # False negatives are the hits of `label:A and not A` (margin: that of `not A`), false positives
+    # of `A and not label:A`. They are ranked by the engine's own confidence of that very query, so
+    # the ids are its first hits also when `where` adds literals (the weakest link decides).
     for way, members, score in (("false_negatives", pos & ~pred, -margin), ("false_positives", neg & pred, margin)):
         idx = np.flatnonzero(members)
-        s = score[idx] if base is None else np.minimum(score[idx], base[idx])
-        first = idx[top_order(s, ids[idx], top)]
         query = _expr(where, f"label:{a} and not {a}") if way == "false_negatives" else _expr(where, f"{a} and not label:{a}")
+        s = score[idx] if where is None else engine.confidence(engine.parse(query), covered[idx], set_name)
+        first = idx[top_order(s, ids[idx], top)]
         out[way] = {"count": int(idx.shape[0]), "confident": int(np.count_nonzero(score[idx] >= confident)),
                     "query": query, "top": ids[first].tolist(),
                     "top_margin": [round(float(score[i]), 3) for i in first]}

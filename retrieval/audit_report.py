@@ -43,7 +43,7 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
         for name in ("attribute", "label rate", "predicted", "acc", "prec", "recall", "F1", "AP",
                      "FN (conf)", "FP (conf)", "first FN ids", "first FP ids"):
             table.add_column(name, justify="left" if name in ("attribute",) or "ids" in name else "right",
-                             overflow="fold")
+                             overflow="fold", no_wrap=name == "attribute")
         for row in report["attributes"]:
             if not row.get("labels") or row["f1"] is None and row["tp"] is None:
                 table.add_row(row["attribute"], "-", _f(row["predicted_rate"]), *["-"] * 9)
@@ -65,7 +65,7 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
         g0, g1 = block["groups"]
         t = Table(title=f"by {block['by']} ({'by label' if block['source'] == 'label' else 'by prediction: no labels'}; "
                         f"{g0['name']} {g0['entries']:,}, {g1['name']} {g1['entries']:,})")
-        t.add_column("attribute")
+        t.add_column("attribute", no_wrap=True)
         cols = ("predicted rate", "TPR", "FPR") if checked else ("predicted rate",)
         for g in (g0, g1):
             for c in cols:
