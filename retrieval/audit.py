@@ -270,7 +270,8 @@ def _grouping(attrs: list[str], g: int, c: dict[str, np.ndarray], size: np.ndarr
                                    else _ratio(n_pred[k, j], size[j])}
             if n_known[k, j]:
                 tn = n_neg[k, j] - fp[k, j]
-                row.update(label_rate=_ratio(n_pos[k, j], n_known[k, j]),
+                row.update(positives=int(n_pos[k, j]), negatives=int(n_neg[k, j]),
+                           label_rate=_ratio(n_pos[k, j], n_known[k, j]),
                            accuracy=_ratio(tp[k, j] + tn, n_known[k, j]),
                            tpr=_ratio(tp[k, j], n_pos[k, j]), fpr=_ratio(fp[k, j], n_neg[k, j]),
                            fn=_faces(n_pos[k, j] - tp[k, j], _expr(where, f"label:{a} and not {a}", exprs[j])),
@@ -292,17 +293,20 @@ def _grouping(attrs: list[str], g: int, c: dict[str, np.ndarray], size: np.ndarr
         eo = None if tpr_gap is None and fpr_gap is None else max(x for x in (tpr_gap, fpr_gap) if x is not None)
         # The faces behind the gap: the worse group's misses when the TPR gap is the larger,
         # else its false alarms; without labels, the group that is predicted positive more often.
+        # ``support``: how many labelled faces the larger rate gap rests on in the smaller group (a gap
+        # over 9 faces is weaker evidence than one over 900).
         if eo is None:
             j = 0 if (r0["predicted_rate"] or 0) >= (r1["predicted_rate"] or 0) else 1
-            query = out_groups[j]["attributes"][a]["predicted"]["query"]
+            query, support = out_groups[j]["attributes"][a]["predicted"]["query"], None
         elif tpr_gap is not None and (fpr_gap is None or tpr_gap >= fpr_gap):
             j = 0 if (r0["tpr"] or 0) <= (r1["tpr"] or 0) else 1
-            query = out_groups[j]["attributes"][a]["fn"]["query"]
+            query, support = out_groups[j]["attributes"][a]["fn"]["query"], min(r0["positives"], r1["positives"])
         else:
             j = 0 if (r0["fpr"] or 0) >= (r1["fpr"] or 0) else 1
-            query = out_groups[j]["attributes"][a]["fp"]["query"]
+            query, support = out_groups[j]["attributes"][a]["fp"]["query"], min(r0["negatives"], r1["negatives"])
         gaps.append({"attribute": a, "by": name, "demographic_parity": dp, "equalized_odds": eo,
-                     "tpr_gap": tpr_gap, "fpr_gap": fpr_gap, "worse": out_groups[j]["name"], "query": query})
+                     "tpr_gap": tpr_gap, "fpr_gap": fpr_gap, "support": support,
+                     "worse": out_groups[j]["name"], "query": query})
     return {"by": name, "source": "label" if by_label else "prediction", "groups": out_groups,
             "gaps": {r["attribute"]: {key: r[key] for key in r if key not in ("attribute", "by")} for r in gaps},
             "_gaps": gaps}

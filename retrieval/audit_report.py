@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -38,21 +39,26 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
                   highlight=False)
     checked = report["checked_against_labels"]
     if checked:
-        table = Table(title=f"per attribute, against the labels (confident: margin >= {report['confident_margin']:g} "
-                            "log-odds; ids: first of each disagreement query)")
-        for name in ("attribute", "label rate", "predicted", "acc", "prec", "recall", "F1", "AP",
-                     "FN (conf)", "FP (conf)", "first FN ids", "first FP ids"):
-            table.add_column(name, justify="left" if name in ("attribute",) or "ids" in name else "right",
-                             overflow="fold", no_wrap=name == "attribute")
+        wide = console.width >= 150  # precision, recall and the ids need a wide terminal (all are in --json)
+        cols = ["attribute", "label", "pred", "acc"] + (["prec", "recall"] if wide else []) + ["F1", "AP", "FN/conf",
+                "FP/conf"] + (["first FN ids", "first FP ids"] if wide else [])
+        table = Table(title=f"per attribute, against the labels (FN/FP: disagreements / confident ones, margin >= {report['confident_margin']:g} log-odds"
+                            + ("; ids: first hits of each disagreement query)" if wide else "; ids: --json)"),
+                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        for name in cols:
+            table.add_column(name, justify="left" if name == "attribute" or "ids" in name else "right",
+                             no_wrap="ids" not in name, overflow="fold")
         for row in report["attributes"]:
-            if not row.get("labels") or row["f1"] is None and row["tp"] is None:
-                table.add_row(row["attribute"], "-", _f(row["predicted_rate"]), *["-"] * 9)
+            if row["tp"] is None:
+                table.add_row(row["attribute"], "-", _f(row["predicted_rate"]), *["-"] * (len(cols) - 3))
                 continue
             fn, fp = row["false_negatives"], row["false_positives"]
-            table.add_row(row["attribute"], _f(row["label_rate"]), _f(row["predicted_rate"]), _f(row["accuracy"]),
-                          _f(row["precision"]), _f(row["recall"]), _f(row["f1"]), _f(row["ap"]),
-                          f"{fn['count']:,} ({fn['confident']:,})", f"{fp['count']:,} ({fp['confident']:,})",
-                          _ids(fn["top"]), _ids(fp["top"]))
+            cells = [row["attribute"], _f(row["label_rate"]), _f(row["predicted_rate"]), _f(row["accuracy"])]
+            cells += [_f(row["precision"]), _f(row["recall"])] if wide else []
+            cells += [_f(row["f1"]), _f(row["ap"]), f"{fn['count']:,}/{fn['confident']:,}",
+                      f"{fp['count']:,}/{fp['confident']:,}"]
+            cells += [_ids(fn["top"]), _ids(fp["top"])] if wide else []
+            table.add_row(*cells)
     else:
         table = Table(title="per attribute: predicted positive rate (nothing checked against labels)")
         table.add_column("attribute")
@@ -63,16 +69,17 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     for block in report["groups"]:
         g0, g1 = block["groups"]
-        t = Table(title=f"by {block['by']} ({'by label' if block['source'] == 'label' else 'by prediction: no labels'}; "
-                        f"{g0['name']} {g0['entries']:,}, {g1['name']} {g1['entries']:,})")
+        t = Table(title=f"by {block['by']} ({'by label' if block['source'] == 'label' else 'by prediction: no labels'}): "
+                        f"A = {g0['name']} ({g0['entries']:,}), B = {g1['name']} ({g1['entries']:,})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
         t.add_column("attribute", no_wrap=True)
-        cols = ("predicted rate", "TPR", "FPR") if checked else ("predicted rate",)
-        for g in (g0, g1):
+        cols = ("pred", "TPR", "FPR") if checked else ("pred",)
+        for g in "AB":
             for c in cols:
-                t.add_column(f"{g['name']}\n{c}", justify="right")
-        t.add_column("parity gap", justify="right")
+                t.add_column(f"{g} {c}", justify="right", no_wrap=True)
+        t.add_column("parity", justify="right", no_wrap=True)
         if checked:
-            t.add_column("odds gap", justify="right")
+            t.add_column("odds", justify="right", no_wrap=True)
         for a, gap in block["gaps"].items():
             cells = []
             for g in (g0, g1):
@@ -80,11 +87,16 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
                 cells += [_f(r["predicted_rate"])] + ([_f(r["tpr"]), _f(r["fpr"])] if checked else [])
             t.add_row(a, *cells, _f(gap["demographic_parity"]), *([_f(gap["equalized_odds"])] if checked else []))
         console.print(t)
+    if report["groups"]:
+        console.print("parity: demographic-parity difference (|A pred - B pred|)"
+                      + ("; odds: equalized-odds difference (the larger of the TPR and FPR gaps)" if checked else ""),
+                      highlight=False)
     if report["largest_gaps"]:
         key = "equalized_odds" if checked else "demographic_parity"
         console.print(f"largest gaps ({key.replace('_', ' ')} difference):", highlight=False)
         for gap in report["largest_gaps"][:5]:
-            console.print(f"  {gap['attribute']} by {gap['by']}: {_f(gap[key])} (worse: {gap['worse']}); "
+            support = f", over {gap['support']:,} labelled faces in the smaller group" if gap.get("support") is not None else ""
+            console.print(f"  {gap['attribute']} by {gap['by']}: {_f(gap[key])} (worse: {gap['worse']}{support}); "
                           f"see `facefind query \"{gap['query']}\"`", highlight=False, markup=False)
 
 

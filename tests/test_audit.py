@@ -386,3 +386,13 @@ def test_api_audit_bad_input_is_one_line_json(client, params, needle):
     resp = client.get("/api/audit", params=params)
     assert resp.status_code in (400, 422)
     assert needle in resp.json()["error"] and "\n" not in resp.json()["error"]
+
+
+def test_each_gap_says_how_many_labelled_faces_it_rests_on():
+    probs, t, labels, splits = synthetic()
+    report = run_audit(make_engine(probs, t, labels, splits), by=["Male"]).to_dict()
+    for a, gap in report["groups"][0]["gaps"].items():
+        k = ATTRS.index(a)
+        pos = [sum(1 for i in range(400) if labels[1, i] == m and labels[k, i] == 1) for m in (1, 0)]
+        neg = [sum(1 for i in range(400) if labels[1, i] == m and labels[k, i] == 0) for m in (1, 0)]
+        assert gap["support"] == (min(pos) if gap["query"].startswith("label:") else min(neg))
