@@ -396,3 +396,11 @@ def test_each_gap_says_how_many_labelled_faces_it_rests_on():
         pos = [sum(1 for i in range(400) if labels[1, i] == m and labels[k, i] == 1) for m in (1, 0)]
         neg = [sum(1 for i in range(400) if labels[1, i] == m and labels[k, i] == 0) for m in (1, 0)]
         assert gap["support"] == (min(pos) if gap["query"].startswith("label:") else min(neg))
+
+
+def test_bench_audit_times_a_labelled_synthetic_index():
+    from facefind.retrieval.bench.audit import run_audit_bench
+
+    result = run_audit_bench(n=3000, repeats=1)
+    assert result["n"] == 3000 and result["attributes"] == 40 and result["median_s"] > 0
+    assert result["largest_gap"]["equalized_odds"] is not None  # the snapshot carried labels

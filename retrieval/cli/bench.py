@@ -210,7 +210,8 @@ def bench_audit(
         print_json(result)
         return
     typer.echo(f"audit of {result['n']:,} entries x {result['attributes']} attributes by {', '.join(result['by'])}: "
-               f"first {result['first_s']:.3f} s, then median {result['median_s']:.3f} s of {result['repeats']}")
+               f"first {result['first_s']:.3f} s, then median {result['median_s']:.3f} s of {result['repeats']} "
+               f"({result['median_cpu_s']:.3f} s of CPU)")
 
 
 def register(app: typer.Typer) -> None:
