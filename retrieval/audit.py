@@ -134,6 +134,9 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
     where = where.strip() if where else None
     where_node = engine.parse(where) if where else None
     covered = np.flatnonzero(engine.mask(where_node, set_name))
+    if covered.shape[0] == 0:
+        raise FacefindError(f"no entry matches {where!r}: nothing to audit; loosen --where "
+                            "(`facefind query EXPR --limit 0` counts the matches)")
     ids = engine.ids[covered]
     m = covered.shape[0]
     probs = engine.probs[:, covered]

@@ -32,7 +32,7 @@ def render_tables(report: dict[str, Any], console: Console) -> None:
     """Coverage, one row per attribute, one table per grouping and the largest gaps."""
     cov = report["coverage"]
     splits = cov.get("splits")
-    split_text = "" if not splits else " (" + ", ".join(f"{k} {v:,}" for k, v in splits.items() if v) + ")"
+    split_text = "" if not splits or not any(splits.values()) else " (" + ", ".join(f"{k} {v:,}" for k, v in splits.items() if v) + ")"
     console.print(f"audit of {cov['entries']:,} of {cov['indexed']:,} entries{split_text}"
                   + (f" where {cov['where']}" if cov.get("where") else "")
                   + f"; {cov['with_labels']:,} carry ground-truth labels; {report['thresholds']} thresholds",

@@ -260,6 +260,7 @@ def test_labels_stored_in_another_order_are_matched_by_name():
     ({"where": "Smilng"}, "Smiling"),
     ({"top": -1}, "--top"),
     ({"thresholds": "recall"}, "unknown threshold set"),
+    ({"where": "Male and not Male"}, "nothing to audit"),
 ])
 def test_bad_input_is_one_line_saying_what_to_do(kwargs, needle):
     probs, t, labels, splits = synthetic(n=50)
