@@ -104,9 +104,10 @@ def html_report(report: dict[str, Any], base_url: str | None = None) -> str:
     """The self-contained HTML report: the Audit page with its script, styles and data inlined."""
     page = (STATIC / "audit.html").read_text(encoding="utf-8")
     script = (STATIC / "audit.js").read_text(encoding="utf-8")
-    style = (STATIC / "style.css").read_text(encoding="utf-8")
+    style = "\n".join((STATIC / name).read_text(encoding="utf-8") for name in ("style.css", "audit.css"))
     data = json.dumps({"report": report, "base": base_url}, allow_nan=False).replace("</", "<\\/")
     page = page.replace('<link rel="stylesheet" href="/static/style.css">', f"<style>\n{style}\n</style>")
+    page = page.replace('<link rel="stylesheet" href="/static/audit.css">\n', "")
     return page.replace('<script src="/static/audit.js"></script>',
                         f"<script>window.AUDIT = {data};</script>\n<script>\n{script.replace('</', '<' + chr(92) + '/')}\n</script>")
 

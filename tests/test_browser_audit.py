@@ -119,3 +119,22 @@ def test_shift_click_on_a_chip_requires_then_excludes_the_label(page, server):
         assert ("label-" in (chip.get_attribute("class") or "")) == (expr != "Male")
     chip.click()  # a plain click still cycles the prediction, beside the label literal
     page.wait_for_function("() => document.getElementById('expr').value === 'Male and Eyeglasses'")
+
+
+def test_the_audit_page_draws_under_its_own_content_security_policy(browser, server):
+    """The other tests bypass the CSP (Playwright's waits need eval); here the page keeps it, so an
+    inline style or script would be refused and show in the console."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    refused: list[str] = []
+    pg.on("console", lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None)
+    try:
+        pg.goto(server.url + "audit")
+        cell = pg.locator("table.heat a").first
+        expect(cell).to_have_css("display", "block")             # audit.css applied
+        expect(pg.locator(".a-legend i.label")).to_have_css("background-color", "rgb(130, 80, 223)")
+        assert not refused, refused
+    finally:
+        context.close()

@@ -46,7 +46,7 @@ function summary(r) {
 function bars(r) {
   const grid = el("div", "a-rows");
   const legend = el("span", "a-legend");
-  legend.innerHTML = '<i style="background:#8250df"></i>label <i style="background:var(--blue)"></i>predicted';
+  legend.append(el("i", "label"), "label", el("i", "pred"), "predicted");
   grid.append(el("div", "head", "attribute"), el("div", "head"), el("div", "head", "F1 against the labels"),
               el("div", "head", "missed (label, not predicted)"), el("div", "head", "false alarms"));
   grid.children[1].append(legend);
