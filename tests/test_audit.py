@@ -405,3 +405,83 @@ def test_bench_audit_times_a_labelled_synthetic_index():
     result = run_audit_bench(n=3000, repeats=1)
     assert result["n"] == 3000 and result["attributes"] == 40 and result["median_s"] > 0
     assert result["largest_gap"]["equalized_odds"] is not None  # the snapshot carried labels
+
+
+# ------------------------------------- part 1 (label:, split:) through the real CLI, API and similar
+
+
+@pytest.fixture(scope="module")
+def bare_indexes(built, tmp_path_factory):
+    """Two small indexes of the same faces: one from a folder with the attribute file but no
+    partition file (labels, no splits), one from a folder with neither (no labels)."""
+    import shutil
+
+    from facefind.indexer.pipeline import index_folder
+
+    base = tmp_path_factory.mktemp("bare")
+    out = {}
+    for name, annotate in (("labels_only", True), ("plain", False)):
+        folder = base / name / "img_align_celeba"
+        folder.mkdir(parents=True)
+        for image in built.images[:8]:
+            shutil.copy(image, folder / image.name)
+        if annotate:
+            shutil.copy(built.root / "list_attr_celeba.txt", base / name / "list_attr_celeba.txt")
+        index_folder(folder, built.model, base / name / "index", device="cpu", workers=0)
+        out[name] = base / name / "index"
+    return out
+
+
+def partition_of(built) -> dict[str, int]:
+    return {name: int(s) for name, s in (line.split() for line in
+                                          (built.root / "list_eval_partition.txt").read_text().splitlines() if line.strip())}
+
+
+def test_api_query_label_and_split_literals_match_hand_counts(built, client):
+    part = partition_of(built)
+    a = "Smiling"
+    for expr, keep in [
+        (f"label:{a} and not {a}", lambda p: built.labels[p][a] and built.probs[p][a] < built.thresholds[a]),
+        (f"{a} and not label:{a} and split:train",
+         lambda p: (not built.labels[p][a]) and built.probs[p][a] >= built.thresholds[a] and part[p.rsplit("/", 1)[1]] == 0),
+        ("not split:train", lambda p: part[p.rsplit("/", 1)[1]] != 0),
+    ]:
+        want = sorted(built.ids[p] for p in built.probs if keep(p))
+        body = client.get("/api/query", params={"q": expr, "limit": 100, "eval": "false"}).json()
+        assert sorted(h["id"] for h in body["hits"]) == want, expr
+
+
+def test_similar_by_id_filters_by_label(built, client):
+    """`similar`'s path (rank by an indexed face) with a label: filter, over the API."""
+    a = "Eyeglasses"
+    ref = next(iter(built.ids.values()))
+    body = client.get("/api/query", params={"q": f"not label:{a}", "like_id": ref, "limit": 100, "eval": "false"}).json()
+    assert body["ranking"] == "similarity"
+    assert sorted(h["id"] for h in body["hits"]) == sorted(built.ids[p] for p in built.labels if not built.labels[p][a])
+
+
+def test_label_and_split_errors_over_cli_and_http(bare_indexes):
+    from fastapi.testclient import TestClient
+
+    from facefind.retrieval.web.app import create_app
+
+    cases = [(bare_indexes["plain"], "label:Male", "no ground-truth labels"),
+             (bare_indexes["labels_only"], "split:val", "partition file")]
+    for index, expr, needle in cases:
+        out = cli("query", expr, "--index", index)
+        assert out.exit_code == 1 and needle in out.output and "Traceback" not in out.output
+        out = cli("audit", "--index", index, "--where", expr)
+        assert out.exit_code == 1 and needle in out.output
+        with TestClient(create_app(index, device="cpu"), base_url="http://127.0.0.1:8000") as c:
+            for path, params in (("/api/query", {"q": expr}), ("/api/audit", {"where": expr})):
+                resp = c.get(path, params=params)
+                assert resp.status_code == 400 and needle in resp.json()["error"], (path, expr)
+
+
+def test_audit_without_labels_reports_composition_by_prediction(bare_indexes):
+    out = cli("audit", "--index", bare_indexes["plain"], "--by", "Male", "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["checked_against_labels"] is False and report["coverage"]["with_labels"] == 0
+    assert report["groups"][0]["source"] == "prediction"
+    assert any("nothing was checked against labels" in w for w in report["warnings"])
