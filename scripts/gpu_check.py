@@ -365,6 +365,7 @@ class Step:
     json: bool = False           # stdout is the step's JSON result (-> OUT/<name>.json)
     needs: list[str] = field(default_factory=list)
     target: Callable[[Any], bool] | None = None
+    skip_reason: str = "--no-install: using this Python's packages"  # when argv is empty
 
 
 def _fmt_rate(x: float) -> str:
@@ -419,8 +420,6 @@ def plan(args: argparse.Namespace, work: Path, out: Path, site: Path) -> list[St
     steps = [
         Step("install", me + ["_install", "--wheels", args.wheels, "--site", str(site)], 120),
         Step("env", me + ["_env"], 60, lambda d, _: d.get("gpu") or f"no GPU (torch {d.get('torch')})", json=True),
-        Step("cuda-tests", [PY, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_reader.py",
-                            "-q", "-p", "no:cacheprovider"], 150, _pytest_figure),
         Step("bench-index", CLI + ["bench", "index", *index, "--device", dev, "--out", str(work / "bench-index"),
                                    "--json"], 300, _index_figure, json=True,
              target=lambda d: d["images_per_second"] >= 13_500 and d["speedup"] >= 9),
@@ -442,16 +441,33 @@ def plan(args: argparse.Namespace, work: Path, out: Path, site: Path) -> list[St
         Step("agree", me + ["_agree", "--model", str(model), "--data", str(data), "--device", dev, "--n", agree_n,
                             "--eval-json", str(out / "evaluate-val.json"), "--cache-dir", str(cache)], 90,
              _agree_figure, json=True, needs=["evaluate-val"]),
-        Step("bench-query", CLI + ["bench", "query", *query, "--json"], 90,
-             lambda d, _: f"filter+rank p50 {d['engine_p50_ms']} ms, {d['speedup']}x SQL (faiss on CPU)", json=True),
+        Step("cuda-tests", [PY, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_reader.py",
+                            "-q", "-p", "no:cacheprovider"], 150, _pytest_figure),
         Step("ddp", [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
                      "facefind.retrieval.cli", "train", str(data), "--arch", "resnet18", *ddp, "--device", dev,
                      "--out", str(work / "ddp.pt"), "--cache-dir", str(cache), "--json"], 90,
              lambda d, _: f"1 rank ({'nccl' if dev.startswith('cuda') else 'gloo'}): {_fmt_rate(d['train_images_per_s'])}",
              json=True, needs=["unpack"]),
+        Step("bench-query", CLI + ["bench", "query", *query, "--json"], 90,
+             lambda d, _: f"filter+rank p50 {d['engine_p50_ms']} ms, {d['speedup']}x SQL (faiss on CPU)", json=True),
     ]
     if args.no_install:
         steps[0] = Step("install", [], 0)
+    if args.steps:  # the named steps, what they need, and always install + env
+        wanted = {"install", "env", *args.steps.split(",")}
+        by_name = {s.name: s for s in steps}
+        unknown = wanted - set(by_name)
+        if unknown:
+            raise CheckError(f"--steps: no step {', '.join(sorted(unknown))} (steps: {', '.join(by_name)})")
+        todo = list(wanted)
+        while todo:
+            for need in by_name[todo.pop()].needs:
+                if need not in wanted:
+                    wanted.add(need)
+                    todo.append(need)
+        for step in steps:
+            if step.name not in wanted:
+                step.argv, step.skip_reason = [], "not in --steps"
     return steps
 
 
@@ -501,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [n for n in step.needs if status.get(n) != "ok"]
         left = deadline - time.time()
         if not step.argv:
-            rec["figure"] = "--no-install: using this Python's packages"
+            rec["figure"] = step.skip_reason
         elif missing:
             rec["figure"] = f"needs {', '.join(missing)}"
         elif left < 10:
@@ -600,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--data", default=str(ROOT / ".gpu-data"), help=f"folder holding {TAR_NAME}")
     pr.add_argument("--no-install", action="store_true", help="use this Python's packages (no wheels)")
     pr.add_argument("--budget", type=float, default=525.0, help="seconds for the whole run (default 525)")
+    pr.add_argument("--steps", default=None,
+                    help="comma-separated steps to run (with what they need; install and env always run)")
     pr.add_argument("--fail-step", default=None, help="replace STEP with `exit 1` (tests the failure path)")
     for name, fn in (("_install", install), ("_env", environment), ("_unpack", unpack), ("_agree", agree)):
         sp = sub.add_parser(name)

@@ -24,8 +24,8 @@ from facefind.trainer.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ["install", "env", "cuda-tests", "bench-index", "bench-train-resnet50", "bench-train-densenet121",
-         "unpack", "train-resnet18", "evaluate-val", "agree", "bench-query", "ddp"]
+STEPS = ["install", "env", "bench-index", "bench-train-resnet50", "bench-train-densenet121", "unpack",
+         "train-resnet18", "evaluate-val", "agree", "cuda-tests", "ddp", "bench-query"]
 
 
 def load_driver() -> ModuleType:
@@ -59,17 +59,17 @@ def test_cpu_dry_run_reports_every_step_and_goes_on_after_a_failure(tmp_path: Pa
     out = tmp_path / "out"
     t0 = time.perf_counter()
     r = run_script("run", "--device", "cpu", "--small", "--no-install", "--data", str(data), "--out", str(out),
-                   "--work", str(tmp_path / "work"), "--fail-step", "bench-query")
+                   "--work", str(tmp_path / "work"), "--fail-step", "ddp")
     wall = time.perf_counter() - t0
     assert r.returncode == 1, r.stdout + r.stderr  # one step failed, so the run says so
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
     assert list(steps) == STEPS
     failed = {name: s["status"] for name, s in steps.items() if s["status"] not in ("ok",)}
-    assert failed == {"install": "skipped", "bench-query": "failed"}, (failed, r.stdout)
-    assert steps["bench-query"]["returncode"] == 1
-    assert "failure injected" in (out / "bench-query.log").read_text()
-    assert steps["ddp"]["status"] == "ok"  # the step after the failure still ran
+    assert failed == {"install": "skipped", "ddp": "failed"}, (failed, r.stdout)
+    assert steps["ddp"]["returncode"] == 1
+    assert "failure injected" in (out / "ddp.log").read_text()
+    assert steps["bench-query"]["status"] == "ok"  # the step after the failure still ran
     for name in STEPS[1:]:
         assert (out / f"{name}.log").is_file()
     # Key figures come from each step's own JSON.
@@ -87,6 +87,19 @@ def test_cpu_dry_run_reports_every_step_and_goes_on_after_a_failure(tmp_path: Pa
     assert [row.split()[0] for row in rows] == STEPS
     assert lines[-3 - len(STEPS)].split()[:3] == ["step", "status", "key"]
     assert summary["seconds"] <= wall + 1
+
+
+def test_steps_runs_what_a_step_needs_and_skips_what_a_failure_blocks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run_script("run", "--device", "cpu", "--small", "--no-install", "--data", str(sample_tar(tmp_path, n=8)),
+                   "--out", str(out), "--steps", "evaluate-val", "--fail-step", "unpack")
+    assert r.returncode == 1, r.stdout + r.stderr
+    steps = {s["step"]: s for s in json.loads((out / "summary.json").read_text())["steps"]}
+    assert steps["env"]["status"] == "ok" and steps["unpack"]["status"] == "failed"
+    assert (steps["train-resnet18"]["status"], steps["train-resnet18"]["figure"]) == ("skipped", "needs unpack")
+    assert steps["evaluate-val"]["figure"] == "needs train-resnet18"
+    assert {s["figure"] for n, s in steps.items() if n not in ("install", "env", "unpack", "train-resnet18",
+                                                                "evaluate-val")} == {"not in --steps"}
 
 
 def test_sample_tar_fits_the_budget_dropping_train_images_only(tmp_path: Path) -> None:
