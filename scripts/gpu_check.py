@@ -186,8 +186,8 @@ def prepare(args: argparse.Namespace) -> int:
     if not all((sample / a).exists() for a in ("img_align_celeba", *ANNOTATIONS)):
         raise CheckError(f"{sample} is not a CelebA sample folder (img_align_celeba/ and "
                          f"{', '.join(ANNOTATIONS)}): pass --sample")
-    for d in (wheels_dir, data_dir):
-        shutil.rmtree(d, ignore_errors=True)
+    for stale in [*wheels_dir.glob("*.whl"), data_dir / TAR_NAME, data_dir / "prepared.json"]:
+        stale.unlink(missing_ok=True)  # only what prepare writes: these folders may be the user's
     wheels = download_wheels(wheels_dir, args.python_version)
     tree = tree_bytes()
     wheel_bytes = folder_bytes(wheels_dir)
