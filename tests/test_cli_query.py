@@ -198,6 +198,31 @@ def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
     one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "facefind index")
 
 
+def test_missing_default_index_names_the_demo_index_with_a_command_that_works(built: Built, tmp_path: Path) -> None:
+    import shlex
+    import shutil
+
+    shutil.copytree(built.index, tmp_path / "facefind-demo" / "index")
+    env = {k: v for k, v in os.environ.items() if k not in ("FACEFIND_INDEX", "FACEFIND_DB")}
+    env["FACEFIND_HOME"] = str(tmp_path / "home")  # no index there
+    facefind = str(Path(sys.executable).parent / "facefind")
+    proc = subprocess.run([facefind, "query", "Smiling and not Male", "--limit", "3"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert str(tmp_path / "home" / "index") in proc.stderr and "Traceback" not in proc.stderr
+    command = shlex.split(proc.stderr.split(": ", 2)[-1])
+    assert command[0] == "facefind" and command[-2:] == ["--index", "facefind-demo/index"]
+    pasted = subprocess.run([facefind, *command[1:], "--json"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=env)
+    assert pasted.returncode == 0, pasted.stderr
+    assert json.loads(pasted.stdout)["n_indexed"] == N_FACES
+    # Outside the demo's folder the plain message stays.
+    (tmp_path / "home").mkdir()
+    elsewhere = subprocess.run([facefind, "query", "Smiling"], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path / "home", env=env)
+    assert elsewhere.returncode == 1 and "facefind-demo" not in elsewhere.stderr, elsewhere.stderr
+
+
 def test_index_without_labels_or_checkpoint(built: Built, tmp_path: Path) -> None:
     from facefind.db.catalog import Catalog, IndexedImage
 

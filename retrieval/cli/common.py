@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 
-from facefind.db.errors import FacefindError, QuerySyntaxError
+from facefind.db.errors import CatalogError, FacefindError, QuerySyntaxError
 from facefind.db.files import json_default
+from facefind.db.paths import default_index_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,6 +77,26 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+# Where `facefind demo` leaves its index when run with its default --dir.
+DEMO_INDEX = Path("facefind-demo") / "index"
+
+
+def index_or_demo_hint(index_dir: Path | None) -> Path | None:
+    """``--index`` as given; but when it was left out (no $FACEFIND_INDEX or $FACEFIND_DB either), the
+    default index is missing and the demo's sits in the current folder, a CatalogError that names it
+    with the command to paste.
+
+    It does not quietly use the demo's index instead: what a query answers from would then depend on
+    the current folder, and a script's JSON would not say which index it came from.
+    """
+    if index_dir is not None or os.environ.get("FACEFIND_INDEX") or os.environ.get("FACEFIND_DB"):
+        return index_dir
+    if default_index_dir().exists() or not (DEMO_INDEX / "catalog.db").is_file():
+        return None
+    command = shlex.join(["facefind", *sys.argv[1:], "--index", str(DEMO_INDEX)])
+    raise CatalogError(f"no index at {default_index_dir()}, but `facefind demo` made one here: {command}")
 
 
 def use_threads(threads: int | None) -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json
 from facefind.retrieval.cli.predict import DetectFaceOpt
 from facefind.retrieval.index import open_index
 
@@ -227,7 +227,7 @@ def _search(index_dir: Path | None, expr: str | None, *, like: Path | None, like
     """One page of ``expr``'s matches, ranked by likeness to the image ``like`` or the indexed
     ``like_id`` (by identity when ``person``, else by look) or else by confidence; with
     ``evaluate``, its quality against the index's labels."""
-    with open_index(index_dir) as idx:
+    with open_index(index_or_demo_hint(index_dir)) as idx:
         # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
         # the parsed tree, so the query below and --eval (result.node) do not parse it again.
         if expr is not None:
