@@ -97,6 +97,24 @@ def test_query_paths_and_table_agree_with_json(built: Built) -> None:
     assert [r for r in ranks if r][:2] == ["3", "4"]  # ranks continue after the offset
 
 
+def test_a_partial_page_says_what_it_shows_and_the_flag_for_more(built: Built) -> None:
+    first = run("query", "--index", built.index, "--limit", "7")
+    assert first.exit_code == 0 and f"{N_FACES} of {N_FACES} images match" in first.stdout
+    assert f"showing 1-7 of {N_FACES}; --offset 7 shows the next 7, --limit {N_FACES} all of them" in first.stdout
+    second = run("query", "--index", built.index, "--limit", "7", "--offset", "7")
+    assert f"showing 8-14 of {N_FACES}; --offset 14 shows the next 7\n" in second.stdout
+    last = run("query", "--index", built.index, "--limit", "7", "--offset", str(N_FACES - 5))
+    assert f"showing {N_FACES - 4}-{N_FACES} of {N_FACES}\n" in last.stdout
+    past = run("query", "--index", built.index, "--offset", str(N_FACES + 10))
+    assert f"--offset {N_FACES + 10} is past the last of the {N_FACES} matches" in past.stdout
+    # Piped output keeps stdout to the paths; the note goes to stderr.
+    paths = run("query", "--index", built.index, "--limit", "7", "--paths")
+    assert len(paths.stdout.splitlines()) == 7 and f"showing 1-7 of {N_FACES}" in paths.stderr
+    whole = run("query", "--index", built.index, "--limit", str(N_FACES))
+    count = run("query", "--index", built.index, "--limit", "0")
+    assert "showing" not in whole.stdout + whole.stderr + count.stdout + count.stderr
+
+
 def test_typo_suggests_the_attribute(built: Built) -> None:
     line = one_line_error(run("query", "Eyeglases", "--index", built.index), "Eyeglases")
     assert "did you mean Eyeglasses" in line

@@ -118,7 +118,8 @@ def _progress_of(step: str, event: Any, n: int) -> tuple[int, int, str]:
 
 
 def _print_result(out: Console, title: str, result: Any) -> None:
-    out.print(f"\n[bold]{title}[/bold]: {result.total:,} of {result.n_indexed:,} images match", highlight=False)
+    top = f", the top {len(result.hits)}" if len(result.hits) < result.total else ""
+    out.print(f"\n[bold]{title}[/bold]: {result.total:,} of {result.n_indexed:,} images match{top}", highlight=False)
     table = Table("rank", "score", "path", "matched")
     for rank, hit in enumerate(result.hits, start=result.offset + 1):
         table.add_row(str(rank), f"{hit.score:.3f}", Path(hit.path).name, ", ".join(hit.matched))
