@@ -307,3 +307,14 @@ def test_missing_face_models_are_one_line_errors(model: Path, images: list[Path]
     finally:
         monkeypatch.undo()
         align._predictor.cache_clear()
+
+
+def test_the_device_line_is_kept_for_verbose(model: Path, images: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    assert invoke("predict", images[0], "--model", model, "--device", "cpu").exit_code == 0
+    assert not [m for m in caplog.messages if m.startswith(("device:", "cpu threads"))]
+    caplog.clear()
+    assert invoke("-v", "predict", images[0], "--model", model, "--device", "cpu").exit_code == 0
+    assert [m for m in caplog.messages if m.startswith("device: cpu, ")]

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from facefind.retrieval.cli import bench, check, data, demo, index, predict, query, serve, train
+from facefind.retrieval.cli.common import DEVICE_LOGGER
 
 app = typer.Typer(
     name="facefind",
@@ -38,6 +39,8 @@ def _root(
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("facefind").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The device line only for -v, and for the commands that call common.show_device_line.
+    logging.getLogger(DEVICE_LOGGER).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 for _module in (demo, data, train, index, check, predict, query, bench, serve):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shlex
 import sys
@@ -97,6 +98,17 @@ def index_or_demo_hint(index_dir: Path | None) -> Path | None:
         return None
     command = shlex.join(["facefind", *sys.argv[1:], "--index", str(DEMO_INDEX)])
     raise CatalogError(f"no index at {default_index_dir()}, but `facefind demo` made one here: {command}")
+
+
+DEVICE_LOGGER = "facefind.trainer.device"  # its one INFO line: the device, and on the CPU the threads
+
+
+def show_device_line() -> None:
+    """Let the device line through for this command (train, tune, index: a person waits on them and
+    may want to know what runs them); the root callback keeps it for ``-v`` elsewhere."""
+    logger = logging.getLogger(DEVICE_LOGGER)
+    if logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def use_threads(threads: int | None) -> None:

@@ -23,7 +23,7 @@ from facefind.db.snapshot import model_threshold_sets, snapshot_info
 from facefind.indexer.faces.align import MIN_FACE_PIXELS, check_models  # numpy only: dlib loads on first use
 from facefind.indexer.faces.identity import check_model
 from facefind.retrieval.cli.common import (
-    DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, index_or_demo_hint, print_json, use_threads,
+    DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, index_or_demo_hint, print_json, show_device_line, use_threads,
 )
 
 
@@ -89,6 +89,7 @@ def index(
         return
     shard_k_n = parse_shard(shard) if shard is not None else None
     use_threads(threads)
+    show_device_line()
     faces = _face_finder(detect_faces, identity, min_face)
     console = Console(stderr=True)
     with Progress(
