@@ -213,7 +213,7 @@ def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
     one_line_error(run("query", "Male", "--index", tmp_path / "nowhere"), "facefind index")
     Catalog.open(tmp_path / "empty").close()
     one_line_error(run("query", "Male", "--index", tmp_path / "empty"), "facefind index")
-    one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "facefind index")
+    one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "no such image")
 
 
 def test_missing_default_index_names_the_demo_index_with_a_command_that_works(built: Built, tmp_path: Path) -> None:
@@ -280,6 +280,23 @@ def test_query_without_an_image_never_imports_torch(built: Built, tmp_path: Path
     probe = json.loads(proc.stderr.strip().splitlines()[-1].removeprefix("PROBE "))
     assert probe["code"] in (0, None), proc.stderr
     assert probe["heavy"] == [], f"query imported {probe['heavy']}"
+
+
+@pytest.mark.parametrize("command", [["similar", "IMAGE"], ["query", "Smiling", "--like", "IMAGE"],
+                                     ["predict", "IMAGE", "IMAGE"]])
+@pytest.mark.parametrize("image, expected", [("missing.jpg", "no such image"), ("notes.txt", "cannot read image"),
+                                             (".", "is a folder")])
+def test_a_bad_input_image_fails_before_torch_loads(built: Built, tmp_path: Path, command: list[str], image: str,
+                                                    expected: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a picture")
+    args = [str(tmp_path / image) if a == "IMAGE" else a for a in command] + ["--index", str(built.index)]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    *said, last = proc.stderr.strip().splitlines()
+    probe = json.loads(last.removeprefix("PROBE "))
+    assert probe["code"] == 1 and "torch" not in probe["heavy"], proc.stderr
+    errors = [line for line in said if line.startswith("error:")]
+    assert errors and all(expected in line for line in errors) and "Traceback" not in proc.stderr
 
 
 def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 
-from facefind.db.errors import CatalogError, FacefindError, QuerySyntaxError
+from facefind.db.errors import CatalogError, FacefindError, ImageError, QuerySyntaxError
 from facefind.db.files import json_default
 from facefind.db.paths import default_index_dir
 
@@ -98,6 +98,34 @@ def index_or_demo_hint(index_dir: Path | None) -> Path | None:
         return None
     command = shlex.join(["facefind", *sys.argv[1:], "--index", str(DEMO_INDEX)])
     raise CatalogError(f"no index at {default_index_dir()}, but `facefind demo` made one here: {command}")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an input image (missing, a folder, not an image), or None.
+
+    Only the header is read, so a command can check its inputs in milliseconds before it loads
+    torch and a model (seconds); the messages are the ones ``facefind.indexer.predict`` gives.
+    """
+    from PIL import Image, UnidentifiedImageError  # Pillow: only commands given an image load it (not query)
+
+    if not path.exists():
+        return f"no such image: {path}"
+    if path.is_dir():
+        return f"{path} is a folder: give image files (use `facefind index` for folders)"
+    try:
+        with Image.open(path):
+            return None
+    except UnidentifiedImageError:
+        return f"cannot read image {path}: not an image format Pillow knows"
+    except OSError as err:
+        return f"cannot read image {path}: {err.strerror or err}"
+
+
+def require_image(path: Path) -> None:
+    """ImageError unless ``path`` is a readable image file (see ``image_problem``)."""
+    problem = image_problem(path)
+    if problem is not None:
+        raise ImageError(problem)
 
 
 DEVICE_LOGGER = "facefind.trainer.device"  # its one INFO line: the device, and on the CPU the threads

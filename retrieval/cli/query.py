@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json
+from facefind.retrieval.cli.common import (
+    DeviceOpt, IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json, require_image,
+)
 from facefind.retrieval.cli.predict import DetectFaceOpt
 from facefind.retrieval.index import open_index
 
@@ -204,6 +206,8 @@ def query(
     _check_output(as_json, paths, csv)
     if like is not None and like_id is not None:
         raise FacefindError("give --like IMAGE or --like-id ID, not both")
+    if like is not None:
+        require_image(like)  # before the index and the model load
     person = _by_person(by)
     if person and like is None and like_id is None:
         raise FacefindError("--by person ranks by likeness to a face: give --like IMAGE or --like-id ID")
@@ -241,6 +245,7 @@ def similar(
     enough to carry an approximate index; or identity distance with --by person), optionally only
     those matching --where."""
     _check_output(as_json, paths, csv)
+    require_image(image)  # milliseconds; loading torch and the model to find it missing took seconds
     result, _ = _search(index_dir, where, like=image, like_id=None, person=_by_person(by), limit=limit,
                         offset=offset, thresholds=thresholds, detect_face=detect_face, device=device,
                         exact=exact, nprobe=nprobe)
