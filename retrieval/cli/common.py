@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, TypeVar
 
@@ -113,8 +114,12 @@ def image_problem(path: Path) -> str | None:
     if path.is_dir():
         return f"{path} is a folder: give image files (use `facefind index` for folders)"
     try:
-        with Image.open(path):
-            return None
+        with warnings.catch_warnings():  # a large image is the decoder's to judge (it has its own limit)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return None
+    except Image.DecompressionBombError as err:
+        return f"cannot read image {path}: {err}"
     except UnidentifiedImageError:
         return f"cannot read image {path}: not an image format Pillow knows"
     except OSError as err:
