@@ -59,7 +59,8 @@ def print_json(obj: Any) -> None:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
 DeviceOpt = Annotated[
     str,
-    typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto picks CUDA when present and says which it chose."),
+    typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto picks CUDA when present; train, tune and "
+                 "index say which, the other commands with -v."),
 ]
 IndexOpt = Annotated[
     Path | None,
