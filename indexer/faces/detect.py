@@ -16,7 +16,7 @@ import numpy as np
 
 from facefind.db.errors import ImageError, ModelError
 from facefind.indexer.faces import identity as ident
-from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
+from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, detect, find_faces
 
 
 CELEBA_ASPECT = CELEBA_SIZE[1] / CELEBA_SIZE[0]  # width / height = 0.8165
@@ -44,9 +44,9 @@ def crop_shows_a_face(rgb: np.ndarray) -> bool | None:
     """Whether the detector finds a face in an image that ``looks_aligned`` (and so goes to the
     model whole): False for, say, a plain 178x218 picture that only has a crop's size. None when
     face detection is not installed: the check is a courtesy, and the crop is used either way.
-    About 6.5 ms on a 178x218 crop."""
+    One upright HOG pass (an aligned crop is upright): no landmarks, no rotated retries."""
     try:
-        return bool(find_faces(rgb, min_size=0, limit=1))
+        return bool(detect(rgb, min_size=0))
     except ModelError:
         return None
 
