@@ -72,6 +72,9 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     folder = _common_folder([h.path for h in result.hits])
     where = f" (paths relative to {folder}{os.sep})" if folder else ""
     console.print(f"{result.total:,} of {result.n_indexed:,} images match{where}", highlight=False)
+    if result.labelled is not None:  # label: literals look only at the entries that carry labels
+        console.print(f"label: literals read the {result.labelled:,} images that carry those labels",
+                      highlight=False)
     if result.hits:
         digits = {"similarity": 4, "person": 3}.get(result.ranking, 2)
         header = {"id": "score", "person": "distance"}.get(result.ranking, result.ranking)
