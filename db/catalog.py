@@ -332,14 +332,8 @@ class Catalog(RunLog):
         files = {path: found[max(found)] for path, found in by_path.items()}  # size, mtime, dimensions
         paths = list(files)
         with self._write() as conn:
-            old = {
-                path: (iid, size, mtime)
-                for iid, path, size, mtime in conn.execute(
-                    sa.select(images.c.id, images.c.path, images.c.size, images.c.mtime).where(
-                        images.c.path.in_(paths)
-                    )
-                )
-            }
+            old = {path: (iid, size, mtime) for iid, path, size, mtime in self._rows_in(
+                conn, "SELECT id, path, size, mtime FROM images WHERE path {in}", paths)}
             changed = [
                 old[p][0] for p, r in files.items()
                 if p in old and (old[p][1] != int(r.size) or old[p][2] != float(r.mtime))
@@ -350,15 +344,16 @@ class Catalog(RunLog):
                 ["size", "mtime", "width", "height"],
                 [(p, int(r.size), float(r.mtime), r.width, r.height, now) for p, r in files.items()],
             )
-            ids = dict(
-                conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(paths))).all()
-            )
+            new = [p for p in paths if p not in old]  # the files we had already keep their ids
+            ids = {p: v[0] for p, v in old.items()}
+            ids.update(self._rows_in(conn, "SELECT path, id FROM images WHERE path {in}", new))
             path_of = {image_id: path for path, image_id in ids.items()}
-            self._upsert_rows(
-                conn, faces, ["image_id", "number"], ["image_id", "number", "x", "y", "w", "h"],
-                ["x", "y", "w", "h"],
-                [(ids[path], number, *(r.box if r.box is not None else (None,) * 4)) for path, number, r in entries],
-            )
+            face_rows = {True: [], False: []}  # by: is the file new (its faces cannot exist yet)?
+            for path, number, r in entries:
+                face_rows[path not in old].append((ids[path], number, *(r.box if r.box is not None else (None,) * 4)))
+            face_columns = ["image_id", "number", "x", "y", "w", "h"]
+            self._insert_rows(conn, faces, face_columns, face_rows[True])
+            self._upsert_rows(conn, faces, ["image_id", "number"], face_columns, ["x", "y", "w", "h"], face_rows[False])
             face_ids, gone = {}, []
             for fid, image_id, number in self._faces_of(conn, list(path_of)):  # old and new faces
                 path = path_of[image_id]
@@ -375,18 +370,20 @@ class Catalog(RunLog):
                 kept = [fid for (path, _), fid in face_ids.items() if ids[path] in was]
                 touched |= self._drop_predictions(conn, kept, keep_model=model_id)
                 conn.execute(sa.delete(identities).where(identities.c.face_id.in_(kept)))
-            self._upsert_rows(
-                conn, predictions, ["model_id", "face_id"], ["model_id", "face_id", "probs", "embedding"],
-                ["probs", "embedding"],
-                [(model_id, face_ids[path, number], pb, eb) for (path, number, _), (pb, eb) in zip(entries, blobs)],
-            )
+            prediction_rows = {True: [], False: []}  # by: is the face new (no prediction can exist)?
+            for (path, number, _), (pb, eb) in zip(entries, blobs):
+                prediction_rows[path not in old].append((model_id, face_ids[path, number], pb, eb))
+            prediction_columns = ["model_id", "face_id", "probs", "embedding"]
+            self._insert_rows(conn, predictions, prediction_columns, prediction_rows[True])
+            self._upsert_rows(conn, predictions, ["model_id", "face_id"], prediction_columns, ["probs", "embedding"],
+                              prediction_rows[False])
             if described:  # other models' snapshots carry these descriptors too: they are now stale
                 described_ids = [face_ids[key] for key in described]
                 touched |= set(conn.execute(sa.select(predictions.c.model_id)
                                             .where(predictions.c.face_id.in_(described_ids)).distinct()).scalars())
             self._upsert_rows(conn, identities, ["face_id"], ["face_id", "descriptor"], ["descriptor"],
                               [(face_ids[key], blob) for key, blob in described.items()])
-            conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
+            self._rows_in(conn, "DELETE FROM failures WHERE path {in}", paths)
             labelled = {ids[p]: r.labels for p, r in files.items() if r.labels is not None}
             if labelled:
                 if label_names is None:
@@ -394,15 +391,10 @@ class Catalog(RunLog):
                 self._store_labels(conn, label_names, labelled)
             self._bump(conn, touched)
 
-    @staticmethod
-    def _faces_of(conn: Connection, image_ids: list[int]) -> list[tuple[int, int, int]]:
+    def _faces_of(self, conn: Connection, image_ids: list[int]) -> list[tuple[int, int, int]]:
         """``(face id, image id, number)`` of every face of these images."""
-        rows: list[tuple[int, int, int]] = []
-        for start in range(0, len(image_ids), 10_000):
-            chunk = image_ids[start:start + 10_000]
-            rows += [(int(f), int(i), int(n)) for f, i, n in conn.execute(
-                sa.select(faces.c.id, faces.c.image_id, faces.c.number).where(faces.c.image_id.in_(chunk)))]
-        return rows
+        return [(int(f), int(i), int(n)) for f, i, n in self._rows_in(
+            conn, "SELECT id, image_id, number FROM faces WHERE image_id {in}", image_ids)]
 
     def _face_ids(self, conn: Connection, image_ids: list[int]) -> list[int]:
         return [fid for fid, _, _ in self._faces_of(conn, image_ids)]
