@@ -6,10 +6,15 @@ readers never see half a batch:
     SQLite       writers take the write lock up front (``BEGIN IMMEDIATE``) and wait behind
                  ``busy_timeout``; readers run in WAL snapshots.
     PostgreSQL   (``postgresql+psycopg://``, the ``postgres`` extra) writers run at READ COMMITTED
-                 and first take one transaction-scoped advisory lock (``pg_advisory_xact_lock``),
-                 waiting up to ``lock_timeout``: the same one-writer-at-a-time model, so a batch's
-                 read-then-upsert and the generation bump never race another writer; readers run
-                 at REPEATABLE READ, one consistent view per read transaction.
+                 and first take one transaction-scoped advisory lock, waiting up to
+                 ``lock_timeout``. By default it is exclusive (``pg_advisory_xact_lock``): the
+                 one-writer-at-a-time model, for schema changes, models, runs and publish holds.
+                 Batches of rows (``_write(shared=True)``: ``write_batch``, failures, prunes) take
+                 it shared, so the writers of a sharded run write at once: each locks only the
+                 rows it writes (shards hold different files, so no two wait for each other's
+                 rows, and PostgreSQL ends any deadlock with an error), and the generation bump,
+                 an UPDATE of the model's row, makes a second writer wait only for the first's
+                 commit. Readers run at REPEATABLE READ, one consistent view per read transaction.
 
 Database errors leave ``Database._write`` and ``_read`` as a CatalogError that says what to check.
 ``Database`` knows no tables: facefind.db.schema declares them, facefind.db.catalog uses them.
@@ -30,10 +35,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
 from facefind.db.errors import CatalogError
-from facefind.db.schema import reason
+from facefind.db.schema import lock_writers, reason
 
 BUSY_TIMEOUT_S = 60.0
-PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 PAGE_SIZE = 16384
 COPY_MIN_ROWS = 32  # PostgreSQL: from this many rows an upsert goes through COPY (3 round trips, not N)
 IN_CHUNK = 10_000   # values per membership query (SQLite allows 32,766 parameters)
@@ -151,18 +155,19 @@ class Database:
                     cur.execute("SET synchronous_commit = off")
             dbapi_conn.commit()
 
-        if writer:
-            @event.listens_for(engine, "begin")
-            def _on_begin(conn: Connection) -> None:
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
-
         return engine
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """One write transaction; database errors become a CatalogError that says what to check."""
+    def _write(self, *, shared: bool = False) -> Iterator[Connection]:
+        """One write transaction; database errors become a CatalogError that says what to check.
+
+        PostgreSQL: ``shared`` writers run beside each other, the others alone (see the module
+        docstring). SQLite has one writer at a time whatever is asked.
+        """
         try:
             with self._writer.begin() as conn:
+                if not self._is_sqlite:
+                    lock_writers(conn, shared=shared)
                 yield conn
         except sa.exc.OperationalError as err:
             raise CatalogError(f"cannot write to the catalog {self._where()}: {reason(err)}; "
@@ -305,9 +310,9 @@ class Database:
         """PostgreSQL: binary COPY into a session-private staging table, then one INSERT ... SELECT
         ... ON CONFLICT. One round trip of data instead of one statement per row (5x faster)."""
         at = [list(columns).index(k) for k in keys]
-        unique = {tuple(r[i] for i in at): r for r in rows}  # ON CONFLICT may touch a row only once
-        # Every writer locks rows in key order, so concurrent writers wait for each other, never deadlock.
-        ordered = [unique[k] for k in sorted(unique)]
+        # ON CONFLICT may touch a row only once: the last row of a key wins, as row by row. The
+        # order stays the caller's, so new rows get ids in that order.
+        ordered = list({tuple(r[i] for i in at): r for r in rows}.values())
         stage, create, insert, types = self._copy_sql(conn, table, keys, columns, update)
         cursor = conn.connection.cursor()
         try:

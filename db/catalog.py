@@ -331,7 +331,7 @@ class Catalog(RunLog):
                 described[path, number] = None
         files = {path: found[max(found)] for path, found in by_path.items()}  # size, mtime, dimensions
         paths = list(files)
-        with self._write() as conn:
+        with self._write(shared=True) as conn:  # beside other batches (PostgreSQL)
             old = {path: (iid, size, mtime) for iid, path, size, mtime in self._rows_in(
                 conn, "SELECT id, path, size, mtime FROM images WHERE path {in}", paths)}
             changed = [
@@ -443,7 +443,7 @@ class Catalog(RunLog):
         rows = {_storable_text(normalize_path(p)): str(reason) for p, reason in items}
         if not rows:
             return
-        with self._write() as conn:
+        with self._write(shared=True) as conn:
             self._upsert_rows(conn, failures_table, ["path"], ["path", "reason", "at"], ["reason", "at"],
                               [(p, r, now) for p, r in rows.items()])
 
@@ -463,7 +463,7 @@ class Catalog(RunLog):
         if not paths:
             return 0
         removed = 0
-        with self._write() as conn:
+        with self._write(shared=True) as conn:
             for start in range(0, len(paths), 10_000):
                 chunk = paths[start:start + 10_000]
                 ids = list(conn.execute(sa.select(images.c.id).where(images.c.path.in_(chunk))).scalars())

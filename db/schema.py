@@ -40,6 +40,7 @@ from facefind.db.errors import CatalogError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
+PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 IDENTITY_DIM = 128  # dlib's face descriptor (facefind.indexer.faces.identity.DIM; db imports nothing of ours)
 
 metadata = sa.MetaData()
@@ -268,6 +269,7 @@ def open_schema(reader: Engine, writer: Engine, *, create: bool, where: str, hin
             have = read_meta(conn)
         if have is None and create:
             with writer.begin() as conn:  # serialised: concurrent creators wait here
+                lock_writers(conn)
                 metadata.create_all(conn, checkfirst=True)
                 have = read_meta(conn)
                 if have is None:
@@ -299,6 +301,7 @@ def _upgrade(reader: Engine, writer: Engine, where: str) -> dict[str, str]:
     """
     try:
         with writer.begin() as conn:
+            lock_writers(conn)
             have = read_meta(conn) or {}
             start = version = _version(have)
             while version < SCHEMA_VERSION and version in MIGRATIONS:
@@ -315,6 +318,13 @@ def _upgrade(reader: Engine, writer: Engine, where: str) -> dict[str, str]:
         raise CatalogError(
             f"the catalog {where} has schema version {now} and must be upgraded to {SCHEMA_VERSION}, but "
             f"cannot be written ({reason(err)}): run `facefind check --repair` as a user who can write it") from None
+
+
+def lock_writers(conn: Connection, *, shared: bool = False) -> None:
+    """PostgreSQL: take the catalog's advisory write lock until the transaction ends (shared:
+    beside other shared holders; exclusive: alone). Schema changes hold it exclusively."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}({PG_WRITE_LOCK})")
 
 
 def read_meta(conn: Connection) -> dict[str, str] | None:

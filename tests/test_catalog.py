@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from facefind.db.backend import COPY_MIN_ROWS
 from facefind.db.catalog import Catalog, IndexedImage, normalize_path
 from facefind.db.errors import CatalogError
 from helpers import add_labels, identity_count  # tests/ is on sys.path (pytest's prepend import mode)
@@ -103,6 +104,34 @@ def test_same_path_twice_gives_one_image_and_one_prediction(catalog: Catalog, mo
     np.testing.assert_array_equal(preds.probs[0], last[0].probs)
     info = catalog.info(model)
     assert info["images"] == 2 and info["predictions"] == 2
+
+
+def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalog, model: int) -> None:
+    """Batches past ``COPY_MIN_ROWS`` (PostgreSQL: binary COPY, straight in for new files, through
+    a staging table for known ones): ids follow the rows' order, a known file keeps its id, the
+    last row of a path wins, a changed file loses the other model's predictions."""
+    n = 3 * COPY_MIN_ROWS
+    paths = [f"/big/{i:03d}.jpg" for i in range(n)][::-1]  # ids in row order, not path order
+    other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
+    catalog.write_batch(other, rows_for(paths, seed=9))
+    first = rows_for(paths, seed=1)
+    catalog.write_batch(model, first)
+    preds = catalog.export(model)[1]
+    assert preds.paths == paths
+    ids = dict(zip(preds.paths, preds.ids.tolist()))
+    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in first]))
+
+    changed = rows_for(paths[: n // 2], seed=2, size=200, mtime=2.0)  # new content
+    again = rows_for(paths[n // 2:], seed=3) + rows_for(paths[n // 2:], seed=4)  # unchanged, twice
+    catalog.write_batch(model, changed + again + rows_for(["/big/new.jpg"], seed=5))
+    preds = catalog.export(model)[1]
+    assert preds.paths == paths + ["/big/new.jpg"]
+    assert dict(zip(preds.paths[:n], preds.ids[:n].tolist())) == ids
+    want = changed + again[len(again) // 2:] + rows_for(["/big/new.jpg"], seed=5)
+    np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in want]))
+    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in want]))
+    assert catalog.export(other)[1].paths == paths[n // 2:]
+    assert catalog.known_files(model)[paths[0]] == (200, 2.0)
 
 
 def test_paths_are_normalised(catalog: Catalog, model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,8 +351,9 @@ def test_concurrent_writers_wait_instead_of_failing(catalog_backend, tmp_path: P
 
 
 def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_path: Path) -> None:
-    """Writers hold the advisory write lock for their whole transaction, readers never wait for it
-    and see one consistent view; the schema is the same tables as on SQLite."""
+    """An exclusive writer (schema, models, runs) holds the advisory write lock for its whole
+    transaction: batches wait for it; readers never wait and see one consistent view; the schema is
+    the same tables as on SQLite."""
     cat = Catalog(pg_url)
     model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
     with cat._reader.connect() as conn:
@@ -334,7 +364,7 @@ def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_pat
 
     other = Catalog(pg_url)
     started, done = threading.Event(), threading.Event()
-    with cat._writer.begin() as conn:  # a writer in the middle of a batch
+    with cat._write() as conn:  # an exclusive writer in the middle of its transaction
         conn.execute(sa.insert(sa.table("failures", sa.column("path"), sa.column("reason"), sa.column("at"))),
                      {"path": "/x/pending.jpg", "reason": "r", "at": 1.0})
 
@@ -353,6 +383,28 @@ def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_pat
     assert [f.path for f in cat.failures()] == ["/x/b.jpg", "/x/pending.jpg"]
     cat.write_batch(model, rows_for(["/x/a.jpg"]))
     assert cat.info(model)["predictions"] == 1
+    other.close()
+    cat.close()
+
+
+def test_postgres_batches_of_two_writers_commit_beside_each_other(pg_url: str) -> None:
+    """The writers of a sharded run share the write lock: a batch commits while another writer's
+    batch is still open, and both bump the model's generation once."""
+    cat, other = Catalog(pg_url), Catalog(pg_url)
+    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
+    before = cat.stamp(model)
+    done = threading.Event()
+    with cat._write(shared=True) as conn:  # writer A, mid-batch: holds the shared lock and its rows
+        conn.execute(sa.insert(sa.table("failures", sa.column("path"), sa.column("reason"), sa.column("at"))),
+                     {"path": "/a/pending.jpg", "reason": "r", "at": 1.0})
+        thread = threading.Thread(target=lambda: (other.write_batch(model, rows_for(["/b/1.jpg", "/b/2.jpg"])),
+                                                  done.set()))
+        thread.start()
+        assert done.wait(20)  # writer B did not wait for A
+        assert other.info(model)["predictions"] == 2 and [f.path for f in other.failures()] == []
+    thread.join(10)
+    assert [f.path for f in cat.failures()] == ["/a/pending.jpg"]
+    assert cat.stamp(model) == before + 1
     other.close()
     cat.close()
 
