@@ -22,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from facefind.db import vectors
 from facefind.db.errors import CatalogError
 from facefind.db.paths import default_db_url, normalize_path
 from facefind.db.runs import RunLog
@@ -103,7 +104,7 @@ class Predictions(NamedTuple):
     ids: np.ndarray     # int64 (N,) face ids
     paths: list[str]    # N
     probs: np.ndarray   # float32 (N, K)
-    emb: np.ndarray     # float32 (N, D), as stored (not normalised)
+    emb: np.ndarray     # float32 (N, D), as stored (not normalised); float16 normalised: export(stored=True)
     identity: np.ndarray | None = None      # float32 (N, 128) descriptors (zeros where has_identity is False)
     has_identity: np.ndarray | None = None  # bool (N,): which rows have a descriptor
     image_ids: np.ndarray | None = None     # int64 (N,): the file (images.id) of each face
@@ -481,8 +482,13 @@ class Catalog(RunLog):
 
     # ----------------------------------------------------------------------------- reading
 
-    def export(self, model_id: int) -> tuple[int, Predictions]:
-        """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them."""
+    def export(self, model_id: int, *, stored: bool = False) -> tuple[int, Predictions]:
+        """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them.
+
+        ``stored``: ``emb`` holds the float16 rows a snapshot stores (``vectors.stored_fp16``),
+        made chunk by chunk as they are read, instead of the raw float32 embeddings: a publish then
+        never holds a float32 copy of every embedding (800 MB at 400k x 512).
+        """
         k, d = self._model_dims(model_id)
         query = (
             sa.select(predictions.c.face_id, images.c.path, predictions.c.probs, predictions.c.embedding,
@@ -501,7 +507,7 @@ class Catalog(RunLog):
             n = int(conn.execute(count).scalar() or 0)
             ids = np.empty(n, dtype=np.int64)
             probs = np.empty((n, k), dtype=np.float32)
-            emb = np.empty((n, d), dtype=np.float32)
+            emb = np.empty((n, d), dtype=np.float16 if stored else np.float32)
             image_ids = np.empty(n, dtype=np.int64)
             numbers = np.empty(n, dtype=np.int32)
             boxes = np.empty((n, 4), dtype=np.int32)
@@ -525,7 +531,8 @@ class Catalog(RunLog):
                     boxes[sl] = np.array([[-1 if v is None else v for v in col] for col in cbox], np.int64).T
                     paths.extend(cpath)
                     probs[sl] = np.frombuffer(b"".join(cprobs), dtype=np.float32).reshape(-1, k)
-                    emb[sl] = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
+                    raw = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
+                    emb[sl] = vectors.stored_fp16(raw) if stored else raw
                     at += len(chunk)
             finally:
                 cursor.close()
