@@ -517,8 +517,10 @@ class Catalog(RunLog):
             params = compiled.construct_params()
             cursor = conn.connection.cursor()
             try:
+                # psycopg: binary results, so the embeddings arrive as bytes, not as hex text to
+                # decode (2/3 of a PostgreSQL publish). SQLite's cursor has no such option.
                 cursor.execute(str(compiled), tuple(params[p] for p in compiled.positiontup)
-                               if conn.dialect.positional else params)
+                               if conn.dialect.positional else params, **({} if self._is_sqlite else {"binary": True}))
                 at = 0
                 while chunk := cursor.fetchmany(8192):
                     if at + len(chunk) > n:
