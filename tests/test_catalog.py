@@ -734,3 +734,17 @@ def test_a_failed_batch_leaves_none_of_a_files_faces(catalog: Catalog, model: in
     with catalog._reader.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == 1
+
+
+def test_catalog_bench_writes_every_row_directly_through_the_writer_stage_and_from_two_processes(
+        tmp_path: Path) -> None:
+    """`facefind bench catalog`'s three write figures each come from n rows that really landed."""
+    from facefind.retrieval.bench.catalog import run_catalog_bench  # the bench imports the indexer (torch)
+
+    result = run_catalog_bench([], n=600, d=16, batch_size=64, query_runs=1, out=tmp_path, writers=2)
+    (row,) = result["catalogs"]
+    assert row["rows_per_second"] > 0 and row["writer_stage_rows_per_second"] > 0
+    assert row["sharded_rows_per_second"] > 0 and row["sharded_speedup"] > 0
+    with Catalog(f"sqlite:///{tmp_path / 'index-0' / 'catalog.db'}") as cat:
+        assert [m["predictions"] for m in cat.info()["models"]] == [600, 600, 600]
+        assert len(cat.image_paths()) == 3 * 600
