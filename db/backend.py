@@ -288,12 +288,17 @@ class Database:
         types = self._pg_types(conn, table.name, columns)
         cursor = conn.connection.cursor()
         try:
-            with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            with cursor.copy(f"COPY {self._quoted([table.name])} ({self._quoted(columns)}) FROM STDIN "
+                             "(FORMAT BINARY)") as copy:
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
         finally:
             cursor.close()
+
+    def _quoted(self, names: Sequence[str]) -> str:
+        """``names`` as SQL identifiers, comma-separated (quoted where a name is a keyword)."""
+        return ", ".join(self._writer.dialect.identifier_preparer.quote(n) for n in names)
 
     def _pg_types(self, conn: Connection, table: str, columns: Sequence[str]) -> list[int]:
         """The type oids of these columns of a PostgreSQL table (what a binary COPY must send)."""
@@ -317,7 +322,7 @@ class Database:
         cursor = conn.connection.cursor()
         try:
             cursor.execute(create)
-            with cursor.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            with cursor.copy(f"COPY {stage} ({self._quoted(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(types)
                 for row in ordered:
                     copy.write_row(row)
@@ -335,15 +340,15 @@ class Database:
         cache_key = ("copy", table.name, tuple(keys), tuple(columns), tuple(update))
         if cache_key not in self._copy_cache:
             stage = f"facefind_stage_{table.name}_{len(self._copy_cache)}"
-            cols = ", ".join(columns)
+            q = self._writer.dialect.identifier_preparer.quote  # names that are SQL keywords (labels.values)
+            name, cols = q(table.name), ", ".join(q(c) for c in columns)
             # toast_tuple_target: rows up to a page stay whole (no compression tried, no TOAST table).
             create = (f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} WITH (toast_tuple_target = 8160) "
-                      "ON COMMIT DELETE ROWS AS "
-                      f"SELECT {cols} FROM {table.name} WITH NO DATA")
-            conflict = (f"DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in update)}" if update
+                      f"ON COMMIT DELETE ROWS AS SELECT {cols} FROM {name} WITH NO DATA")
+            conflict = (f"DO UPDATE SET {', '.join(f'{q(c)} = EXCLUDED.{q(c)}' for c in update)}" if update
                         else "DO NOTHING")
-            insert = (f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} "
-                      f"ON CONFLICT ({', '.join(keys)}) {conflict}")
+            insert = (f"INSERT INTO {name} ({cols}) SELECT {cols} FROM {stage} "
+                      f"ON CONFLICT ({', '.join(q(k) for k in keys)}) {conflict}")
             self._copy_cache[cache_key] = (stage, create, insert, self._pg_types(conn, table.name, columns))
         return self._copy_cache[cache_key]
 

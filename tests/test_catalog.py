@@ -115,7 +115,9 @@ def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalo
     other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
     catalog.write_batch(other, rows_for(paths, seed=9))
     first = rows_for(paths, seed=1)
-    catalog.write_batch(model, first)
+    for i, r in enumerate(first):
+        r.labels = np.array([1, -1, 1, -1, i % 2])
+    catalog.write_batch(model, first, label_names=NAMES)
     preds = catalog.export(model)[1]
     assert preds.paths == paths
     ids = dict(zip(preds.paths, preds.ids.tolist()))
@@ -132,6 +134,8 @@ def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalo
     np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in want]))
     assert catalog.export(other)[1].paths == paths[n // 2:]
     assert catalog.known_files(model)[paths[0]] == (200, 2.0)
+    face_ids, values = catalog.labels_for(NAMES)  # labels of a large batch: a COPY upsert too
+    assert len(face_ids) == n and values.tolist() == [[1, 0, 1, 0, i % 2] for i in range(n)]
 
 
 def test_paths_are_normalised(catalog: Catalog, model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
