@@ -327,6 +327,7 @@ class Database:
                 for row in ordered:
                     copy.write_row(row)
             cursor.execute(insert)
+            cursor.execute(f"DELETE FROM {stage}")  # a second upsert in this transaction starts empty
         finally:
             cursor.close()
 

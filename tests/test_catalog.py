@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from facefind.db.backend import COPY_MIN_ROWS
 from facefind.db.catalog import Catalog, IndexedImage, normalize_path
 from facefind.db.errors import CatalogError
+from facefind.db.schema import failures_table
 from helpers import add_labels, identity_count  # tests/ is on sys.path (pytest's prepend import mode)
 
 K, D = 5, 8
@@ -136,6 +137,18 @@ def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalo
     assert catalog.known_files(model)[paths[0]] == (200, 2.0)
     face_ids, values = catalog.labels_for(NAMES)  # labels of a large batch: a COPY upsert too
     assert len(face_ids) == n and values.tolist() == [[1, 0, 1, 0, i % 2] for i in range(n)]
+
+
+def test_two_large_upserts_of_one_table_in_one_transaction(catalog: Catalog) -> None:
+    """PostgreSQL's staging table is per session and emptied at commit: a second COPY upsert in the
+    same transaction must not see the first one's rows again (ON CONFLICT would refuse them)."""
+    columns = ["path", "reason", "at"]
+    with catalog._write(shared=True) as conn:
+        for reason in ("first", "second"):
+            catalog._upsert_rows(conn, failures_table, ["path"], columns, ["reason", "at"],
+                                 [(f"/f/{i:03d}.jpg", reason, 1.0) for i in range(COPY_MIN_ROWS + 8)])
+    assert {(f.path, f.reason) for f in catalog.failures()} == {
+        (f"/f/{i:03d}.jpg", "second") for i in range(COPY_MIN_ROWS + 8)}
 
 
 def test_paths_are_normalised(catalog: Catalog, model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
