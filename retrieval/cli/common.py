@@ -121,10 +121,14 @@ def image_problem(path: Path) -> str | None:
                 return None
     except Image.DecompressionBombError as err:
         return f"cannot read image {path}: {err}"
-    except UnidentifiedImageError:
-        return f"cannot read image {path}: not an image format Pillow knows"
-    except OSError as err:
-        return f"cannot read image {path}: {err.strerror or err}"
+    except OSError as err:  # the decoder's words, so the CLI and the page give the same reason
+        if err.errno is not None and not isinstance(err, UnidentifiedImageError):
+            return f"cannot read image {path}: {err.strerror or err}"
+        from facefind.trainer.decode import unidentified_reason  # numpy + Pillow only, no torch
+
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        return f"cannot read image {path}: {unidentified_reason(head) if head else 'empty file'}"
 
 
 def require_image(path: Path) -> None:
