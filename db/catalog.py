@@ -145,14 +145,14 @@ def encode_embeddings(emb: np.ndarray) -> np.ndarray:
     the snapshot keeps float16 rows anyway. ValueError for a value beyond float16's range
     (|x| > 65504), which would become infinite: no model facefind trains comes near it."""
     e = np.asarray(emb, dtype=np.float32)
-    with np.errstate(over="ignore"):
-        out = e.astype(np.float16)
-    overflow = np.isinf(out) & np.isfinite(e)
-    if overflow.any():
-        row, col = np.argwhere(overflow)[0]
-        raise ValueError(f"embedding value {e[row, col]:g} (row {row}, dimension {col}) is beyond float16's "
-                         f"range (+-{FLOAT16_MAX:g}) that the catalog stores: is the model's output scaled?")
-    return out
+    # Two reductions in the usual case; NaN fails both comparisons and takes the exact look.
+    if e.size and not (e.max() <= FLOAT16_MAX and e.min() >= -FLOAT16_MAX):
+        overflow = np.isfinite(e) & (np.abs(e) > FLOAT16_MAX)
+        if overflow.any():
+            row, col = np.argwhere(overflow)[0]
+            raise ValueError(f"embedding value {e[row, col]:g} (row {row}, dimension {col}) is beyond float16's "
+                             f"range (+-{FLOAT16_MAX:g}) that the catalog stores: is the model's output scaled?")
+    return e.astype(np.float16)
 
 
 def decode_embeddings(blobs: Sequence[bytes], d: int, ids: Sequence[int] | None = None) -> np.ndarray:
@@ -356,8 +356,9 @@ class Catalog(RunLog):
         if not by_path:
             return
         entries = [(path, number, r) for path, found in by_path.items() for number, r in sorted(found.items())]
-        blobs = []
-        for path, number, r in entries:
+        probs_blobs = []
+        emb = np.empty((len(entries), d), dtype=np.float32)
+        for i, (path, number, r) in enumerate(entries):
             p = np.ascontiguousarray(r.probs, dtype=np.float32)
             e = np.asarray(r.embedding)
             if p.shape != (k,) or e.shape != (d,):
@@ -366,9 +367,9 @@ class Catalog(RunLog):
                 )
             if r.box is not None and len(r.box) != 4:
                 raise ValueError(f"a face box is (x, y, w, h), got {r.box!r}")
-            blobs.append((p.tobytes(), e))
-        emb16 = encode_embeddings(np.stack([e for _, e in blobs]))
-        blobs = [(pb, row.tobytes()) for (pb, _), row in zip(blobs, emb16)]
+            probs_blobs.append(p.tobytes())
+            emb[i] = e
+        blobs = list(zip(probs_blobs, map(np.ndarray.tobytes, encode_embeddings(emb))))
         described: dict[tuple[str, int], bytes | None] = {}
         for path, number, r in entries:
             if r.identity is not None:
