@@ -105,7 +105,8 @@ class Predictions(NamedTuple):
     ids: np.ndarray     # int64 (N,) face ids
     paths: list[str]    # N
     probs: np.ndarray   # float32 (N, K)
-    emb: np.ndarray     # float32 (N, D), as stored (not normalised); float16 normalised: export(stored=True)
+    emb: np.ndarray     # float32 (N, D), as stored (not normalised, float16-rounded since schema v4);
+                        # float16 normalised: export(stored=True)
     identity: np.ndarray | None = None      # float32 (N, 128) descriptors (zeros where has_identity is False)
     has_identity: np.ndarray | None = None  # bool (N,): which rows have a descriptor
     image_ids: np.ndarray | None = None     # int64 (N,): the file (images.id) of each face
@@ -133,6 +134,47 @@ def _storable_text(path: str) -> str:
     if _storable(path):
         return path
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def encode_embeddings(emb: np.ndarray) -> np.ndarray:
+    """The float16 rows the catalog stores for embeddings ``emb`` (N, D): the model's output as it
+    is (not normalised), rounded. Half the bytes of float32 in every write, WAL, commit and export;
+    the snapshot keeps float16 rows anyway. ValueError for a value beyond float16's range
+    (|x| > 65504), which would become infinite: no model facefind trains comes near it."""
+    e = np.asarray(emb, dtype=np.float32)
+    # Two reductions in the usual case; NaN fails both comparisons and takes the exact look.
+    if e.size and not (e.max() <= FLOAT16_MAX and e.min() >= -FLOAT16_MAX):
+        overflow = np.isfinite(e) & (np.abs(e) > FLOAT16_MAX)
+        if overflow.any():
+            row, col = np.argwhere(overflow)[0]
+            raise ValueError(f"embedding value {e[row, col]:g} (row {row}, dimension {col}) is beyond float16's "
+                             f"range (+-{FLOAT16_MAX:g}) that the catalog stores: is the model's output scaled?")
+    return e.astype(np.float16)
+
+
+def decode_embeddings(blobs: Sequence[bytes], d: int, ids: Sequence[int] | None = None) -> np.ndarray:
+    """(N, D) embeddings of catalog blobs, told apart by length: float16 (2*D bytes, written since
+    schema v4) or float32 (4*D bytes, rows written before). All float16: a float16 view of the
+    joined bytes (no conversion); all float32: a float32 view; a mix: float32. CatalogError for any other length
+    (a damaged row: ``facefind check`` lists them)."""
+    lengths = np.fromiter(map(len, blobs), np.int64, len(blobs))
+    if (lengths == 2 * d).all():
+        return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(-1, d)
+    if (lengths == 4 * d).all():
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, d)
+    half = lengths == 2 * d
+    bad = np.flatnonzero(~half & (lengths != 4 * d))
+    if bad.size:
+        where = f"face {ids[bad[0]]}" if ids is not None else f"row {bad[0]}"
+        raise CatalogError(f"{bad.size:,} embeddings are damaged ({where}: {lengths[bad[0]]} bytes, neither "
+                           f"{2 * d} nor {4 * d} for dimension {d}): run `facefind check`")
+    out = np.empty((len(blobs), d), dtype=np.float32)
+    out[half] = np.frombuffer(b"".join(b for b, h in zip(blobs, half) if h), dtype=np.float16).reshape(-1, d)
+    out[~half] = np.frombuffer(b"".join(b for b, h in zip(blobs, half) if not h), dtype=np.float32).reshape(-1, d)
+    return out
 
 
 def _names_key(names: Sequence[str]) -> str:
@@ -314,17 +356,20 @@ class Catalog(RunLog):
         if not by_path:
             return
         entries = [(path, number, r) for path, found in by_path.items() for number, r in sorted(found.items())]
-        blobs = []
-        for path, number, r in entries:
+        probs_blobs = []
+        emb = np.empty((len(entries), d), dtype=np.float32)
+        for i, (path, number, r) in enumerate(entries):
             p = np.ascontiguousarray(r.probs, dtype=np.float32)
-            e = np.ascontiguousarray(r.embedding, dtype=np.float32)
+            e = np.asarray(r.embedding)
             if p.shape != (k,) or e.shape != (d,):
                 raise ValueError(
                     f"model {model_id} expects probs ({k},) and embedding ({d},), got {p.shape} and {e.shape}"
                 )
             if r.box is not None and len(r.box) != 4:
                 raise ValueError(f"a face box is (x, y, w, h), got {r.box!r}")
-            blobs.append((p.tobytes(), e.tobytes()))
+            probs_blobs.append(p.tobytes())
+            emb[i] = e
+        blobs = list(zip(probs_blobs, map(np.ndarray.tobytes, encode_embeddings(emb))))
         described: dict[tuple[str, int], bytes | None] = {}
         for path, number, r in entries:
             if r.identity is not None:
@@ -539,8 +584,11 @@ class Catalog(RunLog):
                     boxes[sl] = np.array([[-1 if v is None else v for v in col] for col in cbox], np.int64).T
                     paths.extend(cpath)
                     probs[sl] = np.frombuffer(b"".join(cprobs), dtype=np.float32).reshape(-1, k)
-                    raw = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
-                    emb[sl] = vectors.stored_fp16(raw) if stored else raw
+                    raw = decode_embeddings(cemb, d, cid)  # float16 rows, float32 rows of older versions
+                    if stored:
+                        vectors.stored_fp16(raw, out=emb[sl])
+                    else:
+                        emb[sl] = raw
                     at += len(chunk)
             finally:
                 cursor.close()

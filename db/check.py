@@ -184,6 +184,7 @@ def _inspect(catalog: Catalog, folder: Path, check_files: bool) -> CheckReport:
         "active_runs": [r.id for r in active],
     }
     _rows(catalog, found)
+    _blobs(catalog, all_models, found)
     _paths(paths, found)
     _coverage(catalog, paths, failed, current, found)
     _runs(catalog, active, found)
@@ -261,6 +262,31 @@ def _rows(catalog: Catalog, found: _Collector) -> None:
                       f"{len(dupes):,} (model, face) pairs have more than one prediction: the catalog's "
                       "primary key is broken; rebuild the index into a new --index folder",
                       count=len(dupes), examples=(f"model {m} face {i}" for m, i in dupes))
+
+
+def _damaged_where(model: ModelRecord) -> Any:
+    """Predictions of ``model`` whose blobs have a length no writer produces: probabilities are
+    4*K bytes (float32); embeddings 2*D (float16, schema v4 on) or 4*D (float32, older rows)."""
+    d = model.embedding_dim
+    return ((predictions.c.model_id == model.id)
+            & (sa.func.length(predictions.c.embedding).not_in([2 * d, 4 * d])
+               | (sa.func.length(predictions.c.probs) != 4 * model.num_attributes)))
+
+
+def _blobs(catalog: Catalog, every: list[ModelRecord], found: _Collector) -> None:
+    """Predictions whose probabilities or embedding have the wrong number of bytes (export and
+    publish refuse them)."""
+    with catalog._read() as conn:
+        for m in every:
+            bad = list(conn.execute(sa.select(predictions.c.face_id).where(_damaged_where(m))
+                                    .order_by(predictions.c.face_id)).scalars())
+            if bad:
+                found.problem("damaged_predictions",
+                              f"{len(bad):,} predictions of model {m.id} are damaged (embeddings of neither "
+                              f"{2 * m.embedding_dim} nor {4 * m.embedding_dim} bytes, or probabilities of "
+                              f"other than {4 * m.num_attributes}): `facefind check --repair` removes them, then "
+                              "`facefind index DIR` predicts those files again",
+                              repairable=True, count=len(bad), examples=(f"face {i}" for i in bad))
 
 
 def _paths(paths: dict[int, str], found: _Collector) -> None:
@@ -505,12 +531,14 @@ def _repair(catalog: Catalog, folder: Path, report: CheckReport, prune: bool) ->
             kinds.add("snapshot_stale")
     if kinds & {"orphans", "foreign_keys"}:
         done.append(_remove_orphans(catalog))
+    if "damaged_predictions" in kinds:
+        done.append(_remove_damaged(catalog))
     if "dead_runs" in kinds:
         done.append(_close_dead_runs(catalog))
     if "leftovers" in kinds:
         done.extend(_remove_leftovers(catalog, folder))
     if kinds & {"snapshot_missing", "snapshot_damaged", "snapshot_foreign", "snapshot_inconsistent",
-                "snapshot_stale", "vectors", "foreign_keys", "orphans"}:
+                "snapshot_stale", "vectors", "foreign_keys", "orphans", "damaged_predictions"}:
         rebuilt, failed = _rebuild_snapshots(catalog, folder)
         done.extend(rebuilt)
     return [d for d in done if d], failed
@@ -527,6 +555,19 @@ def _remove_orphans(catalog: Catalog) -> str:
         if hit:  # the affected models' snapshots are now out of date
             conn.execute(sa.update(models).where(models.c.id.in_(hit)).values(generation=models.c.generation + 1))
     return f"removed {removed:,} rows that pointed at missing images, models or label sets" if removed else ""
+
+
+def _remove_damaged(catalog: Catalog) -> str:
+    """Delete damaged predictions (their files are predicted again by the next `facefind index`,
+    which skips only files that have one) and bump the models they belonged to."""
+    removed, every = 0, catalog.models()
+    with catalog._write() as conn:
+        for m in every:
+            n = conn.execute(sa.delete(predictions).where(_damaged_where(m))).rowcount or 0
+            if n:
+                conn.execute(sa.update(models).where(models.c.id == m.id).values(generation=models.c.generation + 1))
+                removed += n
+    return f"removed {removed:,} damaged predictions: `facefind index DIR` predicts their files again" if removed else ""
 
 
 def _close_dead_runs(catalog: Catalog) -> str:

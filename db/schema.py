@@ -9,7 +9,10 @@
     models       one row per checkpoint (sha256 unique) with its attribute names, thresholds,
                  embedding size and a ``generation`` counter bumped by every transaction that
                  changes the model's predictions; snapshots compare it to know they are current
-    predictions  per (model, face): K float32 probabilities and a D float32 embedding as BLOBs
+    predictions  per (model, face): K float32 probabilities and a D-dimensional embedding as BLOBs.
+                 Since v4 new rows carry the embedding as float16 (2*D bytes: the model's output,
+                 not normalised, rounded); rows written before keep float32 (4*D bytes) and are not
+                 rewritten: readers tell the two apart by length (Catalog.export, `facefind check`)
     label_sets   one row per distinct list of ground-truth attribute names
     labels       per image: uint8 0/1 values in the order of its label set (they describe a
                  whole-file entry, so only faces without a box carry them into queries), and the
@@ -109,9 +112,10 @@ predictions = sa.Table(
     sa.Column("probs", sa.LargeBinary, nullable=False),
     sa.Column("embedding", sa.LargeBinary, nullable=False),
     sa.Index("ix_predictions_face", "face_id"),
-    # A row (~2.2 KB) is just over PostgreSQL's TOAST threshold (~2 KB): without this each embedding
-    # is tried for compression (random floats never compress) and moved to a TOAST table, which
-    # cost a third of the server's time per row. Up to a page, rows now stay whole.
+    # A float32 row (~2.2 KB at D = 512) is just over PostgreSQL's TOAST threshold (~2 KB): without
+    # this each embedding is tried for compression (random floats never compress) and moved to a
+    # TOAST table, which cost a third of the server's time per row. Up to a page, rows now stay
+    # whole (float16 rows, ~1.2 KB, are under the threshold anyway, unless D is above ~900).
     postgresql_with={"toast_tuple_target": 8160},
 )
 
@@ -220,7 +224,8 @@ MIGRATIONS[2] = _v2_to_v3
 
 def _v3_to_v4(conn: Connection) -> None:
     """v4: ``labels.split``, the dataset split of an annotated image (``split:`` in queries).
-    Existing rows get NULL: re-index the folder to record it."""
+    Existing rows get NULL: re-index the folder to record it. New predictions also store their
+    embedding as float16; the float32 ones already there stay as they are (no table rewrite)."""
     add_columns(conn, labels, "split")
 
 

@@ -72,11 +72,13 @@ def normalize(emb: np.ndarray, *, copy: bool = True) -> np.ndarray:
     return x
 
 
-def stored_fp16(emb: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """The float16 rows the store keeps for raw embeddings ``emb``: normalised, then rounded
-    (in chunks, so a large collection never needs a whole float32 copy)."""
+def stored_fp16(emb: np.ndarray, chunk: int = 65_536, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The float16 rows the store keeps for raw embeddings ``emb`` (float32 or float16): normalised,
+    then rounded (in chunks, so a large collection never needs a whole float32 copy), into ``out``
+    when given (a float16 array of ``emb``'s shape)."""
     emb = np.asarray(emb)
-    out = np.empty(emb.shape, dtype=np.float16)
+    if out is None:
+        out = np.empty(emb.shape, dtype=np.float16)
     for start in range(0, emb.shape[0], chunk):
         out[start:start + chunk] = normalize(emb[start:start + chunk])
     return out

@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from facefind.db.backend import COPY_MIN_ROWS
+from facefind.db import vectors
 from facefind.db.catalog import Catalog, IndexedImage, normalize_path
 from facefind.db.errors import CatalogError
 from facefind.db.schema import failures_table
@@ -33,6 +34,11 @@ def rows_for(paths: list[str], seed: int = 0, size: int = 100, mtime: float = 1.
                      rng.standard_normal(D, dtype=np.float32))
         for p in paths
     ]
+
+
+def stored(rows: list[IndexedImage]) -> np.ndarray:
+    """The embeddings the catalog keeps for these rows: as they are, rounded to float16."""
+    return np.stack([r.embedding for r in rows]).astype(np.float16)
 
 
 @pytest.fixture
@@ -122,7 +128,7 @@ def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalo
     preds = catalog.export(model)[1]
     assert preds.paths == paths
     ids = dict(zip(preds.paths, preds.ids.tolist()))
-    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in first]))
+    np.testing.assert_array_equal(preds.emb, stored(first))
 
     changed = rows_for(paths[: n // 2], seed=2, size=200, mtime=2.0)  # new content
     again = rows_for(paths[n // 2:], seed=3) + rows_for(paths[n // 2:], seed=4)  # unchanged, twice
@@ -132,7 +138,7 @@ def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalo
     assert dict(zip(preds.paths[:n], preds.ids[:n].tolist())) == ids
     want = changed + again[len(again) // 2:] + rows_for(["/big/new.jpg"], seed=5)
     np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in want]))
-    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in want]))
+    np.testing.assert_array_equal(preds.emb, stored(want))
     assert catalog.export(other)[1].paths == paths[n // 2:]
     assert catalog.known_files(model)[paths[0]] == (200, 2.0)
     face_ids, values = catalog.labels_for(NAMES)  # labels of a large batch: a COPY upsert too
@@ -254,9 +260,56 @@ def test_load_predictions_round_trip_in_id_order(catalog: Catalog, model: int) -
     assert preds.probs.dtype == np.float32 and preds.probs.shape == (50, K)
     assert preds.emb.dtype == np.float32 and preds.emb.shape == (50, D)
     np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in written]))
-    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in written]))
+    np.testing.assert_array_equal(preds.emb, stored(written))
     empty = catalog.register_model("e" * 64, "x", NAMES, [0.5] * K, D, None)
     assert catalog.export(empty)[1].probs.shape == (0, K)
+
+
+def test_float32_rows_of_older_versions_and_float16_rows_export_side_by_side(catalog: Catalog, model: int) -> None:
+    """Schema v4 stores embeddings as float16 (2*D bytes); rows written before hold float32 (4*D)
+    and are not rewritten: export tells them apart by length, also within one read chunk and on
+    both sides of a chunk boundary, and publishes both as the same normalised float16 rows."""
+    n = 8_192 + 50  # two read chunks
+    written = rows_for([f"/mix/{i:05d}.jpg" for i in range(n)], seed=11)
+    for start in range(0, n, 2_048):
+        catalog.write_batch(model, written[start:start + 2_048])
+    ids = catalog.export(model)[1].ids
+    old = [0, 1, 7, 8_191, 8_192, n - 1]  # rows as an older facefind wrote them (float32 bytes)
+    with catalog._write() as conn:
+        conn.execute(sa.text("UPDATE predictions SET embedding = :blob WHERE face_id = :face"),
+                     [{"blob": np.asarray(written[i].embedding, np.float32).tobytes(), "face": int(ids[i])}
+                      for i in old])
+        lengths = dict(conn.execute(sa.text("SELECT length(embedding), count(*) FROM predictions "
+                                            "GROUP BY length(embedding)")).all())
+    assert lengths == {2 * D: n - len(old), 4 * D: len(old)}
+    want = stored(written).astype(np.float32)
+    want[old] = np.stack([written[i].embedding for i in old])  # float32 rows come back exactly
+    _, preds = catalog.export(model)
+    assert preds.emb.dtype == np.float32
+    np.testing.assert_array_equal(preds.emb, want)
+    _, published = catalog.export(model, stored=True)
+    assert published.emb.dtype == np.float16
+    np.testing.assert_array_equal(published.emb, vectors.stored_fp16(want))
+
+    only_old = catalog.register_model("f" * 64, "x", NAMES, [0.5] * K, D, None)  # a chunk of float32 rows only
+    catalog.write_batch(only_old, written[:3])
+    with catalog._write() as conn:
+        conn.execute(sa.text("UPDATE predictions SET embedding = :blob WHERE model_id = :m AND face_id = :face"),
+                     [{"blob": np.asarray(written[i].embedding, np.float32).tobytes(), "m": only_old,
+                       "face": int(ids[i])} for i in range(3)])
+    np.testing.assert_array_equal(catalog.export(only_old)[1].emb, np.stack([r.embedding for r in written[:3]]))
+
+
+def test_embeddings_beyond_float16_are_refused_with_the_batch(catalog: Catalog, model: int) -> None:
+    rows = rows_for(["/x/fine.jpg", "/x/huge.jpg"])
+    rows[1].embedding = rows[1].embedding * 1e5
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        catalog.write_batch(model, rows)
+    assert catalog.image_paths() == []
+    big = rows_for(["/x/big.jpg"])[0]
+    big.embedding = np.full(D, 60_000.0, np.float32)  # large but representable: stored
+    catalog.write_batch(model, [big])
+    assert catalog.export(model)[1].emb.tolist() == [[60_000.0] * D]
 
 
 def test_known_files_lists_only_this_models_predictions(catalog: Catalog, model: int) -> None:

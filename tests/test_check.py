@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from facefind.db.catalog import Catalog, IndexedImage
+from facefind.db.errors import CatalogError
 from facefind.db.snapshot import load_snapshot, sync_snapshot, write_snapshot
 from facefind.retrieval.cli import app
 
@@ -77,7 +78,7 @@ def sql(idx: Path, *statements: str) -> list[tuple]:
 
 
 def snapshot_matches_catalog(idx: Path) -> None:
-    from facefind.db.vectors import open_flat
+    from facefind.db.vectors import open_flat, stored_fp16
 
     with Catalog.open(idx, create=False) as catalog:
         stamp, preds = catalog.export(1)
@@ -85,7 +86,9 @@ def snapshot_matches_catalog(idx: Path) -> None:
     assert snap.stamp == stamp
     np.testing.assert_array_equal(snap.ids, preds.ids)
     raw = np.asarray(preds.emb, np.float32)
-    np.testing.assert_array_equal(snap.emb, (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float16))
+    np.testing.assert_array_equal(snap.emb, stored_fp16(raw))
+    np.testing.assert_allclose(np.asarray(snap.emb, np.float32), raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                               atol=5e-4)
     assert open_flat(snap.folder / "vectors.faiss").ntotal == len(preds.ids)
 
 
@@ -294,6 +297,33 @@ def test_rows_the_constraints_should_have_stopped(built: dict) -> None:
     dupes = next(p for p in report["problems"] if p["kind"] == "duplicate_paths")
     assert dupes["count"] == 2 and not dupes["repairable"]
     assert kinds(report, "warnings") == {"unnormalised_paths"}
+
+
+def test_embeddings_of_either_width_pass_any_other_length_is_damaged(built: dict) -> None:
+    """Rows written before schema v4 hold float32 embeddings (4*D bytes), newer ones float16 (2*D):
+    both are healthy; any other length is a damaged prediction, which --repair removes so that the
+    next `facefind index` predicts the file again."""
+    raw = np.random.default_rng(5).standard_normal(D, dtype=np.float32)
+    sql(built["idx"], f"UPDATE predictions SET embedding = x'{raw.tobytes().hex()}' WHERE face_id = 1",
+        f"UPDATE predictions SET embedding = x'{raw[:3].tobytes().hex()}' WHERE face_id = 2")
+    assert sorted(n for (n,) in sql(built["idx"], "SELECT length(embedding) FROM predictions")) == [
+        12, *[2 * D] * (N - 2), 4 * D]
+    code, report = run_check(built["idx"], "--skip-files")
+    assert code == 1 and kinds(report) == {"damaged_predictions"}, report
+    damaged = report["problems"][0]
+    assert damaged["repairable"] and damaged["count"] == 1 and damaged["examples"] == ["face 2"]
+    assert f"neither {2 * D} nor {4 * D} bytes" in damaged["message"]
+    with Catalog.open(built["idx"], create=False) as catalog, pytest.raises(CatalogError, match="face 2"):
+        catalog.export(1)
+
+    code, report = run_check(built["idx"], "--skip-files", "--repair")
+    assert kinds(report) == {"unpredicted_images"}, report  # the file is predicted again by `facefind index`
+    assert any("removed 1 damaged predictions" in r for r in report["repaired"])
+    with Catalog.open(built["idx"], create=False) as catalog:
+        stamp, preds = catalog.export(1)
+        assert 2 not in preds.ids.tolist() and preds.emb[preds.ids.tolist().index(1)].tobytes() == raw.tobytes()
+        assert len(catalog.known_files(1)) == N - 1
+    snapshot_matches_catalog(built["idx"])
 
 
 def test_a_damaged_catalog_file(built: dict) -> None:

@@ -129,7 +129,8 @@ def test_worker_processes_give_the_same_predictions(faces: Path, calibrated_mode
         pa, pb = a.export(1)[1], b.export(1)[1]
     assert pa.paths == pb.paths
     np.testing.assert_allclose(pa.probs, pb.probs, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(pa.emb, axis=1), 1.0, atol=1e-4)  # stored L2-normalised
+    # The model's unit embeddings, stored as float16: unit length to float16's precision.
+    np.testing.assert_allclose(np.linalg.norm(pa.emb, axis=1), 1.0, atol=1e-3)
 
 
 def test_bad_files_are_indexed_or_listed(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """Catalog benchmark: write throughput and query cold start, SQLite against other databases.
 
-``run_catalog_bench(urls, n)`` writes ``n`` predictions (40 float32 probabilities and a float32
-embedding each, what the indexer stores per image) through ``Catalog.write_batch`` in batches of
+``run_catalog_bench(urls, n)`` writes ``n`` predictions (40 float32 probabilities and an embedding
+each, stored as float16 since schema v4: what the indexer stores per image) through ``Catalog.write_batch`` in batches of
 the indexer's size, into each catalog in turn: the index folder's SQLite file and every URL given
 (e.g. a PostgreSQL database). For each it then times the export that rebuilds a snapshot, the
 publish of that snapshot, and whole-process ``facefind query`` runs against it (cold start: a new
@@ -223,7 +223,7 @@ def run_catalog_bench(urls: Sequence[str] = (), n: int = 202_599, k: int = 40, d
             t0 = time.perf_counter()
             engine.query(EXPRESSION, limit=10)
             latencies.append((time.perf_counter() - t0) * 1000)
-        row_bytes = 4 * (k + d)
+        row_bytes = 4 * k + 2 * d  # float32 probabilities, float16 embedding
         results.append({
             "catalog": _label(url),
             "write_s": round(write_s, 2),
