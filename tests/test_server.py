@@ -534,6 +534,65 @@ def test_uploads_are_capped_bomb_guarded_and_never_kept(client, built: Built, tm
     assert client.get("/api/info").status_code == 200  # still serving
 
 
+@pytest.fixture(scope="module")
+def live_server(built: Built, tmp_path_factory: pytest.TempPathFactory):
+    """The app under a real uvicorn on a free loopback port (what `facefind serve` runs): its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from facefind.retrieval.web.app import create_app
+    from facefind.retrieval.web.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("live-thumbs"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_too_large_upload_is_a_413_every_client_reads(live_server: str) -> None:
+    """urllib writes the whole body before reading the answer: the server must not close mid-body."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from facefind.retrieval.web.guard import MAX_UPLOAD
+
+    body = b"\0" * (MAX_UPLOAD + (1 << 20))  # 21 MB
+    for _ in range(3):
+        request = urllib.request.Request(f"{live_server}/api/similar", data=body, method="POST",
+                                         headers={"Content-Type": "multipart/form-data; boundary=x"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        assert "larger than 20 MB" in json.loads(refused.value.read())["error"]
+    # a client that asks first (Expect: 100-continue, as curl does) hears the 413 before sending anything
+    host, port = live_server.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /api/similar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                     "Content-Type: multipart/form-data; boundary=x\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = conn.makefile("rb")
+        status = answer.readline().decode()
+        length = next(int(line.split(b":")[1]) for line in iter(answer.readline, b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while answer.readline() not in (b"\r\n", b""):
+            pass
+        error = json.loads(answer.read(length))["error"]
+    assert status.startswith("HTTP/1.1 413") and "larger than 20 MB" in error
+    # the server is still serving
+    with urllib.request.urlopen(f"{live_server}/api/info", timeout=30) as answer:
+        assert answer.status == 200
+
+
 # -- safety -----------------------------------------------------------------------------------
 
 
