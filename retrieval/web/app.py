@@ -34,7 +34,7 @@ from facefind.retrieval.web.live import LiveIndex, Source
 from facefind.retrieval.web.refs import References
 from facefind.retrieval.web.routes.page import STATIC
 from facefind.retrieval.web.routes.upload import Embedder
-from facefind.retrieval.web.thumbs import ThumbnailCache, default_cache_folder
+from facefind.retrieval.web.thumbs import ThumbnailCache, Warmer, default_cache_folder
 
 __all__ = ["MAX_UPLOAD", "create_app"]
 
@@ -56,6 +56,11 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
                               "it (401); request bodies over 20 MB get 413.")
     app.state.source = source  # what the dependencies in ``deps`` and the routers hand to routes
     app.state.thumbs = ThumbnailCache(thumbs_dir or default_cache_folder(index_dir))
+    # the first view's thumbnails, made now and after each publish, in the background (thumbs.Warmer)
+    app.state.warmer = Warmer(app.state.thumbs)
+    app.state.warmer.start(source.current().engine)
+    if isinstance(source, LiveIndex):
+        source.on_publish.append(lambda live: app.state.warmer.start(live.engine))
     app.state.references = References()
     app.state.embedder = Embedder(device)
     app.state.token_required = token is not None
