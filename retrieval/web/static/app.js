@@ -10,6 +10,12 @@
 "use strict";
 
 const PAGE = 60;
+// What each ranking's score means (shown on hover over a card's score, and in the help)
+const SCORE_HELP = {
+  confidence: "confidence: how far the face clears the expression, as a log-odds margin (0: on a threshold; higher: clearer)",
+  similarity: "similarity: cosine between this face's embedding and the reference's (1: the same)",
+  person: "identity distance to the reference face (dlib; under 0.6: the same person)",
+};
 let MAX_UPLOAD = 20 * 1024 * 1024;  // the server's cap (/api/info's max_upload_bytes replaces it)
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -196,7 +202,11 @@ function updateSuggest() {
   els.suggest.hidden = false;
 }
 
-function hideSuggest() { els.suggest.hidden = true; active = -1; }
+function hideSuggest() {
+  const was = !els.suggest.hidden;
+  els.suggest.hidden = true; active = -1;
+  if (was) scheduleTyping();  // the word is done (or dismissed): now search it
+}
 
 function accept(name) {
   const { start, end } = wordAtCaret();
@@ -225,7 +235,11 @@ els.expr.addEventListener("keydown", (ev) => {
 let typingTimer = 0;
 function scheduleTyping() {
   clearTimeout(typingTimer);
-  typingTimer = setTimeout(() => { if (els.expr.value !== state.q) search({ q: els.expr.value, offset: 0, sel: null }); }, 350);
+  typingTimer = setTimeout(() => {
+    // while suggestions are open the word is unfinished: searching now would flash "unknown attribute"
+    if (!els.suggest.hidden) return;
+    if (els.expr.value !== state.q) search({ q: els.expr.value, offset: 0, sel: null });
+  }, 350);
 }
 els.expr.addEventListener("input", () => { updateSuggest(); scheduleTyping(); });
 els.expr.addEventListener("blur", () => setTimeout(hideSuggest, 100));
@@ -446,6 +460,7 @@ function card(hit, i) {
     : view.ranking === "person" ? `distance ${hit.distance.toFixed(3)}` : "";
   meta.innerHTML = `<span>#${i + 1}</span><span class="score"></span>`;
   meta.lastChild.textContent = score;
+  meta.lastChild.title = SCORE_HELP[view.ranking] || "";
   const m = document.createElement("div"); m.className = "m";
   if (hit.same_person) {
     const same = document.createElement("span"); same.className = "same"; same.textContent = "✓ same person";
