@@ -483,6 +483,9 @@ def test_an_uploaded_indexed_face_comes_back_first(client, built: Built) -> None
     again = ok(client.get("/api/query", params={"like": reference["id"], "limit": 5, "offset": 0}))
     assert again["hits"] == out["hits"]
     assert ok(client.get("/api/query", params={"like": reference["id"], "limit": 2, "offset": 3}))["hits"] == out["hits"][3:5]
+    # an empty choice is refused as the schema says, not read as "the default"
+    one_line_error(client.post("/api/similar", files={"file": ("me.jpg", path.read_bytes())},
+                               data={"detect_face": ""}), 400, "bad detect_face: it is empty")
     # one it does not hold (expired, or before a restart) says what to do
     one_line_error(client.get("/api/query", params={"like": "0" * 24}), 404,
                    "this photo search has expired (the server keeps a photo's reference for a day")

@@ -97,6 +97,18 @@ async def embedder(request: Request) -> Embedder:
     return request.app.state.embedder
 
 
+CHOICES = ("limit", "detect_face", "thresholds", "by")  # the form fields that are no free text
+
+
+async def no_empty_choices(request: Request) -> None:
+    """FastAPI reads an empty form field as a missing one (its default); the schema promises an enum
+    or an integer there, so an empty one is refused, as it is in a query string."""
+    form = await request.form()  # Starlette keeps the parsed form: the route reads this same one
+    for name in CHOICES:
+        if form.get(name) == "":
+            raise ApiError(400, f"bad {name}: it is empty; give one of its values, or leave it out for the default")
+
+
 router = APIRouter(prefix="/api", responses=REFUSALS)
 
 
@@ -106,6 +118,7 @@ PHOTO_PART = {"requestBody": {"content": {"multipart/form-data": {"encoding": {
 
 
 @router.post("/similar", response_model=SimilarOut, response_model_exclude_unset=True, openapi_extra=PHOTO_PART,
+             dependencies=[Depends(no_empty_choices)],
              summary="Search by an uploaded photo (multipart field 'file'), optionally filtered")
 def similar(
     live: LiveDep,
