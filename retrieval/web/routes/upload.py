@@ -101,9 +101,12 @@ CHOICES = ("limit", "detect_face", "thresholds", "by")  # the form fields that a
 
 
 async def no_empty_choices(request: Request) -> None:
-    """FastAPI reads an empty form field as a missing one (its default); the schema promises an enum
-    or an integer there, so an empty one is refused, as it is in a query string."""
+    """FastAPI reads an empty form field as a missing one (its default), and a repeated one as one of
+    its values; the schema promises one enum value or integer there, so both are refused."""
     form = await request.form()  # Starlette keeps the parsed form: the route reads this same one
+    for name in ("file", "q", *CHOICES):
+        if len(form.getlist(name)) > 1:  # FastAPI would take one of them silently
+            raise ApiError(400, f"bad {name}: given {len(form.getlist(name))} times; give it once")
     for name in CHOICES:
         if form.get(name) == "":
             raise ApiError(400, f"bad {name}: it is empty; give one of its values, or leave it out for the default")
