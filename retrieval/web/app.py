@@ -38,6 +38,8 @@ from facefind.retrieval.web.thumbs import ThumbnailCache, Warmer, default_cache_
 
 __all__ = ["MAX_UPLOAD", "create_app"]
 
+WARM_WAIT = 30.0  # seconds create_app waits for the first view's thumbnails before serving anyway
+
 
 def create_app(index_dir: Path | None = None, *, source: Source | None = None, token: str | None = None,
                thumbs_dir: Path | None = None, device: str = "auto", check_every: float = 1.0) -> FastAPI:
@@ -56,9 +58,10 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
                               "it (401); request bodies over 20 MB get 413.")
     app.state.source = source  # what the dependencies in ``deps`` and the routers hand to routes
     app.state.thumbs = ThumbnailCache(thumbs_dir or default_cache_folder(index_dir))
-    # the first view's thumbnails, made now and after each publish, in the background (thumbs.Warmer)
+    # The first view's thumbnails (thumbs.Warmer): made before the server answers anyone (at most
+    # WARM_WAIT s; found on disk after a restart), then again in the background after each publish.
     app.state.warmer = Warmer(app.state.thumbs)
-    app.state.warmer.start(source.current().engine)
+    app.state.warmer.start(source.current().engine).join(WARM_WAIT)
     if isinstance(source, LiveIndex):
         source.on_publish.append(lambda live: app.state.warmer.start(live.engine))
     app.state.references = References()
