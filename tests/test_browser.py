@@ -251,6 +251,77 @@ def test_an_uploaded_indexed_face_comes_back_first(page, built: Built) -> None:
     page.wait_for_function("(t) => { const c = document.querySelector(\".card[data-rank='1']\");"
                            " return c && Number(c.dataset.id) === t; }", arg=built.ids[str(other)])
     assert other.name in page.inner_text("#ref")
+    # the URL carries the server's short reference, not the photo's embedding
+    assert len(page.url) < 200 and len(parse_qs(urlsplit(page.url).query)["like"][0]) == 24
+
+
+def test_a_too_large_photo_is_refused_in_the_page_before_sending(page) -> None:
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/similar" in r.url else None)
+    page.set_input_files("#photo", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
+                                           "buffer": b"\xff\xd8" + b"\0" * (21 << 20)}])
+    page.wait_for_selector("#error:not([hidden])")
+    assert "huge.jpg is 21.0 MB, over the 20 MB" in page.inner_text("#error") and sent == []
+
+
+def test_a_photo_without_a_face_is_searched_whole_with_the_switch_off(page, tmp_path: Path) -> None:
+    from PIL import Image
+
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (400, 300), (90, 140, 200)).save(wall)
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.set_input_files("#photo", str(wall))
+    page.wait_for_selector("#error:not([hidden])", timeout=120_000)
+    error = page.inner_text("#error")
+    assert "no face found in wall.png" in error and "Find the face" in error and "--no-detect-face" not in error
+    page.uncheck("#detect")
+    page.set_input_files("#photo", str(wall))
+    page.wait_for_selector("#ref:not([hidden])", timeout=120_000)
+    assert "wall.png" in page.inner_text("#ref")
+
+
+def test_the_layout_at_1366_px(browser, server) -> None:
+    """Cards fill the width, their tags show whole, and the face panel leaves the header's buttons free."""
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, bypass_csp=True)
+    page = context.new_page()
+    try:
+        page.goto(server.url + "?q=" + "Male or not Male")  # every card carries a tag
+        wait_count(page, N_FACES)
+        wait_thumbnails(page, 6)
+        geo = page.evaluate("""() => {
+            const grid = document.getElementById('grid').getBoundingClientRect();
+            const cards = [...document.querySelectorAll('.card[data-id]')].map((c) => c.getBoundingClientRect());
+            const clipped = [...document.querySelectorAll('.card[data-id]')].filter((c) => {
+                const box = c.getBoundingClientRect(), m = c.querySelector('.m').getBoundingClientRect();
+                return [...c.querySelectorAll('.m span')].some((s) => {
+                    const r = s.getBoundingClientRect(); return r.bottom > Math.min(box.bottom, m.bottom) + 0.5; });
+            }).length;
+            return { right: grid.right, cardsRight: Math.max(...cards.map((r) => r.right)), clipped };
+        }""")
+        assert geo["right"] - geo["cardsRight"] < 12, geo  # no empty band (10 px is the cards' gap)
+        assert geo["clipped"] == 0
+        page.click(".card[data-rank='1']")
+        page.wait_for_selector("#panel:not([hidden])")
+        header = page.eval_on_selector("header", "h => h.getBoundingClientRect().bottom")
+        panel = page.eval_on_selector("#panel", "p => p.getBoundingClientRect().top")
+        assert panel >= header - 0.5
+        page.click("#go")  # the header's buttons still take clicks with the panel open
+    finally:
+        context.close()
+
+
+def test_typing_a_name_flashes_no_error_while_suggestions_show(page) -> None:
+    page.goto(page.server_url)
+    wait_count(page, N_FACES)
+    page.wait_for_selector(".chip[data-name='Eyeglasses']")
+    page.click("#expr")
+    page.keyboard.type("Eyegl")
+    page.wait_for_selector("#suggest:not([hidden])")
+    page.wait_for_timeout(800)  # past the live search's 350 ms pause
+    assert page.is_hidden("#error")
 
 
 def _person_shown(pg, want: dict) -> None:

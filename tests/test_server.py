@@ -25,8 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from schemathesis.core.transport import Response
+from schemathesis.specs.openapi import checks
 from typer.testing import CliRunner
 
 # tests/ is on sys.path (prepend import mode)
@@ -38,14 +43,45 @@ N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 
 
 def _serving(index: Path, thumbs: Path):
-    """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield."""
-    from fastapi.testclient import TestClient
+    """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield.
 
+    Every API answer any test gets is checked against the app's own /openapi.json (``Contract``).
+    """
     from facefind.retrieval.web.app import create_app
 
     app = create_app(index, device="cpu", thumbs_dir=thumbs)
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+    with Contract(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         yield c
+
+
+class Contract(TestClient):
+    """A TestClient that checks each /api/ answer against the OpenAPI document with schemathesis's
+    own response checks: a documented status code, a documented content type, declared headers, a
+    body of the documented schema. A test that gets an answer the document does not promise fails."""
+
+    CHECKS = (checks.status_code_conformance, checks.content_type_conformance,
+              checks.response_headers_conformance, checks.response_schema_conformance)
+
+    def __init__(self, app, **kwargs) -> None:
+        super().__init__(app, **kwargs)
+        self.schema = schemathesis.openapi.from_dict(app.openapi())
+        self.checked = 0
+
+    def request(self, method, url, **kwargs):
+        response = super().request(method, url, **kwargs)
+        path = response.request.url.path
+        operation = self.schema.find_operation_by_path(method.upper(), path) if path.startswith("/api/") else None
+        if operation is not None:
+            template = operation.path.strip("/").split("/")
+            given = {t[1:-1]: v for t, v in zip(template, path.strip("/").split("/")) if t.startswith("{")}
+            sent = response.request  # an upload's body was streamed: the checks see the request without it
+            answer = httpx.Response(response.status_code, headers=response.headers, content=response.content,
+                                    request=httpx.Request(sent.method, sent.url, headers=sent.headers))
+            answer.elapsed = response.elapsed
+            operation.Case(path_parameters=given).validate_response(Response.from_any(answer),
+                                                                    checks=list(self.CHECKS))
+            self.checked += 1
+        return response
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +173,8 @@ def test_threshold_sets_are_those_of_the_cli(client, built: Built) -> None:
     sets = ok(client.get("/api/attributes"))
     assert set(sets["threshold_sets"]) == {"accuracy", "f1"}
     assert all(a["thresholds"]["f1"] < a["thresholds"]["accuracy"] for a in sets["attributes"])
-    one_line_error(client.get("/api/query", params={"q": "Male", "thresholds": "recall"}), 400, "threshold set")
+    one_line_error(client.get("/api/query", params={"q": "Male", "thresholds": "recall"}), 400,
+                   "bad thresholds: Input should be 'accuracy' or 'f1'")
 
 
 def test_query_counts_and_pages_agree_with_brute_force(client, built: Built) -> None:
@@ -218,9 +255,9 @@ def test_an_upload_by_person_is_similar_by_person_and_pages_by_its_descriptor(pe
     reference = out.pop("reference")
     assert out == cli_json("similar", upload, "--by", "person", "--limit", "4", "--index", people.index)
     assert [h["path"] for h in out["hits"][:2]] == [str(people.original), str(people.other)]
-    assert reference["name"] == "me.jpg" and "embedding" not in reference
-    # the descriptor pages the same search (float32: the same distances) through /api/query
-    rest = ok(people_client.get("/api/query", params={"like": reference["descriptor"], "by": "person",
+    assert reference["name"] == "me.jpg" and reference["by"] == "person" and "face_box" not in reference
+    # the kept descriptor pages the same search (the same distances) through /api/query
+    rest = ok(people_client.get("/api/query", params={"like": reference["id"], "by": "person",
                                                       "offset": 1, "limit": 3}))
     assert rest["hits"] == out["hits"][1:]
     # a filter is kept
@@ -239,29 +276,30 @@ def test_by_person_refusals_are_one_line(client, people_client, people: People, 
     # an index built without --identity says what to run, before any photo is read
     assert ok(client.get("/api/info"))["has_identity"] is False
     assert ok(client.get("/api/attributes"))["has_identity"] is False
-    body = one_line_error(client.get("/api/query", params={"like_id": 1, "by": "person"}), 400, NO_IDENTITY)
+    # (409: the request is well formed, the index is not built for it; the document says so)
+    body = one_line_error(client.get("/api/query", params={"like_id": 1, "by": "person"}), 409, NO_IDENTITY)
     assert body["error"] == NO_IDENTITY
     one_line_error(client.post("/api/similar", files={"file": ("a.jpg", face)}, data={"by": "person"}),
-                   400, NO_IDENTITY)
-    one_line_error(client.get("/api/export", params={"like_id": 1, "by": "person"}), 400, NO_IDENTITY)
-    # a bad by, anywhere
+                   409, NO_IDENTITY)
+    one_line_error(client.get("/api/export", params={"like_id": 1, "by": "person"}), 409, NO_IDENTITY)
+    # a bad by, anywhere: the schema's enum, exactly
     for got in (people_client.get("/api/query", params={"like_id": 1, "by": "face"}),
                 people_client.post("/api/similar", files={"file": ("a.jpg", face)}, data={"by": "face"}),
-                people_client.get("/api/export", params={"like_id": 1, "by": "face"})):
-        one_line_error(got, 400, "by must be look or person, not 'face'")
-    # PERSON is person; no reference at all is a mistake, not a silent confidence ranking
+                people_client.get("/api/export", params={"like_id": 1, "by": "PERSON"})):
+        one_line_error(got, 400, "bad by: Input should be 'look' or 'person'")
+    # no reference at all is a mistake, not a silent confidence ranking
     original = people.ids[str(people.original)]
-    assert ok(people_client.get("/api/query", params={"like_id": original, "by": "PERSON"}))["ranking"] == "person"
-    one_line_error(people_client.get("/api/query", params={"q": "Male", "by": "person"}), 400, "give like_id")
+    assert ok(people_client.get("/api/query", params={"like_id": original, "by": "person"}))["ranking"] == "person"
+    one_line_error(people_client.get("/api/query", params={"q": "Male", "by": "person"}), 409, "give like_id")
     # a face without a descriptor, an unknown id, a descriptor of the wrong size, a photo without a face
     faceless = people.ids[str(people.faceless)]
-    one_line_error(people_client.get("/api/query", params={"like_id": faceless, "by": "person"}), 400,
+    one_line_error(people_client.get("/api/query", params={"like_id": faceless, "by": "person"}), 409,
                    f"image {faceless} has no identity descriptor")
     one_line_error(people_client.get("/api/query", params={"like_id": 99999, "by": "person"}), 404,
                    "no image with id 99999")
-    look = ok(people_client.post("/api/similar", files={"file": ("a.jpg", face)}))["reference"]["embedding"]
-    one_line_error(people_client.get("/api/query", params={"like": look, "by": "person"}), 400,
-                   "the 'descriptor' that /api/similar returned with by=person")
+    look = ok(people_client.post("/api/similar", files={"file": ("a.jpg", face)}))["reference"]["id"]
+    one_line_error(people_client.get("/api/query", params={"like": look, "by": "person"}), 409,
+                   "like= names a photo searched by look: search by the photo again with by=person")
     blank = io.BytesIO()
     from PIL import Image
 
@@ -307,7 +345,18 @@ def test_thumbnails_are_made_once_and_cached(client, built: Built, monkeypatch: 
     made = []
     real = thumbs.make_thumbnail
     monkeypatch.setattr(thumbs, "make_thumbnail", lambda *a: made.append(a) or real(*a))
+    # made ahead: the first view's thumbnails are in the cache before anyone asks (thumbs.Warmer)
+    client.app.state.warmer.thread.join(120)
+    first_view = ok(client.get("/api/query", params={"limit": 60}))["hits"]
+    assert len(first_view) == min(60, N_FACES)
+    for hit in first_view:
+        assert client.get(f"/api/images/{hit['id']}/thumb").status_code == 200
+    assert made == []
+    # one the cache lacks is made on the first request, once
     image_id = built.ids[str(built.images[7])]
+    cache = client.app.state.thumbs
+    key = cache.key(str(built.images[7]), os.stat(built.images[7]))
+    (cache.folder / key[:2] / f"{key}.jpg").unlink()
     first = client.get(f"/api/images/{image_id}/thumb")
     assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
     assert "max-age" in first.headers["cache-control"] and first.headers["etag"]
@@ -424,10 +473,24 @@ def test_an_uploaded_indexed_face_comes_back_first(client, built: Built) -> None
                          data={"limit": "5"}))
     assert out["ranking"] == "similarity" and out["hits"][0]["path"] == str(path)
     assert out["hits"][0]["score"] == pytest.approx(1.0, abs=2e-3)
-    assert out["reference"]["name"] == "me.jpg"
-    # the returned embedding pages the same search through /api/query
-    again = ok(client.get("/api/query", params={"like": out["reference"]["embedding"], "limit": 5}))
-    assert [h["id"] for h in again["hits"]] == [h["id"] for h in out["hits"]]
+    reference = out["reference"]
+    assert reference["name"] == "me.jpg" and reference["by"] == "look"
+    # the reference is a short content hash (the same photo: the same link), kept server-side, that
+    # pages the same search through /api/query
+    assert len(reference["id"]) == 24
+    same = ok(client.post("/api/similar", files={"file": ("other-name.jpg", path.read_bytes())}, data={"limit": "1"}))
+    assert same["reference"]["id"] == reference["id"]
+    again = ok(client.get("/api/query", params={"like": reference["id"], "limit": 5, "offset": 0}))
+    assert again["hits"] == out["hits"]
+    assert ok(client.get("/api/query", params={"like": reference["id"], "limit": 2, "offset": 3}))["hits"] == out["hits"][3:5]
+    # an empty choice is refused as the schema says, not read as "the default"
+    one_line_error(client.post("/api/similar", files={"file": ("me.jpg", path.read_bytes())},
+                               data={"detect_face": ""}), 400, "bad detect_face: it is empty")
+    # one it does not hold (expired, or before a restart) says what to do
+    one_line_error(client.get("/api/query", params={"like": "0" * 24}), 404,
+                   "this photo search has expired (the server keeps a photo's reference for a day")
+    one_line_error(client.get("/api/query", params={"like": reference["id"], "like_id": 1}), 409,
+                   "give like or like_id, not both")
     # a filter is kept: a face that fails it is not returned
     male = built.probs[str(path)]["Male"] >= built.thresholds["Male"]
     where = "not Male" if male else "Male"
@@ -483,6 +546,65 @@ def test_uploads_are_capped_bomb_guarded_and_never_kept(client, built: Built, tm
     assert got.status_code == 200, got.text
     assert list(spool.iterdir()) == []
     assert client.get("/api/info").status_code == 200  # still serving
+
+
+@pytest.fixture(scope="module")
+def live_server(built: Built, tmp_path_factory: pytest.TempPathFactory):
+    """The app under a real uvicorn on a free loopback port (what `facefind serve` runs): its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from facefind.retrieval.web.app import create_app
+    from facefind.retrieval.web.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("live-thumbs"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_too_large_upload_is_a_413_every_client_reads(live_server: str) -> None:
+    """urllib writes the whole body before reading the answer: the server must not close mid-body."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from facefind.retrieval.web.guard import MAX_UPLOAD
+
+    body = b"\0" * (MAX_UPLOAD + (1 << 20))  # 21 MB
+    for _ in range(3):
+        request = urllib.request.Request(f"{live_server}/api/similar", data=body, method="POST",
+                                         headers={"Content-Type": "multipart/form-data; boundary=x"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        assert "larger than 20 MB" in json.loads(refused.value.read())["error"]
+    # a client that asks first (Expect: 100-continue, as curl does) hears the 413 before sending anything
+    host, port = live_server.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /api/similar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                     "Content-Type: multipart/form-data; boundary=x\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = conn.makefile("rb")
+        status = answer.readline().decode()
+        length = next(int(line.split(b":")[1]) for line in iter(answer.readline, b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while answer.readline() not in (b"\r\n", b""):
+            pass
+        error = json.loads(answer.read(length))["error"]
+    assert status.startswith("HTTP/1.1 413") and "larger than 20 MB" in error
+    # the server is still serving
+    with urllib.request.urlopen(f"{live_server}/api/info", timeout=30) as answer:
+        assert answer.status == 200
 
 
 # -- safety -----------------------------------------------------------------------------------

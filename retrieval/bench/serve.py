@@ -259,6 +259,26 @@ SCROLL_JS = """async (steps) => {
 }"""
 
 
+def first_paint(url: str, want: int = PAGE) -> float:
+    """In Chromium, on a server that has just started: milliseconds from navigation to ``want``
+    thumbnails painted on the page's first view (no query: what a first visitor sees), which the
+    server's background thumbnail warmer (web/thumbs.Warmer) races to make ahead."""
+    from playwright.sync_api import sync_playwright  # optional (the dev extra): imported only to time the page
+
+    binary = chromium_binary()
+    if binary is None:
+        raise FileNotFoundError("no Chromium binary")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1700}, bypass_csp=True).new_page()
+            page.goto(url, wait_until="commit")
+            page.wait_for_function(PAINTED_JS, arg=want, timeout=60_000, polling="raf")
+            return round(float(page.evaluate(AFTER_PAINT_JS)), 1)
+        finally:
+            browser.close()
+
+
 def page_timings(url: str, want: int = PAGE, runs: int = 2, scroll_steps: int = 240) -> dict[str, Any]:
     """In Chromium: milliseconds from navigation start to ``want`` thumbnails decoded and painted
     on screen (run 1 cold: the server makes every thumbnail; later runs find them cached but start
@@ -314,6 +334,12 @@ def run_serve_bench(n: int = 202_599, repeats: int = 200, clients: int = 8, requ
         t0 = time.perf_counter()
         with Served(args) as served:
             startup = time.perf_counter() - t0
+            cold_first_view = None
+            if browser:  # first, while the server is cold: the issue's "first paint" figure
+                try:
+                    cold_first_view = first_paint(served.url)
+                except (ImportError, FileNotFoundError):
+                    pass
             rng = np.random.default_rng(seed)
             ids = [int(i) for i in rng.integers(1, n + 1, 64)]
             plain = ["/api/query?" + urlencode({"q": e, "limit": PAGE, "eval": "false"}) for e in EXPRESSIONS]
@@ -331,7 +357,7 @@ def run_serve_bench(n: int = 202_599, repeats: int = 200, clients: int = 8, requ
                       for e in EXPRESSIONS}
             load = load_run(served, mixed_requests(ids, EXPRESSIONS), clients, requests)
             result: dict[str, Any] = {"n": n, "limit": PAGE, "startup_s": round(startup, 1), "latency": rows,
-                                      "totals": totals, "load": load}
+                                      "totals": totals, "load": load, "cold_first_view_ms": cold_first_view}
             if browser:
                 try:
                     result["browser"] = page_timings(served.url + "?" + urlencode({"q": BROWSER_QUERY}))

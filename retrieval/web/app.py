@@ -20,8 +20,10 @@ cache is a separate folder of derived files).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from facefind.db.paths import default_index_dir
@@ -29,11 +31,14 @@ from facefind.retrieval.web.routes import audit, images, index, page, search, up
 from facefind.retrieval.web.errors import add_error_handlers
 from facefind.retrieval.web.guard import MAX_UPLOAD, Guard
 from facefind.retrieval.web.live import LiveIndex, Source
+from facefind.retrieval.web.refs import References
 from facefind.retrieval.web.routes.page import STATIC
 from facefind.retrieval.web.routes.upload import Embedder
-from facefind.retrieval.web.thumbs import ThumbnailCache, default_cache_folder
+from facefind.retrieval.web.thumbs import ThumbnailCache, Warmer, default_cache_folder
 
 __all__ = ["MAX_UPLOAD", "create_app"]
+
+WARM_WAIT = 30.0  # seconds create_app waits for the first view's thumbnails before serving anyway
 
 
 def create_app(index_dir: Path | None = None, *, source: Source | None = None, token: str | None = None,
@@ -53,6 +58,13 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
                               "it (401); request bodies over 20 MB get 413.")
     app.state.source = source  # what the dependencies in ``deps`` and the routers hand to routes
     app.state.thumbs = ThumbnailCache(thumbs_dir or default_cache_folder(index_dir))
+    # The first view's thumbnails (thumbs.Warmer): made before the server answers anyone (at most
+    # WARM_WAIT s; found on disk after a restart), then again in the background after each publish.
+    app.state.warmer = Warmer(app.state.thumbs)
+    app.state.warmer.start(source.current().engine).join(WARM_WAIT)
+    if isinstance(source, LiveIndex):
+        source.on_publish.append(lambda live: app.state.warmer.start(live.engine))
+    app.state.references = References()
     app.state.embedder = Embedder(device)
     app.state.token_required = token is not None
     app.state.model_reports = {}
@@ -61,4 +73,19 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     for module in (page, search, images, upload, index, audit):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = lambda: _contract(app)  # type: ignore[method-assign]
     return app
+
+
+def _contract(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document less the 422 it adds to every route: this server never sends one
+    (a parameter out of its schema is a one-line 400, declared with the other refusals)."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in doc.get("paths", {}).values():
+            for operation in item.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = doc
+    return app.openapi_schema

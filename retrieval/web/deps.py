@@ -8,9 +8,7 @@ event loop on purpose (see ``routes/search.py``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, Request
@@ -19,9 +17,14 @@ from facefind.db.errors import CatalogError
 from facefind.retrieval.engine import NO_IDENTITY, Engine, Result
 from facefind.retrieval.web.errors import ApiError
 from facefind.retrieval.web.live import Live, Source
+from facefind.retrieval.web.refs import EXPIRED, References
 from facefind.retrieval.web.thumbs import ThumbnailCache
 
 MAX_LIMIT = 1000                # hits per page; /api/export streams everything
+MAX_EXPR = 2000                 # characters of an expression
+# The expression's grammar (retrieval/query.py) is no regular language and its names are the index's:
+# the document names it as a format of its own, which a fuzzer is taught (tests/contract_hooks.py).
+EXPRESSION = {"format": "facefind-expression"}
 
 
 async def current_live(request: Request) -> Live:
@@ -37,9 +40,14 @@ async def thumbnail_cache(request: Request) -> ThumbnailCache:
     return request.app.state.thumbs
 
 
+async def upload_references(request: Request) -> References:
+    return request.app.state.references
+
+
 LiveDep = Annotated[Live, Depends(current_live)]
 SourceDep = Annotated[Source, Depends(server_source)]
 ThumbsDep = Annotated[ThumbnailCache, Depends(thumbnail_cache)]
+RefsDep = Annotated[References, Depends(upload_references)]
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -61,62 +69,54 @@ def timing(seconds: float) -> str:
     return f"engine;dur={seconds * 1e3:.3f}"
 
 
-# What ``like=`` holds for each ``by``: the field of /api/similar's reference, and its dtype. An
-# identity descriptor travels as float32, so a person search paged through /api/query measures the
-# very distances (and same_person marks at 0.6) of its first page.
-_LIKE = {"look": ("embedding", "<f2"), "person": ("descriptor", "<f4")}
+By = Literal["look", "person"]
+Thresholds = Literal["accuracy", "f1"]  # engine.THRESHOLD_SETS; a set this index lacks falls back, with a warning
+CONFLICT = "give like or like_id, not both"
+NO_REFERENCE = ("by=person ranks by likeness to a face: give like_id (an indexed image) or like (the "
+                "'reference' of a photo, from /api/similar with by=person)")
 
 
-def reference(raw: str | None, dim: int, by: str = "look") -> np.ndarray | None:
-    """A ``like=`` reference: base64url of the values /api/similar returned (see ``_LIKE``)."""
-    if not raw:
-        return None
-    field, dtype = _LIKE[by]
-    size = np.dtype(dtype).itemsize
-    hint = f"pass the '{field}' that /api/similar returned" + (" with by=person" if by == "person" else "")
-    try:
-        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"like= is not base64: {hint}") from None
-    if len(data) != size * dim:
-        what = "identity descriptors" if by == "person" else "embeddings"
-        raise ApiError(400, f"like= holds {len(data) / size:g} values but this index's {what} have {dim}: "
-                       f"{hint} for this index")
-    vec = np.frombuffer(data, dtype=dtype).astype(np.float32)
-    if not np.all(np.isfinite(vec)):
-        raise ApiError(400, "like= holds values that are not finite numbers")
-    return vec
+def reference(refs: References, key: str, eng: Engine, by: str) -> np.ndarray:
+    """The vector an upload's reference names (``like=``), for ranking ``by``; 404 once expired."""
+    ref = refs.get(key)
+    if ref is None:
+        raise ApiError(404, EXPIRED)
+    if ref.by != by:
+        raise ApiError(409, f"like= names a photo searched by {ref.by}: search by the photo again "
+                       f"with by={by}, or page it with by={ref.by}")
+    dim = eng.identity.shape[1] if by == "person" else eng.emb.shape[1]
+    if ref.vector.shape[0] != dim or (by == "look" and ref.model != model_of(eng)):
+        raise ApiError(404, "this photo search was made with another model than the index now serves: "
+                       "search by the photo again")
+    return ref.vector
 
 
-def encode_reference(vec: np.ndarray, by: str = "look") -> str:
-    """The inverse of ``reference``: base64url (no padding) of the values in ``by``'s dtype."""
-    return base64.urlsafe_b64encode(np.asarray(vec, dtype=_LIKE[by][1]).tobytes()).decode().rstrip("=")
+def model_of(eng: Engine) -> str:
+    """What a look embedding depends on: the snapshot's model."""
+    return str(eng.snapshot.sha256 or eng.snapshot.model_id)
 
 
-def ranking_by(raw: str) -> str:
-    """``by=``: 'look' or 'person' (any case), as the CLI's ``--by``; a one-line 400 otherwise."""
-    choice = raw.strip().lower()
-    if choice not in _LIKE:
-        raise ApiError(400, f"by must be look or person, not {raw[:40]!r}")
-    return choice
+def ranking(eng: Engine, refs: References, by: str, like: str | None, like_id: int | None) -> dict[str, Any]:
+    """``Engine.query``'s reference arguments for ``by`` and a ``like``/``like_id`` reference.
 
-
-def ranking(eng: Engine, by: str, like: str | None, like_id: int | None) -> dict[str, Any]:
-    """``Engine.query``'s reference arguments for ``by`` and a ``like``/``like_id`` reference."""
+    Rules the OpenAPI document cannot state (they join two parameters) answer 409, documented there.
+    """
     if like is not None and like_id is not None:
-        raise ApiError(400, "give like or like_id, not both")
-    if ranking_by(by) == "look":
-        return {"like": reference(like, eng.emb.shape[1]), "like_id": like_id}
-    if not like and like_id is None:
-        raise ApiError(400, "by=person ranks by likeness to a face: give like_id (an indexed image) or "
-                       "like (the 'descriptor' of a photo, from /api/similar with by=person)")
-    require_identity(eng)
-    return {"person": reference(like, eng.identity.shape[1], "person"), "person_id": like_id}
+        raise ApiError(409, CONFLICT)
+    if by == "person":
+        if like is None and like_id is None:
+            raise ApiError(409, NO_REFERENCE)
+        require_identity(eng)
+    vec = reference(refs, like, eng, by) if like is not None else None
+    if by == "look":
+        return {"like": vec, "like_id": like_id}
+    return {"person": vec, "person_id": like_id}
 
 
 def require_identity(eng: Engine) -> None:
+    """409: the index holds no identity descriptors (the request is fine; the index is not built for it)."""
     if eng.identity is None:
-        raise CatalogError(NO_IDENTITY)
+        raise ApiError(409, NO_IDENTITY)
 
 
 def run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, thresholds: str | None = None,
@@ -128,4 +128,6 @@ def run_query(eng: Engine, expr: str | None, *, limit: int, offset: int, thresho
         image_id = ref.get("like_id", ref.get("person_id"))
         if image_id is not None and "not in the index" in str(err):
             raise ApiError(404, f"no image with id {image_id} in the index (like_id)") from None
+        if image_id is not None and "no identity descriptor" in str(err):
+            raise ApiError(409, str(err).splitlines()[0]) from None
         raise

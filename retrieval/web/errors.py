@@ -33,13 +33,23 @@ class ErrorOut(BaseModel):
     expression: str | None = None  # ... in this expression
 
 
-# What the API routers declare, so that /openapi.json lists the refusals with their shape. "4XX"
-# also stands for FastAPI's default 422, which this server never sends (a bad parameter is a 400).
+# What the API routers declare, so that /openapi.json lists every refusal with its shape. FastAPI's
+# default 422 is never sent (a bad parameter is a 400) and is dropped from the document (app.py).
 REFUSALS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorOut, "description": "Bad input: a bad expression, parameter, photo or reference"},
-    404: {"model": ErrorOut, "description": "No image with this id in the index, or its file is gone"},
-    "4XX": {"model": ErrorOut, "description": "Refused by the guard: 401 without the server's token, "
-                                              "403 not addressed to localhost, 413 a body over 20 MB"},
+    400: {"model": ErrorOut, "description": "Bad input: a parameter out of its schema, an expression that "
+                                            "does not parse or names an unknown attribute, an unreadable photo"},
+    401: {"model": ErrorOut, "description": "The server was started with --token and the request lacks it"},
+    403: {"model": ErrorOut, "description": "Without a token the server answers only requests addressed to "
+                                            "localhost"},
+    404: {"model": ErrorOut, "description": "No image with this id in the index, its file is gone, or a "
+                                            "photo search's reference (like=) has expired"},
+    409: {"model": ErrorOut, "description": "The request does not fit the index or itself: by=person on an "
+                                            "index without identity descriptors, or without like/like_id, "
+                                            "a face without a descriptor, like and like_id together"},
+    413: {"model": ErrorOut, "description": "A request body over 20 MB (answered once the body is read, "
+                                            "or before it with Expect: 100-continue)"},
+    500: {"model": ErrorOut, "description": "A bug: one line, the server log has the details, the server "
+                                            "keeps serving"},
 }
 
 
@@ -65,13 +75,21 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        loc = tuple(first.get("loc", ()))
+        if loc[:1] == ("path",):  # a URL segment that is no id names nothing: 404, as any unknown URL
+            raw = str(first.get("input", ""))[:40]
+            return error_response(404, f"no image with id {raw!r}: ids are the numbers /api/query returns")
+        where = ".".join(str(p) for p in loc[1:]) or "request"
         return error_response(400, f"bad {where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = err.detail if isinstance(err.detail, str) else "request refused"
-        return error_response(err.status_code, message)
+        if err.status_code == 405:
+            message = f"method {request.method} is not allowed here: use {err.headers.get('Allow', 'GET')}" \
+                if err.headers else "method not allowed"
+        # Starlette's own headers (405's Allow, which RFC 9110 requires) go out with our JSON body
+        return JSONResponse({"error": message}, err.status_code, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, err: Exception) -> JSONResponse:

@@ -4,7 +4,8 @@ With no token only loopback Host headers are answered (a web page elsewhere cann
 way in); with a token every request must carry it (``Authorization: Bearer``, the
 ``X-Facefind-Token`` header, ``?token=`` which also sets an HttpOnly cookie, or that cookie) or
 gets 401. Request bodies are capped at ``MAX_UPLOAD`` (413, counted while reading, whether or not
-Content-Length is sent). Every answer carries the security headers; the two pages carry the CSP.
+Content-Length is sent; the refused body is drained up to ``DRAIN_LIMIT`` first, so that clients
+that send it all before reading still read the 413). Every answer carries the security headers; the two pages carry the CSP.
 
 Why not route dependencies: they never see /static, /docs, /openapi.json or an unknown path, and
 the body cap must act before the form parser spools an upload. Why not Starlette's
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from facefind.retrieval.web.server import is_loopback
 
 MAX_UPLOAD = 20 * 1024 * 1024   # bytes of a request body (the photo plus multipart framing)
+DRAIN_LIMIT = 64 * 1024 * 1024  # bytes of a refused body read and dropped so that the 413 is heard
 TOKEN_COOKIE = "facefind_token"
 HTML_PATHS = ("/", "/model")
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -63,11 +65,20 @@ class Guard:
                 return
         declared = conn.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            # A client that asked before sending (Expect: 100-continue) hears no 100 (the server sends
+            # it only once the app reads) and reads this at once; any other gets it after its body
+            # is read and dropped, up to DRAIN_LIMIT: a client that writes the whole body before
+            # reading (urllib, requests) would otherwise meet a closed socket instead of the 413.
+            if "100-continue" not in conn.headers.get("expect", "").lower() and declared.isdigit() \
+                    and int(declared) <= DRAIN_LIMIT:
+                await _drain(receive, DRAIN_LIMIT)
             await _refuse(scope, receive, send, 413, too_large(self.max_body))
             return
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, ok = await self._read_body(receive)
+            body, ok, ended = await self._read_body(receive)
             if not ok:
+                if not ended:  # the rest of a body sent without a length
+                    await _drain(receive, DRAIN_LIMIT - self.max_body)
                 await _refuse(scope, receive, send, 413, too_large(self.max_body))
                 return
             receive = _replay(body)
@@ -84,19 +95,21 @@ class Guard:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+    async def _read_body(self, receive: Receive) -> tuple[bytes, bool, bool]:
+        """(body, within the cap, the body has ended)."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"", False
+                return b"", False, True
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.max_body:
-                return b"", False
+                return b"", False, not more
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), True
+            if not more:
+                return b"".join(chunks), True, True
 
 
 def _host_of(header: str) -> str:
@@ -117,6 +130,18 @@ def _token_of(conn: HTTPConnection) -> tuple[str | None, str | None]:
     if in_url:
         return in_url, f"{TOKEN_COOKIE}={in_url}; Path=/; HttpOnly; SameSite=Strict"
     return conn.cookies.get(TOKEN_COOKIE), None
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop the rest of a request body, up to ``limit`` bytes (then the server may close)."""
+    size = 0
+    while size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _replay(body: bytes) -> Receive:

@@ -132,6 +132,7 @@ class LiveIndex:
         self._live = self._open()
         self._checked = time.monotonic()
         self._previous: Live | None = None
+        self.on_publish: list[Callable[[Live], None]] = []  # called with each newly served generation
 
     def _key(self) -> tuple[Any, ...]:
         """The live generation of every model folder (what changes when a snapshot is published)."""
@@ -167,6 +168,8 @@ class LiveIndex:
             if self._previous is not None:  # requests may still hold the one being replaced
                 self._previous.close()
             self._previous, self._live = self._live, fresh
+            for listener in self.on_publish:
+                listener(fresh)
             return fresh
 
     def describe(self) -> dict[str, Any]:

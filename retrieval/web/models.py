@@ -12,7 +12,7 @@ hand-written encoder, no custom response class.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from facefind.retrieval.engine import Quality
 
@@ -51,12 +51,12 @@ class QueryOut(_Open):
 
 
 class ReferenceOut(_Open):
-    """The uploaded photo, to page the same search through /api/query (``like=``)."""
+    """The uploaded photo, to page the same search through /api/query (``like=id``, with ``by``)."""
 
+    id: str = Field(pattern="^[0-9a-f]{24}$")  # the upload's content hash; kept a day (refs.py)
+    by: str                                     # look | person: what the reference holds
     name: str
-    embedding: str | None = None   # by=look: base64url float16 ...
-    descriptor: str | None = None  # ... by=person: base64url float32
-    face_box: list[int] | None = None
+    face_box: list[int] | None = None           # by=look: where the face was found (None: whole photo)
 
 
 class SimilarOut(QueryOut):

@@ -14,17 +14,24 @@ import hashlib
 import logging
 import os
 import stat
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from facefind.db.files import atomic_replace
 from facefind.db.paths import default_cache_dir
 from facefind.retrieval.thumbnail import thumbnail_jpeg
 from facefind.trainer.decode import Unreadable, decode_rgb
 
+if TYPE_CHECKING:
+    from facefind.retrieval.engine import Engine
+
 log = logging.getLogger(__name__)
 
 THUMB_SIZE = 192     # longest side, pixels (CelebA's 178x218 faces become 157x192)
+WARM = 120           # thumbnails made ahead for the page's first view (two pages of 60)
 
 
 class SourceGone(Exception):
@@ -87,6 +94,38 @@ class ThumbnailCache:
             self.writable = False
             return False
         return True
+
+
+class Warmer:
+    """Makes the first view's thumbnails in a background thread as soon as a snapshot generation is
+    served (at start, and after each publish), so that no first visitor waits for them: they land
+    in the cache folder beside the index, where a restarted server finds them."""
+
+    def __init__(self, cache: ThumbnailCache, n: int = WARM) -> None:
+        self.cache, self.n = cache, n
+        self.thread: threading.Thread | None = None
+
+    def start(self, engine: Engine) -> threading.Thread:
+        self.thread = threading.Thread(target=self.warm, args=(engine,), name="facefind-thumbs", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def warm(self, engine: Engine) -> int:
+        """Thumbnails of the default view's first ``n`` entries (what the page shows first); how many."""
+        start, made = time.perf_counter(), 0
+        try:
+            hits = engine.query(None, limit=self.n).hits
+        except Exception:  # a background nicety: never let it take the server down
+            log.exception("cannot list the first view to make its thumbnails")
+            return 0
+        for hit in hits:
+            try:
+                self.cache.get(hit.path, None if hit.box is None else tuple(int(v) for v in hit.box))
+                made += 1
+            except SourceGone:
+                continue
+        log.info("%d thumbnails of the first view ready in %.1f s", made, time.perf_counter() - start)
+        return made
 
 
 def make_thumbnail(path: str, size: int = THUMB_SIZE, box: tuple[int, int, int, int] | None = None) -> bytes:

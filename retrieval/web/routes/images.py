@@ -5,15 +5,15 @@ Files are looked up by catalog id only: an id is plain decimal digits, anything 
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from facefind.db.errors import CatalogError
-from facefind.retrieval.web.deps import LiveDep, ThumbsDep, expr_of, parse_id
+from facefind.retrieval.web.deps import EXPRESSION, MAX_EXPR, LiveDep, Thresholds, ThumbsDep, expr_of, parse_id
 from facefind.retrieval.web.errors import REFUSALS, ApiError
 from facefind.retrieval.web.live import Live
 from facefind.retrieval.web.models import ImageOut
@@ -24,12 +24,18 @@ MEDIA = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".web
 
 router = APIRouter(prefix="/api/images", responses=REFUSALS)
 
+# Ids are plain decimal digits (the schema says so); anything else is still a one-line 404 (parse_id)
+ImageId = Annotated[str, Path(pattern=r"^[0-9]{1,18}$", description="A catalog id, as /api/query returns")]
+
 
 @router.get("/{image_id}", response_model=ImageOut, response_model_exclude_unset=True,
             summary="One entry: path, face and box, probabilities, matched literals, labels, and every "
                     "face of the same file")
-async def image(live: LiveDep, image_id: str, q: Annotated[str | None, Query()] = None,
-                thresholds: Annotated[str | None, Query(description="f1 | accuracy (default: the index's)")] = None,
+async def image(live: LiveDep, image_id: ImageId,
+                q: Annotated[str | None, Query(max_length=MAX_EXPR, json_schema_extra=EXPRESSION, description="Expression whose literals "
+                                               "`matched` lists, as /api/query")] = None,
+                thresholds: Annotated[Thresholds | None, Query(description="Threshold set (default: "
+                                                               "the index's)")] = None,
                 ) -> dict[str, Any]:  # on the event loop: see routes/index.py: attributes
     eng = live.engine
     node = eng.parse(q) if expr_of(q) is not None else None
@@ -62,9 +68,10 @@ def _entry(live: Live, image_id: str) -> tuple[str, tuple[int, int, int, int] | 
 
 # Thumbnails and files stay on worker threads: they read (and may make) files.
 @router.get("/{image_id}/thumb", response_class=Response,
-            responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG"}},
+            responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG"},
+                       304: {"description": "Not modified: the If-None-Match ETag is still this thumbnail's"}},
             summary="A small JPEG of the face (a photo's face: cut out), made once and cached")
-def thumb(live: LiveDep, thumbs: ThumbsDep, image_id: str, request: Request) -> Response:
+def thumb(live: LiveDep, thumbs: ThumbsDep, image_id: ImageId, request: Request) -> Response:
     path, box = _entry(live, image_id)
     try:
         t = thumbs.get(path, box)
@@ -82,12 +89,12 @@ def thumb(live: LiveDep, thumbs: ThumbsDep, image_id: str, request: Request) -> 
 @router.get("/{image_id}/full", response_class=FileResponse,
             responses={200: {"content": {"image/*": {}}, "description": "The image file"}},
             summary="The image file itself, as the catalog holds it")
-def full(live: LiveDep, image_id: str) -> FileResponse:
+def full(live: LiveDep, image_id: ImageId) -> FileResponse:
     path = _entry(live, image_id)[0]
     try:
         identity(path)
     except SourceGone as err:
         raise ApiError(404, f"image {image_id} cannot be shown: {err}") from None
-    media = MEDIA.get(Path(path).suffix.lower(), "application/octet-stream")
+    media = MEDIA.get(FilePath(path).suffix.lower(), "application/octet-stream")
     return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"},
                         content_disposition_type="inline")

@@ -9,23 +9,34 @@ from __future__ import annotations
 import csv
 import io
 import time
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic_core import to_json
 
 from facefind.retrieval.engine import Engine, Result
-from facefind.retrieval.web.deps import MAX_LIMIT, LiveDep, expr_of, ranking, run_query, timing
+from facefind.retrieval.web.deps import (EXPRESSION, MAX_EXPR, MAX_LIMIT, By, LiveDep, RefsDep, Thresholds, expr_of, ranking,
+                                         run_query, timing)
 from facefind.retrieval.web.errors import REFUSALS
+from facefind.retrieval.web.refs import REF_PATTERN
 from facefind.retrieval.web.models import QueryOut
 
 EXPORT_PAGE = 2000              # hits per engine call while exporting
 
 router = APIRouter(prefix="/api", responses=REFUSALS)
 
-ThresholdsParam = Annotated[str | None, Query(description="Threshold set bare names use: f1 | accuracy "
-                                              "(default: the index's), as `query --thresholds`")]
+ThresholdsParam = Annotated[Thresholds | None, Query(description="Threshold set bare names use (default: "
+                                                     "the index's), as `query --thresholds`")]
+ExprParam = Annotated[str | None, Query(max_length=MAX_EXPR, json_schema_extra=EXPRESSION, description='Expression, e.g. "Eyeglasses and not '
+                                        'Male" or "Young > 0.2"; empty: all')]
+LikeIdParam = Annotated[int | None, Query(ge=0, le=2**62, description="Rank by similarity to this indexed "
+                                          "image (not with like)")]
+LikeParam = Annotated[str | None, Query(pattern=REF_PATTERN, description="Rank by similarity to an uploaded "
+                                        "photo: the `reference.id` /api/similar returned, kept for a day "
+                                        "(not with like_id)")]
+ByParam = Annotated[By, Query(description="look: rank by the model's embedding; person: by identity "
+                              "distance (needs `index --identity` and like or like_id), as `query --by`")]
 
 
 # The query runs on the event loop itself: on the shared 2-core machine, handing it to a worker
@@ -35,20 +46,20 @@ ThresholdsParam = Annotated[str | None, Query(description="Threshold set bare na
             summary="Filter by an expression and rank: the shape of `facefind query --json`")
 async def query(
     live: LiveDep,
+    refs: RefsDep,
     response: Response,
-    q: Annotated[str | None, Query(description='Expression, e.g. "Eyeglasses and not Male"; empty: all')] = None,
+    q: ExprParam = None,
     limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = 60,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    like_id: Annotated[int | None, Query(ge=0, le=2**62, description="Rank by similarity to this indexed image")] = None,
-    like: Annotated[str | None, Query(description="Rank by similarity to this embedding (from /api/similar)")] = None,
-    by: Annotated[str, Query(description="look: rank by the model's embedding; person: by identity "
-                             "distance (needs `index --identity`), as `query --by`")] = "look",
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    like_id: LikeIdParam = None,
+    like: LikeParam = None,
+    by: ByParam = "look",
     with_quality: Annotated[bool, Query(alias="eval", description="Add `--eval`'s quality block when the "
                                         "index holds labels")] = True,
     thresholds: ThresholdsParam = None,
 ) -> dict[str, Any]:
     eng = live.engine
-    ref = ranking(eng, by, like, like_id)
+    ref = ranking(eng, refs, by, like, like_id)
     start = time.perf_counter()
     result = run_query(eng, expr_of(q), limit=limit, offset=offset, thresholds=thresholds, **ref)
     response.headers["Server-Timing"] = timing(time.perf_counter() - start)
@@ -66,15 +77,16 @@ async def query(
             summary="All matches, streamed as csv, json or paths")
 def export(
     live: LiveDep,
-    q: Annotated[str | None, Query()] = None,
-    format: Annotated[str, Query(pattern="^(csv|json|paths)$")] = "csv",
-    like_id: Annotated[int | None, Query(ge=0, le=2**62)] = None,
-    like: Annotated[str | None, Query()] = None,
+    refs: RefsDep,
+    q: ExprParam = None,
+    format: Annotated[Literal["csv", "json", "paths"], Query()] = "csv",
+    like_id: LikeIdParam = None,
+    like: LikeParam = None,
     thresholds: ThresholdsParam = None,
-    by: Annotated[str, Query(description="look | person, as /api/query")] = "look",
+    by: ByParam = "look",
 ) -> StreamingResponse:
     eng = live.engine  # held for the whole export: one consistent generation
-    ref = ranking(eng, by, like, like_id)
+    ref = ranking(eng, refs, by, like, like_id)
     expr = expr_of(q)
     first = run_query(eng, expr, limit=EXPORT_PAGE, offset=0, thresholds=thresholds, **ref)
     media = {"csv": "text/csv; charset=utf-8", "json": "application/json",

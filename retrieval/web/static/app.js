@@ -10,11 +10,18 @@
 "use strict";
 
 const PAGE = 60;
+// What each ranking's score means (shown on hover over a card's score, and in the help)
+const SCORE_HELP = {
+  confidence: "confidence: how far the face clears the expression, as a log-odds margin (0: on a threshold; higher: clearer)",
+  similarity: "similarity: cosine between this face's embedding and the reference's (1: the same)",
+  person: "identity distance to the reference face (dlib; under 0.6: the same person)",
+};
+let MAX_UPLOAD = 20 * 1024 * 1024;  // the server's cap (/api/info's max_upload_bytes replaces it)
 const $ = (id) => document.getElementById(id);
 const els = {
   expr: $("expr"), suggest: $("suggest"), go: $("go"), thr: $("thr"), photo: $("photo"), error: $("error"),
   chips: $("chips"), count: $("count"), ref: $("ref"), quality: $("quality"), grid: $("grid"),
-  empty: $("empty"), panel: $("panel"), drop: $("drop"), by: $("by"),
+  empty: $("empty"), panel: $("panel"), drop: $("drop"), by: $("by"), detect: $("detect"),
   exp: { csv: $("exp-csv"), json: $("exp-json"), paths: $("exp-paths") },
 };
 
@@ -202,7 +209,11 @@ function updateSuggest() {
   els.suggest.hidden = false;
 }
 
-function hideSuggest() { els.suggest.hidden = true; active = -1; }
+function hideSuggest() {
+  const was = !els.suggest.hidden;
+  els.suggest.hidden = true; active = -1;
+  if (was) scheduleTyping();  // the word is done (or dismissed): now search it
+}
 
 function accept(name) {
   const { start, end } = wordAtCaret();
@@ -231,7 +242,11 @@ els.expr.addEventListener("keydown", (ev) => {
 let typingTimer = 0;
 function scheduleTyping() {
   clearTimeout(typingTimer);
-  typingTimer = setTimeout(() => { if (els.expr.value !== state.q) search({ q: els.expr.value, offset: 0, sel: null }); }, 350);
+  typingTimer = setTimeout(() => {
+    // while suggestions are open the word is unfinished: searching now would flash "unknown attribute"
+    if (!els.suggest.hidden) return;
+    if (els.expr.value !== state.q) search({ q: els.expr.value, offset: 0, sel: null });
+  }, 350);
 }
 els.expr.addEventListener("input", () => { updateSuggest(); scheduleTyping(); });
 els.expr.addEventListener("blur", () => setTimeout(hideSuggest, 100));
@@ -373,6 +388,8 @@ function measure() {
   geo.w = parseFloat(css.getPropertyValue("--cell-w")) || 150;
   geo.h = parseFloat(css.getPropertyValue("--cell-h")) || 232;
   geo.cols = Math.max(1, Math.floor(els.grid.clientWidth / geo.w));
+  geo.w = els.grid.clientWidth / geo.cols;  // the columns share the whole width: no empty band at the right
+  els.grid.style.setProperty("--cell-w", geo.w + "px");
   geo.top = els.grid.getBoundingClientRect().top + window.scrollY;
 }
 function cellW() { return geo.w; }
@@ -382,6 +399,8 @@ function gridTop() { return geo.top; }
 
 function layout() {
   if (!view) return;
+  // the panel opens below the header, never over its buttons
+  document.documentElement.style.setProperty("--head-h", document.querySelector("header").offsetHeight + "px");
   measure();
   els.grid.style.height = Math.ceil(view.total / cols()) * cellH() + "px";
   measure();
@@ -448,6 +467,7 @@ function card(hit, i) {
     : view.ranking === "person" ? `distance ${hit.distance.toFixed(3)}` : "";
   meta.innerHTML = `<span>#${i + 1}</span><span class="score"></span>`;
   meta.lastChild.textContent = score;
+  meta.lastChild.title = SCORE_HELP[view.ranking] || "";
   const m = document.createElement("div"); m.className = "m";
   if (hit.same_person) {
     const same = document.createElement("span"); same.className = "same"; same.textContent = "✓ same person";
@@ -530,7 +550,12 @@ async function openPanel(id) {
   let img;
   if (info.box) img = photoView(info);
   else { img = document.createElement("img"); img.className = "full"; img.src = `/api/images/${info.id}/full`; img.alt = ""; }
-  const path = document.createElement("div"); path.className = "path"; path.textContent = info.path + " ";
+  const path = document.createElement("div"); path.className = "path";
+  info.path.split("/").forEach((part, k, all) => {  // a line may break after a '/', never inside a name
+    path.append(part + (k < all.length - 1 ? "/" : ""));
+    if (k < all.length - 1) path.appendChild(document.createElement("wbr"));
+  });
+  path.append(" ");
   if (info.box) path.append(faceLabel(info.face), ` of ${info.faces.length}`);
   const matched = document.createElement("div");
   if (info.matched.length) matched.textContent = "matches: " + info.matched.join(", ");
@@ -643,8 +668,14 @@ function chooseBy(by) {
 async function searchByPhoto(file, by = state.by) {
   if (!file) return;
   if (!hasIdentity) by = "look";
+  if (file.size > MAX_UPLOAD) {  // checked here, before 20 MB travel to be refused
+    showError(new Error(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB, over the ${MAX_UPLOAD / 1048576} MB `
+      + "this server takes: send a smaller photo (a face needs far less)"));
+    return;
+  }
   const form = new FormData();
   form.append("file", file, file.name);
+  form.append("detect_face", els.detect.checked ? "auto" : "false");
   if (state.q.trim()) form.append("q", state.q);
   if (state.th) form.append("thresholds", state.th);
   form.append("limit", String(PAGE));
@@ -660,8 +691,8 @@ async function searchByPhoto(file, by = state.by) {
   localPhoto = URL.createObjectURL(file);
   localFile = file;
   clearError();
-  commit({ like: by === "person" ? res.reference.descriptor : res.reference.embedding, ref: res.reference.name,
-           like_id: null, by, offset: 0, sel: null });
+  // The URL keeps the server's short reference (a content hash, kept a day), not the vector.
+  commit({ like: res.reference.id, ref: res.reference.name, like_id: null, by, offset: 0, sel: null });
   showResult(res, 0);
   els.panel.hidden = true;
 }

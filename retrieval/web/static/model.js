@@ -31,7 +31,7 @@ function metrics(report) {
 }
 
 function chart(title, series, yMax) {
-  const W = 460, H = 220, L = 42, R = 10, T = 24, B = 28;
+  const W = 460, H = 230, L = 42, R = 10, T = 24, B = 34;
   const pts = series.flatMap((s) => s.values.filter((v) => v[1] !== null && v[1] !== undefined));
   const box = el("div", "chart");
   if (!pts.length) return null;
@@ -46,7 +46,13 @@ function chart(title, series, yMax) {
   add("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#98a2b3" });
   add("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#98a2b3" });
   for (let i = 0; i <= 4; i++) { const y = y0 + (y1 - y0) * i / 4; add("text", { x: 4, y: sy(y) + 4 }, y.toFixed(2)); add("line", { x1: L, y1: sy(y), x2: W - R, y2: sy(y), stroke: "#eef0f3" }); }
-  add("text", { x: W / 2, y: H - 6 }, "epoch");
+  add("text", { x: W / 2, y: H - 2, "text-anchor": "middle" }, "epoch");
+  // the epoch axis: whole epochs, at most ~10 ticks
+  const step = Math.max(1, Math.ceil((x1 - x0) / 10));
+  for (let e = Math.ceil(x0); e <= x1; e += step) {
+    add("line", { x1: sx(e), y1: H - B, x2: sx(e), y2: H - B + 4, stroke: "#98a2b3" });
+    add("text", { x: sx(e), y: H - B + 15, "text-anchor": "middle" }, String(e));
+  }
   for (const s of series) {
     const v = s.values.filter((p) => p[1] !== null && p[1] !== undefined);
     if (!v.length) continue;
