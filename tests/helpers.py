@@ -554,3 +554,54 @@ def identity_count(catalog) -> tuple[int, int]:
         found = conn.execute(sa.select(sa.func.count()).select_from(identities)
                              .where(identities.c.descriptor.is_not(None))).scalar()
     return int(looked or 0), int(found or 0)
+
+
+# -- the API's contract: every answer a test gets is checked against /openapi.json -----------------
+
+import httpx  # noqa: E402
+import schemathesis  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from schemathesis.core.transport import Response  # noqa: E402
+from schemathesis.specs.openapi import checks  # noqa: E402
+
+
+def serving(index: Path, thumbs: Path):
+    """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield.
+
+    Every API answer any test gets is checked against the app's own /openapi.json (``Contract``).
+    """
+    from facefind.retrieval.web.app import create_app
+
+    app = create_app(index, device="cpu", thumbs_dir=thumbs)
+    with Contract(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
+        yield c
+
+
+class Contract(TestClient):
+    """A TestClient that checks each /api/ answer against the OpenAPI document with schemathesis's
+    own response checks: a documented status code, a documented content type, declared headers, a
+    body of the documented schema. A test that gets an answer the document does not promise fails."""
+
+    CHECKS = (checks.status_code_conformance, checks.content_type_conformance,
+              checks.response_headers_conformance, checks.response_schema_conformance)
+
+    def __init__(self, app, **kwargs) -> None:
+        super().__init__(app, **kwargs)
+        self.schema = schemathesis.openapi.from_dict(app.openapi())
+        self.checked = 0
+
+    def request(self, method, url, **kwargs):
+        response = super().request(method, url, **kwargs)
+        path = response.request.url.path
+        operation = self.schema.find_operation_by_path(method.upper(), path) if path.startswith("/api/") else None
+        if operation is not None:
+            template = operation.path.strip("/").split("/")
+            given = {t[1:-1]: v for t, v in zip(template, path.strip("/").split("/")) if t.startswith("{")}
+            sent = response.request  # an upload's body was streamed: the checks see the request without it
+            answer = httpx.Response(response.status_code, headers=response.headers, content=response.content,
+                                    request=httpx.Request(sent.method, sent.url, headers=sent.headers))
+            answer.elapsed = response.elapsed
+            operation.Case(path_parameters=given).validate_response(Response.from_any(answer),
+                                                                    checks=list(self.CHECKS))
+            self.checked += 1
+        return response

@@ -359,13 +359,9 @@ def test_audit_command_never_imports_torch(built):
 
 @pytest.fixture(scope="module")
 def client(built, tmp_path_factory):
-    from fastapi.testclient import TestClient
+    from helpers import serving  # every /api/ answer is checked against /openapi.json
 
-    from facefind.retrieval.web.app import create_app
-
-    app = create_app(built.index, device="cpu", thumbs_dir=tmp_path_factory.mktemp("thumbs"))
-    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c
+    yield from serving(built.index, tmp_path_factory.mktemp("thumbs"))
 
 
 def test_api_audit_is_the_cli_json(built, client):

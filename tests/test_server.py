@@ -25,63 +25,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import schemathesis
 from fastapi.testclient import TestClient
-from schemathesis.core.transport import Response
-from schemathesis.specs.openapi import checks
 from typer.testing import CliRunner
 
 # tests/ is on sys.path (prepend import mode)
-from helpers import GROUP, HISTORY, PAIR, Built, People, PhotoIndex, inside, png_header_only, regions
+from helpers import GROUP, HISTORY, PAIR, Built, People, PhotoIndex, inside, png_header_only, regions, serving
 from facefind.retrieval.cli import app as cli_app
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FACES = 40  # helpers.build_index's default (the web_index fixture)
-
-
-def _serving(index: Path, thumbs: Path):
-    """A TestClient of the app over ``index`` (thumbnails cached in ``thumbs``), for a fixture to yield.
-
-    Every API answer any test gets is checked against the app's own /openapi.json (``Contract``).
-    """
-    from facefind.retrieval.web.app import create_app
-
-    app = create_app(index, device="cpu", thumbs_dir=thumbs)
-    with Contract(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
-        yield c
-
-
-class Contract(TestClient):
-    """A TestClient that checks each /api/ answer against the OpenAPI document with schemathesis's
-    own response checks: a documented status code, a documented content type, declared headers, a
-    body of the documented schema. A test that gets an answer the document does not promise fails."""
-
-    CHECKS = (checks.status_code_conformance, checks.content_type_conformance,
-              checks.response_headers_conformance, checks.response_schema_conformance)
-
-    def __init__(self, app, **kwargs) -> None:
-        super().__init__(app, **kwargs)
-        self.schema = schemathesis.openapi.from_dict(app.openapi())
-        self.checked = 0
-
-    def request(self, method, url, **kwargs):
-        response = super().request(method, url, **kwargs)
-        path = response.request.url.path
-        operation = self.schema.find_operation_by_path(method.upper(), path) if path.startswith("/api/") else None
-        if operation is not None:
-            template = operation.path.strip("/").split("/")
-            given = {t[1:-1]: v for t, v in zip(template, path.strip("/").split("/")) if t.startswith("{")}
-            sent = response.request  # an upload's body was streamed: the checks see the request without it
-            answer = httpx.Response(response.status_code, headers=response.headers, content=response.content,
-                                    request=httpx.Request(sent.method, sent.url, headers=sent.headers))
-            answer.elapsed = response.elapsed
-            operation.Case(path_parameters=given).validate_response(Response.from_any(answer),
-                                                                    checks=list(self.CHECKS))
-            self.checked += 1
-        return response
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +45,7 @@ def built(web_index: Built) -> Built:
 
 @pytest.fixture(scope="module")
 def client(built: Built, tmp_path_factory: pytest.TempPathFactory):
-    yield from _serving(built.index, tmp_path_factory.mktemp("thumbs"))
+    yield from serving(built.index, tmp_path_factory.mktemp("thumbs"))
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +55,12 @@ def people(people_index: People) -> People:
 
 @pytest.fixture(scope="module")
 def people_client(people: People, tmp_path_factory: pytest.TempPathFactory):
-    yield from _serving(people.index, tmp_path_factory.mktemp("people-thumbs"))
+    yield from serving(people.index, tmp_path_factory.mktemp("people-thumbs"))
 
 
 @pytest.fixture(scope="module")
 def photo_client(photo_index: PhotoIndex, tmp_path_factory: pytest.TempPathFactory):
-    yield from _serving(photo_index.index, tmp_path_factory.mktemp("photo-thumbs"))
+    yield from serving(photo_index.index, tmp_path_factory.mktemp("photo-thumbs"))
 
 
 def cli_json(*args: str | Path) -> dict:
@@ -629,7 +583,7 @@ def test_no_endpoint_changes_the_index(client, built: Built) -> None:
     assert _index_state(built.index) == before
 
 
-def test_a_bug_is_a_500_without_traceback_and_the_server_keeps_serving(client, monkeypatch) -> None:
+def test_a_bug_is_a_500_without_traceback_and_the_server_keepsserving(client, monkeypatch) -> None:
     from facefind.retrieval.engine import Engine
 
     def broken(*args, **kwargs):

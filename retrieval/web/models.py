@@ -48,6 +48,7 @@ class QueryOut(_Open):
     warnings: list[str]
     hits: list[HitOut]
     quality: Quality | None = None
+    labelled: int | None = None    # with label: literals: the entries that carry those labels
 
 
 class ReferenceOut(_Open):
