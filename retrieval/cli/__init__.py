@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from facefind.retrieval.cli import bench, check, data, demo, index, predict, query, serve, train
+from facefind.retrieval.cli import bench, check, data, demo, index, people, predict, query, serve, train
 
 app = typer.Typer(
     name="facefind",
@@ -35,7 +35,7 @@ def _root(
     )
     logging.getLogger("facefind").setLevel(logging.DEBUG if verbose else logging.INFO)
 
-for _module in (demo, data, train, index, check, predict, query, bench, serve):
+for _module in (demo, data, train, index, people, check, predict, query, bench, serve):
     _module.register(app)
 
 
