@@ -274,3 +274,80 @@ def test_new_faces_join_their_person_or_start_a_new_one(tmp_path: Path) -> None:
     assert len(grown) == 1 and after[grown[0]] >= before[grown[0]]
     new = [faces for pid, faces in after.items() if pid not in before]
     assert [len(f) for f in new] == [4]
+
+
+# ------------------------------------------------------------------------------------ kill -9
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import sqlalchemy as sa
+    from facefind.db.catalog import Catalog
+    from facefind.indexer import people
+
+    idx, op, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    catalog = Catalog.open(idx, create=False)
+    seen = 0
+
+    @sa.event.listens_for(catalog._writer, "after_cursor_execute")
+    def _die(conn, cursor, statement, *args):
+        global seen
+        seen += 1
+        if seen == at:  # inside the correction's transaction, before its commit
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if op == "merge":
+        people.merge(catalog, idx, int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        people.split(catalog, idx, int(sys.argv[4]), [int(f) for f in sys.argv[5:]])
+    print("statements", seen)
+""")
+
+
+def _persons(idx: Path) -> tuple[dict[int, int], list]:
+    from facefind.db import people as store
+
+    catalog = Catalog.open(idx, create=False)
+    try:
+        st = store.state(catalog)
+        return dict(st.person_of), sorted((c.kind, c.faces, c.others) for c in st.constraints)
+    finally:
+        catalog.close()
+
+
+def _run_killer(tmp_path: Path, idx: Path, *args: object) -> subprocess.CompletedProcess:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), str(idx), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("op", ["merge", "split"])
+def test_kill_9_inside_a_correction_leaves_it_undone_and_the_catalog_usable(
+        op: str, catalog_backend, tmp_path: Path) -> None:
+    x, _ = synthetic_descriptors(120, seed=1)
+    idx = tmp_path / "idx"
+    make_index(idx, x)[0].close()
+    listed = people_json(idx)["persons"]
+    a, b = listed[0], listed[1]
+    args = [a["id"], b["id"]] if op == "merge" else [a["id"], *a["faces"][:2]]
+    before = _persons(idx)
+    at, killed = 1, 0
+    while True:  # kill -9 at statements 1, 2, 3, 5, 8, ... of the transaction until one run completes
+        run = _run_killer(tmp_path, idx, op, at, *args)
+        if run.returncode == 0:
+            break
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        assert _persons(idx) == before, f"half a {op} after kill -9 at statement {at}"
+        killed += 1
+        at = at + max(1, killed // 2) if at < 3 else int(at * 1.6)
+    assert killed >= 3
+    person_of, constraints = _persons(idx)
+    if op == "merge":
+        assert {person_of[f] for f in a["faces"] + b["faces"]} == {a["id"]}
+        assert ("same", tuple(sorted(a["faces"] + b["faces"])), ()) in constraints
+    else:
+        moved = a["faces"][:2]
+        assert person_of[moved[0]] == person_of[moved[1]] != a["id"]
+        assert {person_of[f] for f in a["faces"][2:]} == {a["id"]}
+        assert ("apart", tuple(moved), tuple(a["faces"][2:])) in constraints
