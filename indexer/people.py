@@ -133,9 +133,10 @@ def _keep_ids(st: PeopleState, labels: np.ndarray) -> tuple[list[tuple[int | Non
 
 
 def assign_new(catalog: Catalog, index_dir: str | os.PathLike[str] | None = None) -> Grouped:
-    """Place the faces that have no person yet: each joins the person it clearly belongs to (its
-    nearest grouped face is closer than ``grouping.STRICT``, and no other person's is), the rest
-    are grouped among themselves into new persons. Nothing when the index was never grouped."""
+    """Place the faces that have no person yet: each joins the person it clearly belongs to (RMS
+    distance to the person's faces under ``grouping.JOIN``, the next person ``ATTACH_MARGIN``
+    farther), the rest are grouped among themselves into new persons. Nothing when the index was
+    never grouped."""
     start = time.perf_counter()
     st = store.state(catalog)
     if not st.grouped:
@@ -150,14 +151,16 @@ def assign_new(catalog: Catalog, index_dir: str | os.PathLike[str] | None = None
     rest: list[int] = []
     if len(old_rows):
         graph = grouping.knn(st.vectors[old_rows], queries=st.vectors[new_rows])
+        persons, compact = np.unique(owner, return_inverse=True)
+        stats = grouping.group_stats(st.vectors[old_rows], compact, len(persons))
         for i, row in enumerate(new_rows.tolist()):
-            ok = graph.index[i] >= 0
-            near = graph.distance[i][ok] < grouping.STRICT
-            people = set(owner[graph.index[i][ok][near]].tolist())
-            if len(people) == 1:
-                joins.setdefault(people.pop(), []).append(int(st.face_ids[row]))
-            else:
+            ok = (graph.index[i] >= 0) & (graph.distance[i] < grouping.REACH)
+            best = grouping.clear_choice(st.vectors[row], np.unique(compact[graph.index[i][ok]]), stats,
+                                         grouping.JOIN)
+            if best is None:
                 rest.append(row)
+            else:
+                joins.setdefault(int(persons[best]), []).append(int(st.face_ids[row]))
     else:
         rest = new_rows.tolist()
     new_groups: list[list[int]] = []

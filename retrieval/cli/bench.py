@@ -16,7 +16,7 @@ from rich.table import Table
 from facefind.retrieval.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
 
 bench_app = typer.Typer(
-    help="Speed benchmarks (query, index, train, catalog), each beside a baseline in the same run.",
+    help="Speed benchmarks (query, index, train, catalog, people), each beside a baseline in the same run.",
     no_args_is_help=True,
 )
 
@@ -164,6 +164,30 @@ def _show_rows(title: str, rows: list[dict[str, Any]], baselines: dict[str, dict
                       "-" if ratio is None else f"{ratio:.2f}x")
     console = Console()
     Console(width=max(console.width, 130)).print(table)  # a pipe gets every column whole
+
+
+@bench_app.command("people")
+@guard
+def bench_people(
+    n: Annotated[int, typer.Option("--n", min=1, help="Synthetic identity descriptors (CelebA: 202,599).")] = 202_599,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grouping N synthetic descriptors (identities of ~20 faces) into persons: time, peak memory,
+    BCubed precision/recall, beside single link at 0.6 on the same k-NN graph."""
+    from facefind.retrieval.bench.people import run_people_bench  # FAISS: query loads this module
+
+    r = run_people_bench(n=n, seed=seed)
+    if as_json:
+        print_json(r)
+        return
+    naive = r["single_link_0.6"]
+    _show(f"people: {r['n']:,} faces of {r['identities']:,} identities (k-NN: {r['knn_kind']})",
+          [("persons", r["persons"], naive["persons"]), ("BCubed precision", r["precision"], naive["precision"]),
+           ("BCubed recall", r["recall"], naive["recall"])],
+          ("", "facefind", "single link 0.6"))
+    typer.echo(f"grouping took {r['group_s']:.1f} s wall (k-NN graph {r['knn_s']:.1f} s), {r['group_cpu_s']:.1f} s CPU "
+               f"on all threads; peak RSS {r['peak_rss_mb']:,.0f} MB")
 
 
 @bench_app.command("catalog")
