@@ -11,6 +11,7 @@ dependencies (``deps``):
 - ``routes/images.py``: /api/images/{id}, its thumbnail and its file
 - ``routes/upload.py``: /api/similar, search by an uploaded photo
 - ``routes/index.py``: /api/attributes, /api/info, /api/model
+- ``routes/people.py``: /api/people (the People view) and /api/people/of/{id}
 
 ``guard.Guard`` checks Host or token, caps request bodies and adds the security headers;
 ``errors`` makes every failure one line of JSON. No endpoint writes to the index (the thumbnail
@@ -25,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from facefind.db.paths import default_index_dir
-from facefind.retrieval.web.routes import images, index, page, search, upload
+from facefind.retrieval.web.routes import images, index, page, people, search, upload
 from facefind.retrieval.web.errors import add_error_handlers
 from facefind.retrieval.web.guard import MAX_UPLOAD, Guard
 from facefind.retrieval.web.live import LiveIndex, Source
@@ -58,7 +59,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     app.state.model_reports = {}
     app.add_middleware(Guard, token=token, max_body=MAX_UPLOAD)
     add_error_handlers(app)
-    for module in (page, search, images, upload, index):
+    for module in (page, search, images, upload, index, people):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
