@@ -89,6 +89,12 @@ def state(catalog: Catalog) -> PeopleState:
         return PeopleState(face_ids, vectors, person_of, names, _constraints(conn), _generation(conn))
 
 
+def is_grouped(catalog: Catalog) -> bool:
+    """Whether `facefind people` ever grouped this catalog (one cheap read, before any descriptor)."""
+    with catalog._read() as conn:
+        return conn.execute(sa.select(person_faces.c.face_id).limit(1)).first() is not None
+
+
 def _generation(conn: Connection) -> int:
     value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == GENERATION_KEY)).scalar()
     return int(value) if value is not None else 0

@@ -138,9 +138,9 @@ def assign_new(catalog: Catalog, index_dir: str | os.PathLike[str] | None = None
     farther), the rest are grouped among themselves into new persons. Nothing when the index was
     never grouped."""
     start = time.perf_counter()
+    if not store.is_grouped(catalog):  # an index run before any `facefind people`: nothing to read
+        return Grouped(0, 0, 0, time.perf_counter() - start, False)
     st = store.state(catalog)
-    if not st.grouped:
-        return Grouped(0, len(st.face_ids), 0, time.perf_counter() - start, False)
     known = np.fromiter((f in st.person_of for f in st.face_ids.tolist()), bool, len(st.face_ids))
     new_rows = np.flatnonzero(~known)
     if not len(new_rows):
