@@ -351,3 +351,36 @@ def test_kill_9_inside_a_correction_leaves_it_undone_and_the_catalog_usable(
         assert person_of[moved[0]] == person_of[moved[1]] != a["id"]
         assert {person_of[f] for f in a["faces"][2:]} == {a["id"]}
         assert ("apart", tuple(moved), tuple(a["faces"][2:])) in constraints
+
+
+# ------------------------------------------------------------------------- after an index run
+
+
+def test_an_index_run_places_its_new_faces_among_the_persons(people_index, web_index, tmp_path: Path) -> None:
+    """The real pipeline (dlib descriptors of synthetic faces): after `facefind people`, a new
+    photo of a grouped face joins that face's person when the next `index --identity` ends."""
+    import shutil
+
+    from helpers import another_photo
+
+    from facefind.indexer.pipeline import index_folder
+    from facefind.indexer.routing import FaceFinder
+
+    idx = tmp_path / "index"
+    shutil.copytree(people_index.index, idx)
+    listed = people_json(idx)["persons"]
+    owner = {f: p["id"] for p in listed for f in p["faces"]}
+    original = people_index.ids[str(people_index.original)]
+    assert owner[original] == owner[people_index.ids[str(people_index.other)]]
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "third-photo.png").write_bytes(another_photo(people_index.original))
+    report = index_folder(more, web_index.model, idx, device="cpu", workers=0, faces=FaceFinder(identity=True))
+    assert report.indexed == 1 and "people" in report.timings
+    after = people_json(idx)
+    assert after["placed"] == 0  # the index run placed it already
+    with Catalog.open(idx, create=False) as catalog:
+        preds = catalog.export(catalog.latest_model().id)[1]
+    new_id = dict(zip(preds.paths, preds.ids.tolist()))[str(more / "third-photo.png")]
+    person = next(p for p in after["persons"] if new_id in p["faces"])
+    assert person["id"] == owner[original]
