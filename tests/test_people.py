@@ -384,3 +384,37 @@ def test_an_index_run_places_its_new_faces_among_the_persons(people_index, web_i
     new_id = dict(zip(preds.paths, preds.ids.tolist()))[str(more / "third-photo.png")]
     person = next(p for p in after["persons"] if new_id in p["faces"])
     assert person["id"] == owner[original]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_the_benchmarks_bcubed_and_single_link_agree_with_the_hand_written_ones() -> None:
+    from facefind.retrieval.bench.people import bcubed as fast_bcubed, exact_single_link
+
+    rng = np.random.default_rng(8)
+    pred, true = rng.integers(0, 7, 200), rng.integers(0, 9, 200)
+    assert fast_bcubed(pred, true) == pytest.approx(bcubed(pred, true))
+    x, _ = synthetic_descriptors(300, seed=2)
+    mine, theirs = exact_single_link(x, 0.6), single_link(x, 0.6)
+    assert bcubed(mine, theirs) == pytest.approx((1.0, 1.0))  # the same partition
+
+
+SAMPLE = ROOT.parent / "shared" / "celeba-sample"
+
+
+@pytest.mark.skipif(not (SAMPLE / "identity_CelebA.txt").is_file(), reason="no shared CelebA sample here")
+def test_bench_people_on_real_faces_reads_a_celeba_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    for name in ("list_attr_celeba.txt", "list_eval_partition.txt", "identity_CelebA.txt"):
+        (folder / name).symlink_to(SAMPLE / name)
+    for image in sorted((SAMPLE / "img_align_celeba").iterdir())[:12]:
+        (folder / "img_align_celeba" / image.name).symlink_to(image)
+    result = CliRunner().invoke(app, ["bench", "people", "--sample", str(folder), "--cache",
+                                      str(tmp_path / "d.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert 10 <= out["faces"] <= 12 and out["splits"]["all"]["faces"] == out["faces"]
+    with np.load(tmp_path / "d.npz") as cached:
+        assert len(cached["names"]) == 12 and cached["vectors"].shape == (12, 128)
