@@ -179,3 +179,20 @@ def test_people_view_opens_a_person_and_the_chips_work_inside_it(browser, server
     expect(pg.locator("#panel .personline")).to_have_text("person: Ada Lovelace")
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_a_rename_on_the_cli_reaches_the_running_server(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from facefind.retrieval.web.app import create_app
+
+    idx = build(tmp_path)
+    ada = people_json(idx)["persons"][0]
+    app = create_app(idx, device="cpu", thumbs_dir=tmp_path / "thumbs", check_every=0)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get(f"/api/people/of/{ada['faces'][0]}").json()["name"] == "Ada Lovelace"
+        assert cli("people", "name", str(ada["id"]), "Ada King", "--index", str(idx)).exit_code == 0
+        assert c.get(f"/api/people/of/{ada['faces'][0]}").json()["name"] == "Ada King"
+        assert "no person named 'Ada Lovelace'" in c.get("/api/query", params={"q": 'person:"Ada Lovelace"'}).json()["error"]
+        res = c.get("/api/query", params={"q": 'person:"ada king"', "limit": 1000}).json()
+        assert {h["id"] for h in res["hits"]} == set(ada["faces"])
