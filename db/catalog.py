@@ -22,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from facefind.db import vectors
 from facefind.db.errors import CatalogError
 from facefind.db.paths import default_db_url, normalize_path
 from facefind.db.runs import RunLog
@@ -104,7 +105,7 @@ class Predictions(NamedTuple):
     ids: np.ndarray     # int64 (N,) face ids
     paths: list[str]    # N
     probs: np.ndarray   # float32 (N, K)
-    emb: np.ndarray     # float32 (N, D), as stored (not normalised)
+    emb: np.ndarray     # float32 (N, D), as stored (not normalised); float16 normalised: export(stored=True)
     identity: np.ndarray | None = None      # float32 (N, 128) descriptors (zeros where has_identity is False)
     has_identity: np.ndarray | None = None  # bool (N,): which rows have a descriptor
     image_ids: np.ndarray | None = None     # int64 (N,): the file (images.id) of each face
@@ -335,15 +336,9 @@ class Catalog(RunLog):
                 described[path, number] = None
         files = {path: found[max(found)] for path, found in by_path.items()}  # size, mtime, dimensions
         paths = list(files)
-        with self._write() as conn:
-            old = {
-                path: (iid, size, mtime)
-                for iid, path, size, mtime in conn.execute(
-                    sa.select(images.c.id, images.c.path, images.c.size, images.c.mtime).where(
-                        images.c.path.in_(paths)
-                    )
-                )
-            }
+        with self._write(shared=True) as conn:  # beside other batches (PostgreSQL)
+            old = {path: (iid, size, mtime) for iid, path, size, mtime in self._rows_in(
+                conn, "SELECT id, path, size, mtime FROM images WHERE path {in}", paths)}
             changed = [
                 old[p][0] for p, r in files.items()
                 if p in old and (old[p][1] != int(r.size) or old[p][2] != float(r.mtime))
@@ -354,15 +349,16 @@ class Catalog(RunLog):
                 ["size", "mtime", "width", "height"],
                 [(p, int(r.size), float(r.mtime), r.width, r.height, now) for p, r in files.items()],
             )
-            ids = dict(
-                conn.execute(sa.select(images.c.path, images.c.id).where(images.c.path.in_(paths))).all()
-            )
+            new = [p for p in paths if p not in old]  # the files we had already keep their ids
+            ids = {p: v[0] for p, v in old.items()}
+            ids.update(self._rows_in(conn, "SELECT path, id FROM images WHERE path {in}", new))
             path_of = {image_id: path for path, image_id in ids.items()}
-            self._upsert_rows(
-                conn, faces, ["image_id", "number"], ["image_id", "number", "x", "y", "w", "h"],
-                ["x", "y", "w", "h"],
-                [(ids[path], number, *(r.box if r.box is not None else (None,) * 4)) for path, number, r in entries],
-            )
+            face_rows = {True: [], False: []}  # by: is the file new (its faces cannot exist yet)?
+            for path, number, r in entries:
+                face_rows[path not in old].append((ids[path], number, *(r.box if r.box is not None else (None,) * 4)))
+            face_columns = ["image_id", "number", "x", "y", "w", "h"]
+            self._insert_rows(conn, faces, face_columns, face_rows[True])
+            self._upsert_rows(conn, faces, ["image_id", "number"], face_columns, ["x", "y", "w", "h"], face_rows[False])
             face_ids, gone = {}, []
             for fid, image_id, number in self._faces_of(conn, list(path_of)):  # old and new faces
                 path = path_of[image_id]
@@ -379,18 +375,20 @@ class Catalog(RunLog):
                 kept = [fid for (path, _), fid in face_ids.items() if ids[path] in was]
                 touched |= self._drop_predictions(conn, kept, keep_model=model_id)
                 conn.execute(sa.delete(identities).where(identities.c.face_id.in_(kept)))
-            self._upsert_rows(
-                conn, predictions, ["model_id", "face_id"], ["model_id", "face_id", "probs", "embedding"],
-                ["probs", "embedding"],
-                [(model_id, face_ids[path, number], pb, eb) for (path, number, _), (pb, eb) in zip(entries, blobs)],
-            )
+            prediction_rows = {True: [], False: []}  # by: is the face new (no prediction can exist)?
+            for (path, number, _), (pb, eb) in zip(entries, blobs):
+                prediction_rows[path not in old].append((model_id, face_ids[path, number], pb, eb))
+            prediction_columns = ["model_id", "face_id", "probs", "embedding"]
+            self._insert_rows(conn, predictions, prediction_columns, prediction_rows[True])
+            self._upsert_rows(conn, predictions, ["model_id", "face_id"], prediction_columns, ["probs", "embedding"],
+                              prediction_rows[False])
             if described:  # other models' snapshots carry these descriptors too: they are now stale
                 described_ids = [face_ids[key] for key in described]
                 touched |= set(conn.execute(sa.select(predictions.c.model_id)
                                             .where(predictions.c.face_id.in_(described_ids)).distinct()).scalars())
             self._upsert_rows(conn, identities, ["face_id"], ["face_id", "descriptor"], ["descriptor"],
                               [(face_ids[key], blob) for key, blob in described.items()])
-            conn.execute(sa.delete(failures_table).where(failures_table.c.path.in_(paths)))
+            self._rows_in(conn, "DELETE FROM failures WHERE path {in}", paths)
             labelled = {ids[p]: (r.labels, r.split) for p, r in files.items() if r.labels is not None}
             if labelled:
                 if label_names is None:
@@ -398,15 +396,10 @@ class Catalog(RunLog):
                 self._store_labels(conn, label_names, labelled)
             self._bump(conn, touched)
 
-    @staticmethod
-    def _faces_of(conn: Connection, image_ids: list[int]) -> list[tuple[int, int, int]]:
+    def _faces_of(self, conn: Connection, image_ids: list[int]) -> list[tuple[int, int, int]]:
         """``(face id, image id, number)`` of every face of these images."""
-        rows: list[tuple[int, int, int]] = []
-        for start in range(0, len(image_ids), 10_000):
-            chunk = image_ids[start:start + 10_000]
-            rows += [(int(f), int(i), int(n)) for f, i, n in conn.execute(
-                sa.select(faces.c.id, faces.c.image_id, faces.c.number).where(faces.c.image_id.in_(chunk)))]
-        return rows
+        return [(int(f), int(i), int(n)) for f, i, n in self._rows_in(
+            conn, "SELECT id, image_id, number FROM faces WHERE image_id {in}", image_ids)]
 
     def _face_ids(self, conn: Connection, image_ids: list[int]) -> list[int]:
         return [fid for fid, _, _ in self._faces_of(conn, image_ids)]
@@ -457,7 +450,7 @@ class Catalog(RunLog):
         rows = {_storable_text(normalize_path(p)): str(reason) for p, reason in items}
         if not rows:
             return
-        with self._write() as conn:
+        with self._write(shared=True) as conn:
             self._upsert_rows(conn, failures_table, ["path"], ["path", "reason", "at"], ["reason", "at"],
                               [(p, r, now) for p, r in rows.items()])
 
@@ -477,7 +470,7 @@ class Catalog(RunLog):
         if not paths:
             return 0
         removed = 0
-        with self._write() as conn:
+        with self._write(shared=True) as conn:
             for start in range(0, len(paths), 10_000):
                 chunk = paths[start:start + 10_000]
                 ids = list(conn.execute(sa.select(images.c.id).where(images.c.path.in_(chunk))).scalars())
@@ -495,8 +488,13 @@ class Catalog(RunLog):
 
     # ----------------------------------------------------------------------------- reading
 
-    def export(self, model_id: int) -> tuple[int, Predictions]:
-        """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them."""
+    def export(self, model_id: int, *, stored: bool = False) -> tuple[int, Predictions]:
+        """``(stamp, predictions)`` read in one transaction, so the stamp describes exactly them.
+
+        ``stored``: ``emb`` holds the float16 rows a snapshot stores (``vectors.stored_fp16``),
+        made chunk by chunk as they are read, instead of the raw float32 embeddings: a publish then
+        never holds a float32 copy of every embedding (800 MB at 400k x 512).
+        """
         k, d = self._model_dims(model_id)
         query = (
             sa.select(predictions.c.face_id, images.c.path, predictions.c.probs, predictions.c.embedding,
@@ -515,7 +513,7 @@ class Catalog(RunLog):
             n = int(conn.execute(count).scalar() or 0)
             ids = np.empty(n, dtype=np.int64)
             probs = np.empty((n, k), dtype=np.float32)
-            emb = np.empty((n, d), dtype=np.float32)
+            emb = np.empty((n, d), dtype=np.float16 if stored else np.float32)
             image_ids = np.empty(n, dtype=np.int64)
             numbers = np.empty(n, dtype=np.int32)
             boxes = np.empty((n, 4), dtype=np.int32)
@@ -525,8 +523,10 @@ class Catalog(RunLog):
             params = compiled.construct_params()
             cursor = conn.connection.cursor()
             try:
+                # psycopg: binary results, so the embeddings arrive as bytes, not as hex text to
+                # decode (2/3 of a PostgreSQL publish). SQLite's cursor has no such option.
                 cursor.execute(str(compiled), tuple(params[p] for p in compiled.positiontup)
-                               if conn.dialect.positional else params)
+                               if conn.dialect.positional else params, **({} if self._is_sqlite else {"binary": True}))
                 at = 0
                 while chunk := cursor.fetchmany(8192):
                     if at + len(chunk) > n:
@@ -539,7 +539,8 @@ class Catalog(RunLog):
                     boxes[sl] = np.array([[-1 if v is None else v for v in col] for col in cbox], np.int64).T
                     paths.extend(cpath)
                     probs[sl] = np.frombuffer(b"".join(cprobs), dtype=np.float32).reshape(-1, k)
-                    emb[sl] = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
+                    raw = np.frombuffer(b"".join(cemb), dtype=np.float32).reshape(-1, d)
+                    emb[sl] = vectors.stored_fp16(raw) if stored else raw
                     at += len(chunk)
             finally:
                 cursor.close()

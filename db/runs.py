@@ -75,7 +75,7 @@ class RunLog(Database):
         """Close a run with its final status ('finished', 'interrupted' or 'failed')."""
         if status not in RUN_STATUSES or status == "running":
             raise ValueError(f"status must be one of finished/interrupted/failed, not {status!r}")
-        with self._write() as conn:
+        with self._write(shared=True) as conn:  # its own row only
             conn.execute(sa.update(runs).where(runs.c.id == run_id).values(
                 status=status, finished=time.time(), counts=dict(counts or {}), timings=dict(timings or {})
             ))

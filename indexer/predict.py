@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, overload
 import numpy as np
 
 from facefind.db.errors import ImageError
-from facefind.indexer.faces.detect import looks_aligned, require_face
+from facefind.indexer.faces.detect import crop_shows_a_face, looks_aligned, require_face
 from facefind.trainer.checkpoint import CheckpointMeta, load_model
 from facefind.trainer.decode import read_rgb
 
@@ -122,7 +122,8 @@ class Predictor:
 
         ``detect_face`` None means: detect only when the image does not look like an aligned crop.
         A detected face is aligned onto CelebA's template (``facefind.indexer.faces.detect``); no face found raises
-        ImageError.
+        ImageError. An aligned-looking image goes whole, with a logged warning when the detector
+        finds no face in it (its attributes would describe something that is not a face).
         """
         import torch  # torch-free module: see the imports
 
@@ -132,6 +133,10 @@ class Predictor:
         if detect_face or (detect_face is None and not looks_aligned(rgb)):
             found = require_face(rgb, name)
             rgb, box = found.crop, found.box
+        elif detect_face is None and crop_shows_a_face(rgb) is False:
+            log.warning("warning: no face found in %s, which has an aligned crop's size, so the whole image "
+                        "went to the model: if it shows no face, its attributes mean nothing "
+                        "(--detect-face makes this an error)", name)
         chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return resize_images(chw[None], self.img_size)[0].numpy(), box
 
@@ -184,7 +189,7 @@ class Predictor:
                 except ImageError as err:
                     if not keep_going:
                         raise
-                    log.info("predict: %s", err)
+                    log.debug("predict: %s", err)  # the caller reports the FailedPrediction
                     failed[i] = FailedPrediction(names[i], str(err))
                     continue
                 done.append(i)

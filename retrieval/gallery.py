@@ -58,18 +58,27 @@ def thumbnail_data_uri(path: str | os.PathLike[str], size: int,
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
+def chip_label(literal: str, attributes: dict[str, float]) -> str:
+    """A matched literal as a chip reads: "Name 0.93" always means P(Name) = 0.93, so a literal
+    that is more than a bare name keeps its own words and gives the probability in parentheses:
+    "not Male (Male 0.14)", "Young > 0.2 (Young 0.35)" (the engine words literals; see Hit.matched)."""
+    m = _NAME_RE.match(literal)
+    name = m.group(1) if m else literal
+    prob = attributes.get(name)
+    if prob is None:
+        return literal
+    return f"{name} {prob:.2f}" if literal == name else f"{literal} ({name} {prob:.2f})"
+
+
 def _chips(hit: Hit) -> str:
     parts, shown = [], set()
     for text in hit.matched:
         m = _NAME_RE.match(text)
-        name = m.group(1) if m else text
-        prob = hit.attributes.get(name)
-        shown.add(name)
-        label = f"{text} · {prob:.2f}" if prob is not None else text
-        parts.append(f'<span class="chip on" title="matched">{html.escape(label)}</span>')
+        shown.add(m.group(1) if m else text)
+        parts.append(f'<span class="chip on" title="matched">{html.escape(chip_label(text, hit.attributes))}</span>')
     others = sorted(((p, a) for a, p in hit.attributes.items() if a not in shown and p >= PRESENT),
                     reverse=True)[:MAX_OTHER_CHIPS]
-    parts += [f'<span class="chip">{html.escape(f"{a} · {p:.2f}")}</span>' for p, a in others]
+    parts += [f'<span class="chip">{html.escape(f"{a} {p:.2f}")}</span>' for p, a in others]
     return "".join(parts)
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from facefind.db.backend import COPY_MIN_ROWS
 from facefind.db.catalog import Catalog, IndexedImage, normalize_path
 from facefind.db.errors import CatalogError
+from facefind.db.schema import failures_table
 from helpers import add_labels, identity_count  # tests/ is on sys.path (pytest's prepend import mode)
 
 K, D = 5, 8
@@ -103,6 +105,50 @@ def test_same_path_twice_gives_one_image_and_one_prediction(catalog: Catalog, mo
     np.testing.assert_array_equal(preds.probs[0], last[0].probs)
     info = catalog.info(model)
     assert info["images"] == 2 and info["predictions"] == 2
+
+
+def test_large_batches_insert_replace_and_keep_ids_as_row_by_row(catalog: Catalog, model: int) -> None:
+    """Batches past ``COPY_MIN_ROWS`` (PostgreSQL: binary COPY, straight in for new files, through
+    a staging table for known ones): ids follow the rows' order, a known file keeps its id, the
+    last row of a path wins, a changed file loses the other model's predictions."""
+    n = 3 * COPY_MIN_ROWS
+    paths = [f"/big/{i:03d}.jpg" for i in range(n)][::-1]  # ids in row order, not path order
+    other = catalog.register_model("b" * 64, "resnet50", NAMES, [0.5] * K, D, None)
+    catalog.write_batch(other, rows_for(paths, seed=9))
+    first = rows_for(paths, seed=1)
+    for i, r in enumerate(first):
+        r.labels = np.array([1, -1, 1, -1, i % 2])
+    catalog.write_batch(model, first, label_names=NAMES)
+    preds = catalog.export(model)[1]
+    assert preds.paths == paths
+    ids = dict(zip(preds.paths, preds.ids.tolist()))
+    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in first]))
+
+    changed = rows_for(paths[: n // 2], seed=2, size=200, mtime=2.0)  # new content
+    again = rows_for(paths[n // 2:], seed=3) + rows_for(paths[n // 2:], seed=4)  # unchanged, twice
+    catalog.write_batch(model, changed + again + rows_for(["/big/new.jpg"], seed=5))
+    preds = catalog.export(model)[1]
+    assert preds.paths == paths + ["/big/new.jpg"]
+    assert dict(zip(preds.paths[:n], preds.ids[:n].tolist())) == ids
+    want = changed + again[len(again) // 2:] + rows_for(["/big/new.jpg"], seed=5)
+    np.testing.assert_array_equal(preds.probs, np.stack([r.probs for r in want]))
+    np.testing.assert_array_equal(preds.emb, np.stack([r.embedding for r in want]))
+    assert catalog.export(other)[1].paths == paths[n // 2:]
+    assert catalog.known_files(model)[paths[0]] == (200, 2.0)
+    face_ids, values = catalog.labels_for(NAMES)  # labels of a large batch: a COPY upsert too
+    assert len(face_ids) == n and values.tolist() == [[1, 0, 1, 0, i % 2] for i in range(n)]
+
+
+def test_two_large_upserts_of_one_table_in_one_transaction(catalog: Catalog) -> None:
+    """PostgreSQL's staging table is per session and emptied at commit: a second COPY upsert in the
+    same transaction must not see the first one's rows again (ON CONFLICT would refuse them)."""
+    columns = ["path", "reason", "at"]
+    with catalog._write(shared=True) as conn:
+        for reason in ("first", "second"):
+            catalog._upsert_rows(conn, failures_table, ["path"], columns, ["reason", "at"],
+                                 [(f"/f/{i:03d}.jpg", reason, 1.0) for i in range(COPY_MIN_ROWS + 8)])
+    assert {(f.path, f.reason) for f in catalog.failures()} == {
+        (f"/f/{i:03d}.jpg", "second") for i in range(COPY_MIN_ROWS + 8)}
 
 
 def test_paths_are_normalised(catalog: Catalog, model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,8 +368,9 @@ def test_concurrent_writers_wait_instead_of_failing(catalog_backend, tmp_path: P
 
 
 def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_path: Path) -> None:
-    """Writers hold the advisory write lock for their whole transaction, readers never wait for it
-    and see one consistent view; the schema is the same tables as on SQLite."""
+    """An exclusive writer (schema, models, runs) holds the advisory write lock for its whole
+    transaction: batches wait for it; readers never wait and see one consistent view; the schema is
+    the same tables as on SQLite."""
     cat = Catalog(pg_url)
     model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
     with cat._reader.connect() as conn:
@@ -334,7 +381,7 @@ def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_pat
 
     other = Catalog(pg_url)
     started, done = threading.Event(), threading.Event()
-    with cat._writer.begin() as conn:  # a writer in the middle of a batch
+    with cat._write() as conn:  # an exclusive writer in the middle of its transaction
         conn.execute(sa.insert(sa.table("failures", sa.column("path"), sa.column("reason"), sa.column("at"))),
                      {"path": "/x/pending.jpg", "reason": "r", "at": 1.0})
 
@@ -353,6 +400,28 @@ def test_postgres_schema_isolation_and_one_writer_at_a_time(pg_url: str, tmp_pat
     assert [f.path for f in cat.failures()] == ["/x/b.jpg", "/x/pending.jpg"]
     cat.write_batch(model, rows_for(["/x/a.jpg"]))
     assert cat.info(model)["predictions"] == 1
+    other.close()
+    cat.close()
+
+
+def test_postgres_batches_of_two_writers_commit_beside_each_other(pg_url: str) -> None:
+    """The writers of a sharded run share the write lock: a batch commits while another writer's
+    batch is still open, and both bump the model's generation once."""
+    cat, other = Catalog(pg_url), Catalog(pg_url)
+    model = cat.register_model("a" * 64, "r", NAMES, [0.5] * K, D, None)
+    before = cat.stamp(model)
+    done = threading.Event()
+    with cat._write(shared=True) as conn:  # writer A, mid-batch: holds the shared lock and its rows
+        conn.execute(sa.insert(sa.table("failures", sa.column("path"), sa.column("reason"), sa.column("at"))),
+                     {"path": "/a/pending.jpg", "reason": "r", "at": 1.0})
+        thread = threading.Thread(target=lambda: (other.write_batch(model, rows_for(["/b/1.jpg", "/b/2.jpg"])),
+                                                  done.set()))
+        thread.start()
+        assert done.wait(20)  # writer B did not wait for A
+        assert other.info(model)["predictions"] == 2 and [f.path for f in other.failures()] == []
+    thread.join(10)
+    assert [f.path for f in cat.failures()] == ["/a/pending.jpg"]
+    assert cat.stamp(model) == before + 1
     other.close()
     cat.close()
 
@@ -682,3 +751,43 @@ def test_a_failed_batch_leaves_none_of_a_files_faces(catalog: Catalog, model: in
     with catalog._reader.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM faces")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == 1
+
+
+def test_catalog_bench_writes_every_row_directly_through_the_writer_stage_and_from_two_processes(
+        tmp_path: Path) -> None:
+    """`facefind bench catalog`'s three write figures each come from n rows that really landed."""
+    from facefind.retrieval.bench.catalog import run_catalog_bench  # the bench imports the indexer (torch)
+
+    result = run_catalog_bench([], n=600, d=16, batch_size=64, query_runs=1, out=tmp_path, writers=2)
+    (row,) = result["catalogs"]
+    assert row["rows_per_second"] > 0 and row["writer_stage_rows_per_second"] > 0
+    assert row["sharded_rows_per_second"] > 0 and row["sharded_speedup"] > 0
+    with Catalog(f"sqlite:///{tmp_path / 'index-0' / 'catalog.db'}") as cat:
+        assert [m["predictions"] for m in cat.info()["models"]] == [600, 600, 600]
+        assert len(cat.image_paths()) == 3 * 600
+
+
+def test_labels_and_splits_reach_the_export_aligned_with_its_rows(catalog: Catalog, model: int) -> None:
+    """A batch large enough for PostgreSQL's COPY path; two label sets with different names; files
+    without labels. The export's (L, N) labels hold -1 wherever a row has no such label."""
+    rng = np.random.default_rng(4)
+    rows = rows_for([f"/data/{i:03d}.jpg" for i in range(70)])
+    first, second = ["A", "B"], ["B", "C", "D"]
+    for i, r in enumerate(rows[:40]):
+        r.labels, r.split = rng.integers(0, 2, 2), i % 3
+    catalog.write_batch(model, rows[:50], label_names=first)   # 40 labelled, 10 not
+    for r in rows[50:]:
+        r.labels = rng.integers(0, 2, 3)                         # labelled, no split
+    catalog.write_batch(model, rows[50:], label_names=second)
+    preds = catalog.export(model)[1]
+    assert preds.label_names == ["A", "B", "C", "D"]
+    at = {p: i for i, p in enumerate(preds.paths)}
+    for r in rows:
+        col = preds.labels[:, at[r.path]].tolist()
+        if r.labels is None:
+            assert col == [-1, -1, -1, -1]
+        elif len(r.labels) == 2:
+            assert col == [*r.labels.tolist(), -1, -1]
+        else:
+            assert col == [-1, *r.labels.tolist()]
+        assert preds.splits[at[r.path]] == (-1 if r.split is None else r.split)

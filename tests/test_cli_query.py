@@ -97,6 +97,24 @@ def test_query_paths_and_table_agree_with_json(built: Built) -> None:
     assert [r for r in ranks if r][:2] == ["3", "4"]  # ranks continue after the offset
 
 
+def test_a_partial_page_says_what_it_shows_and_the_flag_for_more(built: Built) -> None:
+    first = run("query", "--index", built.index, "--limit", "7")
+    assert first.exit_code == 0 and f"{N_FACES} of {N_FACES} images match" in first.stdout
+    assert f"showing 1-7 of {N_FACES}; --offset 7 shows the next 7, --limit {N_FACES} all of them" in first.stdout
+    second = run("query", "--index", built.index, "--limit", "7", "--offset", "7")
+    assert f"showing 8-14 of {N_FACES}; --offset 14 shows the next 7\n" in second.stdout
+    last = run("query", "--index", built.index, "--limit", "7", "--offset", str(N_FACES - 5))
+    assert f"showing {N_FACES - 4}-{N_FACES} of {N_FACES}\n" in last.stdout
+    past = run("query", "--index", built.index, "--offset", str(N_FACES + 10))
+    assert f"--offset {N_FACES + 10} is past the last of the {N_FACES} matches" in past.stdout
+    # Piped output keeps stdout to the paths; the note goes to stderr.
+    paths = run("query", "--index", built.index, "--limit", "7", "--paths")
+    assert len(paths.stdout.splitlines()) == 7 and f"showing 1-7 of {N_FACES}" in paths.stderr
+    whole = run("query", "--index", built.index, "--limit", str(N_FACES))
+    count = run("query", "--index", built.index, "--limit", "0")
+    assert "showing" not in whole.stdout + whole.stderr + count.stdout + count.stderr
+
+
 def test_typo_suggests_the_attribute(built: Built) -> None:
     line = one_line_error(run("query", "Eyeglases", "--index", built.index), "Eyeglases")
     assert "did you mean Eyeglasses" in line
@@ -195,7 +213,32 @@ def test_missing_or_empty_index_is_one_line(tmp_path: Path) -> None:
     one_line_error(run("query", "Male", "--index", tmp_path / "nowhere"), "facefind index")
     Catalog.open(tmp_path / "empty").close()
     one_line_error(run("query", "Male", "--index", tmp_path / "empty"), "facefind index")
-    one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "facefind index")
+    one_line_error(run("similar", tmp_path / "x.jpg", "--index", tmp_path / "nowhere"), "no such image")
+
+
+def test_missing_default_index_names_the_demo_index_with_a_command_that_works(built: Built, tmp_path: Path) -> None:
+    import shlex
+    import shutil
+
+    shutil.copytree(built.index, tmp_path / "facefind-demo" / "index")
+    env = {k: v for k, v in os.environ.items() if k not in ("FACEFIND_INDEX", "FACEFIND_DB")}
+    env["FACEFIND_HOME"] = str(tmp_path / "home")  # no index there
+    facefind = str(Path(sys.executable).parent / "facefind")
+    proc = subprocess.run([facefind, "query", "Smiling and not Male", "--limit", "3"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert str(tmp_path / "home" / "index") in proc.stderr and "Traceback" not in proc.stderr
+    command = shlex.split(proc.stderr.split(": ", 2)[-1])
+    assert command[0] == "facefind" and command[-2:] == ["--index", "facefind-demo/index"]
+    pasted = subprocess.run([facefind, *command[1:], "--json"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=env)
+    assert pasted.returncode == 0, pasted.stderr
+    assert json.loads(pasted.stdout)["n_indexed"] == N_FACES
+    # Outside the demo's folder the plain message stays.
+    (tmp_path / "home").mkdir()
+    elsewhere = subprocess.run([facefind, "query", "Smiling"], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path / "home", env=env)
+    assert elsewhere.returncode == 1 and "facefind-demo" not in elsewhere.stderr, elsewhere.stderr
 
 
 def test_index_without_labels_or_checkpoint(built: Built, tmp_path: Path) -> None:
@@ -237,6 +280,23 @@ def test_query_without_an_image_never_imports_torch(built: Built, tmp_path: Path
     probe = json.loads(proc.stderr.strip().splitlines()[-1].removeprefix("PROBE "))
     assert probe["code"] in (0, None), proc.stderr
     assert probe["heavy"] == [], f"query imported {probe['heavy']}"
+
+
+@pytest.mark.parametrize("command", [["similar", "IMAGE"], ["query", "Smiling", "--like", "IMAGE"],
+                                     ["predict", "IMAGE", "IMAGE"]])
+@pytest.mark.parametrize("image, expected", [("missing.jpg", "no such image"), ("notes.txt", "cannot read image"),
+                                             (".", "is a folder")])
+def test_a_bad_input_image_fails_before_torch_loads(built: Built, tmp_path: Path, command: list[str], image: str,
+                                                    expected: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a picture")
+    args = [str(tmp_path / image) if a == "IMAGE" else a for a in command] + ["--index", str(built.index)]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    *said, last = proc.stderr.strip().splitlines()
+    probe = json.loads(last.removeprefix("PROBE "))
+    assert probe["code"] == 1 and "torch" not in probe["heavy"], proc.stderr
+    errors = [line for line in said if line.startswith("error:")]
+    assert errors and all(expected in line for line in errors) and "Traceback" not in proc.stderr
 
 
 def test_fast_snapshot_check_declines_a_stale_snapshot(built: Built, tmp_path: Path) -> None:

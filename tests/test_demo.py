@@ -57,3 +57,29 @@ def test_demo_refuses_a_folder_made_with_another_size(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--dir", str(tmp_path), "--n", "200", "--device", "cpu"])
     assert result.exit_code == 1
     assert "holds a different synthetic set" in result.stderr and "Traceback" not in result.output
+
+
+def test_printed_commands_and_paths_stay_whole_on_a_narrow_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
+    from facefind.retrieval.cli.demo import go_further, print_report
+    from facefind.retrieval.demo import DemoReport, DemoStep
+
+    folder = tmp_path / "a folder with a long name" / "facefind-demo"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "40")
+    photo = folder / "faces" / "img_align_celeba" / "001038.jpg"
+    report = DemoReport(folder=folder, faces=folder / "faces", model=folder / "model.pt", index=folder / "index",
+                        similar_to=photo, galleries=[folder / "gallery.html", folder / "similar.html"],
+                        steps=[DemoStep("train", 73.3, f"small_cnn at 64px -> {folder / 'model.pt'}; held-out test "
+                                                       "mean accuracy 0.894, macro F1 0.562")])
+    print_report(report)
+    lines = capsys.readouterr().out.splitlines()
+    commands = go_further(report)
+    assert len(commands) == 6
+    for command in commands:
+        assert f"  {command}" in lines  # one line each, as pasted
+    # Paths are relative to the current folder (they paste there) and quoted where they hold spaces.
+    assert "'a folder with a long name/facefind-demo/faces/img_align_celeba/001038.jpg'" in commands[2]
+    assert str(tmp_path) not in "\n".join(lines)
+    train = next(line for line in lines if line.startswith("train"))
+    assert train.endswith("-> a folder with a long name/facefind-demo/model.pt; held-out test mean accuracy 0.894, "
+                          "macro F1 0.562")

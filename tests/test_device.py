@@ -7,6 +7,7 @@ OMP_NUM_THREADS). Load is faked here: the real machine's load is not a test inpu
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import pytest
@@ -75,3 +76,15 @@ def test_asked_threads_and_the_environment_win(fresh: None, monkeypatch: pytest.
     assert torch.get_num_threads() == 2
     with pytest.raises(FacefindError, match="at least 1"):
         device.set_threads(0)
+
+
+def test_resolving_a_device_says_one_line_with_the_threads_and_why(fresh: None, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "available_cpus", lambda: 2)
+    monkeypatch.setattr(device, "busy_cpus", lambda: 1.0)
+    caplog.set_level(logging.DEBUG, logger="facefind.trainer.device")
+    device.resolve_device("cpu")
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == ["device: cpu, 1 thread (2 CPUs, 1.0 busy with other work)"]
+    assert [r.levelno for r in caplog.records if "cpu threads" in r.getMessage()] == [logging.DEBUG]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from html.parser import HTMLParser
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,21 @@ def test_page_offsets_number_the_ranks(tmp_path: Path, result) -> None:
                          expression=result.expression, ranking="confidence", offset=20)
     text = write_gallery(tmp_path / "g.html", page2).read_text("utf-8")
     assert "#21" in text and "showing ranks 21-21" in text
+
+
+def test_chips_say_what_their_number_is_the_probability_of(tmp_path: Path, result) -> None:
+    parser = PageParser()
+    parser.feed(write_gallery(tmp_path / "g.html", result).read_text("utf-8"))
+    first = result.hits[0]  # a.jpg: Eyeglasses 0.90, Male 0.10, Smiling 0.99 (the fixture's probabilities)
+    assert Path(first.path).name == "a.jpg"
+    assert parser.chips_on[:2] == ["Eyeglasses 0.90", "not Male (Male 0.10)"]
+    assert not any("·" in chip for chip in parser.chips_on)
+    assert "Smiling 0.99" in parser.text  # an unmatched confident attribute: name and its probability
+    engine_result = type(result)(total=1, n_indexed=4, hits=[replace(first, matched=["Smiling > 0.5"])],
+                                 expression="Smiling > 0.5", ranking="confidence")
+    parser = PageParser()
+    parser.feed(write_gallery(tmp_path / "h.html", engine_result).read_text("utf-8"))
+    assert parser.chips_on == ["Smiling > 0.5 (Smiling 0.99)"]
 
 
 def test_tiny_thumbnails_are_refused(tmp_path: Path, result) -> None:

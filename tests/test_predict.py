@@ -238,13 +238,13 @@ def test_predict_table_and_gallery(model: Path, images: list[Path], tmp_path: Pa
     assert str(images[2]) in text and "Eyeglasses" in text
 
 
-def test_predict_errors_are_one_line(model: Path, tmp_path: Path) -> None:
+def test_predict_errors_are_one_line(model: Path, images: list[Path], tmp_path: Path) -> None:
     junk = tmp_path / "notes.jpg"
     junk.write_text("not an image at all\n")
     cases = [
         (["predict", tmp_path / "missing.jpg", "--model", model], "no such image"),
         (["predict", junk, "--model", model], "cannot read image"),
-        (["predict", junk, "--model", tmp_path / "nope.pt"], "no checkpoint"),
+        (["predict", images[0], "--model", tmp_path / "nope.pt"], "no checkpoint"),
     ]
     for args, expected in cases:
         result = invoke(*args, "--device", "cpu")
@@ -307,3 +307,57 @@ def test_missing_face_models_are_one_line_errors(model: Path, images: list[Path]
     finally:
         monkeypatch.undo()
         align._predictor.cache_clear()
+
+
+def test_a_crop_sized_image_without_a_face_is_used_with_a_warning(model: Path, images: list[Path], tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from helpers import detectable_faces
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (178, 218), (200, 0, 0)).save(red)
+    face = tmp_path / "face.png"
+    Image.fromarray(detectable_faces(tmp_path / "faces")[0][0]).save(face)
+    caplog.set_level(logging.INFO)
+    result = invoke("predict", red, face, "--model", model, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert [item["face_box"] for item in json.loads(result.stdout)] == [None, None]  # both used whole
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"no face found in {red}" in warned[0] and "--detect-face" in warned[0]
+    strict = invoke("predict", red, "--model", model, "--detect-face", "--device", "cpu")
+    assert strict.exit_code == 1 and f"error: no face found in {red}" in strict.stderr
+
+
+def test_a_faceless_photo_is_reported_once(model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(wall)
+    caplog.set_level(logging.INFO)
+    result = invoke("predict", wall, "--model", model, "--device", "cpu")
+    assert result.exit_code == 1
+    said = [line for line in result.stderr.splitlines() if "no face found" in line]
+    said += [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "no face found" in r.getMessage()]
+    assert said == [f"error: no face found in {wall}: pass an aligned face crop (like CelebA's 178x218), a photo "
+                    "with a clearly visible frontal face, or --no-detect-face to use the whole image"]
+
+
+def test_the_table_heading_keeps_the_file_name_whole(model: Path, images: list[Path], tmp_path: Path) -> None:
+    long = tmp_path / ("a_rather_long_folder_name_" * 3) / "000001.jpg"
+    long.parent.mkdir()
+    long.write_bytes(images[0].read_bytes())
+    result = invoke("predict", long, "--model", model, "--device", "cpu", env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.stderr
+    assert f"{long} (whole image): " in result.stdout
+
+
+def test_the_device_line_is_kept_for_verbose(model: Path, images: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    assert invoke("predict", images[0], "--model", model, "--device", "cpu").exit_code == 0
+    assert not [m for m in caplog.messages if m.startswith(("device:", "cpu threads"))]
+    caplog.clear()
+    assert invoke("-v", "predict", images[0], "--model", model, "--device", "cpu").exit_code == 0
+    assert [m for m in caplog.messages if m.startswith("device: cpu, ")]

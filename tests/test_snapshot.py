@@ -223,6 +223,24 @@ def test_the_vector_file_is_the_only_copy_of_the_embeddings(index_dir: Path, cat
     assert rows[0, 0] == 3
 
 
+def test_published_vectors_are_the_catalogs_embeddings_normalised_across_read_chunks(
+        index_dir: Path, catalog: Catalog, model: int) -> None:
+    """A publish turns embeddings into stored float16 rows chunk by chunk as it reads them
+    (export(stored=True)): the same rows as converting all of them at once after reading, which
+    are the unit vectors numpy computes to one float16 step (FAISS and numpy round differently)."""
+    catalog.write_batch(model, rows_for([f"/more/{i:05d}.jpg" for i in range(9_000)], seed=2))  # > 8,192 per read
+    _, preds = catalog.export(model)
+    raw = np.asarray(preds.emb, np.float32)
+    want = vectors.stored_fp16(raw)
+    np.testing.assert_allclose(want.astype(np.float32), raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=5e-4)
+    _, stored = catalog.export(model, stored=True)
+    assert stored.emb.dtype == np.float16
+    np.testing.assert_array_equal(stored.emb, want)
+    np.testing.assert_array_equal(stored.ids, preds.ids)
+    snap = sync_snapshot(catalog, index_dir, model)
+    np.testing.assert_array_equal(snap.emb, want)
+
+
 @pytest.mark.parametrize("damage", ["delete", "garbage", "truncate", "other shape"])
 def test_a_deleted_or_damaged_vector_file_is_refused_then_rebuilt(
         index_dir: Path, catalog: Catalog, model: int, damage: str) -> None:
@@ -276,6 +294,7 @@ def test_read_only_index_falls_back_to_an_in_memory_snapshot(index_dir: Path, ca
     snap = sync_snapshot(catalog, index_dir, model)
     assert snap.folder is None and len(snap) == 30 and snap.stamp == catalog.stamp(model)
     assert snap.probs.shape == (K, 30) and snap.emb.dtype == np.float16
+    np.testing.assert_array_equal(snap.emb, vectors.stored_fp16(catalog.export(model)[1].emb))
     assert vectors.flat_index(snap.emb).ntotal == 30
 
 

@@ -170,3 +170,16 @@ def test_index_records_labels_and_splits_in_the_snapshot_and_query_reads_them(we
     result = json.loads(out.stdout)
     assert sorted(h["id"] for h in result["hits"]) == expected
     assert result["labelled"] == len(web_index.labels)
+
+
+def test_query_table_says_how_many_images_carry_the_labels(web_index) -> None:
+    from typer.testing import CliRunner
+
+    from facefind.retrieval.cli import app
+
+    attr = web_index.attributes[1]
+    out = CliRunner().invoke(app, ["query", f"not label:{attr}", "--index", str(web_index.index)])
+    assert out.exit_code == 0, out.output
+    wanted = sum(1 for truth in web_index.labels.values() if not truth[attr])
+    assert f"{wanted:,} of {len(web_index.ids):,} images match" in out.output
+    assert f"label: literals read the {len(web_index.labels):,} images that carry those labels" in out.output

@@ -226,7 +226,7 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
         except Image.DecompressionBombError as err:
             raise Unreadable(_bomb_reason(str(err))) from None
         except UnidentifiedImageError:
-            raise Unreadable(_unidentified_reason(data)) from None
+            raise Unreadable(unidentified_reason(data)) from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:  # a broken header
             raise Unreadable(_decode_reason(_sniff(data) or "image", err)) from None
         pixels = img.width * img.height
@@ -314,7 +314,9 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def _unidentified_reason(data: bytes) -> str:
+def unidentified_reason(data: bytes) -> str:
+    """Why bytes that Pillow cannot identify are no image: truncated or corrupt (a known signature),
+    a text file, or not an image."""
     fmt = _sniff(data)
     if fmt is not None:
         return f"truncated {fmt}" if len(data) < 1024 else f"corrupt {fmt} header"

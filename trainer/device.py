@@ -21,6 +21,7 @@ from facefind.db.errors import FacefindError
 log = logging.getLogger(__name__)
 
 _chosen_threads: int | None = None  # what set_threads chose; kept for the rest of the process
+_threads_why: str = ""  # and why, for the device line
 
 
 def available_cpus() -> int:
@@ -83,7 +84,7 @@ def set_threads(threads: int | None = None) -> int:
     The first choice holds for the rest of the process (a later call without ``threads`` keeps it),
     so a run's own workers are never mistaken for competing load.
     """
-    global _chosen_threads
+    global _chosen_threads, _threads_why
     if threads is not None and threads < 1:
         raise FacefindError(f"--threads must be at least 1, got {threads}")
     if threads is None and _chosen_threads is not None:
@@ -100,8 +101,8 @@ def set_threads(threads: int | None = None) -> int:
             chosen, why = threads_for(cpus, busy), f"{cpus} CPUs, {busy:.1f} busy with other work"
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
-    _chosen_threads = chosen
-    log.info("cpu threads: %d (%s)", chosen, why)
+    _chosen_threads, _threads_why = chosen, why
+    log.debug("cpu threads: %d (%s)", chosen, why)
     return chosen
 
 
@@ -115,7 +116,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cpu":
             set_threads()
-        log.info("device: %s (auto)", describe_device(device))
+        log.info("%s", device_line(device, auto=True))
         return device
     try:
         device = torch.device(name)
@@ -132,7 +133,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise FacefindError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cpu":
         set_threads()
-    log.info("device: %s", describe_device(device))
+    log.info("%s", device_line(device, auto=False))
     return device
 
 
@@ -142,6 +143,19 @@ def describe_device(device: torch.device) -> str:
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     threads = torch.get_num_threads()
     return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def device_line(device: torch.device, auto: bool) -> str:
+    """One line for a person: the device, how it was chosen, and on the CPU the threads and why.
+
+    ``resolve_device`` logs it at INFO on this module's logger; the CLI shows it for the commands a
+    person waits on (train, index) and keeps it for ``-v`` elsewhere.
+    """
+    if device.type == "cuda":
+        return f"device: {describe_device(device)}{' (auto)' if auto else ''}"
+    threads = torch.get_num_threads()
+    why = f" ({_threads_why})" if _threads_why else ""
+    return f"device: cpu{' (auto: no CUDA GPU)' if auto else ''}, {threads} thread{'s' if threads != 1 else ''}{why}"
 
 
 def autocast(device: torch.device) -> ContextManager:

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from facefind.db import vectors
 from facefind.db.errors import CatalogError
 from facefind.db.snapshot import write
 from facefind.db.snapshot.fast import record_published
@@ -82,7 +81,8 @@ def sync_snapshot(
         if found is not None:
             record_published(Path(index_dir), catalog)
             return found
-        stamp, preds = catalog.export(model_id)  # one transaction: the stamp describes exactly these rows
+        # One transaction: the stamp describes exactly these rows; embeddings come as the store keeps them.
+        stamp, preds = catalog.export(model_id, stored=True)
         log.info("rebuilding the snapshot of model %d (stamp %d, %d images)", model_id, stamp, len(preds.ids))
         if locked:
             try:
@@ -101,7 +101,7 @@ def sync_snapshot(
             model_id=model_id, stamp=stamp, attributes=list(model.attributes),
             thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
             probs=np.ascontiguousarray(preds.probs.T),
-            emb=vectors.stored_fp16(preds.emb) if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
+            emb=preds.emb if len(preds.ids) else np.zeros((0, model.embedding_dim), np.float16),
             paths=list(preds.paths), folder=None, checkpoint=model.checkpoint, sha256=model.sha256,
             **manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
             identity=None if ident is None else ident[0], has_identity=None if ident is None else ident[1],

@@ -69,7 +69,9 @@ def write_snapshot(
 
     ``model`` is a ``facefind.db.catalog.ModelRecord`` (or anything with its fields: id, sha256, arch,
     attributes, thresholds, embedding_dim, checkpoint). ``probs`` is (N, K) float32 as the
-    catalog stores it, ``emb`` (N, D) raw embeddings; rows need not be sorted by id. From
+    catalog stores it, ``emb`` (N, D) raw float32 embeddings, or float16 rows already as the
+    store keeps them (``vectors.stored_fp16``, e.g. from ``Catalog.export(stored=True)``), taken
+    as they are; rows need not be sorted by id. From
     ``approx_min`` rows on (default ``facefind.db.vectors.APPROX_MIN``) an approximate index is built too.
     ``identity`` (N, 128) and ``has_identity`` (N,) bool: the rows' identity descriptors, if any.
     ``image_ids``, ``face_numbers``, ``boxes``: which file and face each row is (see ``Snapshot``).
@@ -109,7 +111,7 @@ def write_locked(
             splits = np.asarray(splits)[order]
         if np.any(ids[1:] == ids[:-1]):
             raise ValueError("image ids repeat")
-    emb16 = vectors.stored_fp16(emb)
+    emb16 = emb if emb.dtype == np.float16 else vectors.stored_fp16(emb)
     approx_min = vectors.APPROX_MIN if approx_min is None else approx_min
     approx, approx_s, factory = None, 0.0, vectors.approx_factory(n, d)
     if n >= max(approx_min, vectors.APPROX_FLOOR):

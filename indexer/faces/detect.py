@@ -14,16 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facefind.db.errors import ImageError
+from facefind.db.errors import ImageError, ModelError
 from facefind.indexer.faces import identity as ident
-from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, find_faces
+from facefind.indexer.faces.align import CELEBA_SIZE, MIN_FACE_PIXELS, Box, Face, detect, find_faces
 
 
 CELEBA_ASPECT = CELEBA_SIZE[1] / CELEBA_SIZE[0]  # width / height = 0.8165
 ASPECT_TOLERANCE = 0.015      # looks_aligned: relative aspect error (a 4:5 portrait is 2% off)
 ALIGNED_WIDTHS = (64, 360)    # looks_aligned: widths of CelebA crops and their rescaled copies
 
-__all__ = ["Face", "FaceEntry", "faces_of", "find_face", "identity_of", "looks_aligned", "require_face"]
+__all__ = ["Face", "FaceEntry", "crop_shows_a_face", "faces_of", "find_face", "identity_of", "looks_aligned",
+           "require_face"]
 
 
 def looks_aligned(image: np.ndarray | tuple[int, int]) -> bool:
@@ -37,6 +38,17 @@ def looks_aligned(image: np.ndarray | tuple[int, int]) -> bool:
         return False
     aspect_error = abs((w / h) / CELEBA_ASPECT - 1.0)
     return aspect_error <= ASPECT_TOLERANCE and ALIGNED_WIDTHS[0] <= w <= ALIGNED_WIDTHS[1]
+
+
+def crop_shows_a_face(rgb: np.ndarray) -> bool | None:
+    """Whether the detector finds a face in an image that ``looks_aligned`` (and so goes to the
+    model whole): False for, say, a plain 178x218 picture that only has a crop's size. None when
+    face detection is not installed: the check is a courtesy, and the crop is used either way.
+    One upright HOG pass (an aligned crop is upright): no landmarks, no rotated retries."""
+    try:
+        return bool(detect(rgb, min_size=0))
+    except ModelError:
+        return None
 
 
 def find_face(rgb: np.ndarray) -> Face | None:

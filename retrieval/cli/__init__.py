@@ -6,12 +6,14 @@ them together and configures logging. Nothing imported here may import torch (se
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Annotated
 
 import typer
 
-from facefind.retrieval.cli import bench, check, data, demo, index, people, predict, query, serve, train
+from facefind.retrieval.cli import audit, bench, check, data, demo, index, people, predict, query, serve, train
+from facefind.retrieval.cli.common import DEVICE_LOGGER
 
 app = typer.Typer(
     name="facefind",
@@ -20,6 +22,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: flags show as flags (typer's rich panels label them `<bool>`, as if they took
+    # a value) and the option column stays narrow at 80 columns instead of taking half the width.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -34,9 +39,26 @@ def _root(
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("facefind").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The device line only for -v, and for the commands that call common.show_device_line.
+    logging.getLogger(DEVICE_LOGGER).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
-for _module in (demo, data, train, index, people, check, predict, query, bench, serve):
+
+for _module in (demo, data, train, index, people, check, predict, query, audit, bench, serve):
     _module.register(app)
+
+
+def _whole_summaries(typer_app: typer.Typer) -> None:
+    """List each command with its whole first paragraph, wrapped, where click would cut it at "..."."""
+    for info in typer_app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.short_help = info.short_help or text.split("\n\n")[0].replace("\n", " ")
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            group.short_help = group.short_help or group.typer_instance.info.help
+            _whole_summaries(group.typer_instance)
+
+
+_whole_summaries(app)
 
 
 def main() -> None:

@@ -223,24 +223,49 @@ def bench_catalog(
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per transaction.")] = 256,
     query_runs: Annotated[int, typer.Option("--query-runs", min=1, help="Fresh `facefind query` processes per catalog.")] = 10,
+    writers: Annotated[int, typer.Option("--writers", min=1, help="Processes writing at once for the sharded "
+                                         "figure, as the shards of a sharded run (1: skip it).")] = 2,
     out: Annotated[Path | None, typer.Option("--out", help="Work folder (default: a temporary one).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Catalog write throughput and query cold start: SQLite against each --db, in the same run."""
     from facefind.retrieval.bench.catalog import run_catalog_bench  # SQLAlchemy: see bench_query
 
-    result = run_catalog_bench(db or [], n=n, d=dim, batch_size=batch_size, query_runs=query_runs, out=out)
+    result = run_catalog_bench(db or [], n=n, d=dim, batch_size=batch_size, query_runs=query_runs, out=out,
+                               writers=writers)
     if as_json:
         print_json(result)
         return
-    table = Table("catalog", "write rows/s", "MB/s", "write s", "export s", "publish s", "query cold p50 s",
+    table = Table("catalog", "write rows/s", "MB/s", "write s", "writer stage rows/s",
+                  f"{writers} writers rows/s (x one)", "export s", "publish s", "query cold p50 s",
                   "engine p50 ms", "no SQLAlchemy", title=f"catalog, {n:,} predictions (40 probs + {dim}-d embedding, "
                   f"{batch_size} per transaction)")
     for r in result["catalogs"]:
+        sharded = ("-" if r["sharded_rows_per_second"] is None
+                   else f"{r['sharded_rows_per_second']:,} (x{r['sharded_speedup']})")
         table.add_row(r["catalog"], f"{r['rows_per_second']:,}", _fmt(r["mb_per_second"]), _fmt(r["write_s"]),
-                      _fmt(r["export_s"]), _fmt(r["publish_s"]), _fmt(r["query_cold_p50_s"]), _fmt(r["engine_p50_ms"]),
+                      f"{r['writer_stage_rows_per_second']:,}", sharded, _fmt(r["export_s"]), _fmt(r["publish_s"]), _fmt(r["query_cold_p50_s"]), _fmt(r["engine_p50_ms"]),
                       "yes" if r["query_shortcut"] else "no")
     Console().print(table)
+
+
+@bench_app.command("audit")
+@guard
+def bench_audit(
+    n: Annotated[int, typer.Option("--n", min=1, help="Entries in the synthetic index (CelebA: 202,599).")] = 202_599,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after the first.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Seconds for the whole `facefind audit` report (40 attributes, by Male and Young), in process."""
+    from facefind.retrieval.bench.audit import run_audit_bench  # SQLAlchemy (the query bench's data): see bench_query
+
+    result = run_audit_bench(n=n, repeats=repeats)
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"audit of {result['n']:,} entries x {result['attributes']} attributes by {', '.join(result['by'])}: "
+               f"first {result['first_s']:.3f} s, then median {result['median_s']:.3f} s of {result['repeats']} "
+               f"({result['median_cpu_s']:.3f} s of CPU)")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from facefind.db.paths import default_index_dir
-from facefind.retrieval.cli.common import IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json
 
 
 def check(
@@ -32,6 +32,7 @@ def check(
     """Verify the index: catalog integrity, runs, model checkpoints, snapshot + FAISS in step, files on disk."""
     from facefind.db.check import check_index  # SQLAlchemy: not at the top, query loads this module
 
+    index_dir = index_or_demo_hint(index_dir)
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     report = check_index(folder, repair=repair, prune=prune, check_files=not skip_files)
     if as_json:

@@ -22,7 +22,9 @@ from facefind.db.paths import default_index_dir
 from facefind.db.snapshot import model_threshold_sets, snapshot_info
 from facefind.indexer.faces.align import MIN_FACE_PIXELS, check_models  # numpy only: dlib loads on first use
 from facefind.indexer.faces.identity import check_model
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
+from facefind.retrieval.cli.common import (
+    DeviceOpt, IndexOpt, JsonOpt, ThreadsOpt, guard, index_or_demo_hint, print_json, show_device_line, use_threads,
+)
 
 
 def index(
@@ -87,6 +89,7 @@ def index(
         return
     shard_k_n = parse_shard(shard) if shard is not None else None
     use_threads(threads)
+    show_device_line()
     faces = _face_finder(detect_faces, identity, min_face)
     console = Console(stderr=True)
     with Progress(
@@ -168,6 +171,7 @@ def info(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the index holds: images, models and thresholds, predictions, vectors, labels, failures."""
     from facefind.db.catalog import Catalog  # SQLAlchemy: query (from a current snapshot) never needs it
 
+    index_dir = index_or_demo_hint(index_dir)
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
     with Catalog.open(folder, create=False) as catalog:
         summary = catalog.info()

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from facefind.db.files import atomic_write_text
 from facefind.db.paths import default_models_dir
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, image_problem, print_json
 from facefind.retrieval.index import open_predictor
 
 if TYPE_CHECKING:
@@ -37,8 +37,9 @@ def _print_table(preds: Sequence[Prediction], thresholds: dict[str, float]) -> N
     for p in preds:
         where = (f"face at x={p.face_box[0]} y={p.face_box[1]} {p.face_box[2]}x{p.face_box[3]}"
                  if p.face_box is not None else "whole image")
-        table = Table("attribute", "probability", "threshold", "present",
-                      title=f"{p.path} ({where}): {len(p.present)} present", title_justify="left")
+        # The heading is a line of its own, never wrapped: a table title would split the file name.
+        console.print(f"{p.path} ({where}): {len(p.present)} present", soft_wrap=True, markup=False, highlight=False)
+        table = Table("attribute", "probability", "threshold", "present")
         present = set(p.present)
         for name, prob in sorted(p.probabilities.items(), key=lambda kv: (-kv[1], kv[0])):
             on = name in present
@@ -129,8 +130,13 @@ def predict(
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict the 40 attributes of each IMAGE; present ones (at the model's thresholds) are highlighted."""
-    from facefind.indexer.pipeline import choose_model  # these import torch: query loads this module
-    from facefind.indexer.predict import Prediction
+    from facefind.indexer.predict import FailedPrediction, Prediction  # torch-free until a model runs
+
+    unreadable = [FailedPrediction(str(p), problem) for p in images if (problem := image_problem(p))]
+    if len(unreadable) == len(images):  # nothing to predict: say so before torch and the model load
+        _report_failures(unreadable, len(images))
+
+    from facefind.indexer.pipeline import choose_model  # imports torch: query loads this module
 
     model_path = choose_model(index_dir, model, models_dir=default_models_dir())
     predictor = open_predictor(model_path, device)

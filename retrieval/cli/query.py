@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from facefind.db.errors import FacefindError
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import (
+    DeviceOpt, IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json, require_image,
+)
 from facefind.retrieval.cli.predict import DetectFaceOpt
 from facefind.retrieval.index import open_index
 
@@ -35,8 +37,9 @@ def _check_output(as_json: bool, paths: bool, csv: bool = False) -> None:
 
 
 def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None, title: str | None,
-            quality: Quality | None, csv: bool = False) -> None:
+            quality: Quality | None, limit: int, csv: bool = False) -> None:
     """Print ``result`` as JSON, paths, CSV or a table (plus quality), and write the gallery if asked."""
+    page = page_note(result, limit)
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if gallery is not None:
@@ -52,12 +55,16 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
         return
     if csv:
         typer.echo(result.to_frame().to_csv(index=False), nl=False)
+        if page is not None:
+            typer.echo(page, err=True)
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
     if paths:  # files, each once, in the rank of their best face (for piping into other tools)
         for path in dict.fromkeys(h.path for h in result.hits):
             typer.echo(path)
+        if page is not None:
+            typer.echo(page, err=True)
         if quality is not None:
             typer.echo(_quality_line(quality), err=True)
         return
@@ -65,6 +72,9 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
     folder = _common_folder([h.path for h in result.hits])
     where = f" (paths relative to {folder}{os.sep})" if folder else ""
     console.print(f"{result.total:,} of {result.n_indexed:,} images match{where}", highlight=False)
+    if result.labelled is not None:  # label: literals look only at the entries that carry labels
+        console.print(f"label: literals read the {result.labelled:,} images that carry those labels",
+                      highlight=False)
     if result.hits:
         digits = {"similarity": 4, "person": 3}.get(result.ranking, 2)
         header = {"id": "score", "person": "distance"}.get(result.ranking, result.ranking)
@@ -80,8 +90,29 @@ def _render(result: Result, *, as_json: bool, paths: bool, gallery: Path | None,
             same = ["same person"] if h.distance is not None and h.to_dict()["same_person"] else []
             table.add_row(str(result.offset + i + 1), f"{h.score:.{digits}f}", shown, ", ".join(same + h.matched))
         console.print(table)
+    if page is not None:
+        console.print(page, highlight=False, soft_wrap=True)
     if quality is not None:
         console.print(_quality_line(quality), highlight=False)
+
+
+def page_note(result: Result, limit: int) -> str | None:
+    """Which of the matches this page shows and the flags that show the others; None when it shows
+    them all (or none match)."""
+    shown, last = len(result.hits), result.offset + len(result.hits)
+    rest = result.total - last
+    if result.offset == 0 and rest <= 0:
+        return None
+    if limit == 0:  # asked for the count only
+        return None
+    if shown == 0:
+        return f"showing none: --offset {result.offset} is past the last of the {result.total:,} matches"
+    note = f"showing {result.offset + 1:,}-{last:,} of {result.total:,}"
+    if rest > 0:
+        note += f"; --offset {last} shows the next {min(rest, limit):,}"
+        if result.offset == 0:
+            note += f", --limit {result.total} all of them"
+    return note
 
 
 def _common_folder(paths: list[str]) -> str | None:
@@ -178,6 +209,8 @@ def query(
     _check_output(as_json, paths, csv)
     if like is not None and like_id is not None:
         raise FacefindError("give --like IMAGE or --like-id ID, not both")
+    if like is not None:
+        require_image(like)  # before the index and the model load
     person = _by_person(by)
     if person and like is None and like_id is None:
         raise FacefindError("--by person ranks by likeness to a face: give --like IMAGE or --like-id ID")
@@ -186,7 +219,8 @@ def query(
                               exact=exact, nprobe=nprobe, evaluate=evaluate)
     title = f"similar to {like.name}" if like is not None else (
         f"similar to image {like_id}" if like_id is not None else None)
-    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality, csv=csv)
+    _render(result, as_json=as_json, paths=paths, gallery=gallery, title=title, quality=quality, limit=limit,
+            csv=csv)
 
 
 def similar(
@@ -214,11 +248,12 @@ def similar(
     enough to carry an approximate index; or identity distance with --by person), optionally only
     those matching --where."""
     _check_output(as_json, paths, csv)
+    require_image(image)  # milliseconds; loading torch and the model to find it missing took seconds
     result, _ = _search(index_dir, where, like=image, like_id=None, person=_by_person(by), limit=limit,
                         offset=offset, thresholds=thresholds, detect_face=detect_face, device=device,
                         exact=exact, nprobe=nprobe)
     _render(result, as_json=as_json, paths=paths, gallery=gallery, title=f"similar to {image.name}",
-            quality=None, csv=csv)
+            quality=None, limit=limit, csv=csv)
 
 
 def _search(index_dir: Path | None, expr: str | None, *, like: Path | None, like_id: int | None, person: bool,
@@ -227,7 +262,7 @@ def _search(index_dir: Path | None, expr: str | None, *, like: Path | None, like
     """One page of ``expr``'s matches, ranked by likeness to the image ``like`` or the indexed
     ``like_id`` (by identity when ``person``, else by look) or else by confidence; with
     ``evaluate``, its quality against the index's labels."""
-    with open_index(index_dir) as idx:
+    with open_index(index_or_demo_hint(index_dir)) as idx:
         # A typo (or an unknown --thresholds) fails before any model is loaded; the engine keeps
         # the parsed tree, so the query below and --eval (result.node) do not parse it again.
         if expr is not None:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from facefind.db.errors import FacefindError
 from facefind.retrieval.cli.bench import bench_app
-from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, print_json
+from facefind.retrieval.cli.common import DeviceOpt, IndexOpt, JsonOpt, guard, index_or_demo_hint, print_json
 from facefind.retrieval.web.server import bind_socket, is_loopback  # stdlib only
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def serve(
 
     from facefind.retrieval.web.app import create_app
 
-    app = create_app(index_dir, token=token, device=device)
+    app = create_app(index_or_demo_hint(index_dir), token=token, device=device)
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

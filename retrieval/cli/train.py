@@ -18,7 +18,9 @@ from rich.table import Table
 
 from facefind.db.errors import FacefindError
 from facefind.db.paths import default_models_dir
-from facefind.retrieval.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, use_threads
+from facefind.retrieval.cli.common import (
+    DeviceOpt, JsonOpt, ThreadsOpt, guard, print_json, show_device_line, use_threads,
+)
 
 if TYPE_CHECKING:
     from facefind.trainer.evaluate import EvalReport
@@ -101,6 +103,7 @@ def train(
     from facefind.trainer.fit import FitConfig, fit, state_path
 
     use_threads(threads)
+    show_device_line()
     config = FitConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, dropout=dropout, embedding_dim=embedding_dim, img_size=img_size,
@@ -287,6 +290,7 @@ def tune(
         workers=workers, seed=seed, cache_dir=cache_dir, weight_decay=weight_decay, schedule=schedule, **fixed,
     )
     out_dir = out if out is not None else default_models_dir() / f"tune-{Path(data).resolve().name}"
+    show_device_line()
     console = Console(stderr=True)
     with _FitBar(console, enabled=not as_json) as shared:
 

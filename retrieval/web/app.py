@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from facefind.db.paths import default_index_dir
-from facefind.retrieval.web.routes import images, index, page, people, search, upload
+from facefind.retrieval.web.routes import audit, images, index, page, people, search, upload
 from facefind.retrieval.web.errors import add_error_handlers
 from facefind.retrieval.web.guard import MAX_UPLOAD, Guard
 from facefind.retrieval.web.live import LiveIndex, Source
@@ -59,7 +59,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     app.state.model_reports = {}
     app.add_middleware(Guard, token=token, max_body=MAX_UPLOAD)
     add_error_handlers(app)
-    for module in (page, search, images, upload, index, people):
+    for module in (page, search, images, upload, index, audit, people):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

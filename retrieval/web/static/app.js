@@ -123,6 +123,10 @@ function conjuncts(text) {
     if (words.length === 1 && canon(words[0])) return { kind: "require", name: canon(words[0]), text: canon(words[0]) };
     if (words.length === 2 && ["not", "!", "~"].includes(words[0].toLowerCase()) && canon(words[1]))
       return { kind: "exclude", name: canon(words[1]), text: "not " + canon(words[1]) };
+    // `label:NAME` / `not label:NAME`: a ground-truth literal, keyed "label:NAME" (shift-click on a chip)
+    const lab = /^(not\s+|[!~]\s*)?label\s*:\s*([A-Za-z0-9_]+)$/i.exec(text.slice(p[0].start, p[p.length - 1].end));
+    if (lab && canon(lab[2])) return { kind: lab[1] ? "exclude" : "require", name: "label:" + canon(lab[2]),
+                                       text: (lab[1] ? "not " : "") + "label:" + canon(lab[2]) };
     return { kind: "other", name: null, text: text.slice(p[0].start, p[p.length - 1].end) };
   });
 }
@@ -158,8 +162,11 @@ function renderChips() {
     b.dataset.name = a.name;
     b.title = `${a.name}: ${kind === "require" ? "required" : kind === "exclude" ? "excluded" : kind === "mention" ? "in the expression" : "ignored"}` +
       ` · threshold ${a.threshold.toFixed(2)} · ${(100 * a.positive_rate).toFixed(1)}% of images` +
-      (a.label_rate !== null ? ` (labels: ${(100 * a.label_rate).toFixed(1)}%)` : "") + " · click to cycle";
-    b.addEventListener("click", () => cycleChip(a.name));
+      (a.label_rate !== null ? ` (labels: ${(100 * a.label_rate).toFixed(1)}%)` : "") + " · click to cycle" +
+      (a.label_rate !== null ? "; shift-click: require, exclude, ignore its label" : "");
+    const labelKind = st.get("label:" + a.name);
+    if (labelKind) b.classList.add("label-" + labelKind);
+    b.addEventListener("click", (ev) => cycleChip(ev.shiftKey && a.label_rate !== null ? "label:" + a.name : a.name));
     return b;
   }));
 }
