@@ -103,16 +103,24 @@ def sample_descriptors(folder: str | os.PathLike[str], cache: str | os.PathLike[
     if cache is not None and Path(cache).is_file():
         with np.load(cache, allow_pickle=False) as npz:
             known = dict(zip(npz["names"].tolist(), npz["vectors"]))
+    def save() -> None:
+        if cache is not None and known:
+            atomic_replace(cache, lambda tmp: np.savez(open(tmp, "wb"), names=np.array(list(known)),
+                                                      vectors=np.stack(list(known.values()))))
+
+    fresh = 0
     for i, (name, path) in enumerate(zip(names, celeba.paths)):
         if name not in known:
             with Image.open(path) as img:
                 v = identity_of(np.asarray(img.convert("RGB")))
             known[name] = np.full(DIM, np.nan, np.float32) if v is None else v  # NaN: dlib found no face
+            fresh += 1
+            if fresh % 500 == 0:  # an interrupted run keeps what it computed
+                save()
         if progress is not None:
             progress(i + 1, len(names))
-    if cache is not None:
-        atomic_replace(cache, lambda tmp: np.savez(open(tmp, "wb"), names=np.array(list(known)),
-                                                  vectors=np.stack(list(known.values()))))
+    if fresh:
+        save()
     vectors = np.stack([known[n] for n in names]).astype(np.float32)
     found = ~np.isnan(vectors).any(1)
     return vectors[found], celeba.identities[found], celeba.splits[found]
