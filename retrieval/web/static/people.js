@@ -8,18 +8,6 @@ const people = {
   view: document.createElement("section"),
   button: document.getElementById("people-btn"),
 };
-// Its few styles live here, so the People view adds nothing to style.css.
-const peopleStyle = document.createElement("style");
-peopleStyle.textContent = `
-#people { display: grid; grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)); gap: 10px; padding: 10px; }
-#people[hidden] { display: none; }
-#people .phead { grid-column: 1 / -1; color: #666; }
-#people .person { display: flex; flex-direction: column; align-items: center; gap: 2px; padding: 6px;
-                  border: 1px solid #ddd; border-radius: 6px; background: #fff; cursor: pointer; }
-#people .person img { width: 100px; height: 122px; object-fit: cover; border-radius: 4px; }
-#people .pcount { color: #666; font-size: 12px; }
-#people-btn.on { background: #333; color: #fff; }`;
-document.head.append(peopleStyle);
 people.view.id = "people";
 people.view.hidden = true;
 people.view.setAttribute("aria-label", "people");
