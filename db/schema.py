@@ -19,6 +19,11 @@
                  image's split (0 train, 1 val, 2 test) when the folder had a partition file
     identities   per face: its 128-D dlib identity descriptor, float32 BLOB, NULL when
                  ``index --identity`` found no face in a whole-file entry (looked, none there)
+    persons      (v5) one row per person ``facefind people`` found: id (never reused), its name
+    person_faces (v5) per face: its person (a face with a descriptor but no row: not grouped yet)
+    person_constraints, person_constraint_faces  (v5) the user's corrections, kept by every
+                 regroup: kind 'same' (a merge: its faces stay together) or 'apart' (a split: the
+                 faces of side 0 never share a person with those of side 1)
     failures     files that could not be indexed, with the reason (cleared when a file succeeds)
     runs         index runs: root, start/finish time, status, counts and stage timings
 
@@ -43,7 +48,7 @@ from facefind.db.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PG_WRITE_LOCK = 0x66616365  # the advisory lock key writers hold (b"face"), one per database
 IDENTITY_DIM = 128  # dlib's face descriptor (facefind.indexer.faces.identity.DIM; db imports nothing of ours)
 
@@ -146,6 +151,44 @@ identities = sa.Table(
     sa.Column("descriptor", sa.LargeBinary),
 )
 
+# Persons (schema v5, facefind.db.people). Ids are never reused: ``person:12`` keeps meaning the
+# same person as long as it exists.
+persons = sa.Table(
+    "persons",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text),
+    sa.Column("created", sa.Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+person_faces = sa.Table(
+    "person_faces",
+    metadata,
+    sa.Column("face_id", sa.Integer, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("person_id", sa.Integer, sa.ForeignKey("persons.id", ondelete="CASCADE"), nullable=False),
+    sa.Index("ix_person_faces_person", "person_id"),
+)
+
+person_constraints = sa.Table(
+    "person_constraints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # 'same' (merge) or 'apart' (split)
+    sa.Column("created", sa.Float, nullable=False),
+    sa.CheckConstraint("kind IN ('same', 'apart')", name="ck_person_constraints_kind"),
+    sqlite_autoincrement=True,
+)
+
+person_constraint_faces = sa.Table(
+    "person_constraint_faces",
+    metadata,
+    sa.Column("constraint_id", sa.Integer, sa.ForeignKey("person_constraints.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("face_id", sa.Integer, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("side", sa.SmallInteger, nullable=False, server_default="0"),
+)
+
 failures_table = sa.Table(
     "failures",
     metadata,
@@ -230,6 +273,14 @@ def _v3_to_v4(conn: Connection) -> None:
 
 
 MIGRATIONS[3] = _v3_to_v4
+
+
+def _v4_to_v5(conn: Connection) -> None:
+    """v5: persons, their faces and the user's corrections (``facefind people``)."""
+    metadata.create_all(conn, tables=[persons, person_faces, person_constraints, person_constraint_faces])
+
+
+MIGRATIONS[4] = _v4_to_v5
 
 
 def _continue_sequence(conn: Connection, table: str, *, after: str) -> None:

@@ -33,6 +33,7 @@ from facefind.db.errors import CatalogError, DatasetError, ModelError
 from facefind.db.files import file_sha256
 from facefind.db.paths import default_index_dir
 from facefind.db.snapshot import sync_snapshot
+from facefind.indexer import people
 from facefind.indexer.discovery import IMAGE_EXTENSIONS, Failure, FileEntry, discover, split_unchanged
 from facefind.indexer.faces.detect import looks_aligned
 from facefind.indexer.reader import ImageReader
@@ -196,6 +197,8 @@ def index_folder(
                 if n == 1:
                     _publish(catalog, index_dir, model_id)
                 timings["snapshot"] = time.perf_counter() - t
+                if n == 1 and identity:
+                    timings["people"] = _place_new_faces(catalog, index_dir)
                 completed = True
             except KeyboardInterrupt:  # a second Ctrl-C, while committing or saving the snapshot
                 ended = "interrupted"
@@ -221,10 +224,22 @@ def index_folder(
                 t = time.perf_counter()
                 _finalize(catalog, index_dir, model_id, root, everything, n)
                 report.timings["snapshot"] = time.perf_counter() - t
+                if identity:
+                    report.timings["people"] = _place_new_faces(catalog, index_dir)
                 report.published = True
         return report
     finally:
         catalog.close()
+
+
+def _place_new_faces(catalog: Catalog, index_dir: Path) -> float:
+    """After a run with identities: new faces join the persons they clearly belong to, or start
+    new ones (only once `facefind people` has grouped the index). Returns the seconds taken."""
+    t = time.perf_counter()
+    placed = people.assign_new(catalog, index_dir)
+    if placed.placed:
+        log.info("placed %d new faces among %d persons", placed.placed, placed.persons)
+    return time.perf_counter() - t
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,13 @@ The layout under the index folder (one folder per model, one immutable generatio
     <index>/PUBLISHED                       with a server catalog (FACEFIND_DB): the hash of its URL
                                             and its catalog id, so queries can trust the snapshots
                                             without connecting (see current_snapshot_fast)
+    <index>/persons.npz                     who each face is (``facefind people``), beside the
+                                            generations rather than in them: face_ids int64 (M,)
+                                            ascending, person_ids int32 (M,), head (JSON: the
+                                            catalog_id and {person id: name}). Replaced atomically
+                                            by every people command and grouping after an index
+                                            run, so renaming never rewrites a generation; opening
+                                            a snapshot maps it onto the rows (Snapshot.persons)
     <index>/model-<id>/CURRENT              name of the live generation folder (replaced atomically)
     <index>/model-<id>/.lock                serialises snapshot writers (flock; readers never lock)
     <index>/model-<id>/gen-<stamp>/         (gen-<stamp>-<n> when that stamp was written before)
@@ -49,6 +56,7 @@ FORMAT = 2  # 2: the embeddings live only in vectors.faiss (format 1 also had em
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 VECTORS = "vectors.faiss"
+PERSONS = "persons.npz"  # <index>/persons.npz: persons by face id (facefind.db.snapshot.persons)
 PUBLISHED = "PUBLISHED"  # <index>/PUBLISHED: which server catalog the snapshots come from
 APPROX = "ann.faiss"
 ARRAYS = ("ids.npy", "probs.npy", "paths_offsets.npy")

@@ -29,6 +29,7 @@ from facefind.db.snapshot.format import (
     manifest_sets,
     model_dir,
 )
+from facefind.db.snapshot.persons import attach
 from facefind.db.vectors import flat_view
 
 _LOAD_ATTEMPTS = 3  # a generation deleted between reading CURRENT and opening it: read CURRENT again
@@ -125,7 +126,7 @@ def _load_generation(gen: Path) -> tuple[Snapshot, dict[str, Any]]:
         labels=labels,
         splits=splits,
     )
-    return snap, manifest
+    return attach(snap, gen.parent.parent, manifest.get("catalog_id")), manifest
 
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from facefind.retrieval.cli import audit, bench, check, data, demo, index, predict, query, serve, train
+from facefind.retrieval.cli import audit, bench, check, data, demo, index, people, predict, query, serve, train
 from facefind.retrieval.cli.common import DEVICE_LOGGER
 
 app = typer.Typer(
@@ -43,7 +43,7 @@ def _root(
     logging.getLogger(DEVICE_LOGGER).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-for _module in (demo, data, train, index, check, predict, query, audit, bench, serve):
+for _module in (demo, data, train, index, people, check, predict, query, audit, bench, serve):
     _module.register(app)
 
 

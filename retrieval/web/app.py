@@ -11,6 +11,7 @@ dependencies (``deps``):
 - ``routes/images.py``: /api/images/{id}, its thumbnail and its file
 - ``routes/upload.py``: /api/similar, search by an uploaded photo
 - ``routes/index.py``: /api/attributes, /api/info, /api/model
+- ``routes/people.py``: /api/people (the People view) and /api/people/of/{id}
 
 ``guard.Guard`` checks Host or token, caps request bodies and adds the security headers;
 ``errors`` makes every failure one line of JSON. No endpoint writes to the index (the thumbnail
@@ -27,7 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from facefind.db.paths import default_index_dir
-from facefind.retrieval.web.routes import audit, images, index, page, search, upload
+from facefind.retrieval.web.routes import audit, images, index, page, people, search, upload
 from facefind.retrieval.web.errors import add_error_handlers
 from facefind.retrieval.web.guard import MAX_UPLOAD, Guard
 from facefind.retrieval.web.live import LiveIndex, Source
@@ -70,7 +71,7 @@ def create_app(index_dir: Path | None = None, *, source: Source | None = None, t
     app.state.model_reports = {}
     app.add_middleware(Guard, token=token, max_body=MAX_UPLOAD)
     add_error_handlers(app)
-    for module in (page, search, images, upload, index, audit):
+    for module in (page, search, images, upload, index, audit, people):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.openapi = lambda: _contract(app)  # type: ignore[method-assign]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from facefind.db.errors import CatalogError
+from facefind.db.snapshot.format import PERSONS
 from facefind.retrieval.index import OpenIndex, open_index
 
 if TYPE_CHECKING:
@@ -142,6 +143,10 @@ class LiveIndex:
                 out.append((folder.name, (folder / "CURRENT").read_text(encoding="utf-8").strip()))
             except OSError:
                 continue
+        try:  # `facefind people` replaces the persons file without a new generation
+            out.append((PERSONS, (self.index_dir / PERSONS).stat().st_mtime_ns))
+        except OSError:
+            pass
         return tuple(out)
 
     def _open(self) -> Live:

@@ -584,6 +584,7 @@ async function openPanel(id) {
   p.append(top, img, path, matched, table);
   p.hidden = false;
   renderBy();
+  if (window.personLine) window.personLine(info.id, p);  // people.js: the person this face belongs to
 }
 
 // The whole photo of a face entry, a box over each face of its file (the selected one
