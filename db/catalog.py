@@ -117,6 +117,20 @@ class Predictions(NamedTuple):
     splits: np.ndarray | None = None        # int8 (N,): 0 train, 1 val, 2 test, -1 unknown
 
 
+def _raw_rows(conn: Connection, statement: Any) -> list[tuple]:
+    """Every row of ``statement`` as plain tuples through the DBAPI cursor of ``conn``'s transaction:
+    bulk reads of 200k rows skip SQLAlchemy's per-row processing (~0.2 s)."""
+    compiled = statement.compile(dialect=conn.dialect)
+    params = compiled.construct_params()
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(str(compiled), tuple(params[p] for p in compiled.positiontup)
+                       if conn.dialect.positional else params)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 UNSTORABLE_REASON = "file name is not valid UTF-8: rename the file to index it"
 
 
@@ -543,7 +557,8 @@ class Catalog(RunLog):
         k, d = self._model_dims(model_id)
         query = (
             sa.select(predictions.c.face_id, images.c.path, predictions.c.probs, predictions.c.embedding,
-                      faces.c.image_id, faces.c.number, faces.c.x, faces.c.y, faces.c.w, faces.c.h)
+                      faces.c.image_id, faces.c.number,
+                      *(sa.func.coalesce(c, -1) for c in (faces.c.x, faces.c.y, faces.c.w, faces.c.h)))
             .join(faces, faces.c.id == predictions.c.face_id)
             .join(images, images.c.id == faces.c.image_id)
             .where(predictions.c.model_id == model_id)
@@ -581,7 +596,7 @@ class Catalog(RunLog):
                     ids[sl] = cid
                     image_ids[sl] = cimage
                     numbers[sl] = cnumber
-                    boxes[sl] = np.array([[-1 if v is None else v for v in col] for col in cbox], np.int64).T
+                    boxes[sl] = np.array(cbox, dtype=np.int32).T  # -1: the whole file (coalesced in SQL)
                     paths.extend(cpath)
                     probs[sl] = np.frombuffer(b"".join(cprobs), dtype=np.float32).reshape(-1, k)
                     raw = decode_embeddings(cemb, d, cid)  # float16 rows, float32 rows of older versions
@@ -607,8 +622,8 @@ class Catalog(RunLog):
         one face, so only whole-file entries (``whole``) carry them. Several label sets (folders
         annotated differently) give the union of their names, in the order first seen."""
         sets = {r.id: list(r.names) for r in conn.execute(sa.select(label_sets).order_by(label_sets.c.id))}
-        rows = conn.execute(sa.select(labels.c.image_id, labels.c.label_set_id, labels.c["values"],
-                                      labels.c.split)).all()
+        rows = _raw_rows(conn, sa.select(labels.c.image_id, labels.c.label_set_id, labels.c["values"],
+                                         labels.c.split))
         if not rows:
             return None, None, None
         names = list(dict.fromkeys(n for have in sets.values() for n in have))
@@ -628,8 +643,9 @@ class Catalog(RunLog):
             if pick.size:
                 values = np.frombuffer(b"".join(rows[i][2] for i in pick), np.uint8).reshape(-1, len(have))
                 out[np.ix_([column[n] for n in have], pos[pick])] = values.T
-        split_at = [i for i in np.flatnonzero(found).tolist() if rows[i][3] is not None]
-        splits[pos[split_at]] = [rows[i][3] for i in split_at]
+        split = np.array([r[3] for r in rows], dtype=np.float64)  # NULL -> nan
+        known = found & ~np.isnan(split)
+        splits[pos[known]] = split[known]
         if not (out >= 0).any():
             return None, None, None
         return names, out, splits
