@@ -187,3 +187,27 @@ def catalog_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     backend = Backend(request.param, url)
     yield backend
     backend.close()
+
+
+# -- a real Chromium for the page tests (tests/test_browser*.py) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, chromium_binary
+
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no Chromium binary (/usr/bin/chromium or chromium on PATH): "
+                    "apt-get install -y --no-install-recommends chromium")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -e '.[dev]' (never `playwright install`)")
+    # expect() waits 5 s by default, the pages' own waits 30 s: on a loaded 2-core machine the held
+    # /api/attributes of the autocomplete test took longer than 5 s to reach the list.
+    expect.set_options(timeout=30_000)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -11,6 +11,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -605,3 +606,13 @@ class Contract(TestClient):
                                                                     checks=list(self.CHECKS))
             self.checked += 1
         return response
+
+
+def serve_index(index: Path):
+    """A real ``facefind serve`` over ``index`` on a free loopback port, for a fixture to yield."""
+    from facefind.retrieval.bench.serve import Served
+
+    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", str(index),
+            "--port", "0", "--device", "cpu"]
+    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
+        yield served

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from helpers import Built, People, PhotoIndex  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import Built, People, PhotoIndex, serve_index  # tests/ is on sys.path (pytest's prepend import mode)
 
 N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 VIEWPORT = {"width": 1280, "height": 900}
@@ -39,19 +39,9 @@ def built(web_index: Built) -> Built:
     return web_index
 
 
-def _serve(index: Path):
-    """A real ``facefind serve`` over ``index`` on a free loopback port, for a fixture to yield."""
-    from facefind.retrieval.bench.serve import Served
-
-    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", str(index),
-            "--port", "0", "--device", "cpu"]
-    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
-        yield served
-
-
 @pytest.fixture(scope="module")
 def server(built: Built):
-    yield from _serve(built.index)
+    yield from serve_index(built.index)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +51,12 @@ def people(people_index: People) -> People:
 
 @pytest.fixture(scope="module")
 def people_server(people: People):
-    yield from _serve(people.index)
+    yield from serve_index(people.index)
 
 
 @pytest.fixture(scope="module")
 def photo_server(photo_index: PhotoIndex):
-    yield from _serve(photo_index.index)
+    yield from serve_index(photo_index.index)
 
 
 def api(server, path: str, **params) -> dict:
@@ -77,27 +67,6 @@ def api(server, path: str, **params) -> dict:
     conn.close()
     assert resp.status == 200, body
     return body
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, chromium_binary
-
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no Chromium binary (/usr/bin/chromium or chromium on PATH): "
-                    "apt-get install -y --no-install-recommends chromium")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        pytest.fail("playwright is missing: pip install -e '.[dev]' (never `playwright install`)")
-    # expect() waits 5 s by default, the pages' own waits 30 s: on a loaded 2-core machine the held
-    # /api/attributes of the autocomplete test took longer than 5 s to reach the list.
-    expect.set_options(timeout=30_000)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+
+from helpers import serve_index  # tests/ is on sys.path (pytest's prepend import mode)
 
 N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 
 
 @pytest.fixture(scope="module")
 def server(web_index):
-    from facefind.retrieval.bench.serve import Served
-
-    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index",
-            str(web_index.index), "--port", "0", "--device", "cpu"]
-    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, chromium_binary
-
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no Chromium binary (/usr/bin/chromium or chromium on PATH)")
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=30_000)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    yield from serve_index(web_index.index)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -20,6 +19,7 @@ from PIL import Image
 from facefind.db.catalog import Catalog, IndexedImage
 from facefind.db.snapshot import load_snapshot, sync_snapshot
 from facefind.retrieval.bench.people import synthetic_descriptors
+from helpers import serve_index
 from test_people import ATTRIBUTES, cli, people_json  # tests/ is on sys.path (pytest's prepend import mode)
 
 N = 60
@@ -113,29 +113,7 @@ def test_api_people_without_persons_says_how_to_get_them(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def server(index: Path):
-    from facefind.retrieval.bench.serve import Served
-
-    args = [sys.executable, "-c", "from facefind.retrieval.cli import main; main()", "serve", "--index", str(index),
-            "--port", "0", "--device", "cpu"]
-    with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from facefind.retrieval.bench.serve import CHROMIUM_ARGS, chromium_binary
-
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no Chromium binary (/usr/bin/chromium or chromium on PATH): "
-                    "apt-get install -y --no-install-recommends chromium")
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=30_000)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    yield from serve_index(index)
 
 
 def api(server, path: str, **params) -> dict:
