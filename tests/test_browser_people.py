@@ -158,6 +158,14 @@ def test_people_view_opens_a_person_and_the_chips_work_inside_it(browser, server
     assert 0 < want["total"] < ada["count"]
     pg.locator(".card[data-id]").first.click()  # the face panel names the person
     expect(pg.locator("#panel .personline")).to_have_text("person: Ada Lovelace")
+    pg.keyboard.press("Escape")
+    # A quoted name survives a chip click whole (the page's tokenizer keeps "..." as one token).
+    pg.fill("#expr", 'person:"Ada Lovelace"')
+    pg.press("#expr", "Enter")
+    expect(pg.locator("#count")).to_have_text(f"{ada['count']} of {N} images match")
+    pg.click('#chips .chip[data-name="Smiling"]')
+    expect(pg.locator("#expr")).to_have_value('person:"Ada Lovelace" and Smiling')
+    expect(pg.locator("#count")).to_have_text(f"{want['total']} of {N} images match")
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
 

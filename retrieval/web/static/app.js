@@ -99,7 +99,8 @@ async function api(path, init) {
 
 // Tokens of an expression, as the server's grammar sees them (enough to split top-level 'and').
 function tokenize(text) {
-  const re = /\s+|(>=|<=|&&|\|\||[<>=&|!~()])|([A-Za-z0-9_.]+)/g;
+  // Quoted values (person:"Ada Lovelace") are one token, so a chip click never cuts them apart.
+  const re = /\s+|("[^"]*"|'[^']*')|(>=|<=|&&|\|\||[<>=&|!~():])|([A-Za-z0-9_.]+)/g;
   const out = [];
   let m;
   while ((m = re.exec(text)) !== null) {
