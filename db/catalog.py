@@ -631,6 +631,8 @@ class Catalog(RunLog):
         out = np.full((len(names), len(image_ids)), -1, dtype=np.int8)
         splits = np.full(len(image_ids), -1, dtype=np.int8)
         rows_at = np.flatnonzero(whole)  # whole-file rows, whose image ids are unique
+        if not rows_at.size:  # every entry a detected face (index --detect-faces): none carries labels
+            return None, None, None
         order = np.argsort(image_ids[rows_at], kind="stable")
         sorted_ids = image_ids[rows_at][order]
         got = np.fromiter((r[0] for r in rows), np.int64, len(rows))

@@ -201,6 +201,10 @@ def name(catalog: Catalog, person_id: int, new_name: str | None) -> None:
     text = (new_name or "").strip() or None
     if text is not None and ("\n" in text or len(text) > 200):
         raise PeopleError("a person's name is one line of at most 200 characters")
+    if text is not None and text.isascii() and text.isdigit():
+        raise PeopleError(f"a name cannot be only digits: person:{text} means the person with id {text}")
+    if text is not None and '"' in text and "'" in text:
+        raise PeopleError("a name cannot hold both ' and \": person:NAME could not quote it")
     with catalog._write() as conn:
         _faces_of(conn, person_id)
         if text is not None:

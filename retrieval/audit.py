@@ -133,6 +133,7 @@ def run_audit(engine: Engine, *, where: str | None = None, by: Sequence[str] = D
 
     where = where.strip() if where else None
     where_node = engine.parse(where) if where else None
+    where = str(where_node) if where_node is not None else None  # '|' and '||' written as 'or'
     covered = np.flatnonzero(engine.mask(where_node, set_name))
     if covered.shape[0] == 0:
         raise FacefindError(f"no entry matches {where!r}: nothing to audit; loosen --where "

@@ -329,7 +329,7 @@ class Engine:
         names = [self.person_names[pid] for pid in sorted(by_name.values())]
 
         def resolve(text: str) -> tuple[str, int]:
-            if text.isdigit():
+            if text.isascii() and text.isdigit():  # an id ('²'.isdigit() is True, int('²') fails)
                 if int(text) not in known:
                     raise LookupError(f"no person {text} in this index: `facefind people` lists them")
                 return text, int(text)

@@ -29,7 +29,6 @@ calls ``eval`` or builds SQL text: the tree is folded straight into numpy operat
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar, Union
@@ -103,8 +102,10 @@ class Tag:
     key: int      # what evaluation looks up: the label row, the split code, the person id
 
     def __str__(self) -> str:
-        plain = re.fullmatch(r"[A-Za-z0-9_]+", self.value) is not None
-        return f"{self.prefix}:{self.value if plain else json.dumps(self.value)}"
+        if re.fullmatch(r"[A-Za-z0-9_]+", self.value):
+            return f"{self.prefix}:{self.value}"
+        quote = "'" if '"' in self.value else '"'  # the tokenizer reads "..." and '...', no escapes
+        return f"{self.prefix}:{quote}{self.value}{quote}"
 
 
 Node = Union[Attr, Compare, Tag, Not, And, Or]

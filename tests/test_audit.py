@@ -152,10 +152,11 @@ def test_a_flipped_label_comes_first_in_its_disagreement_query():
     assert [h.id for h in hits] == row["false_positives"]["top"]
 
 
-def test_listed_ids_are_the_first_hits_of_their_queries_also_under_where():
+@pytest.mark.parametrize("where", ["Smiling or split:val", "Smiling | split:val"])  # '|' once lost its parentheses
+def test_listed_ids_are_the_first_hits_of_their_queries_also_under_where(where):
     probs, t, labels, splits = synthetic()
     engine = make_engine(probs, t, labels, splits)
-    report = run_audit(engine, where="Smiling or split:val", by=["Male"], top=8).to_dict()
+    report = run_audit(engine, where=where, by=["Male"], top=8).to_dict()
     for row in report["attributes"]:
         for way in ("false_negatives", "false_positives"):
             result = engine.query(row[way]["query"], limit=8)

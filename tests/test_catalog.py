@@ -844,3 +844,14 @@ def test_labels_and_splits_reach_the_export_aligned_with_its_rows(catalog: Catal
         else:
             assert col == [-1, *r.labels.tolist()]
         assert preds.splits[at[r.path]] == (-1 if r.split is None else r.split)
+
+
+def test_export_of_detected_faces_with_labels_beside_them_carries_no_labels(catalog: Catalog, model: int) -> None:
+    """Labels describe whole files; an index of detected faces (every entry boxed) has none to show,
+    and its export must still work (it raised IndexError once)."""
+    rows = rows_for(["/photos/a.jpg", "/photos/b.jpg"])
+    for r in rows:
+        r.box, r.labels = (1, 2, 30, 40), np.ones(2, np.int8)
+    catalog.write_batch(model, rows, label_names=["A", "B"])
+    preds = catalog.export(model)[1]
+    assert len(preds.ids) == 2 and preds.labels is None and preds.splits is None

@@ -238,7 +238,8 @@ def test_bad_input_gets_one_line(crowd) -> None:
     people_json(idx)
     for args, message in [(["people", "name", "9999", "X"], "no person 9999"),
                           (["people", "merge", "1", "1"], "two different persons"),
-                          (["people", "split", "1", "--face", "999999"], "is not one of person 1's faces")]:
+                          (["people", "split", "1", "--face", "999999"], "is not one of person 1's faces"),
+                          (["people", "name", "1", "2024"], "a name cannot be only digits")]:
         result = cli(*args, "--index", str(idx))
         assert result.exit_code == 1, result.output
         assert result.output.count("\n") == 1 and message in result.output

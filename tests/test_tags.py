@@ -183,3 +183,37 @@ def test_query_table_says_how_many_images_carry_the_labels(web_index) -> None:
     wanted = sum(1 for truth in web_index.labels.values() if not truth[attr])
     assert f"{wanted:,} of {len(web_index.ids):,} images match" in out.output
     assert f"label: literals read the {len(web_index.labels):,} images that carry those labels" in out.output
+
+
+def test_names_that_need_quotes_print_so_they_parse_back() -> None:
+    snap, w = _world()
+    eng = Engine(dataclasses.replace(snap, person_names={2: "Zoë Ng", 3: 'Grace "Amazing" H'}))
+    for pid, name in ((2, "Zoë Ng"), (3, 'Grace "Amazing" H')):
+        node = eng.parse(str(Tag("person", name, pid)))
+        assert node == Tag("person", name, pid)
+    with pytest.raises(QuerySyntaxError, match="no person named"):
+        eng.query('person:"²"')  # a digit to isdigit(), not an id
+
+
+def test_an_in_memory_snapshot_of_a_read_only_index_keeps_labels_and_splits(web_index, tmp_path, monkeypatch) -> None:
+    """Where the snapshot cannot be written (a read-only index), the one built in memory must still
+    answer label: and split: (it once left them out)."""
+    import contextlib
+    import shutil
+
+    from facefind.db.snapshot import sync, sync_snapshot
+
+    index = tmp_path / "index"
+    shutil.copytree(web_index.index, index)
+    for gen in index.glob("model-*"):
+        shutil.rmtree(gen)  # no snapshot: it must be rebuilt, and cannot be saved
+    monkeypatch.setattr(sync, "writer_lock", lambda folder: contextlib.nullcontext(False))
+    with Catalog.open(index, create=False) as catalog:
+        snap = sync_snapshot(catalog, index)
+    assert snap.folder is None and snap.label_attributes == web_index.attributes
+    attr = web_index.attributes[0]
+    total = Engine(snap).query(f"label:{attr} and split:train", limit=0).total
+    partition = dict(line.split() for line in (web_index.root / "list_eval_partition.txt").read_text().splitlines()
+                     if line.strip())
+    assert total == sum(1 for p, truth in web_index.labels.items()
+                        if truth[attr] and partition[p.rsplit("/", 1)[1]] == "0")

@@ -21,8 +21,10 @@ from facefind.db.snapshot.format import (
     matches,
     model_dir,
     model_threshold_sets,
+    truth_arrays,
 )
 from facefind.db.snapshot.lock import writer_lock
+from facefind.db.snapshot.persons import attach
 from facefind.db.snapshot.read import load_current, with_checkpoint
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,8 @@ def sync_snapshot(
         default_set, sets, stats = model_threshold_sets(model)
         ident = identity_arrays(len(preds.ids), preds.identity, preds.has_identity)
         entries = face_arrays(np.asarray(preds.ids, np.int64), preds.image_ids, preds.faces, preds.boxes)
-        return Snapshot(
+        truth = truth_arrays(len(preds.ids), preds.label_names, preds.labels, preds.splits)
+        snap = Snapshot(
             model_id=model_id, stamp=stamp, attributes=list(model.attributes),
             thresholds=np.asarray(sets[default_set], dtype=np.float32), ids=np.asarray(preds.ids, np.int64),
             probs=np.ascontiguousarray(preds.probs.T),
@@ -106,7 +109,10 @@ def sync_snapshot(
             **manifest_sets({"threshold_set": default_set, "threshold_sets": sets, "threshold_stats": stats}),
             identity=None if ident is None else ident[0], has_identity=None if ident is None else ident[1],
             **({} if entries is None else dict(zip(("image_ids", "face_numbers", "boxes"), entries))),
+            **({} if truth is None else {"label_attributes": list(preds.label_names or ()),
+                                         "labels": truth[0], "splits": truth[1]}),
         )
+        return attach(snap, index_dir, catalog.catalog_id)
 
 
 
