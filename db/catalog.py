@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 
 from facefind.db import vectors
 from facefind.db.errors import CatalogError
+from facefind.db.ids import find_sorted
 from facefind.db.paths import default_db_url, normalize_path
 from facefind.db.runs import RunLog
 from facefind.db.schema import (
@@ -636,8 +637,7 @@ class Catalog(RunLog):
         order = np.argsort(image_ids[rows_at], kind="stable")
         sorted_ids = image_ids[rows_at][order]
         got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        at = np.clip(np.searchsorted(sorted_ids, got), 0, max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[at] == got if len(sorted_ids) else np.zeros(len(rows), bool)
+        at, found = find_sorted(sorted_ids, got)
         pos = rows_at[order][at]
         set_of = np.fromiter((r[1] for r in rows), np.int64, len(rows))
         for sid, have in sets.items():
@@ -662,12 +662,11 @@ class Catalog(RunLog):
             return None, None
         vectors = np.zeros((len(ids), IDENTITY_DIM), np.float32)
         mask = np.zeros(len(ids), bool)
-        got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        at = np.searchsorted(ids, got)
-        for (face_id, blob), i in zip(rows, at):
-            if i < len(ids) and ids[i] == face_id:
-                vectors[i] = np.frombuffer(blob, np.float32)
-                mask[i] = True
+        at, found = find_sorted(ids, np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+        if found.any():
+            vectors[at[found]] = np.frombuffer(b"".join(r[1] for r, ok in zip(rows, found) if ok),
+                                               np.float32).reshape(-1, IDENTITY_DIM)
+            mask[at[found]] = True
         if not mask.any():
             return None, None
         return vectors, mask

@@ -21,6 +21,7 @@ import numpy as np
 
 from facefind.db import people as store
 from facefind.db.catalog import Catalog
+from facefind.db.ids import find_sorted
 from facefind.db.people import PeopleError, PeopleState
 from facefind.db.snapshot.persons import write_persons
 from facefind.indexer.faces import grouping
@@ -63,9 +64,8 @@ class Grouped:
 
 def _rows(st: PeopleState, face_ids: list[int] | tuple[int, ...]) -> np.ndarray:
     """Row numbers (in ``st.face_ids``) of the faces that still have a descriptor."""
-    wanted = np.asarray(face_ids, np.int64)
-    at = np.clip(np.searchsorted(st.face_ids, wanted), 0, max(len(st.face_ids) - 1, 0))
-    return at[st.face_ids[at] == wanted] if len(st.face_ids) else np.zeros(0, np.int64)
+    at, found = find_sorted(st.face_ids, face_ids)
+    return at[found]
 
 
 def regroup(catalog: Catalog, index_dir: str | os.PathLike[str] | None = None) -> Grouped:

@@ -48,6 +48,7 @@ import numpy as np
 
 from facefind.db import vectors
 from facefind.db.errors import CatalogError, FacefindError, ModelError
+from facefind.db.ids import find_sorted
 from facefind.db.snapshot import APPROX, SPLITS, VECTORS, Snapshot
 from facefind.retrieval.query import (Attr, Literal, Node, Resolver, Tag, did_you_mean, evaluate, fold,
                                       literal_mask, literal_text, literals, name_resolver, parse, reindex)
@@ -412,9 +413,7 @@ class Engine:
 
     def positions(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row positions of ``image_ids`` in the snapshot, and a mask of which ids were found."""
-        image_ids = np.asarray(image_ids, dtype=np.int64)
-        at = np.clip(np.searchsorted(self._sorted_ids, image_ids), 0, len(self) - 1)
-        found = self._sorted_ids[at] == image_ids
+        at, found = find_sorted(self._sorted_ids, image_ids)
         return self._id_order[at], found
 
     def embedding_of(self, image_id: int) -> np.ndarray:
@@ -724,8 +723,7 @@ class Engine:
         order = np.argsort(label_ids, kind="stable")
         sorted_ids = label_ids[order]
         hit_ids = np.array([h.id for h in result.hits], dtype=np.int64)
-        at = np.clip(np.searchsorted(sorted_ids, hit_ids), 0, max(len(sorted_ids) - 1, 0))
-        labelled = sorted_ids[at] == hit_ids if len(sorted_ids) else np.zeros(len(hit_ids), dtype=bool)
+        at, labelled = find_sorted(sorted_ids, hit_ids)
         hit_truth = truth[order[at[labelled]]].tolist()
         k, relevant = len(hit_truth), int(sum(hit_truth))
         return Quality(

@@ -18,6 +18,7 @@ import numpy as np
 
 from facefind.db.errors import CatalogError
 from facefind.db.files import atomic_replace
+from facefind.db.ids import find_sorted
 from facefind.db.snapshot.format import PERSONS, Snapshot
 
 
@@ -61,9 +62,6 @@ def attach(snap: Snapshot, index_dir: str | os.PathLike[str], catalog_id: str | 
     if catalog_id is not None and from_catalog != catalog_id:
         return snap
     persons = np.full(len(snap), -1, np.int32)
-    if len(face_ids):
-        ids = np.asarray(snap.ids, np.int64)
-        at = np.clip(np.searchsorted(face_ids, ids), 0, len(face_ids) - 1)
-        hit = face_ids[at] == ids
-        persons[hit] = person_ids[at[hit]]
+    at, hit = find_sorted(face_ids, snap.ids)
+    persons[hit] = person_ids[at[hit]]
     return dataclasses.replace(snap, persons=persons, person_names=names)
