@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import html.parser
+import http.client
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlencode
 
 import numpy as np
 from PIL import Image
@@ -616,3 +618,14 @@ def serve_index(index: Path):
             "--port", "0", "--device", "cpu"]
     with Served(args, timeout=180, env={"OMP_NUM_THREADS": "1"}) as served:
         yield served
+
+
+def api(server, path: str, **params) -> dict:
+    """GET ``path`` from a served page's API (``serve_index``); its JSON, asserting a 200."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("GET", path + ("?" + urlencode(params) if params else ""))
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200, body
+    return body

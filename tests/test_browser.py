@@ -19,8 +19,6 @@ hostile) requests get only the statuses they should, and the server keeps servin
 from __future__ import annotations
 
 import base64
-import http.client
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from helpers import Built, People, PhotoIndex, serve_index  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import Built, People, PhotoIndex, api, serve_index  # tests/ is on sys.path (pytest's prepend import mode)
 
 N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 VIEWPORT = {"width": 1280, "height": 900}
@@ -57,16 +55,6 @@ def people_server(people: People):
 @pytest.fixture(scope="module")
 def photo_server(photo_index: PhotoIndex):
     yield from serve_index(photo_index.index)
-
-
-def api(server, path: str, **params) -> dict:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("GET", path + ("?" + urlencode(params) if params else ""))
-    resp = conn.getresponse()
-    body = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 200, body
-    return body
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ back button returns to the audit."""
 
 from __future__ import annotations
 
-import http.client
-import json
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from helpers import serve_index  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import api, serve_index  # tests/ is on sys.path (pytest's prepend import mode)
 
 N_FACES = 40  # helpers.build_index's default (the web_index fixture)
 
@@ -30,16 +28,6 @@ def page(browser, server):
     yield pg
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
-
-
-def api(server, path: str, **params) -> dict:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("GET", path + ("?" + urlencode(params) if params else ""))
-    resp = conn.getresponse()
-    body = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 200, body
-    return body
 
 
 def test_a_heatmap_cell_shows_its_faces_and_back_returns_to_the_audit(page, server):

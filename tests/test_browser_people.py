@@ -7,10 +7,7 @@ The index is built in tmp_path from seeded synthetic identity descriptors (tests
 
 from __future__ import annotations
 
-import http.client
-import json
 from pathlib import Path
-from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from PIL import Image
 from facefind.db.catalog import Catalog, IndexedImage
 from facefind.db.snapshot import load_snapshot, sync_snapshot
 from facefind.retrieval.bench.people import synthetic_descriptors
-from helpers import serve_index
+from helpers import api, serve_index
 from test_people import ATTRIBUTES, cli, people_json  # tests/ is on sys.path (pytest's prepend import mode)
 
 N = 60
@@ -114,16 +111,6 @@ def test_api_people_without_persons_says_how_to_get_them(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def server(index: Path):
     yield from serve_index(index)
-
-
-def api(server, path: str, **params) -> dict:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("GET", path + ("?" + urlencode(params) if params else ""))
-    resp = conn.getresponse()
-    body = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 200, body
-    return body
 
 
 def test_people_view_opens_a_person_and_the_chips_work_inside_it(browser, server, index: Path) -> None:

@@ -6,6 +6,8 @@ facefind.db.people (the corrections, one transaction each); this module parses a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,12 +23,15 @@ people_app = typer.Typer(
 )
 
 
-def _open(index_dir: Path | None) -> tuple[Any, Path]:
+@contextlib.contextmanager
+def _open(index_dir: Path | None) -> Iterator[tuple[Any, Path]]:
+    """The index's catalog (closed afterwards) and its folder."""
     # SQLAlchemy and FAISS: imported here, not at the top, as `facefind query` loads this module
     from facefind.db.catalog import Catalog
 
     folder = Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
-    return Catalog.open(folder, create=False), folder
+    with Catalog.open(folder, create=False) as catalog:
+        yield catalog, folder
 
 
 @people_app.callback()
@@ -45,12 +50,9 @@ def people(
         return
     from facefind.indexer import people as logic  # FAISS and SQLAlchemy: query loads this module
 
-    catalog, folder = _open(index_dir)
-    try:
+    with _open(index_dir) as (catalog, folder):
         done = logic.ensure_grouped(catalog, folder, fresh=regroup)
         found = logic.list_people(catalog, min_faces=min_faces)
-    finally:
-        catalog.close()
     if as_json:
         print_json({"persons": [p.to_dict() for p in found], "faces": done.faces, "placed": done.placed,
                     "regrouped": done.regrouped, "seconds": round(done.seconds, 3)})
@@ -76,11 +78,8 @@ def name_person(
     """Name a person; `person:NAME` then finds its faces."""
     from facefind.indexer import people as logic  # SQLAlchemy: query loads this module
 
-    catalog, folder = _open(index_dir or ctx.obj)
-    try:
+    with _open(index_dir or ctx.obj) as (catalog, folder):
         logic.name(catalog, folder, person_id, name)
-    finally:
-        catalog.close()
     typer.echo(f"person {person_id} is {name!r}" if name.strip() else f"person {person_id} has no name")
 
 
@@ -95,11 +94,8 @@ def merge_people(
     """Merge two persons into one (kept through every regroup)."""
     from facefind.indexer import people as logic  # SQLAlchemy: query loads this module
 
-    catalog, folder = _open(index_dir or ctx.obj)
-    try:
+    with _open(index_dir or ctx.obj) as (catalog, folder):
         kept = logic.merge(catalog, folder, keep, other)
-    finally:
-        catalog.close()
     typer.echo(f"person {other} merged into person {kept}")
 
 
@@ -114,11 +110,8 @@ def split_person(
     """Move faces out of a person into a new one; they never join it again."""
     from facefind.indexer import people as logic  # SQLAlchemy: query loads this module
 
-    catalog, folder = _open(index_dir or ctx.obj)
-    try:
+    with _open(index_dir or ctx.obj) as (catalog, folder):
         new = logic.split(catalog, folder, person_id, faces)
-    finally:
-        catalog.close()
     typer.echo(f"{len(set(faces))} faces left person {person_id} for the new person {new}")
 
 
